@@ -1,0 +1,89 @@
+"""Loading ONNX models and creating onnxruntime sessions, with errors in edgeloop's words."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgeloop.data import InputSpec
+from edgeloop.errors import ModelError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load and structurally check an ONNX file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {str(path)!r} does not exist")
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{str(path)!r} is not a valid ONNX model ({first[:200]})") from None
+    if not model.graph.node:
+        raise ModelError(f"{str(path)!r} is not a valid ONNX model (its graph has no nodes)")
+    return model
+
+
+def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            optimized_path: str | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``threads=0`` lets onnxruntime choose."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
+
+
+def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
+    """The session's inputs as :class:`InputSpec` (free axes as ``None``)."""
+    specs = []
+    for i in sess.get_inputs():
+        if i.type not in _ORT_TYPES:
+            raise ModelError(f"model input {i.name!r} has unsupported type {i.type}")
+        shape = tuple(d if isinstance(d, int) else None for d in i.shape)
+        specs.append(InputSpec(i.name, np.dtype(_ORT_TYPES[i.type]), shape))
+    return specs
+
+
+def run(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The first output of ``sess`` on ``feed``."""
+    names = [i.name for i in sess.get_inputs()]
+    try:
+        return sess.run(None, {n: feed[n] for n in names})[0]
+    except Exception as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"inference failed: {first[:300]}") from None
+
+
+def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime actually runs on this CPU, after all its optimizations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        session(model, optimized_path=out)
+        return onnx.load(out)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model`` in bytes (what the file on disk holds)."""
+    return model.ByteSize()

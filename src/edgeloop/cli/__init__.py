@@ -1,0 +1,37 @@
+"""The ``edgeloop`` command line: parse, call the library, render. No logic lives here.
+
+Every :class:`~edgeloop.errors.EdgeloopError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
+from edgeloop.cli._app import app, err_console
+from edgeloop.errors import EdgeloopError
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``edgeloop`` console script."""
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("onnxruntime", "onnx_ir", "onnxscript", "torch.onnx", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        app(args=argv, standalone_mode=False)
+    except EdgeloopError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

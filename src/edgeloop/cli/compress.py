@@ -1,0 +1,109 @@
+"""Commands for data, reference models, post-training quantization and evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeloop.cli._app import app, console, zoo_app
+from edgeloop.compress import make_scheme, run_pass
+from edgeloop.data import load_builtin, load_npz, save_npz
+from edgeloop.measure import EvalReport, LatencyConfig, evaluate
+from edgeloop.targets import get_target
+from edgeloop.zoo import TrainConfig, train_zoo_model
+
+
+@app.command("data")
+def data_cmd(
+    name: Annotated[str, typer.Argument(help="mnist1d or digits")],
+    out: Annotated[Path, typer.Option(help="Where to write the .npz")],
+    split: Annotated[str, typer.Option(help="train, val, calib or test")] = "test",
+) -> None:
+    """Write a built-in data set split as an .npz (input `x` plus `labels`)."""
+    data = load_builtin(name, split)
+    save_npz(out, data)
+    console.print(f"wrote {out}: {len(data)} samples of {name}/{split}")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    arch: Annotated[str, typer.Argument(help="mnist1d-cnn, mnist1d-mlp or digits-cnn")],
+    out: Annotated[Path, typer.Option(help="Folder for model.onnx and model.pt")],
+    epochs: Annotated[int, typer.Option(min=1)] = TrainConfig.epochs,
+    seed: int = 0,
+) -> None:
+    """Train a reference model on its built-in data set (CPU, under two minutes)."""
+    result = train_zoo_model(arch, out, config=TrainConfig(epochs=epochs, seed=seed))
+    console.print(f"wrote {out}/model.onnx and {out}/model.pt: "
+                  f"val accuracy {result['val_accuracy']:.2%}, "
+                  f"test accuracy {result['test_accuracy']:.2%}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[Path, typer.Argument(help="The float ONNX model")],
+    out: Annotated[Path, typer.Option(help="Where to write the quantized ONNX model")],
+    scheme: Annotated[str, typer.Option(
+        help="int8, int8-dynamic, int8-static, int4-weight, binary, ort-static, ort-dynamic")],
+    data: Annotated[Path | None, typer.Option(help="Calibration .npz")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        help="int8-static: minmax, entropy or percentile [default: minmax]")] = None,
+    block_size: Annotated[int | None, typer.Option(
+        help="int4-weight: weights per scale [default: 32]")] = None,
+    target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
+) -> None:
+    """Post-training quantization of an ONNX model (onnxruntime is the engine)."""
+    options: dict[str, object] = {"calibration": calibration, "block_size": block_size}
+    if scheme in ("int8-static", "int8-dynamic"):
+        options["target"] = get_target(target)
+    p = make_scheme(scheme, **options)
+    calib = load_npz(data) if data is not None else None
+    run_pass(p, model, out, calib)
+    console.print(f"wrote {out} ({out.stat().st_size:,} bytes, scheme {scheme})")
+
+
+def _render(report: EvalReport) -> Table:
+    t = Table(title=report.model, show_header=False)
+    t.add_row("file size", f"{report.size_bytes:,} bytes")
+    if report.accuracy is not None:
+        t.add_row("accuracy", f"{report.accuracy:.2%} on {report.samples} samples")
+    for lat in report.latency:
+        t.add_row(f"latency batch {lat.batch}",
+                  f"p50 {lat.p50_ms:.3f} ms  p90 {lat.p90_ms:.3f}  p99 {lat.p99_ms:.3f}  "
+                  f"({lat.runs} runs)")
+    if report.fidelity is not None:
+        f = report.fidelity
+        t.add_row("vs reference", report.reference or "")
+        if report.reference_accuracy is not None:
+            t.add_row("reference accuracy", f"{report.reference_accuracy:.2%}")
+        t.add_row("top-1 agreement", f"{f.top1_agreement:.2%}")
+        t.add_row("cosine mean / min", f"{f.mean_cosine:.5f} / {f.min_cosine:.5f}")
+        t.add_row("SQNR", f"{f.sqnr_db:.1f} dB")
+    t.add_row("float compute ops", ", ".join(f"{k} x{v}" for k, v in
+                                             sorted(report.float_compute_ops.items())) or "none")
+    t.add_row("integer ops", ", ".join(f"{k} x{v}" for k, v in
+                                       sorted(report.integer_ops.items())) or "none")
+    t.add_row("Q/DQ nodes left", str(report.qdq_nodes))
+    return t
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to measure")],
+    data: Annotated[Path, typer.Option(help=".npz of inputs, optionally with labels")],
+    reference: Annotated[Path | None, typer.Option(help="Reference ONNX model")] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per batch size")] = 200,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Time cap per batch size")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Accuracy, fidelity to a reference, size, latency, and what still runs in float."""
+    report = evaluate(model, load_npz(data), reference=reference,
+                      latency_config=LatencyConfig(min_runs=runs, max_seconds=seconds))
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        console.print(_render(report))

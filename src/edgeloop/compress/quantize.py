@@ -1,0 +1,123 @@
+"""Int8 post-training quantization, with onnxruntime's quantizer as the engine.
+
+- ``int8-dynamic``: weights int8 (per channel), activations quantized at run time.
+- ``int8-static``: QDQ, per-channel weights, activation ranges from calibration data.
+- ``ort-static`` / ``ort-dynamic``: onnxruntime's ``quantize_static`` /
+  ``quantize_dynamic`` with their defaults and no pre-processing, the baseline edgeloop is
+  measured against.
+
+The layout (U8S8 or S8S8, reduce-range) comes from the target profile, see
+:mod:`edgeloop.targets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from edgeloop.compress.base import Pass, PassContext, apply_pass
+from edgeloop.compress.calibrate import NpzReader
+from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points
+from edgeloop.errors import one_of
+from edgeloop.targets import Target, detect
+
+CALIBRATIONS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+
+
+def _activation_type(target: Target) -> QuantType:
+    return QuantType.QUInt8 if target.activation_type == "uint8" else QuantType.QInt8
+
+
+@dataclass
+class Int8Dynamic(Pass):
+    """Dynamic int8: int8 weights, activations quantized per batch at run time."""
+
+    per_channel: bool = True
+    preprocess: bool = True
+    nodes_to_exclude: list[str] = field(default_factory=list)
+    target: Target = field(default_factory=detect)
+    name: ClassVar[str] = "int8-dynamic"
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        if self.preprocess:
+            model = Preprocess().apply(model, ctx)
+        out = ctx.scratch("int8-dynamic.onnx")
+        quantize_dynamic(model, out, per_channel=self.per_channel,
+                         reduce_range=self.target.reduce_range, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=self.nodes_to_exclude)
+        return onnx.load(out)
+
+
+@dataclass
+class Int8Static(Pass):
+    """Static int8 in QDQ format with per-channel weights and calibrated activations."""
+
+    calibration: str = "minmax"
+    per_channel: bool = True
+    preprocess: bool = True
+    calib_batch: int = 32
+    nodes_to_exclude: list[str] = field(default_factory=list)
+    target: Target = field(default_factory=detect)
+    name: ClassVar[str] = "int8-static"
+    needs_calib: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise one_of("calibration", list(CALIBRATIONS), self.calibration)
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        calib = ctx.require_calib(self.name)
+        if self.preprocess:
+            model = Preprocess().apply(model, ctx)
+        out = ctx.scratch("int8-static.onnx")
+        fmt = QuantFormat.QDQ if self.target.quant_format == "QDQ" else QuantFormat.QOperator
+        quantize_static(
+            model, out, NpzReader(calib, self.calib_batch), quant_format=fmt,
+            per_channel=self.per_channel, reduce_range=self.target.reduce_range,
+            activation_type=_activation_type(self.target), weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATIONS[self.calibration],
+            nodes_to_exclude=self.nodes_to_exclude,
+            calibration_providers=["CPUExecutionProvider"],
+        )
+        return drop_zero_bias_zero_points(onnx.load(out))
+
+
+@dataclass
+class OrtStatic(Pass):
+    """onnxruntime's ``quantize_static`` with its defaults (QDQ, S8S8, per-tensor, MinMax)."""
+
+    name: ClassVar[str] = "ort-static"
+    needs_calib: ClassVar[bool] = True
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        out = ctx.scratch("ort-static.onnx")
+        quantize_static(model, out, NpzReader(ctx.require_calib(self.name)))
+        return onnx.load(out)
+
+
+@dataclass
+class OrtDynamic(Pass):
+    """onnxruntime's ``quantize_dynamic`` with its defaults."""
+
+    name: ClassVar[str] = "ort-dynamic"
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        out = ctx.scratch("ort-dynamic.onnx")
+        quantize_dynamic(model, out)
+        return onnx.load(out)
+
+
+__all__ = ["CALIBRATIONS", "Int8Dynamic", "Int8Static", "OrtDynamic", "OrtStatic", "apply_pass"]

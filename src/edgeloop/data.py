@@ -1,0 +1,185 @@
+"""Data convention and built-in data sets.
+
+Every command takes data as an ``.npz`` whose arrays are named after the model's inputs,
+plus an optional ``labels`` array (integer class ids, one per sample). The first axis of
+every array is the sample axis.
+
+Built-in data sets are generated or shipped offline, never downloaded:
+
+- ``mnist1d``: the ``mnist1d`` package's ``make_dataset`` with its default arguments
+  (4000 train / 1000 test sequences of length 40, 10 classes); input ``x`` of shape (N, 40).
+- ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, 10 classes); input ``x``
+  of shape (N, 1, 8, 8) scaled to [0, 1].
+
+Splits: ``test`` is the data set's own test set (digits: a fixed 20%); ``val`` is a fixed
+held-out 500 samples of the training set (digits: 180) that ``train`` does not contain;
+``calib`` is a fixed 256-sample subset of ``train`` for calibration.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeloop._io import atomic_path
+from edgeloop.errors import DataError, one_of
+
+__all__ = [
+    "DATASETS",
+    "LABELS",
+    "SPLITS",
+    "Dataset",
+    "InputSpec",
+    "batches",
+    "check_against",
+    "load_builtin",
+    "load_npz",
+    "save_npz",
+]
+
+LABELS = "labels"
+DATASETS = ("mnist1d", "digits")
+SPLITS = ("train", "val", "calib", "test")
+_CALIB_SIZE = 256
+_SEED = 0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, element type and shape (``None`` for a free axis)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+@dataclass
+class Dataset:
+    """Named input arrays plus optional labels, all sharing the first (sample) axis."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, index: slice | np.ndarray) -> Dataset:
+        """The samples at ``index`` (a slice or an index array)."""
+        labels = None if self.labels is None else self.labels[index]
+        return Dataset({k: v[index] for k, v in self.inputs.items()}, labels)
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """Read an ``.npz`` in the data convention, with a one-line error for every defect."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise DataError(f"{str(path)!r} is not a readable .npz file ({e})") from None
+    labels = arrays.pop(LABELS, None)
+    if not arrays:
+        raise DataError(f"{str(path)!r} holds no input arrays; expected arrays named after "
+                        "the model's inputs")
+    sizes = {k: len(v) if v.ndim else 0 for k, v in arrays.items()}
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise DataError(f"{str(path)!r} holds no samples (first axis of length 0)")
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"{str(path)!r}: arrays disagree on the number of samples: {sizes}")
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise DataError(f"{str(path)!r}: array {name!r} contains {bad} NaN or Inf values")
+    if labels is not None:
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise DataError(f"{str(path)!r}: `labels` must be integers of shape ({n},); got "
+                            f"{labels.dtype} {labels.shape}")
+        labels = labels.astype(np.int64)
+    return Dataset(arrays, labels)
+
+
+def save_npz(path: str | os.PathLike[str], data: Dataset) -> None:
+    """Write ``data`` atomically in the data convention."""
+    arrays = dict(data.inputs)
+    if data.labels is not None:
+        arrays[LABELS] = data.labels
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def check_against(data: Dataset, specs: Sequence[InputSpec], *, source: str = "data") -> None:
+    """Raise :class:`DataError` unless ``data`` has every input in ``specs`` with a matching
+    dtype and shape."""
+    for spec in specs:
+        if spec.name not in data.inputs:
+            raise DataError(f"{source} has no array {spec.name!r} for the model input of that "
+                            f"name; it has {sorted(data.inputs)}")
+        a = data.inputs[spec.name]
+        if a.dtype != spec.dtype:
+            raise DataError(f"{source}: array {spec.name!r} is {a.dtype}; the model expects "
+                            f"{spec.dtype}")
+        want = spec.shape[1:]
+        if len(a.shape) != len(spec.shape) or any(
+            w is not None and w != g for w, g in zip(want, a.shape[1:], strict=True)
+        ):
+            shown = tuple("N" if d is None else d for d in spec.shape)
+            raise DataError(f"{source}: array {spec.name!r} has shape {a.shape}; the model "
+                            f"expects {shown}")
+
+
+def batches(data: Dataset, size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Feed dictionaries of at most ``size`` samples, in order."""
+    for start in range(0, len(data), size):
+        yield {k: v[start:start + size] for k, v in data.inputs.items()}
+
+
+@functools.cache
+def _mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())
+    return (d["x"].astype(np.float32), d["y"].astype(np.int64),
+            d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(_SEED).permutation(len(x))
+    n_test = len(x) // 5
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def load_builtin(name: str, split: str) -> Dataset:
+    """A built-in data set split; see the module docstring for what each split holds."""
+    loaders: Mapping[str, object] = {"mnist1d": _mnist1d, "digits": _digits}
+    if name not in loaders:
+        raise one_of("dataset", DATASETS, name)
+    if split not in SPLITS:
+        raise one_of("split", SPLITS, split)
+    x_train, y_train, x_test, y_test = loaders[name]()  # type: ignore[operator]
+    if split == "test":
+        return Dataset({"x": x_test}, y_test)
+    n_val = 500 if name == "mnist1d" else 180
+    order = np.random.default_rng(_SEED).permutation(len(x_train))
+    val_idx, train_idx = order[:n_val], np.sort(order[n_val:])
+    if split == "val":
+        return Dataset({"x": x_train[np.sort(val_idx)]}, y_train[np.sort(val_idx)])
+    if split == "calib":
+        train_idx = np.sort(np.random.default_rng(_SEED + 1).choice(
+            train_idx, _CALIB_SIZE, replace=False))
+    return Dataset({"x": x_train[train_idx]}, y_train[train_idx])

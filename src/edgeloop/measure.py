@@ -1,0 +1,186 @@
+"""Measuring a model: fidelity, accuracy, size, latency and what onnxruntime really runs.
+
+Everything that reports a figure about a model goes through here, so every command
+measures the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgeloop._onnx import input_specs, load_model, optimized_graph, run, session
+from edgeloop._progress import progress
+from edgeloop.data import Dataset, batches, check_against
+
+__all__ = [
+    "EvalReport",
+    "Fidelity",
+    "LatencyConfig",
+    "LatencyStats",
+    "evaluate",
+    "fidelity",
+    "graph_summary",
+    "latency",
+    "predict",
+]
+
+# Ops that do the arithmetic; if they remain in float the model is not (fully) quantized.
+COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm",
+               "FusedMatMul", "Attention", "MultiHeadAttention", "NchwcConv", "LSTM", "GRU"}
+INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+               "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention",
+               "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearSigmoid",
+               "QLinearLeakyRelu", "QLinearConcat", "QLinearAveragePool"}
+WEIGHT_ONLY_OPS = {"MatMulNBits"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How latency is timed: warm-up runs, then timed runs until ``min_runs`` are done or
+    ``max_seconds`` have passed (at least ``floor_runs`` either way)."""
+
+    warmup: int = 10
+    min_runs: int = 200
+    max_seconds: float = 5.0
+    floor_runs: int = 20
+    threads: int = 0           # intra-op threads; 0 lets onnxruntime use every core
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency percentiles in milliseconds over ``runs`` timed runs at ``batch``."""
+
+    batch: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely a model's outputs follow a reference model's on the same inputs."""
+
+    top1_agreement: float
+    mean_cosine: float
+    min_cosine: float
+    sqnr_db: float
+    max_abs_diff: float
+
+
+@dataclass
+class EvalReport:
+    """Everything :func:`evaluate` measures about one model."""
+
+    model: str
+    size_bytes: int
+    samples: int
+    latency: list[LatencyStats]
+    accuracy: float | None = None
+    reference: str | None = None
+    reference_accuracy: float | None = None
+    fidelity: Fidelity | None = None
+    float_compute_ops: dict[str, int] = field(default_factory=dict)
+    integer_ops: dict[str, int] = field(default_factory=dict)
+    qdq_nodes: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dictionary."""
+        return asdict(self)
+
+
+def predict(sess: ort.InferenceSession, data: Dataset, batch_size: int = 256) -> np.ndarray:
+    """The first output of ``sess`` on every sample of ``data``, concatenated."""
+    return np.concatenate([run(sess, feed) for feed in batches(data, batch_size)])
+
+
+def fidelity(outputs: np.ndarray, reference: np.ndarray) -> Fidelity:
+    """Compare ``outputs`` with ``reference`` sample by sample (first axis = samples)."""
+    a = outputs.reshape(len(outputs), -1).astype(np.float64)
+    b = reference.reshape(len(reference), -1).astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-300), 1.0)
+    noise = float(((a - b) ** 2).sum())
+    signal = float((b**2).sum())
+    sqnr = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
+    agree = outputs.argmax(-1) == reference.argmax(-1)
+    return Fidelity(top1_agreement=float(agree.mean()), mean_cosine=float(cos.mean()),
+                    min_cosine=float(cos.min()), sqnr_db=sqnr,
+                    max_abs_diff=float(np.abs(a - b).max()))
+
+
+def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    return float((outputs.argmax(-1) == labels).mean())
+
+
+def latency(sess: ort.InferenceSession, data: Dataset, batch: int,
+            config: LatencyConfig | None = None) -> LatencyStats:
+    """Time ``sess.run`` on one fixed batch of ``batch`` samples (tiled if data is short)."""
+    config = config or LatencyConfig()
+    reps = -(-batch // len(data))
+    feed = {k: np.ascontiguousarray(np.concatenate([v] * reps)[:batch])
+            for k, v in data.inputs.items()}
+    names = [i.name for i in sess.get_inputs()]
+    feed = {n: feed[n] for n in names}
+    for _ in range(config.warmup):
+        sess.run(None, feed)
+    times: list[float] = []
+    deadline = time.perf_counter() + config.max_seconds
+    for _ in progress(range(config.min_runs), f"timing batch {batch}", total=config.min_runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        if t1 > deadline and len(times) >= config.floor_runs:
+            break
+    ms = np.array(times) * 1e3
+    return LatencyStats(batch=batch, runs=len(ms), p50_ms=float(np.percentile(ms, 50)),
+                        p90_ms=float(np.percentile(ms, 90)), p99_ms=float(np.percentile(ms, 99)),
+                        mean_ms=float(ms.mean()))
+
+
+def graph_summary(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int], int]:
+    """In the graph onnxruntime runs after optimization: compute ops left in float, integer
+    ops, and the number of Q/DQ nodes left over (each one is a conversion at run time)."""
+    ops = Counter(n.op_type for n in optimized_graph(model).graph.node)
+    return ({k: v for k, v in ops.items() if k in COMPUTE_OPS},
+            {k: v for k, v in ops.items() if k in INTEGER_OPS | WEIGHT_ONLY_OPS},
+            sum(v for k, v in ops.items() if k in QDQ_OPS))
+
+
+def evaluate(model_path: str | os.PathLike[str], data: Dataset, *,
+             reference: str | os.PathLike[str] | None = None,
+             batches_to_time: tuple[int, ...] = (1, 32),
+             latency_config: LatencyConfig | None = None) -> EvalReport:
+    """Measure the model at ``model_path`` on ``data`` (see :class:`EvalReport`)."""
+    model = load_model(model_path)
+    config = latency_config or LatencyConfig()
+    sess = session(model, threads=config.threads)
+    check_against(data, input_specs(sess), source="evaluation data")
+    outputs = predict(sess, data)
+    float_ops, int_ops, qdq = graph_summary(model)
+    report = EvalReport(model=str(model_path), size_bytes=Path(model_path).stat().st_size,
+                        samples=len(data),
+                        latency=[latency(sess, data, b, config) for b in batches_to_time],
+                        float_compute_ops=float_ops, integer_ops=int_ops, qdq_nodes=qdq)
+    if data.labels is not None:
+        report.accuracy = _accuracy(outputs, data.labels)
+    if reference is not None:
+        ref_sess = session(load_model(reference), threads=config.threads)
+        check_against(data, input_specs(ref_sess), source="evaluation data")
+        ref_out = predict(ref_sess, data)
+        report.reference = str(reference)
+        report.fidelity = fidelity(outputs, ref_out)
+        if data.labels is not None:
+            report.reference_accuracy = _accuracy(ref_out, data.labels)
+    return report

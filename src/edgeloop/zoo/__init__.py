@@ -1,0 +1,12 @@
+"""Reference models that edgeloop trains itself, and the checkpoint format for torch models.
+
+A torch model file (``model.pt``) is a ``torch.save`` of a dict with ``arch`` (a zoo
+name), ``config`` (keyword arguments for the architecture) and ``state_dict``. It loads
+with ``weights_only=True``, so opening one never runs code.
+"""
+
+from edgeloop.zoo._registry import ARCHS, Arch, build, load_torch, save_torch
+from edgeloop.zoo.train import TrainConfig, train, train_zoo_model
+
+__all__ = ["ARCHS", "Arch", "TrainConfig", "build", "load_torch", "save_torch", "train",
+           "train_zoo_model"]
