@@ -1,0 +1,65 @@
+"""Shared by every benchmark script: timing helpers and the BENCHMARKS.md writer.
+
+Each script writes its own section to ``benchmarks/results/NAME.md``; BENCHMARKS.md is
+rebuilt from all sections, so scripts can be rerun one at a time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> str:
+    """One line describing this machine and the software versions that matter."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, "
+            f"Python {platform.python_version()}, onnxruntime {ort.__version__}, "
+            f"torch {torch.__version__}")
+
+
+def write_section(name: str, title: str, body: str) -> Path:
+    """Write this script's section (with machine, date and command) and rebuild
+    BENCHMARKS.md from every section."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [
+        os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    header = (f"## {title}\n\n"
+              f"- machine: {machine()}\n"
+              f"- date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+              f"commit {commit}\n"
+              f"- command: `{command}`\n\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + body.rstrip() + "\n")
+    sections = sorted(RESULTS.glob("*.md"))
+    text = ("# edgeloop benchmarks\n\n"
+            "Written by the scripts in `benchmarks/` (`make bench` runs them all). Every "
+            "latency is the median of repeated runs; every ratio compares against a baseline "
+            "measured in the same run on the same machine.\n\n"
+            + "\n".join(s.read_text() for s in sections))
+    (ROOT / "BENCHMARKS.md").write_text(text)
+    return path
