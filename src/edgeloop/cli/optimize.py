@@ -1,0 +1,108 @@
+"""Commands `optimize` (accuracy-budgeted search) and `targets` (hardware profiles)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from edgeloop.cli._app import app, console, err_console
+from edgeloop.data import load_npz
+from edgeloop.optimize import CandidateResult, OptimizeConfig, optimize, parse_duration
+from edgeloop.report import write_report
+from edgeloop.targets import TARGETS, detect, get_target
+
+
+@app.command("targets")
+def targets_cmd() -> None:
+    """List the hardware profiles; * marks the one `--target auto` picks on this machine."""
+    auto = detect().name
+    t = Table(title="hardware profiles")
+    for col in ("", "name", "description", "quant format", "activations x weights",
+                "reduce-range", "provider"):
+        t.add_column(col)
+    for target in TARGETS.values():
+        layout = "U8S8" if target.activation_type == "uint8" else "S8S8"
+        t.add_row("*" if target.name == auto else "", target.name, target.description,
+                  target.quant_format, layout, "yes" if target.reduce_range else "no",
+                  target.provider)
+    console.print(t)
+    console.print(f"* auto-detected on this machine: {auto}")
+
+
+class _LiveTable:
+    """The candidates measured so far, redrawn as each one finishes."""
+
+    def __init__(self, metric: str, batches: tuple[int, ...]) -> None:
+        self.metric = metric
+        self.batches = batches
+        self.rows: list[CandidateResult] = []
+        self.current = ""
+
+    def render(self) -> Group:
+        t = Table(title="optimize: candidates")
+        for col in ("candidate", "status", self.metric, "drop",
+                    *[f"p50 ms @{b}" for b in self.batches], "bytes", "flags"):
+            t.add_column(col)
+        for r in self.rows:
+            t.add_row(r.name, r.status if r.error is None else f"{r.status}: {r.error[:60]}",
+                      "-" if r.metric is None else f"{r.metric:.4g}",
+                      "-" if r.drop is None else f"{r.drop:.3g}",
+                      *[f"{r.latency_ms[b]:.4f}" if b in r.latency_ms else "-"
+                        for b in self.batches],
+                      "-" if r.size_bytes is None else f"{r.size_bytes:,}",
+                      "; ".join(r.flags))
+        return Group(t, Text(self.current, style="dim"))
+
+
+@app.command("optimize")
+def optimize_cmd(
+    model: Annotated[Path, typer.Argument(help="Float model: .onnx or edgeloop torch .pt")],
+    data: Annotated[Path, typer.Option(help="Calibration .npz")],
+    val: Annotated[Path, typer.Option(help="Validation .npz (labels for --metric accuracy)")],
+    out: Annotated[Path, typer.Option(help="Folder for best.onnx, report.json/.md, pareto.png")],
+    metric: Annotated[str, typer.Option(help="accuracy, agreement or cosine")] = "accuracy",
+    max_drop: Annotated[float, typer.Option(
+        help="Largest allowed drop: percentage points (accuracy, agreement) or 1 - cosine")
+    ] = 0.5,
+    target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
+    time_budget: Annotated[str, typer.Option(help="Whole search, e.g. 90s, 10m, 1h")] = "10m",
+    batch: Annotated[int, typer.Option(help="Batch size latency is ranked at")] = 1,
+) -> None:
+    """Find the fastest model on this machine whose metric drops at most --max-drop."""
+    config = OptimizeConfig(metric=metric, max_drop=max_drop, batch=batch,
+                            time_budget_s=parse_duration(time_budget))
+    profile = get_target(target)
+    calib, val_data = load_npz(data), load_npz(val)
+    live = _LiveTable(metric, config.batches)
+    with Live(live.render(), console=err_console, refresh_per_second=4,
+              transient=False) as screen:
+        def on_start(name: str, index: int, total: int) -> None:
+            live.current = f"measuring {name} ({index}/{total}) ..."
+            screen.update(live.render())
+
+        def on_result(result: CandidateResult) -> None:
+            live.rows.append(result)
+            live.current = ""
+            screen.update(live.render())
+
+        result = optimize(model, calib=calib, val=val_data, target=profile, config=config,
+                          on_start=on_start, on_result=on_result)
+        live.current = ""
+        screen.update(live.render())
+    paths = write_report(result, out)
+    if result.stopped != "completed":
+        console.print(f"stopped early ({result.stopped}) after {result.elapsed_s:.1f} s; "
+                      "the report covers the candidates measured so far")
+    if result.chosen is None:
+        console.print("no candidate fits the budget and beats the float model: "
+                      f"{paths['best.onnx']} is the float model, unchanged")
+    else:
+        console.print(f"chose {result.chosen}: wrote {paths['best.onnx']}")
+    console.print(f"report: {paths['report.md']}, {paths['report.json']}, "
+                  f"{paths['pareto.png']}")
