@@ -60,6 +60,15 @@ class _LiveTable:
         return Group(t, Text(self.current, style="dim"))
 
 
+def _line(r: CandidateResult) -> str:
+    if r.error is not None:
+        return f"{r.name}: {r.status}: {r.error}"
+    lat = ", ".join(f"{v:.4f} ms @{b}" for b, v in r.latency_ms.items())
+    flags = f" [{'; '.join(r.flags)}]" if r.flags else ""
+    return (f"{r.name}: {r.status}, metric {r.metric:.5g} (drop {r.drop:.3g}), {lat}, "
+            f"{r.size_bytes:,} bytes{flags}")
+
+
 @app.command("optimize")
 def optimize_cmd(
     model: Annotated[Path, typer.Argument(help="Float model: .onnx or edgeloop torch .pt")],
@@ -79,22 +88,26 @@ def optimize_cmd(
                             time_budget_s=parse_duration(time_budget))
     profile = get_target(target)
     calib, val_data = load_npz(data), load_npz(val)
-    live = _LiveTable(metric, config.batches)
-    with Live(live.render(), console=err_console, refresh_per_second=4,
-              transient=False) as screen:
-        def on_start(name: str, index: int, total: int) -> None:
-            live.current = f"measuring {name} ({index}/{total}) ..."
-            screen.update(live.render())
+    if err_console.is_terminal:
+        live = _LiveTable(metric, config.batches)
+        with Live(live.render(), console=err_console, refresh_per_second=4) as screen:
+            def on_start(name: str, index: int, total: int) -> None:
+                live.current = f"measuring {name} ({index}/{total}) ..."
+                screen.update(live.render())
 
-        def on_result(result: CandidateResult) -> None:
-            live.rows.append(result)
+            def on_result(r: CandidateResult) -> None:
+                live.rows.append(r)
+                live.current = ""
+                screen.update(live.render())
+
+            result = optimize(model, calib=calib, val=val_data, target=profile, config=config,
+                              on_start=on_start, on_result=on_result)
             live.current = ""
             screen.update(live.render())
-
+    else:  # a log or a pipe: one line per candidate, as it is measured
         result = optimize(model, calib=calib, val=val_data, target=profile, config=config,
-                          on_start=on_start, on_result=on_result)
-        live.current = ""
-        screen.update(live.render())
+                          on_result=lambda r: err_console.print(
+                              _line(r), markup=False, highlight=False, soft_wrap=True))
     paths = write_report(result, out)
     if result.stopped != "completed":
         console.print(f"stopped early ({result.stopped}) after {result.elapsed_s:.1f} s; "
