@@ -44,6 +44,7 @@ from edgeloop.compress import SCHEMES
 from edgeloop.compress.base import Pass, apply_pass
 from edgeloop.compress.fuse import Preprocess
 from edgeloop.compress.int4 import Int4Weight
+from edgeloop.compress.layout import ChannelsLastHead, find_heads
 from edgeloop.compress.quantize import CALIBRATIONS, Int8Dynamic, Int8Static
 from edgeloop.data import Dataset, check_against
 from edgeloop.errors import DataError, EdgeloopError, UsageError, one_of
@@ -142,15 +143,27 @@ class Candidate(ABC):
 
 @dataclass
 class PassCandidate(Candidate):
-    """A candidate made by one edgeloop pass applied to the float ONNX model."""
+    """A candidate made by edgeloop passes applied in turn to the float ONNX model.
+
+    ``make(target)`` returns one pass or a sequence of them; ``applies_to(model)``, when
+    given, tells whether the candidate fits this model's graph at all.
+    """
 
     name: str
     description: str
-    make: Callable[[Target], Pass]
+    make: Callable[[Target], Pass | Sequence[Pass]]
     quantized: bool = True
+    applies_to: Callable[[onnx.ModelProto], bool] | None = None
+
+    def applies(self, source: Source) -> bool:
+        return self.applies_to is None or self.applies_to(source.model)
 
     def build(self, source: Source) -> onnx.ModelProto:
-        return apply_pass(self.make(source.target), source.model, source.calib)
+        passes = self.make(source.target)
+        model = source.model
+        for p in [passes] if isinstance(passes, Pass) else passes:
+            model = apply_pass(p, model, source.calib)
+        return model
 
 
 @dataclass
@@ -216,13 +229,16 @@ def default_candidates() -> list[Candidate]:
     for calibration in CALIBRATIONS:
         for per_channel in (True, False):
             name = f"int8-static/{calibration}/{'per-channel' if per_channel else 'per-tensor'}"
-            if name == "int8-static/minmax/per-channel":
-                continue
+            text = (f"static int8 QDQ, {calibration}, "
+                    f"{'per channel' if per_channel else 'per tensor'}")
+            if name != "int8-static/minmax/per-channel":
+                out.append(PassCandidate(name, text, lambda t, c=calibration, p=per_channel:
+                                         Int8Static(calibration=c, per_channel=p, target=t)))
             out.append(PassCandidate(
-                name, f"static int8 QDQ, {calibration}, "
-                      f"{'per channel' if per_channel else 'per tensor'}",
-                lambda t, c=calibration, p=per_channel: Int8Static(
-                    calibration=c, per_channel=p, target=t)))
+                f"{name}/cl-head", f"{text}, channels-last classifier head",
+                lambda t, c=calibration, p=per_channel: (
+                    ChannelsLastHead(), Int8Static(calibration=c, per_channel=p, target=t)),
+                applies_to=lambda m: bool(find_heads(m))))
     out.append(PassCandidate("int8-dynamic/per-tensor", "dynamic int8, per-tensor weights",
                              lambda t: Int8Dynamic(per_channel=False, target=t)))
     return out
