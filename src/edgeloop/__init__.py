@@ -15,6 +15,8 @@ from edgeloop.errors import (
 )
 from edgeloop.export import to_onnx
 from edgeloop.measure import EvalReport, LatencyConfig, evaluate
+from edgeloop.optimize import OptimizeConfig, OptimizeResult, optimize
+from edgeloop.report import write_report
 from edgeloop.targets import Target, get_target
 from edgeloop.zoo import load_torch, train_zoo_model
 
@@ -27,6 +29,8 @@ __all__ = [
     "EvalReport",
     "LatencyConfig",
     "ModelError",
+    "OptimizeConfig",
+    "OptimizeResult",
     "Target",
     "TransportError",
     "UsageError",
@@ -38,8 +42,10 @@ __all__ = [
     "load_npz",
     "load_torch",
     "make_scheme",
+    "optimize",
     "run_pass",
     "save_npz",
     "to_onnx",
     "train_zoo_model",
+    "write_report",
 ]

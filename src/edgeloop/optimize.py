@@ -2,8 +2,9 @@
 
 Each candidate is built from edgeloop's own passes, evaluated on validation data against
 the float model, and timed on this machine. A candidate is kept when its metric drop is
-within ``max_drop`` and it is faster than the float model at the chosen batch size; the
-fastest kept one wins, and among those within ``tie_tolerance`` of it the smaller file.
+within ``max_drop`` and it is faster than the float model at the chosen batch size (by
+``min_speedup``, so timing noise does not count as a gain); the fastest kept one wins, and
+among those within ``tie_tolerance`` of it the smaller file.
 
 Metrics and what a drop means:
 
@@ -16,6 +17,8 @@ Metrics and what a drop means:
 
 The search is time-boxed: when the time budget runs out or on SIGINT it stops between (or
 in the middle of) candidates, and the result still holds every candidate measured so far.
+The budget runs from the call to :func:`optimize` (export, float baseline, candidates) and
+keeps ``reserve_s`` back for writing the results.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ __all__ = [
     "OptimizeConfig",
     "OptimizeResult",
     "PassCandidate",
+    "Source",
     "TorchCandidate",
     "default_candidates",
     "optimize",
@@ -94,6 +98,8 @@ class OptimizeConfig:
     time_budget_s: float = 600.0     # whole search, including the float baseline (s)
     reserve_s: float = 5.0           # kept back from the budget for writing results (s)
     tie_tolerance: float = 0.03      # latencies within this fraction count as a tie
+    min_speedup: float = 1.02        # "faster than float" means by at least this factor,
+                                     # above the timing noise of a shared machine
     latency: LatencyConfig = field(default_factory=lambda: LatencyConfig(
         warmup=5, min_runs=200, max_seconds=1.0, floor_runs=20))
 
@@ -480,7 +486,7 @@ def _try(cand: Candidate, source: Source, config: OptimizeConfig, val: Dataset,
     assert result.drop is not None
     if result.drop > config.max_drop + 1e-12:
         result.status = OVER_BUDGET
-    elif result.latency_ms[config.batch] >= baseline.latency_ms[config.batch]:
+    elif result.latency_ms[config.batch] * config.min_speedup > baseline.latency_ms[config.batch]:
         result.status = NOT_FASTER
     return result, model
 
