@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -83,9 +84,14 @@ def optimize_cmd(
     time_budget: Annotated[str, typer.Option(help="Whole search, e.g. 90s, 10m, 1h")] = "10m",
     batch: Annotated[int, typer.Option(help="Batch size latency is ranked at")] = 1,
 ) -> None:
-    """Find the fastest model on this machine whose metric drops at most --max-drop."""
+    """Find the fastest model on this machine whose metric drops at most --max-drop.
+
+    The time budget covers the whole command from here: loading, search and the report.
+    Ctrl-C stops the search and still writes the best model found so far (exit code 0).
+    """
     config = OptimizeConfig(metric=metric, max_drop=max_drop, batch=batch,
-                            time_budget_s=parse_duration(time_budget))
+                            time_budget_s=parse_duration(time_budget),
+                            started_at=time.monotonic())
     profile = get_target(target)
     calib, val_data = load_npz(data), load_npz(val)
     if err_console.is_terminal:
