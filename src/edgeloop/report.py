@@ -107,7 +107,7 @@ def _plot(result: OptimizeResult, path: Path) -> None:
     b = result.batch
     points = [c for c in [result.baseline, *result.candidates]
               if c.metric is not None and b in c.latency_ms]
-    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 5.5), dpi=110)
     colors = {FITS: "tab:green", "over budget": "tab:red", "not faster": "tab:orange"}
     biggest = max((c.size_bytes or 1 for c in points), default=1)
     key = []   # points are numbered on the plot and named beside it: names would overlap
@@ -119,7 +119,7 @@ def _plot(result: OptimizeResult, path: Path) -> None:
         ax.annotate(str(i), (c.latency_ms[b], c.metric), fontsize=7,
                     xytext=(5, 3 + 7 * (i % 3)), textcoords="offset points")
         key.append(f"{i} {c.name} ({(c.size_bytes or 0) / 1024:,.0f} KiB)")
-    fig.text(0.70, 0.95, "\n".join(key), fontsize=7, va="top", family="monospace")
+    fig.text(0.63, 0.95, "\n".join(key), fontsize=7, va="top", family="monospace")
     lat = [c.latency_ms[b] for c in points]
     if lat and max(lat) > 5 * min(lat):
         ax.set_xscale("log")
@@ -145,7 +145,7 @@ def _plot(result: OptimizeResult, path: Path) -> None:
     ax.set_title(f"{Path(result.model).name} on {result.target}: marker area ~ file size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout(rect=(0, 0, 0.69, 1))
+    fig.tight_layout(rect=(0, 0, 0.62, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
