@@ -47,7 +47,15 @@ from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, j
 from edgeloop.bundle.health import probation_step as _step
 from edgeloop.bundle.manifest import Manifest, check_model_bytes, check_newer, golden_digest
 from edgeloop.bundle.repository import manifest_target
-from edgeloop.bundle.slots import SLOTS, Event, SlotState, begin_install, commit, rollback
+from edgeloop.bundle.slots import (
+    SLOTS,
+    Event,
+    SlotState,
+    begin_install,
+    commit,
+    refused,
+    rollback,
+)
 from edgeloop.data import Dataset, load_npz, save_npz
 from edgeloop.errors import (
     DataError,
@@ -308,6 +316,11 @@ class Device:
                 raise VerificationError(f"manifest published as {name!r} names {manifest.name!r}")
             if not check_newer(current.version if current else None, manifest.version):
                 return UpdateResult(False, manifest.version, f"already at {manifest.version}")
+            seen = refused(self.history(), manifest.version)
+            if seen is not None:
+                return UpdateResult(False, manifest.version,
+                                    f"{manifest.version} was refused on this device at "
+                                    f"{seen.time} ({seen.reason}); publish a newer version")
             model_info = updater.get_targetinfo(manifest.model_target)
             if model_info is None:
                 raise VerificationError(f"manifest names {manifest.model_target!r}, which the "
@@ -360,8 +373,8 @@ class Device:
             raise VerificationError(f"previous model file {str(path)!r} is missing")
         check_model_bytes(target, *_sha256(path))
         self._write_state(new)
-        self._record("rollback", target.version,
-                     f"{reason} (from {before.version if before else 'nothing'})")
+        self._record("rollback", before.version if before else None,
+                     f"{reason}; now serving {target.version}")
         return target
 
     def runtime(self) -> Runtime:

@@ -16,7 +16,16 @@ from edgeloop.bundle.health import Probation
 from edgeloop.bundle.manifest import Manifest
 from edgeloop.errors import VerificationError
 
-__all__ = ["SLOTS", "Event", "SlotState", "begin_install", "commit", "other", "rollback"]
+__all__ = [
+    "SLOTS",
+    "Event",
+    "SlotState",
+    "begin_install",
+    "commit",
+    "other",
+    "refused",
+    "rollback",
+]
 
 SLOTS = ("a", "b")
 
@@ -102,3 +111,10 @@ def rollback(state: SlotState) -> SlotState:
     if state.active is None or state.manifest(other(state.active)) is None:
         raise VerificationError("no previous model to roll back to (the other slot is empty)")
     return SlotState(active=other(state.active), slots=state.slots, probation=None)
+
+
+def refused(events: list[Event], version: str) -> Event | None:
+    """The event that turned ``version`` away on this device (failed health check or
+    rolled back), if any: a device does not install a version it already refused."""
+    return next((e for e in reversed(events)
+                 if e.version == version and e.action in ("rejected", "rollback")), None)
