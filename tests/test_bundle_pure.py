@@ -27,7 +27,7 @@ def _manifest(version: str = "1.0.0", sha: str = "ab" * 32) -> Manifest:
                     inputs=(TensorSpec("x", "tensor(float)", (None, 8)),),
                     outputs=(TensorSpec("logits", "tensor(float)", (None, 4)),),
                     figures={"accuracy": 0.9}, floor=Floor(accuracy=0.88),
-                    reference=Reference("cd" * 32, [[0.0, 1.0]]))
+                    reference=Reference("cd" * 32, [1, 0, 3]))
 
 
 def test_manifest_round_trip_and_corruption() -> None:

@@ -56,7 +56,7 @@ from edgeloop.bundle.slots import (
     refused,
     rollback,
 )
-from edgeloop.data import Dataset, load_npz, save_npz
+from edgeloop.data import Dataset, check_against, load_npz, save_npz
 from edgeloop.errors import (
     DataError,
     EdgeloopError,
@@ -65,7 +65,12 @@ from edgeloop.errors import (
     UsageError,
     VerificationError,
 )
-from edgeloop.measure import LatencyConfig, evaluate, fidelity, predict
+from edgeloop.measure import (
+    LatencyConfig,
+    _accuracy,  # the one accuracy definition
+    latency,
+    predict,
+)
 
 __all__ = ["Device", "Runtime", "UpdateResult"]
 
@@ -233,6 +238,11 @@ class Device:
         return LatencyConfig(warmup=3, min_runs=c.latency_runs, max_seconds=c.latency_seconds,
                              floor_runs=5, threads=1)
 
+    def _run_golden(self, path: Path, golden: Dataset) -> tuple[np.ndarray, float]:
+        sess = session(path, threads=1)
+        check_against(golden, input_specs(sess), source="the device's golden set")
+        return predict(sess, golden), latency(sess, golden, 1, self._latency()).p50_ms
+
     def measure(self, candidate: Path, manifest: Manifest, current: Path | None) -> Measured:
         """Load ``candidate`` in onnxruntime and measure it (and ``current``) on the
         golden set with :mod:`edgeloop.measure`."""
@@ -244,28 +254,25 @@ class Device:
                         for s in input_specs(sess)}
                 run(sess, feed)
                 return Measured(reference_note="no golden set on this device")
-            report = evaluate(candidate, golden, batches_to_time=(1,),
-                              latency_config=self._latency())
+            outputs, p50 = self._run_golden(candidate, golden)
         except (ModelError, DataError) as e:
             return Measured(load_error=f"candidate failed on the device: {e}")
         current_p50 = None
         if current is not None:
             with contextlib.suppress(ModelError, DataError):
-                current_p50 = evaluate(current, golden, batches_to_time=(1,),
-                                       latency_config=self._latency()).latency[0].p50_ms
-        agreement, note = None, None
-        if report.accuracy is None:
-            ref = manifest.reference
-            if ref is None:
-                note = "golden set has no labels and the manifest records no reference outputs"
-            elif ref.golden_sha256 != golden_digest(golden):
-                note = "golden set has no labels and differs from the publisher's"
-            else:
-                outputs = predict(session(candidate, threads=1), golden)
-                agreement = fidelity(outputs, np.asarray(ref.outputs)).top1_agreement
-        return Measured(accuracy=report.accuracy, agreement=agreement, reference_note=note,
-                        latency_p50_ms=report.latency[0].p50_ms,
-                        current_latency_p50_ms=current_p50)
+                current_p50 = self._run_golden(current, golden)[1]
+        accuracy = agreement = note = None
+        ref = manifest.reference
+        if golden.labels is not None:
+            accuracy = _accuracy(outputs, golden.labels)
+        elif ref is None:
+            note = "golden set has no labels and the manifest records no reference outputs"
+        elif ref.golden_sha256 != golden_digest(golden):
+            note = "golden set has no labels and differs from the publisher's"
+        else:
+            agreement = _accuracy(outputs, np.asarray(ref.top1))
+        return Measured(accuracy=accuracy, agreement=agreement, reference_note=note,
+                        latency_p50_ms=p50, current_latency_p50_ms=current_p50)
 
     # --- update ---------------------------------------------------------------------
 

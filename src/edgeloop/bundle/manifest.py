@@ -64,10 +64,12 @@ class Floor:
 
 @dataclass(frozen=True)
 class Reference:
-    """The publisher's own outputs on its golden set, identified by the inputs' digest."""
+    """The publisher's own top-1 predictions on its golden set, identified by the inputs'
+    digest (classes only: full outputs of a large-vocabulary model would bloat the
+    manifest)."""
 
     golden_sha256: str
-    outputs: list[list[float]]
+    top1: list[int]
 
 
 @dataclass(frozen=True)

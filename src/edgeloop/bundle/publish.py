@@ -66,7 +66,7 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
             if accuracy_floor is None:
                 accuracy_floor = max(0.0, report.accuracy - accuracy_slack)
         reference = Reference(golden_sha256=golden_digest(golden),
-                              outputs=predict(sess, golden).astype(float).tolist())
+                              top1=predict(sess, golden).argmax(-1).tolist())
     manifest = Manifest(
         name=name, version=version, model_target=f"{name}/{version}.onnx",
         sha256=_sha256(path), size_bytes=path.stat().st_size, inputs=inputs, outputs=outputs,
