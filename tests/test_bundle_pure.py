@@ -122,3 +122,14 @@ def test_slot_transitions() -> None:
     assert SlotState.from_bytes(s2.to_bytes()) == s2
     with pytest.raises(VerificationError, match="malformed"):
         SlotState.from_bytes(b'{"active": "c", "slots": [null, null], "probation": null}')
+
+
+def test_bundle_public_names_are_exactly_these_and_documented() -> None:
+    import types
+
+    import edgeloop.bundle as b
+
+    public = {n for n in dir(b) if not n.startswith("_")
+              and not isinstance(getattr(b, n), types.ModuleType)}
+    assert public == set(b.__all__)
+    assert all(getattr(b, n).__doc__ for n in b.__all__)
