@@ -145,24 +145,41 @@ def serving(setup: Setup, device: Path) -> str:
     return version
 
 
+def phase(device: Path) -> str:
+    """Where an update was when it died, read from what it left in the state folder."""
+    state = Device(device).state()
+    inactive = "b" if state.active == "a" else "a"
+    slot = device / "slots" / inactive
+    if state.current() is not None and state.current().version == "1.1.0":
+        return "after the pointer switch"
+    if (slot / "candidate.onnx").exists():
+        return "verification / health check"
+    if (slot / ".candidate.onnx.part").exists():
+        return "download into the slot"
+    if (slot / "model.onnx").exists():
+        return "pointer switch (slot written, pointer not yet)"
+    return "before the download (start-up, metadata refresh)"
+
+
 def trial(setup: Setup, *, delay: float | None = None, point: str | None = None,
-          recover: bool = True) -> tuple[bool, str]:
-    """One kill on a fresh copy of the pristine device: (was it killed, version served
-    afterwards). With ``recover``, a following update without a kill must reach 1.1.0."""
+          recover: bool = True) -> tuple[bool, str, str]:
+    """One kill on a fresh copy of the pristine device: (was it killed, where, version
+    served afterwards). With ``recover``, a following update must reach 1.1.0."""
     device = setup.work / "trial"
     shutil.rmtree(device, ignore_errors=True)
     shutil.copytree(setup.device, device)
     killed = _run(setup, device, delay=delay, point=point) == -signal.SIGKILL
+    where = phase(device) if killed else "finished before the kill"
     version = serving(setup, device)
     if recover:
         _run(setup, device)
         if serving(setup, device) != "1.1.0":
             raise AssertionError("device did not reach 1.1.0 after recovering")
-    return killed, version
+    return killed, where, version
 
 
 def full_duration(setup: Setup) -> float:
-    """Seconds the fastest of three update subprocesses takes without a kill."""
+    """Seconds an update subprocess takes without a kill (median of three)."""
     times = []
     for _ in range(3):
         device = setup.work / "timing"
@@ -171,7 +188,7 @@ def full_duration(setup: Setup) -> float:
         t0 = time.perf_counter()
         _run(setup, device)
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 def _install_times(work: Path, runs: int) -> tuple[list[float], int]:
@@ -211,31 +228,32 @@ def main() -> None:
             while killed < args.kills and trials < 3 * args.kills:
                 kind, value = plan[trials] if trials < len(plan) else (
                     "delay", rng.uniform(0, total))
-                was_killed, version = trial(setup, delay=value if kind == "delay" else None,
-                                            point=value if kind == "point" else None)
+                was_killed, where, version = trial(
+                    setup, delay=value if kind == "delay" else None,
+                    point=value if kind == "point" else None)
                 trials += 1
                 killed += was_killed
-                label = f"point {value}" if kind == "point" else "random delay"
-                state = "killed" if was_killed else "finished before the kill"
-                outcomes[(label, state, version)] += 1
-                print(f"{label}: {state}, serving {version}", flush=True)
+                label = f"point `{value}`" if kind == "point" else "random delay"
+                outcomes[(label, where, version)] += 1
+                print(f"{label}: {where}, serving {version}", flush=True)
         finally:
             setup.close()
         (work / "install").mkdir()
         times, size = _install_times(work / "install", args.runs)
-    rows = "\n".join(f"| {label} | {state} | {version} | {n} |"
-                     for (label, state, version), n in sorted(outcomes.items()))
+    rows = "\n".join(f"| {label} | {where} | {version} | {n} |"
+                     for (label, where, version), n in sorted(outcomes.items()))
     median = statistics.median(times)
     body = (
         f"### Power loss (SIGKILL during `Device.update`)\n\n"
         f"{trials} trials on an 8 MB model, **{killed} of them killed mid-update** "
         f"({len(POINTS) * 4} at named points via `EDGELOOP_CRASH_AT`, the rest after a random "
-        f"delay in [0, {total:.2f} s], the fastest unkilled update; a trial whose update "
+        f"delay in [0, {total:.2f} s], the median unkilled update; a trial whose update "
         f"finished first is listed but not counted as a kill). After every trial the device "
         f"started and served a verified model with exactly the old (1.0.0) or new (1.1.0) "
         f"outputs, never a mix or nothing, and a following update reached 1.1.0: "
         f"**{trials}/{trials} survived**.\n\n"
-        f"| where | outcome | serving after | trials |\n|---|---|---|---|\n{rows}\n\n"
+        f"| kill | phase the update died in | serving after | trials |\n"
+        f"|---|---|---|---|\n{rows}\n\n"
         f"### Verify and install a {size / 2**20:.1f} MB model\n\n"
         f"`Device.update` from a repository served on 127.0.0.1 (TUF refresh, download, "
         f"sha256, slot write, health check of both models on a 64-sample golden set, pointer "
