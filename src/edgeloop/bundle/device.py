@@ -340,6 +340,7 @@ class Device:
             final = self.model_path(slot)
             candidate = final.with_name("candidate.onnx")
             part = final.with_name(".candidate.onnx.part")
+            candidate.unlink(missing_ok=True)     # left by an update that was cut short
             crash_point("slot-write")
             updater.download_target(model_info, filepath=str(part))
         with open(part, "rb+") as f:
@@ -358,9 +359,9 @@ class Device:
                                     f"({verdict.reason}); still serving {serving}")
         state = begin_install(state)
         self._write_state(state)
-        crash_point("pointer-switch")
         os.replace(candidate, final)
         _fsync_dir(final.parent)
+        crash_point("pointer-switch")
         probation = Probation(remaining=self.config.probation_inferences,
                               baseline_p50_ms=measured.current_latency_p50_ms)
         self._write_state(commit(state, manifest, probation))
