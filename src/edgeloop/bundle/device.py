@@ -266,7 +266,7 @@ class Device:
         if golden.labels is not None:
             accuracy = _accuracy(outputs, golden.labels)
         elif ref is None:
-            note = "golden set has no labels and the manifest records no reference outputs"
+            note = "golden set has no labels and the manifest records no reference predictions"
         elif ref.golden_sha256 != golden_digest(golden):
             note = "golden set has no labels and differs from the publisher's"
         else:

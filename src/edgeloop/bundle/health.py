@@ -77,7 +77,7 @@ def judge(floor: Floor, measured: Measured, config: HealthConfig) -> Verdict:
     elif measured.agreement is not None:
         if measured.agreement < floor.agreement:
             return Verdict(False, f"top-1 agreement {measured.agreement:.4f} with the "
-                                  f"publisher's reference outputs is below the floor "
+                                  f"publisher's recorded predictions is below the floor "
                                   f"{floor.agreement:.4f}", figures)
     else:
         notes.append(f"output check skipped: {measured.reference_note or 'no golden set'}")

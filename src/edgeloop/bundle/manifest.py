@@ -54,7 +54,7 @@ class Floor:
     """What a device's health check must see on its golden set before committing.
 
     ``accuracy`` applies when the golden set has ``labels``; ``agreement`` (top-1
-    agreement with :class:`Reference` outputs) when it has none but matches the
+    agreement with the :class:`Reference` predictions) when it has none but matches the
     golden set the publisher recorded.
     """
 

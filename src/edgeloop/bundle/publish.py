@@ -39,8 +39,8 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
     """The manifest for ``model`` published as ``name`` ``version``.
 
     With a ``golden`` set, the figures of :func:`edgeloop.measure.evaluate` on it are
-    recorded with the model's own outputs (the reference a device without labels compares
-    against). The accuracy floor is ``min_metric``, or the measured accuracy minus
+    recorded with the model's own top-1 predictions (the reference a device without labels
+    compares against). The accuracy floor is ``min_metric``, or the measured accuracy minus
     ``accuracy_slack`` when not given.
     """
     path = Path(model)
