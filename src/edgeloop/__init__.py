@@ -1,26 +1,28 @@
 """edgeloop: compress, measure, ship and watch ML models on edge devices.
 
-The public API is what ``__all__`` lists; everything else is internal.
+The public API is what ``__all__`` lists; everything else is internal. Names are imported
+on first use, so a device that only needs ``edgeloop.bundle`` never imports torch.
 """
 
-from edgeloop.compress import make_scheme, run_pass
-from edgeloop.data import Dataset, load_builtin, load_npz, save_npz
-from edgeloop.errors import (
-    DataError,
-    EdgeloopError,
-    ModelError,
-    TransportError,
-    UsageError,
-    VerificationError,
-)
-from edgeloop.export import to_onnx
-from edgeloop.measure import EvalReport, LatencyConfig, evaluate
-from edgeloop.optimize import OptimizeConfig, OptimizeResult, optimize
-from edgeloop.report import write_report
-from edgeloop.targets import Target, get_target
-from edgeloop.zoo import load_torch, train_zoo_model
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_SOURCES = {
+    "make_scheme": "edgeloop.compress", "run_pass": "edgeloop.compress",
+    "Dataset": "edgeloop.data", "load_builtin": "edgeloop.data", "load_npz": "edgeloop.data",
+    "save_npz": "edgeloop.data",
+    "DataError": "edgeloop.errors", "EdgeloopError": "edgeloop.errors",
+    "ModelError": "edgeloop.errors", "TransportError": "edgeloop.errors",
+    "UsageError": "edgeloop.errors", "VerificationError": "edgeloop.errors",
+    "to_onnx": "edgeloop.export",
+    "EvalReport": "edgeloop.measure", "LatencyConfig": "edgeloop.measure",
+    "evaluate": "edgeloop.measure",
+    "OptimizeConfig": "edgeloop.optimize", "OptimizeResult": "edgeloop.optimize",
+    "write_report": "edgeloop.report",
+    "Target": "edgeloop.targets", "get_target": "edgeloop.targets",
+    "load_torch": "edgeloop.zoo", "train_zoo_model": "edgeloop.zoo",
+}
 
 __all__ = [
     "DataError",
@@ -42,10 +44,21 @@ __all__ = [
     "load_npz",
     "load_torch",
     "make_scheme",
-    "optimize",
     "run_pass",
     "save_npz",
     "to_onnx",
     "train_zoo_model",
     "write_report",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _SOURCES:
+        value = getattr(import_module(_SOURCES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgeloop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
