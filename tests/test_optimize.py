@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,16 +36,17 @@ from edgeloop.optimize import (
 )
 from edgeloop.report import pareto_front, write_report
 from edgeloop.targets import TARGETS, detect
-from edgeloop.zoo import TrainConfig, train_zoo_model
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 FAST = LatencyConfig(warmup=3, min_runs=50, max_seconds=0.3, floor_runs=10)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(cnn_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's briefly trained CNN, with calib/val .npz (and val without labels)."""
     d = tmp_path_factory.mktemp("optimize")
-    train_zoo_model("mnist1d-cnn", d, config=TrainConfig(epochs=4))
+    for name in ("model.onnx", "model.pt"):
+        shutil.copyfile(cnn_dir / name, d / name)
     for split in ("calib", "val"):
         save_npz(d / f"{split}.npz", load_builtin("mnist1d", split))
     val = load_builtin("mnist1d", "val")
