@@ -39,6 +39,14 @@ class PassContext:
         """A path in the scratch folder."""
         return self.workdir / name
 
+    def save(self, model: onnx.ModelProto, name: str) -> Path:
+        """Write ``model`` to the scratch folder and return its path. onnxruntime's
+        quantizers are given paths, not protos: some of them rewrite a proto they are
+        handed (moving its weights to external data files)."""
+        path = self.scratch(name)
+        onnx.save(model, path)
+        return path
+
 
 class Pass(ABC):
     """A model-to-model transformation. Subclasses are dataclasses holding the config."""

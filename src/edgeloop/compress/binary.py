@@ -61,37 +61,46 @@ def _channels_first(w: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
 
 
+_SHARED = "edgeloop_bin"   # prefix of the constants every unpacking subgraph shares
+
+
+def _shared_constants() -> list[onnx.TensorProto]:
+    c = lambda name, arr: numpy_helper.from_array(arr, f"{_SHARED}_{name}")  # noqa: E731
+    return [
+        c("shifts", np.arange(7, -1, -1, dtype=np.uint8)),
+        c("one", np.array(1, np.uint8)),
+        c("axis2", np.array([2], np.int64)),
+        c("zero", np.array([0], np.int64)),
+        c("axis1", np.array([1], np.int64)),
+        c("two", np.array(2.0, np.float32)),
+        c("fone", np.array(1.0, np.float32)),
+    ]
+
+
 def _unpack_nodes(prefix: str, w_shape: tuple[int, ...], axis: int, packed: np.ndarray,
                   alpha: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """Nodes that rebuild ``alpha * sign`` in the original weight layout from packed bits."""
     o = w_shape[axis]
     moved = (o, *[d for i, d in enumerate(w_shape) if i != axis])
     m = int(np.prod(moved[1:]))
-    c = lambda name, arr: numpy_helper.from_array(arr, f"{prefix}_{name}")  # noqa: E731
-    inits = [
-        c("bits", packed),
-        c("shifts", np.arange(7, -1, -1, dtype=np.uint8)),
-        c("one", np.array(1, np.uint8)),
-        c("axis2", np.array([2], np.int64)),
-        c("flat", np.array([o, -1], np.int64)),
-        c("starts", np.array([0], np.int64)),
-        c("ends", np.array([m], np.int64)),
-        c("axes", np.array([1], np.int64)),
-        c("two", np.array(2.0, np.float32)),
-        c("fone", np.array(1.0, np.float32)),
-        c("alpha", alpha.reshape(o, 1).astype(np.float32)),
-        c("shape", np.array(moved, np.int64)),
-    ]
     p = lambda name: f"{prefix}_{name}"  # noqa: E731
+    s = lambda name: f"{_SHARED}_{name}"  # noqa: E731
+    inits = [
+        numpy_helper.from_array(packed, p("bits")),
+        numpy_helper.from_array(np.array([o, -1], np.int64), p("flat")),
+        numpy_helper.from_array(np.array([m], np.int64), p("ends")),
+        numpy_helper.from_array(alpha.reshape(o, 1).astype(np.float32), p("alpha")),
+        numpy_helper.from_array(np.array(moved, np.int64), p("shape")),
+    ]
     nodes = [
-        helper.make_node("Unsqueeze", [p("bits"), p("axis2")], [p("u")]),
-        helper.make_node("BitShift", [p("u"), p("shifts")], [p("s")], direction="RIGHT"),
-        helper.make_node("BitwiseAnd", [p("s"), p("one")], [p("b")]),
+        helper.make_node("Unsqueeze", [p("bits"), s("axis2")], [p("u")]),
+        helper.make_node("BitShift", [p("u"), s("shifts")], [p("s")], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [p("s"), s("one")], [p("b")]),
         helper.make_node("Reshape", [p("b"), p("flat")], [p("r")]),
-        helper.make_node("Slice", [p("r"), p("starts"), p("ends"), p("axes")], [p("t")]),
+        helper.make_node("Slice", [p("r"), s("zero"), p("ends"), s("axis1")], [p("t")]),
         helper.make_node("Cast", [p("t")], [p("f")], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [p("f"), p("two")], [p("f2")]),
-        helper.make_node("Sub", [p("f2"), p("fone")], [p("sign")]),
+        helper.make_node("Mul", [p("f"), s("two")], [p("f2")]),
+        helper.make_node("Sub", [p("f2"), s("fone")], [p("sign")]),
         helper.make_node("Mul", [p("sign"), p("alpha")], [p("scaled")]),
         helper.make_node("Reshape", [p("scaled"), p("shape")], [p("w")]),
     ]
@@ -142,6 +151,7 @@ class Binary(Pass):
                      if calib is not None else None)
         out = onnx.ModelProto()
         out.CopyFrom(model)
+        out.graph.initializer.extend(_shared_constants())
         for k, layer in enumerate(layers):
             self._binarize(out, layer, None if reference is None else reference[k], calib)
         onnx.checker.check_model(out)

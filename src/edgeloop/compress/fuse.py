@@ -29,7 +29,7 @@ class Preprocess(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         out = ctx.scratch("preprocessed.onnx")
-        quant_pre_process(model, out)
+        quant_pre_process(ctx.save(model, "preprocess-in.onnx"), out)
         return onnx.load(out)
 
 

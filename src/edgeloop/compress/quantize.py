@@ -55,7 +55,7 @@ class Int8Dynamic(Pass):
         if self.preprocess:
             model = Preprocess().apply(model, ctx)
         out = ctx.scratch("int8-dynamic.onnx")
-        quantize_dynamic(model, out, per_channel=self.per_channel,
+        quantize_dynamic(ctx.save(model, "in.onnx"), out, per_channel=self.per_channel,
                          reduce_range=self.target.reduce_range, weight_type=QuantType.QInt8,
                          nodes_to_exclude=self.nodes_to_exclude)
         return onnx.load(out)
@@ -85,7 +85,7 @@ class Int8Static(Pass):
         out = ctx.scratch("int8-static.onnx")
         fmt = QuantFormat.QDQ if self.target.quant_format == "QDQ" else QuantFormat.QOperator
         quantize_static(
-            model, out, NpzReader(calib, self.calib_batch), quant_format=fmt,
+            ctx.save(model, "in.onnx"), out, NpzReader(calib, self.calib_batch), quant_format=fmt,
             per_channel=self.per_channel, reduce_range=self.target.reduce_range,
             activation_type=_activation_type(self.target), weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATIONS[self.calibration],
@@ -104,7 +104,7 @@ class OrtStatic(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         out = ctx.scratch("ort-static.onnx")
-        quantize_static(model, out, NpzReader(ctx.require_calib(self.name)))
+        quantize_static(ctx.save(model, "in.onnx"), out, NpzReader(ctx.require_calib(self.name)))
         return onnx.load(out)
 
 
@@ -116,7 +116,7 @@ class OrtDynamic(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         out = ctx.scratch("ort-dynamic.onnx")
-        quantize_dynamic(model, out)
+        quantize_dynamic(ctx.save(model, "in.onnx"), out)
         return onnx.load(out)
 
 

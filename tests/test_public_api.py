@@ -1,0 +1,21 @@
+import edgeloop
+
+
+def test_public_names_are_exactly_these() -> None:
+    assert sorted(edgeloop.__all__) == sorted(
+        name for name in dir(edgeloop)
+        if not name.startswith("_") or name == "__version__"
+        if name not in {"annotations"} and not _is_submodule(name))
+
+
+def _is_submodule(name: str) -> bool:
+    import types
+
+    return isinstance(getattr(edgeloop, name), types.ModuleType)
+
+
+def test_every_public_name_is_documented() -> None:
+    for name in edgeloop.__all__:
+        obj = getattr(edgeloop, name)
+        if callable(obj):
+            assert obj.__doc__, name
