@@ -13,6 +13,7 @@ from edgeloop._ssh import RemoteConfig, remote_bench
 from edgeloop.bench import BenchConfig, BenchReport, bench, parse_batches, plot_latency
 from edgeloop.cli._app import app, console
 from edgeloop.data import load_npz
+from edgeloop.export import export_checkpoint
 
 
 def _render(report: BenchReport) -> list[Table]:
@@ -88,3 +89,26 @@ def bench_cmd(
         console.print(f"batch {r.batch} energy: {r.energy.note}", highlight=False)
     if png is not None:
         console.print(f"wrote {png}")
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="An edgeloop torch checkpoint (model.pt)")],
+    to: Annotated[str, typer.Option(help="onnx, tflite or coreml")],
+    out: Annotated[Path, typer.Option(help="Output file (.onnx, .tflite, .mlpackage)")],
+    data: Annotated[Path | None, typer.Option(
+        help=".npz whose `x` calibrates and checks the export [built-in calib split]")] = None,
+    quantize: Annotated[str, typer.Option(help="tflite: none or int8")] = "none",
+    batch: Annotated[int, typer.Option(help="tflite/coreml: fixed batch size")] = 1,
+) -> None:
+    """Export a torch model, checked against PyTorch before it is written."""
+    samples = load_npz(data).inputs.get("x") if data is not None else None
+    check = export_checkpoint(model, to=to, out=out, samples=samples, quantize=quantize,
+                              batch=batch)
+    console.print(f"wrote {check.path} ({check.format})", highlight=False)
+    if check.fidelity is not None:
+        f = check.fidelity
+        console.print(f"vs PyTorch on {check.samples} samples: max |diff| {f.max_abs_diff:.2e}, "
+                      f"top-1 agreement {f.top1_agreement:.2%}, cosine {f.mean_cosine:.5f}",
+                      highlight=False)
+    console.print(check.note, highlight=False)
