@@ -128,12 +128,12 @@ def test_remote_bench_runs_on_the_device(sshd: Server, cnn_dir: Path) -> None:
     assert report.operators
 
 
-def test_remote_cli_brings_back_json_and_draws_locally(sshd: Server, cnn_dir: Path,
-                                                       tmp_path: Path) -> None:
+def test_remote_cli_brings_back_json_and_draws_locally(
+        sshd: Server, cnn_dir: Path, mnist_npz: dict[str, Path], tmp_path: Path) -> None:
     png = tmp_path / "remote.png"
     code, stdout, stderr = cli("bench", cnn_dir / "model.onnx", "--batch", "1",
                                "--duration", "0.2", "--warmup", "0", "--json", "--plot", png,
-                               *sshd.cli_args())
+                               "--data", mnist_npz["test"], *sshd.cli_args())
     assert code == 0, stderr
     assert json.loads(stdout)["results"][0]["batch"] == 1
     assert png.read_bytes()[:4] == b"\x89PNG"
