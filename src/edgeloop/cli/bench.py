@@ -55,7 +55,8 @@ def bench_cmd(
     duration: Annotated[float, typer.Option(help="Seconds of timed runs per batch size")] = 60.0,
     warmup: Annotated[float, typer.Option(help="Seconds of warm-up per batch size")] = 1.0,
     target: Annotated[str, typer.Option(help="Profile for energy estimates, or auto")] = "auto",
-    data: Annotated[Path | None, typer.Option(help=".npz of sample inputs (random when omitted)")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help=".npz of sample inputs (random when omitted)")] = None,
     plot: Annotated[Path | None, typer.Option(
         help="PNG of latency over time [MODEL.bench.png]")] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Do not draw the PNG")] = False,
