@@ -185,3 +185,32 @@ def test_cli_missing_model_is_one_line_exit_2(tmp_path: Path) -> None:
     code, _, stderr = cli("bench", tmp_path / "nothing.onnx")
     assert code == 2 and "does not exist" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_sys_readers_on_a_fake_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     cnn_dir: Path) -> None:
+    cpu, thermal, rapl = tmp_path / "cpu", tmp_path / "thermal", tmp_path / "powercap"
+    for i, khz in enumerate((1_200_000, 1_800_000)):
+        (cpu / f"cpu{i}" / "cpufreq").mkdir(parents=True)
+        (cpu / f"cpu{i}" / "cpufreq" / "scaling_cur_freq").write_text(f"{khz}\n")
+    for i, milli in enumerate((41_000, 57_500)):
+        (thermal / f"thermal_zone{i}").mkdir(parents=True)
+        (thermal / f"thermal_zone{i}" / "temp").write_text(f"{milli}\n")
+    (rapl / "intel-rapl:0" / "intel-rapl:0:0").mkdir(parents=True)
+    (rapl / "intel-rapl:0" / "energy_uj").write_text("5000000\n")  # a counter that stands still
+    (rapl / "intel-rapl:0:0").mkdir()  # a subzone at top level: must not be counted twice
+    (rapl / "intel-rapl:0:0" / "energy_uj").write_text("1\n")
+    monkeypatch.setattr(bench_mod, "_CPU_ROOT", cpu)
+    monkeypatch.setattr(bench_mod, "_THERMAL_ROOT", thermal)
+    monkeypatch.setattr(bench_mod, "_RAPL_ROOT", rapl)
+    assert bench_mod._cpu_mhz() == pytest.approx(1500.0)
+    assert bench_mod._temperature_c() == pytest.approx(57.5)
+    assert [p.name for p in bench_mod._rapl_domains()] == ["intel-rapl:0"]
+    report = bench(cnn_dir / "model.onnx", config=BenchConfig(duration=0.2, warmup=0,
+                                                               sample_interval=0.05,
+                                                               profile_runs=2))
+    r = report.results[0]
+    assert report.sensors == {"rapl": True, "cpufreq": True, "thermal": True}
+    assert r.energy.source == "rapl" and r.energy.joules == 0.0
+    assert len(r.cpu_mhz) >= 2 and set(r.cpu_mhz) == {1500.0}
+    assert set(r.temperature_c) == {57.5}
