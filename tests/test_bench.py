@@ -74,17 +74,25 @@ def test_latency_series_bins_by_wall_time() -> None:
 
 
 def test_top_operators_from_profiler_events() -> None:
-    def ev(node: str, op: str, dur: int) -> dict[str, object]:
-        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": dur,
+    def ev(node: str, op: str, dur: int, ts: int) -> dict[str, object]:
+        return {"cat": "Node", "name": f"{node}_kernel_time", "dur": dur, "ts": ts,
                 "args": {"op_name": op}}
 
-    events = [ev("c1", "Conv", 300), ev("c2", "Conv", 100), ev("g", "Gemm", 500),
-              ev("r", "Relu", 100), {"cat": "Session", "name": "model_run", "dur": 99999},
-              {"cat": "Node", "name": "c1_fence_before", "dur": 7, "args": {"op_name": "Conv"}}]
-    ops = top_operators(events, n=2)
+    def run(ts: int) -> dict[str, object]:
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": 50}
+
+    first = [run(0), ev("g", "Gemm", 40_000, 10)]  # a slow first run, left out
+    second = [run(100), ev("c1", "Conv", 300, 101), ev("c2", "Conv", 100, 102),
+              ev("g", "Gemm", 500, 103), ev("r", "Relu", 100, 104),
+              {"cat": "Node", "name": "c1_fence_before", "dur": 7, "ts": 105,
+               "args": {"op_name": "Conv"}}]
+    ops = top_operators(first + second, n=2)
     assert [(o.op_type, o.nodes) for o in ops] == [("Gemm", 1), ("Conv", 2)]
     assert ops[0].total_ms == pytest.approx(0.5) and ops[0].share == pytest.approx(0.5)
     assert ops[1].share == pytest.approx(0.4)
+    # With a single run there is nothing else to show, so it is kept.
+    assert top_operators(first)[0].total_ms == pytest.approx(40.0)
+    assert top_operators(first + second, skip_runs=0)[0].total_ms == pytest.approx(40.5)
 
 
 def test_energy_estimate_and_rapl_wraparound(tmp_path: Path) -> None:

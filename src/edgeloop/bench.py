@@ -115,7 +115,7 @@ class OperatorTime:
 
     op_type: str
     nodes: int          # how many nodes of this type the session runs
-    total_ms: float     # summed over the profiled runs
+    total_ms: float     # summed over the profiled runs (the first one left out)
     share: float        # fraction of all operator time
 
 
@@ -230,15 +230,22 @@ def latency_series(starts_s: Sequence[float], latencies_s: Sequence[float], *,
     return out
 
 
-def top_operators(events: Iterable[Mapping[str, object]], *, n: int = 10) -> list[OperatorTime]:
-    """The ``n`` operator types with the most kernel time in onnxruntime profiler events."""
+def top_operators(events: Iterable[Mapping[str, object]], *, n: int = 10,
+                  skip_runs: int = 1) -> list[OperatorTime]:
+    """The ``n`` operator types with the most kernel time in onnxruntime profiler events,
+    leaving out the first ``skip_runs`` runs (first runs pay one-off allocation and
+    weight pre-packing, which a sustained run does not)."""
+    events = list(events)
+    runs = sorted((float(e.get("ts", 0)), float(e.get("dur", 0))) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")
+    start = sum(runs[skip_runs - 1]) if 0 < skip_runs <= len(runs) - 1 else float("-inf")
     total: dict[str, float] = {}
     nodes: dict[str, set[str]] = {}
     for e in events:
         args = e.get("args")
         name = str(e.get("name", ""))
         if e.get("cat") != "Node" or not name.endswith("_kernel_time") or not isinstance(
-                args, Mapping) or "op_name" not in args:
+                args, Mapping) or "op_name" not in args or float(e.get("ts", 0)) < start:
             continue
         op = str(args["op_name"])
         total[op] = total.get(op, 0.0) + float(e.get("dur", 0)) / 1e3  # µs -> ms
