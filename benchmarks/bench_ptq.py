@@ -122,7 +122,7 @@ def main() -> None:
             "int8-dynamic": Int8Dynamic(),
         }, work, args.rounds, args.block)
         mlp_rows, _ = run_family("mlp", work / "mlp" / "model.onnx", {
-            "int4-weight": Int4Weight(), "binary (mean|W| scale, no data)": Binary(refit=False),
+            "int4-weight": Int4Weight(), "binary (scale mean abs W, no data)": Binary(refit=False),
             "binary (refit on calib)": Binary(),
         }, work, args.rounds, args.block)
     cols = ["model", "accuracy", "drop (pts)", "size (bytes)", "size vs fp32", "b1 p50 ms",
