@@ -55,6 +55,12 @@ def write_section(name: str, title: str, body: str) -> Path:
               f"- command: `{command}`\n\n")
     path = RESULTS / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")
+    rebuild()
+    return path
+
+
+def rebuild() -> None:
+    """Rewrite BENCHMARKS.md from every section in ``benchmarks/results/``."""
     sections = sorted(RESULTS.glob("*.md"))
     text = ("# edgeloop benchmarks\n\n"
             "Written by the scripts in `benchmarks/` (`make bench` runs them all). Every "
@@ -62,4 +68,7 @@ def write_section(name: str, title: str, body: str) -> Path:
             "measured in the same run on the same machine.\n\n"
             + "\n".join(s.read_text() for s in sections))
     (ROOT / "BENCHMARKS.md").write_text(text)
-    return path
+
+
+if __name__ == "__main__":
+    rebuild()

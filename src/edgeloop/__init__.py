@@ -1,26 +1,29 @@
 """edgeloop: compress, measure, ship and watch ML models on edge devices.
 
-The public API is what ``__all__`` lists; everything else is internal.
+The public API is what ``__all__`` lists; everything else is internal. Names are imported
+on first use, so a device that only needs ``edgeloop.bundle`` never imports torch.
 """
 
-from edgeloop._ssh import RemoteConfig, remote_bench
-from edgeloop.bench import BenchConfig, BenchReport
-from edgeloop.compress import make_scheme, run_pass
-from edgeloop.data import Dataset, load_builtin, load_npz, save_npz
-from edgeloop.errors import (
-    DataError,
-    EdgeloopError,
-    ModelError,
-    TransportError,
-    UsageError,
-    VerificationError,
-)
-from edgeloop.export import export_checkpoint, to_coreml, to_onnx, to_tflite
-from edgeloop.measure import EvalReport, LatencyConfig, evaluate
-from edgeloop.targets import Target, get_target
-from edgeloop.zoo import load_torch, train_zoo_model
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_SOURCES = {
+    "make_scheme": "edgeloop.compress", "run_pass": "edgeloop.compress",
+    "Dataset": "edgeloop.data", "load_builtin": "edgeloop.data", "load_npz": "edgeloop.data",
+    "save_npz": "edgeloop.data",
+    "DataError": "edgeloop.errors", "EdgeloopError": "edgeloop.errors",
+    "ModelError": "edgeloop.errors", "TransportError": "edgeloop.errors",
+    "UsageError": "edgeloop.errors", "VerificationError": "edgeloop.errors",
+    "to_onnx": "edgeloop.export", "to_tflite": "edgeloop.export",
+    "to_coreml": "edgeloop.export", "export_checkpoint": "edgeloop.export",
+    "BenchConfig": "edgeloop.bench", "BenchReport": "edgeloop.bench",
+    "RemoteConfig": "edgeloop._ssh", "remote_bench": "edgeloop._ssh",
+    "EvalReport": "edgeloop.measure", "LatencyConfig": "edgeloop.measure",
+    "evaluate": "edgeloop.measure",
+    "Target": "edgeloop.targets", "get_target": "edgeloop.targets",
+    "load_torch": "edgeloop.zoo", "train_zoo_model": "edgeloop.zoo",
+}
 
 __all__ = [
     "BenchConfig",
@@ -52,3 +55,15 @@ __all__ = [
     "to_tflite",
     "train_zoo_model",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _SOURCES:
+        value = getattr(import_module(_SOURCES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgeloop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

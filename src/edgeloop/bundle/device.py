@@ -1,0 +1,456 @@
+"""Device side: TUF updates into A/B slots, health check, commit, probation, rollback.
+
+A device is a state folder::
+
+    STATE/device.json       marks the folder as an edgeloop device
+    STATE/tuf/              python-tuf's trusted metadata (root chain, timestamp, ...)
+    STATE/slots/a|b/model.onnx
+    STATE/pointer.json      which slot serves and what each holds (see slots.py)
+    STATE/history.jsonl     when and why every change happened
+    STATE/golden.npz        optional golden set for health checks
+
+This module is the thin layer that touches disk and network; the decisions it acts on
+are the pure functions of :mod:`~edgeloop.bundle.manifest`, :mod:`~edgeloop.bundle.health`
+and :mod:`~edgeloop.bundle.slots`.
+
+Offline devices and expired metadata: serving never consults TUF metadata. The active
+model was verified when it was installed, and every start checks its sha256 against the
+pointer, so a device that cannot reach its repository, or whose metadata has expired,
+keeps serving its current model. An update needs fresh metadata: python-tuf refuses an
+expired timestamp, snapshot, targets or root (whether cached or served), so nothing is
+installed until the repository serves unexpired metadata signed by trusted keys; the
+update fails with a one-line error and the device state is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, Root
+from tuf.ngclient import Updater
+
+from edgeloop._io import write_bytes_atomic
+from edgeloop._onnx import input_specs, run, session
+from edgeloop.bundle._crash import crash_point
+from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
+from edgeloop.bundle.health import probation_step as _step
+from edgeloop.bundle.manifest import Manifest, check_model_bytes, check_newer, golden_digest
+from edgeloop.bundle.repository import manifest_target
+from edgeloop.bundle.slots import (
+    SLOTS,
+    Event,
+    SlotState,
+    begin_install,
+    commit,
+    refused,
+    rollback,
+)
+from edgeloop.data import Dataset, check_against, load_npz, save_npz
+from edgeloop.errors import (
+    DataError,
+    EdgeloopError,
+    ModelError,
+    TransportError,
+    UsageError,
+    VerificationError,
+)
+from edgeloop.measure import (
+    LatencyConfig,
+    _accuracy,  # the one accuracy definition
+    latency,
+    predict,
+)
+
+__all__ = ["Device", "Runtime", "UpdateResult"]
+
+_MARKER = "device.json"
+_TUF_WORDS = {
+    tuf_exc.UnsignedMetadataError: "metadata not signed by the trusted keys",
+    tuf_exc.BadVersionNumberError: "metadata version rolled back or mixed",
+    tuf_exc.ExpiredMetadataError: "metadata expired (freeze attack or offline repository)",
+    tuf_exc.LengthOrHashMismatchError: "a file does not match its signed length or hash",
+    tuf_exc.DownloadLengthMismatchError: "a file is longer than its signed length",
+}
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What :meth:`Device.update` did: ``installed`` a version, or why it did not."""
+
+    installed: bool
+    version: str | None
+    reason: str
+    verdict: Verdict | None = None
+
+
+class Device:
+    """One device's state folder. ``__init__`` only stores its arguments."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], *,
+                 config: HealthConfig | None = None) -> None:
+        self.dir = Path(state_dir)
+        self.config = config or HealthConfig()
+
+    # --- provisioning and state -----------------------------------------------------
+
+    @classmethod
+    def init(cls, state_dir: str | os.PathLike[str], *, trusted_root: str | os.PathLike[str],
+             golden: str | os.PathLike[str] | None = None,
+             config: HealthConfig | None = None) -> Device:
+        """Provision a new device folder that trusts ``trusted_root`` (a TUF root.json)."""
+        d = Path(state_dir)
+        if (d / _MARKER).exists():
+            raise UsageError(f"{str(d)!r} is already a device; refusing to re-provision it")
+        if d.exists() and any(d.iterdir()):
+            raise UsageError(f"{str(d)!r} is not empty; give a new or empty folder")
+        root_path = Path(trusted_root)
+        if not root_path.is_file():
+            raise UsageError(f"trusted root {str(root_path)!r} does not exist")
+        data = root_path.read_bytes()
+        try:
+            md = Metadata[Root].from_bytes(data)
+            if not isinstance(md.signed, Root):
+                raise ValueError("not root metadata")
+            md.verify_delegate(Root.type, md)
+        except Exception as e:  # tuf raises DeserializationError, UnsignedMetadataError, ...
+            raise VerificationError(f"trusted root {str(root_path)!r} is not valid signed TUF "
+                                    f"root metadata ({type(e).__name__})") from None
+        golden_data = load_npz(golden) if golden is not None else None
+        (d / "tuf").mkdir(parents=True, exist_ok=True)
+        (d / "slots" / "a").mkdir(parents=True, exist_ok=True)
+        (d / "slots" / "b").mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(d / "tuf" / "root.json", data)
+        if golden_data is not None:
+            save_npz(d / "golden.npz", golden_data)
+        dev = cls(d, config=config)
+        dev._write_state(SlotState())
+        write_bytes_atomic(d / _MARKER, json.dumps({"format": 1, "created": _now()}).encode())
+        dev._record("init", None, f"trusting root version {md.signed.version}")
+        return dev
+
+    def _check(self) -> None:
+        if not (self.dir / _MARKER).is_file():
+            raise UsageError(f"{str(self.dir)!r} is not a device state folder (no {_MARKER}); "
+                             "create one with `edgeloop device init`")
+
+    def state(self) -> SlotState:
+        """The pointer: active slot, what each slot holds, probation."""
+        self._check()
+        try:
+            return SlotState.from_bytes((self.dir / "pointer.json").read_bytes())
+        except OSError:
+            raise VerificationError(f"device {str(self.dir)!r} has no readable pointer.json"
+                                    ) from None
+
+    def _write_state(self, state: SlotState) -> None:
+        write_bytes_atomic(self.dir / "pointer.json", state.to_bytes())
+        _fsync_dir(self.dir)
+
+    def _record(self, action: str, version: str | None, reason: str) -> None:
+        line = json.dumps(asdict(Event(_now(), action, version, reason))) + "\n"
+        with open(self.dir / "history.jsonl", "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def history(self) -> list[Event]:
+        """Every recorded change, oldest first."""
+        self._check()
+        path = self.dir / "history.jsonl"
+        if not path.is_file():
+            return []
+        events = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, TypeError):  # a line cut by power loss
+                events.append(Event(**json.loads(line)))
+        return events
+
+    def model_path(self, slot: str) -> Path:
+        """Where ``slot``'s model file lives."""
+        return self.dir / "slots" / slot / "model.onnx"
+
+    def active(self) -> tuple[Path, Manifest] | None:
+        """The active model's path and manifest after checking its sha256, or None when
+        nothing is installed. Raises :class:`VerificationError` if the file does not match."""
+        state = self.state()
+        manifest = state.current()
+        if manifest is None:
+            return None
+        path = self.model_path(state.active)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise VerificationError(f"active model file {str(path)!r} is missing")
+        check_model_bytes(manifest, *_sha256(path))
+        return path, manifest
+
+    def status(self) -> dict[str, object]:
+        """Both slots (version, sha256, active), probation and the history, as a dict."""
+        state = self.state()
+        slots = []
+        for s in SLOTS:
+            m = state.manifest(s)
+            slots.append({"slot": s, "active": s == state.active,
+                          "name": m.name if m else None, "version": m.version if m else None,
+                          "sha256": m.sha256 if m else None})
+        return {"state_dir": str(self.dir), "active": state.active, "slots": slots,
+                "probation": asdict(state.probation) if state.probation else None,
+                "history": [asdict(e) for e in self.history()]}
+
+    # --- health ---------------------------------------------------------------------
+
+    def _golden(self) -> Dataset | None:
+        path = self.dir / "golden.npz"
+        return load_npz(path) if path.is_file() else None
+
+    def _latency(self) -> LatencyConfig:
+        c = self.config
+        return LatencyConfig(warmup=3, min_runs=c.latency_runs, max_seconds=c.latency_seconds,
+                             floor_runs=5, threads=1)
+
+    def _run_golden(self, path: Path, golden: Dataset) -> tuple[np.ndarray, float]:
+        sess = session(path, threads=1)
+        check_against(golden, input_specs(sess), source="the device's golden set")
+        return predict(sess, golden), latency(sess, golden, 1, self._latency()).p50_ms
+
+    def measure(self, candidate: Path, manifest: Manifest, current: Path | None) -> Measured:
+        """Load ``candidate`` in onnxruntime and measure it (and ``current``) on the
+        golden set with :mod:`edgeloop.measure`."""
+        golden = self._golden()
+        try:
+            if golden is None:
+                sess = session(candidate, threads=1)
+                feed = {s.name: np.zeros([1 if d is None else d for d in s.shape], s.dtype)
+                        for s in input_specs(sess)}
+                run(sess, feed)
+                return Measured(reference_note="no golden set on this device")
+            outputs, p50 = self._run_golden(candidate, golden)
+        except (ModelError, DataError) as e:
+            return Measured(load_error=f"candidate failed on the device: {e}")
+        current_p50 = None
+        if current is not None:
+            with contextlib.suppress(ModelError, DataError):
+                current_p50 = self._run_golden(current, golden)[1]
+        accuracy = agreement = note = None
+        ref = manifest.reference
+        if golden.labels is not None:
+            accuracy = _accuracy(outputs, golden.labels)
+        elif ref is None:
+            note = "golden set has no labels and the manifest records no reference predictions"
+        elif ref.golden_sha256 != golden_digest(golden):
+            note = "golden set has no labels and differs from the publisher's"
+        else:
+            agreement = _accuracy(outputs, np.asarray(ref.top1))
+        return Measured(accuracy=accuracy, agreement=agreement, reference_note=note,
+                        latency_p50_ms=p50, current_latency_p50_ms=current_p50)
+
+    # --- update ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tuf_errors(self, repo: str, serving: str) -> Iterator[None]:
+        try:
+            yield
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadLengthMismatchError) as e:
+            words = next((w for t, w in _TUF_WORDS.items() if isinstance(e, t)),
+                         "metadata failed verification")
+            raise VerificationError(f"update rejected: {words} ({type(e).__name__}: "
+                                    f"{str(e)[:200]}); still serving {serving}") from None
+        except tuf_exc.DownloadError as e:
+            cause = e.__cause__ or e.__context__
+            detail = str(e) + (f": {cause}" if cause else "")
+            raise TransportError(f"repository {repo} could not be reached ({detail[:200]}); "
+                                 f"still serving {serving}") from None
+        except ValueError as e:  # ngclient's own argument/JSON errors from corrupt caches
+            raise VerificationError(f"update rejected: {str(e)[:200]}; still serving "
+                                    f"{serving}") from None
+
+    def update(self, repo: str, name: str) -> UpdateResult:
+        """Fetch, verify, health-check and commit the newest ``name`` from ``repo`` (the
+        repository's base URL). Raises :class:`VerificationError` when the update is
+        rejected or fails its health check; the current model keeps serving either way."""
+        state = self.state()
+        current = state.current()
+        serving = f"{current.name} {current.version}" if current else "nothing (no model yet)"
+        base = repo.rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise UsageError(f"`repo` must be an http(s) URL; got {repo!r}")
+        dl = self.dir / "download"
+        shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir()
+        with self._tuf_errors(base, serving):
+            try:
+                updater = Updater(str(self.dir / "tuf"), f"{base}/metadata/", str(dl),
+                                  f"{base}/targets/", bootstrap=None)
+            except OSError:
+                raise VerificationError(f"device {str(self.dir)!r} has no readable trusted "
+                                        "root (tuf/root.json)") from None
+            updater.refresh()
+            info = updater.get_targetinfo(manifest_target(name))
+            if info is None:
+                raise UsageError(f"{name!r} is not published in {base}")
+            manifest = Manifest.from_bytes(Path(updater.download_target(info)).read_bytes())
+            if manifest.name != name:
+                raise VerificationError(f"manifest published as {name!r} names {manifest.name!r}")
+            if not check_newer(current.version if current else None, manifest.version):
+                return UpdateResult(False, manifest.version, f"already at {manifest.version}")
+            seen = refused(self.history(), manifest.version)
+            if seen is not None:
+                return UpdateResult(False, manifest.version,
+                                    f"{manifest.version} was refused on this device at "
+                                    f"{seen.time} ({seen.reason}); publish a newer version")
+            model_info = updater.get_targetinfo(manifest.model_target)
+            if model_info is None:
+                raise VerificationError(f"manifest names {manifest.model_target!r}, which the "
+                                        "signed targets metadata does not list")
+            check_model_bytes(manifest, model_info.hashes.get("sha256", ""), model_info.length)
+
+            # the candidate lands beside the inactive slot's model, which stays intact
+            # (and available for rollback) until the candidate has passed its checks
+            slot = state.target_slot()
+            final = self.model_path(slot)
+            candidate = final.with_name("candidate.onnx")
+            part = final.with_name(".candidate.onnx.part")
+            candidate.unlink(missing_ok=True)     # left by an update that was cut short
+            crash_point("slot-write")
+            updater.download_target(model_info, filepath=str(part))
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        crash_point("slot-written")
+        os.replace(part, candidate)
+        crash_point("verify")
+        check_model_bytes(manifest, *_sha256(candidate))
+        cur_path = self.model_path(state.active) if current else None
+        measured = self.measure(candidate, manifest, cur_path)
+        verdict = judge(manifest.floor, measured, self.config)
+        if not verdict.ok:
+            candidate.unlink()
+            self._record("rejected", manifest.version, f"health check failed: {verdict.reason}")
+            raise VerificationError(f"{name} {manifest.version} failed its health check "
+                                    f"({verdict.reason}); still serving {serving}")
+        state = begin_install(state)
+        self._write_state(state)
+        os.replace(candidate, final)
+        _fsync_dir(final.parent)
+        crash_point("pointer-switch")
+        probation = Probation(remaining=self.config.probation_inferences,
+                              baseline_p50_ms=measured.current_latency_p50_ms)
+        self._write_state(commit(state, manifest, probation))
+        crash_point("committed")
+        self._record("commit", manifest.version, f"health check {verdict.reason}")
+        return UpdateResult(True, manifest.version, verdict.reason, verdict)
+
+    def rollback(self, reason: str = "rolled back by hand") -> Manifest:
+        """Serve the other slot's model again; returns its manifest."""
+        state = self.state()
+        before = state.current()
+        new = rollback(state)
+        path = self.model_path(new.active)  # type: ignore[arg-type]
+        target = new.current()
+        assert target is not None
+        if not path.is_file():
+            raise VerificationError(f"previous model file {str(path)!r} is missing")
+        check_model_bytes(target, *_sha256(path))
+        self._write_state(new)
+        self._record("rollback", before.version if before else None,
+                     f"{reason}; now serving {target.version}")
+        return target
+
+    def runtime(self) -> Runtime:
+        """Start serving the active model (one start counts towards probation)."""
+        return Runtime(self)
+
+
+class Runtime:
+    """Serves the active model and watches it while it is on probation."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        state = device.state()
+        self._watching = state.probation is not None
+        if state.probation is not None:
+            p, reason = _step(state.probation, device.config, boot=True)
+            state = replace(state, probation=p)
+            device._write_state(state)
+            if reason:
+                self._watching = False
+                self._fail(state, reason)
+                return
+        self._load()
+
+    def _fail(self, state: SlotState, reason: str) -> None:
+        """Roll back after a failed probation, or keep the model if there is nothing to
+        go back to (the first install, or a later install that overwrote the other slot)."""
+        try:
+            self.device.rollback(f"probation failed: {reason}")
+        except VerificationError as e:
+            self.device._write_state(replace(state, probation=None))
+            self.device._record("kept", None, f"probation failed ({reason}) but {e}")
+        self._load()
+
+    def _load(self) -> None:
+        active = self.device.active()
+        if active is None:
+            raise UsageError(f"device {str(self.device.dir)!r} has no model installed yet; run "
+                             "`edgeloop device update`")
+        self.path, self.manifest = active
+        self.session = session(self.path, threads=1)
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The model's first output on ``feed``; a failure during probation rolls back."""
+        t0 = time.perf_counter()
+        try:
+            out = run(self.session, feed)
+        except EdgeloopError:
+            self._watch(ok=False, latency_ms=None)
+            raise
+        n = len(next(iter(feed.values()))) if feed else 1
+        self._watch(ok=True, latency_ms=(time.perf_counter() - t0) * 1e3 / max(n, 1))
+        return out
+
+    def _watch(self, *, ok: bool, latency_ms: float | None) -> None:
+        if not self._watching:
+            return
+        state = self.device.state()
+        if state.probation is None:
+            self._watching = False
+            return
+        p, reason = _step(state.probation, self.device.config, ok=ok, latency_ms=latency_ms)
+        if reason:
+            self._watching = False
+            self._fail(state, reason)
+            return
+        if p is None:
+            self._watching = False
+            self.device._record("kept", self.manifest.version, "probation passed")
+        self.device._write_state(replace(state, probation=p))
+

@@ -1,0 +1,75 @@
+"""Publisher side: describe a model file as a bundle manifest (figures from ``evaluate``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from edgeloop._onnx import load_model, session
+from edgeloop.bundle.manifest import (
+    Floor,
+    Manifest,
+    Reference,
+    TensorSpec,
+    golden_digest,
+    parse_version,
+)
+from edgeloop.data import Dataset
+from edgeloop.errors import UsageError
+from edgeloop.measure import LatencyConfig, evaluate, predict
+
+__all__ = ["build_manifest"]
+
+# publish measures latency briefly: the figure is informative, devices time for themselves
+_PUBLISH_LATENCY = LatencyConfig(warmup=3, min_runs=30, max_seconds=1.0, floor_runs=5)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
+                   golden: Dataset | None = None, min_metric: float | None = None,
+                   min_agreement: float = 0.99, accuracy_slack: float = 0.02) -> Manifest:
+    """The manifest for ``model`` published as ``name`` ``version``.
+
+    With a ``golden`` set, the figures of :func:`edgeloop.measure.evaluate` on it are
+    recorded with the model's own top-1 predictions (the reference a device without labels
+    compares against). The accuracy floor is ``min_metric``, or the measured accuracy minus
+    ``accuracy_slack`` when not given.
+    """
+    path = Path(model)
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"`name` must be a non-empty name without '/'; got {name!r}")
+    parse_version(version)
+    sess = session(load_model(path))
+    inputs = tuple(TensorSpec(i.name, i.type, tuple(d if isinstance(d, int) else None
+                                                    for d in i.shape))
+                   for i in sess.get_inputs())
+    outputs = tuple(TensorSpec(o.name, o.type, tuple(d if isinstance(d, int) else None
+                                                     for d in o.shape))
+                    for o in sess.get_outputs())
+    figures: dict[str, float] = {}
+    reference = None
+    accuracy_floor = min_metric
+    if golden is not None:
+        report = evaluate(path, golden, batches_to_time=(1,), latency_config=_PUBLISH_LATENCY)
+        figures["latency_p50_ms"] = report.latency[0].p50_ms
+        figures["samples"] = float(report.samples)
+        if report.accuracy is not None:
+            figures["accuracy"] = report.accuracy
+            if accuracy_floor is None:
+                accuracy_floor = max(0.0, report.accuracy - accuracy_slack)
+        reference = Reference(golden_sha256=golden_digest(golden),
+                              top1=predict(sess, golden).argmax(-1).tolist())
+    manifest = Manifest(
+        name=name, version=version, model_target=f"{name}/{version}.onnx",
+        sha256=_sha256(path), size_bytes=path.stat().st_size, inputs=inputs, outputs=outputs,
+        figures=figures, floor=Floor(accuracy=accuracy_floor, agreement=min_agreement),
+        reference=reference)
+    return manifest

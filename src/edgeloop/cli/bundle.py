@@ -1,0 +1,191 @@
+"""Commands for signed model bundles: `repo ...`, `publish`, `device ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeloop.bundle import (
+    Device,
+    HealthConfig,
+    build_manifest,
+    init_repo,
+    publish_bundle,
+    refresh_repo,
+    rotate_key,
+    serve_repo,
+)
+from edgeloop.cli._app import app, console
+from edgeloop.data import load_npz
+
+repo_app = typer.Typer(help="A TUF repository of signed model bundles (build side).",
+                       no_args_is_help=True)
+device_app = typer.Typer(help="A device's A/B model slots: update, rollback, status.",
+                         no_args_is_help=True)
+app.add_typer(repo_app, name="repo")
+app.add_typer(device_app, name="device")
+
+KeysOpt = Annotated[Path | None, typer.Option(
+    "--keys", help="Folder of key files, outside the repository [default: DIR-keys]")]
+PassEnvOpt = Annotated[str, typer.Option(
+    "--passphrase-env", help="Environment variable holding the key passphrase (if set, "
+                             "key files are encrypted with it)")]
+_PASS_ENV = "EDGELOOP_KEY_PASSPHRASE"
+
+
+def _keys(repo: Path, keys: Path | None) -> Path:
+    return keys if keys is not None else repo.with_name(repo.name + "-keys")
+
+
+@repo_app.command("init")
+def repo_init(
+    repo: Annotated[Path, typer.Argument(help="Repository folder (published as is)")],
+    keys: KeysOpt = None,
+    root_threshold: Annotated[int, typer.Option(min=1, help="Root keys needed to sign")] = 1,
+    root_keys: Annotated[int | None, typer.Option(
+        min=1, help="Root keys to create [default: the threshold]")] = None,
+    passphrase_env: PassEnvOpt = _PASS_ENV,
+) -> None:
+    """Create a repository with ed25519 keys for root, targets, snapshot and timestamp."""
+    keys_dir = _keys(repo, keys)
+    root = init_repo(repo, keys=keys_dir, root_threshold=root_threshold, root_keys=root_keys,
+                     passphrase=os.environ.get(passphrase_env))
+    console.print(f"created {repo} (keys in {keys_dir}); provision devices with {root}")
+
+
+@repo_app.command("rotate-key")
+def repo_rotate(
+    role: Annotated[str, typer.Argument(help="root, targets, snapshot or timestamp")],
+    repo: Annotated[Path, typer.Option("--repo", help="Repository folder")],
+    keys: KeysOpt = None,
+    revoke: Annotated[str | None, typer.Option(
+        help="Replace only this key id [default: every key of the role]")] = None,
+    passphrase_env: PassEnvOpt = _PASS_ENV,
+) -> None:
+    """Replace a role's keys with new ones in a new root version (old keys revoked)."""
+    new = rotate_key(repo, role, keys=_keys(repo, keys), revoke=revoke,
+                     passphrase=os.environ.get(passphrase_env))
+    console.print(f"{role} now signed by new key(s) {', '.join(k[:16] for k in new)}")
+
+
+@repo_app.command("refresh")
+def repo_refresh(
+    repo: Annotated[Path, typer.Argument(help="Repository folder")],
+    keys: KeysOpt = None,
+    passphrase_env: PassEnvOpt = _PASS_ENV,
+) -> None:
+    """Re-sign timestamp (and snapshot/targets near expiry); run it from cron."""
+    roles = refresh_repo(repo, keys=_keys(repo, keys), passphrase=os.environ.get(passphrase_env))
+    console.print(f"re-signed {', '.join(roles)}")
+
+
+@repo_app.command("serve")
+def repo_serve(
+    repo: Annotated[Path, typer.Argument(help="Repository folder")],
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+) -> None:
+    """Serve the repository over HTTP on 127.0.0.1 until interrupted."""
+    server, _ = serve_repo(repo, port=port)
+    console.print(f"serving {repo} at http://127.0.0.1:{server.server_address[1]}/ "
+                  "(Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+@app.command("publish")
+def publish_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model file")],
+    repo: Annotated[Path, typer.Option("--repo", help="Repository folder")],
+    name: Annotated[str, typer.Option(help="Bundle name devices ask for")],
+    version: Annotated[str, typer.Option(help="X.Y.Z, greater than the published one")],
+    golden: Annotated[Path | None, typer.Option(help="Golden .npz for figures and floor")] = None,
+    min_metric: Annotated[float | None, typer.Option(
+        help="Accuracy floor a device's health check must meet [default: measured - 0.02]")
+    ] = None,
+    keys: KeysOpt = None,
+    passphrase_env: PassEnvOpt = _PASS_ENV,
+) -> None:
+    """Sign and publish a model bundle (model + manifest) into a repository."""
+    data = load_npz(golden) if golden is not None else None
+    manifest = build_manifest(model, name=name, version=version, golden=data,
+                              min_metric=min_metric)
+    publish_bundle(repo, model, keys=_keys(repo, keys), manifest=manifest,
+                   passphrase=os.environ.get(passphrase_env))
+    floor = manifest.floor.accuracy
+    console.print(f"published {name} {version} ({manifest.size_bytes:,} bytes, sha256 "
+                  f"{manifest.sha256[:16]}..., accuracy floor "
+                  f"{'none' if floor is None else f'{floor:.4f}'})")
+
+
+@device_app.command("init")
+def device_init(
+    state_dir: Annotated[Path, typer.Argument(help="New device state folder")],
+    trusted_root: Annotated[Path, typer.Option(help="The repository's root.json")],
+    golden: Annotated[Path | None, typer.Option(help="Golden .npz for health checks")] = None,
+) -> None:
+    """Provision a device folder that trusts a repository's root."""
+    Device.init(state_dir, trusted_root=trusted_root, golden=golden)
+    console.print(f"device {state_dir} provisioned")
+
+
+@device_app.command("update")
+def device_update(
+    state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
+    repo: Annotated[str, typer.Option("--repo", help="Repository base URL")],
+    name: Annotated[str, typer.Option(help="Bundle name")],
+    latency_margin: Annotated[float, typer.Option(
+        min=0, help="Allowed latency increase over the current model (0.5 = +50%)")
+    ] = HealthConfig.latency_margin,
+) -> None:
+    """Fetch, verify, health-check and commit the newest bundle into the inactive slot."""
+    result = Device(state_dir, config=HealthConfig(latency_margin=latency_margin)).update(
+        repo, name)
+    if result.installed:
+        console.print(f"installed {name} {result.version}: health check {result.reason}")
+    else:
+        console.print(f"no change: {result.reason}")
+
+
+@device_app.command("rollback")
+def device_rollback(
+    state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
+) -> None:
+    """Serve the previous slot's model again."""
+    m = Device(state_dir).rollback()
+    console.print(f"rolled back to {m.name} {m.version}")
+
+
+@device_app.command("status")
+def device_status(
+    state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Both slots, versions, sha256, probation, and when and why each change happened."""
+    status = Device(state_dir).status()
+    if as_json:
+        console.print_json(json.dumps(status))
+        return
+    t = Table(title=f"device {state_dir}")
+    for col in ("slot", "active", "name", "version", "sha256"):
+        t.add_column(col)
+    for s in status["slots"]:  # type: ignore[union-attr]
+        t.add_row(s["slot"], "yes" if s["active"] else "", s["name"] or "-",
+                  s["version"] or "-", (s["sha256"] or "-")[:16])
+    console.print(t)
+    if status["probation"]:
+        console.print(f"on probation: {status['probation']}")
+    h = Table(title="history")
+    for col in ("time", "action", "version", "reason"):
+        h.add_column(col)
+    for e in status["history"]:  # type: ignore[union-attr]
+        h.add_row(e["time"], e["action"], e["version"] or "-", e["reason"])
+    console.print(h)
