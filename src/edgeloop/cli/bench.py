@@ -13,7 +13,6 @@ from edgeloop._ssh import RemoteConfig, remote_bench
 from edgeloop.bench import BenchConfig, BenchReport, bench, parse_batches, plot_latency
 from edgeloop.cli._app import app, console
 from edgeloop.data import load_npz
-from edgeloop.export import export_checkpoint
 
 
 def _render(report: BenchReport) -> list[Table]:
@@ -103,6 +102,8 @@ def export_cmd(
     batch: Annotated[int, typer.Option(help="tflite/coreml: fixed batch size")] = 1,
 ) -> None:
     """Export a torch model, checked against PyTorch before it is written."""
+    from edgeloop.export import export_checkpoint  # torch only for this command, not `bench`
+
     samples = load_npz(data).inputs.get("x") if data is not None else None
     check = export_checkpoint(model, to=to, out=out, samples=samples, quantize=quantize,
                               batch=batch)
