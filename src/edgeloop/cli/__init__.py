@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from edgeloop.cli import bench as _bench  # noqa: F401  (registers its commands)
 from edgeloop.cli import bundle as _bundle  # noqa: F401  (registers its commands)
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
