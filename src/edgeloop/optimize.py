@@ -47,7 +47,7 @@ from edgeloop.compress import SCHEMES
 from edgeloop.compress.base import Pass, apply_pass
 from edgeloop.compress.fuse import Preprocess
 from edgeloop.compress.int4 import Int4Weight
-from edgeloop.compress.layout import ChannelsLastHead, find_heads
+from edgeloop.compress.layout import find_heads
 from edgeloop.compress.quantize import CALIBRATIONS, Int8Dynamic, Int8Static
 from edgeloop.data import Dataset, check_against
 from edgeloop.errors import DataError, EdgeloopError, UsageError, one_of
@@ -221,7 +221,8 @@ def default_candidates() -> list[Candidate]:
         PassCandidate("fused", "graph optimization and fusion, float weights",
                       lambda t: Preprocess(), quantized=False),
         PassCandidate("int8-static/minmax/per-channel", "static int8 QDQ, MinMax, per channel",
-                      lambda t: Int8Static(calibration="minmax", per_channel=True, target=t)),
+                      lambda t: Int8Static(calibration="minmax", per_channel=True,
+                                           channels_last_head=False, target=t)),
         PassCandidate("int8-dynamic/per-channel", "dynamic int8, per-channel weights",
                       lambda t: Int8Dynamic(per_channel=True, target=t)),
     ]
@@ -240,11 +241,12 @@ def default_candidates() -> list[Candidate]:
                     f"{'per channel' if per_channel else 'per tensor'}")
             if name != "int8-static/minmax/per-channel":
                 out.append(PassCandidate(name, text, lambda t, c=calibration, p=per_channel:
-                                         Int8Static(calibration=c, per_channel=p, target=t)))
+                                         Int8Static(calibration=c, per_channel=p,
+                                                    channels_last_head=False, target=t)))
             out.append(PassCandidate(
                 f"{name}/cl-head", f"{text}, channels-last classifier head",
-                lambda t, c=calibration, p=per_channel: (
-                    ChannelsLastHead(), Int8Static(calibration=c, per_channel=p, target=t)),
+                lambda t, c=calibration, p=per_channel: Int8Static(
+                    calibration=c, per_channel=p, channels_last_head=True, target=t),
                 applies_to=lambda m: bool(find_heads(m))))
     out.append(PassCandidate("int8-dynamic/per-tensor", "dynamic int8, per-tensor weights",
                              lambda t: Int8Dynamic(per_channel=False, target=t)))

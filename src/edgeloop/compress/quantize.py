@@ -27,6 +27,7 @@ from onnxruntime.quantization import (
 from edgeloop.compress.base import Pass, PassContext, apply_pass
 from edgeloop.compress.calibrate import NpzReader
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points
+from edgeloop.compress.layout import ChannelsLastHead, find_heads
 from edgeloop.errors import one_of
 from edgeloop.targets import Target, detect
 
@@ -68,6 +69,7 @@ class Int8Static(Pass):
     calibration: str = "minmax"
     per_channel: bool = True
     preprocess: bool = True
+    channels_last_head: bool = True   # see edgeloop.compress.layout
     calib_batch: int = 32
     nodes_to_exclude: list[str] = field(default_factory=list)
     target: Target = field(default_factory=detect)
@@ -82,6 +84,8 @@ class Int8Static(Pass):
         calib = ctx.require_calib(self.name)
         if self.preprocess:
             model = Preprocess().apply(model, ctx)
+        if self.channels_last_head and find_heads(model):
+            model = ChannelsLastHead().apply(model, ctx)
         out = ctx.scratch("int8-static.onnx")
         fmt = QuantFormat.QDQ if self.target.quant_format == "QDQ" else QuantFormat.QOperator
         quantize_static(
