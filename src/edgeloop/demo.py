@@ -1,12 +1,19 @@
 """``make demo``: the loop end to end on built-in data, in a few minutes on a laptop CPU.
 
-Trains the MNIST-1D reference CNN, quantizes it with every scheme, and compares accuracy,
-size and latency with fp32 and with onnxruntime's stock quantizer. Everything it writes
-lands in ``demo-out/`` (or the folder given as the first argument).
+1. train the MNIST-1D reference CNN;
+2. quantize it with every scheme and compare accuracy, size and latency with fp32 and
+   with onnxruntime's stock quantizer;
+3. ``optimize``: the fastest model on this machine within 0.5 accuracy points;
+4. ship it: a signed TUF repository served on 127.0.0.1, a device that verifies,
+   health-checks and installs it, then refuses a tampered copy.
+
+Everything it writes lands in ``demo-out/`` (or the folder given as the first argument);
+each step prints the CLI command that does the same.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,38 +22,31 @@ from rich.table import Table
 
 from edgeloop.compress import SCHEMES, make_scheme, run_pass
 from edgeloop.data import load_builtin, save_npz
+from edgeloop.errors import EdgeloopError
 from edgeloop.measure import LatencyConfig, evaluate
 from edgeloop.zoo import train_zoo_model
 
 console = Console()
 
 
-def main(out_dir: str = "demo-out") -> None:
-    """Run the demo, writing into ``out_dir``."""
-    out = Path(out_dir)
-    console.rule("[bold]edgeloop demo: MNIST-1D CNN")
-    console.print("1. train the reference CNN on MNIST-1D (generated offline)")
-    result = train_zoo_model("mnist1d-cnn", out / "fp32")
-    console.print(f"   test accuracy {result['test_accuracy']:.2%} -> {out}/fp32/model.onnx")
-    for split in ("calib", "test"):
-        save_npz(out / f"{split}.npz", load_builtin("mnist1d", split))
-    fp32 = out / "fp32" / "model.onnx"
-    calib = load_builtin("mnist1d", "calib")
+def _step(title: str, command: str) -> None:
+    console.rule(f"[bold]{title}")
+    console.print(f"[dim]$ {command}[/dim]", highlight=False)
 
-    console.print("2. quantize with every scheme (ort-* are onnxruntime's stock quantizer)")
+
+def _compare(out: Path, fp32: Path) -> None:
+    calib = load_builtin("mnist1d", "calib")
     models = {"fp32": fp32}
     for scheme in SCHEMES:
-        models[scheme] = out / f"{scheme}.onnx"
+        models[scheme] = out / "quantized" / f"{scheme}.onnx"
         run_pass(make_scheme(scheme), fp32, models[scheme], calib)
-        console.print(f"   {scheme:<13} -> {models[scheme]}")
-
-    console.print("3. measure each on the test split (accuracy, size, latency, fidelity)")
     test = load_builtin("mnist1d", "test")
     timing = LatencyConfig(min_runs=300, max_seconds=1.5)
     reports = {k: evaluate(p, test, reference=fp32, latency_config=timing)
                for k, p in models.items()}
     base = reports["fp32"]
-    table = Table(title="MNIST-1D CNN, this machine (onnxruntime CPU)")
+    table = Table(title="MNIST-1D CNN on this machine (onnxruntime CPU); "
+                        "ort-* = onnxruntime's stock quantizer")
     for col in ("model", "accuracy", "size", "vs fp32", "batch 1 p50", "batch 32 p50",
                 "speed-up b32", "cosine", "float ops left"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -59,8 +59,93 @@ def main(out_dir: str = "demo-out") -> None:
             f"{r.fidelity.mean_cosine:.4f}" if r.fidelity else "",
             str(sum(r.float_compute_ops.values())))
     console.print(table)
-    console.print("Next: `edgeloop evaluate MODEL --data demo-out/test.npz --reference "
-                  "demo-out/fp32/model.onnx` for the full report of one model.")
+
+
+def _optimize(out: Path, fp32: Path) -> Path:
+    from edgeloop.optimize import OptimizeConfig, optimize
+    from edgeloop.report import write_report
+    from edgeloop.targets import detect
+
+    result = optimize(fp32, calib=load_builtin("mnist1d", "calib"),
+                      val=load_builtin("mnist1d", "val"), target=detect(),
+                      config=OptimizeConfig(metric="accuracy", max_drop=0.5, batch=32,
+                                            time_budget_s=120.0),
+                      on_result=lambda r: console.print(f"   measured {r.name}"))
+    paths = write_report(result, out / "optimized")
+    chosen = next((c for c in result.candidates if c.name == result.chosen), None)
+    if chosen is None:
+        console.print("   no candidate fit the budget; best.onnx is the float model")
+    else:
+        console.print(f"   chosen: [bold]{result.chosen}[/bold] -> {paths['best.onnx']} "
+                      f"(report: {paths['report.md']}, plot: {paths['pareto.png']})")
+    return paths["best.onnx"]
+
+
+def _ship(out: Path, best: Path) -> None:
+    from edgeloop.bundle import Device, build_manifest, init_repo, publish_bundle, serve_repo
+
+    repo, keys, device_dir = out / "repo", out / "keys", out / "device"
+    for d in (repo, keys, device_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    golden = load_builtin("mnist1d", "val")
+    root = init_repo(repo, keys=keys)
+    publish_bundle(repo, best, keys=keys, manifest=build_manifest(
+        best, name="mnist1d", version="1.0.0", golden=golden))
+    server, _ = serve_repo(repo, port=0)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        device = Device.init(device_dir, trusted_root=root, golden=out / "val.npz")
+        result = device.update(url, "mnist1d")
+        console.print(f"   device update: installed={result.installed} "
+                      f"version={result.version} ({result.reason})")
+        # An attacker swaps the published model bytes: the device must refuse them.
+        console.print("   publishing 1.1.0, then flipping a byte of its model file...")
+        publish_bundle(repo, best, keys=keys, manifest=build_manifest(
+            best, name="mnist1d", version="1.1.0", golden=golden))
+        for f in (repo / "targets" / "mnist1d").glob("*.onnx"):
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+        try:
+            device.update(url, "mnist1d")
+            console.print("   [red]the tampered model was accepted[/red]")
+        except EdgeloopError as e:
+            console.print(f"   refused: {e}")
+        active = device.active()
+        console.print(f"   still serving version {active[1].version if active else None}")
+    finally:
+        server.shutdown()
+
+
+def main(out_dir: str = "demo-out") -> None:
+    """Run the demo, writing into ``out_dir``."""
+    out = Path(out_dir)
+    _step("1. train the reference CNN on MNIST-1D (generated offline)",
+          f"edgeloop zoo train mnist1d-cnn --out {out}/fp32")
+    result = train_zoo_model("mnist1d-cnn", out / "fp32")
+    console.print(f"   test accuracy {result['test_accuracy']:.2%}")
+    for split in ("calib", "val", "test"):
+        save_npz(out / f"{split}.npz", load_builtin("mnist1d", split))
+    fp32 = out / "fp32" / "model.onnx"
+
+    _step("2. quantize with every scheme and measure each on the test split",
+          f"edgeloop quantize {fp32} --scheme int8-static --data {out}/calib.npz "
+          f"--out {out}/quantized/int8-static.onnx  (and every other scheme)")
+    _compare(out, fp32)
+
+    _step("3. find the fastest model within 0.5 accuracy points",
+          f"edgeloop optimize {fp32} --data {out}/calib.npz --val {out}/val.npz "
+          f"--metric accuracy --max-drop 0.5 --batch 32 --time-budget 2m --out {out}/optimized")
+    best = _optimize(out, fp32)
+
+    _step("4. sign, publish, and install it on a device over HTTP",
+          f"edgeloop repo init {out}/repo --keys {out}/keys; edgeloop publish {best} "
+          f"--repo {out}/repo --name mnist1d --version 1.0.0 --golden {out}/val.npz; "
+          f"edgeloop device update {out}/device --repo URL --name mnist1d")
+    _ship(out, best)
+    console.rule("[bold]done")
+    console.print(f"Everything is in {out}/. Next: `edgeloop evaluate MODEL --data "
+                  f"{out}/test.npz --reference {fp32}`, `edgeloop bench MODEL`.")
 
 
 if __name__ == "__main__":
