@@ -1,0 +1,254 @@
+"""The ``int8`` scheme: the best int8 for this model, chosen by measurement.
+
+1. **Graph preparation.** Two candidates: onnxruntime's quantization pre-processing, and
+   (when it finds anything to fuse) onnxruntime's transformer fusions
+   (``onnxruntime.transformers.optimizer``: Attention, SkipLayerNormalization, Gelu,
+   EmbedLayerNormalization), kept only if the fused float model gives the float outputs.
+   Fused attention also keeps the activation-by-activation products (scores, context) in
+   float, where per-tensor int8 loses the most.
+2. **Activation mode.** Each preparation is quantized in full with dynamic activations
+   and with static (QDQ, calibrated) activations, all with per-channel int8 weights. Among
+   the variants within ``max_error`` the fastest at batch 1 wins (timed interleaved, same
+   run); if none is within, the most accurate one goes on to step 3.
+3. **Float fallback.** The per-layer sensitivity of the chosen variant (output error with
+   only that layer quantized, :mod:`~edgeloop.compress.sensitivity`) ranks the layers;
+   a bisection on that ranking finds the fewest most-sensitive layers to keep in float so
+   that the output is within ``max_error`` of the float model on the calibration data.
+
+The error is ``1 - mean cosine`` of the first output against the float model on CALIB;
+the default 0.005 is a mean cosine of at least 0.995. What was chosen and measured is
+recorded in the output model's metadata (:func:`read_plan`) and in ``plan_``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+from edgeloop._onnx import session
+from edgeloop._progress import status
+from edgeloop.compress.base import Pass, PassContext
+from edgeloop.compress.calibrate import NpzReader
+from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points
+from edgeloop.compress.sensitivity import (
+    LayerSensitivity,
+    layer_sensitivity,
+    output_error,
+    weighted_nodes,
+)
+from edgeloop.data import Dataset
+from edgeloop.errors import UsageError
+from edgeloop.measure import predict
+from edgeloop.targets import Target, detect
+
+__all__ = ["PLAN_KEY", "Int8", "Int8Plan", "Variant", "interleaved_latency", "read_plan"]
+
+PLAN_KEY = "edgeloop.int8"
+MODES = ("dynamic", "static")
+_FUSION_TOLERANCE = 1e-4   # a fused float graph must match the original this closely
+_SAME_SPEED = 0.03         # latencies within 3% count as a tie, broken by error
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fully quantized candidate: its graph preparation, activation mode, output error
+    on CALIB and median batch-1 latency (ms)."""
+
+    preparation: str
+    mode: str
+    error: float
+    latency_ms: float
+
+
+@dataclass
+class Int8Plan:
+    """What the ``int8`` pass measured and decided."""
+
+    preparation: str
+    mode: str
+    error: float                    # final 1 - mean cosine on CALIB
+    max_error: float
+    float_nodes: list[str]          # layers kept in float, most sensitive first
+    variants: list[Variant]
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """The plan as JSON (what the model's metadata holds)."""
+        return json.dumps(asdict(self))
+
+
+def read_plan(model: onnx.ModelProto) -> dict[str, object] | None:
+    """The plan the ``int8`` pass stored in ``model``, or ``None`` for other models."""
+    for prop in model.metadata_props:
+        if prop.key == PLAN_KEY:
+            return json.loads(prop.value)
+    return None
+
+
+def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, batch: int = 1,
+                        rounds: int = 5, runs: int = 20, warmup: int = 5,
+                        threads: int = 0) -> list[float]:
+    """Median latency (ms) of each model on the first ``batch`` samples of ``data``.
+
+    Models take turns, ``runs`` calls each per round, so that load changes on a shared
+    machine hit every model alike; the result is the median over rounds of each round's
+    median.
+    """
+    sessions = [session(m, threads=threads) for m in models]
+    feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
+    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    for s, f in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            s.run(None, f)
+    medians: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for s, f, out in zip(sessions, feeds, medians, strict=True):
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                times.append(time.perf_counter() - t0)
+            out.append(float(np.median(times)))
+    return [float(np.median(m)) * 1e3 for m in medians]
+
+
+def _transformer_fused(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto | None:
+    """onnxruntime's transformer fusions, or ``None`` when nothing was fused."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = ctx.scratch("to-fuse.onnx")
+    onnx.save(model, path)
+    fused = optimize_model(str(path), model_type="bert", opt_level=0)
+    stats = fused.get_fused_operator_statistics()
+    if not any(stats.get(op, 0) for op in ("Attention", "SkipLayerNormalization",
+                                           "EmbedLayerNormalization", "BiasGelu", "Gelu",
+                                           "FastGelu", "LayerNormalization")):
+        return None
+    out = fused.model
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    # The quantizer needs every tensor's type; only onnxruntime's symbolic shape inference
+    # knows its contrib ops.
+    return SymbolicShapeInference.infer_shapes(out, auto_merge=True)
+
+
+@dataclass
+class Int8(Pass):
+    """int8 chosen per model by measurement; see the module docstring."""
+
+    max_error: float = 0.005        # tolerated 1 - mean output cosine to float on CALIB
+    calib_batch: int = 32           # samples per calibration batch (static mode)
+    timing_rounds: int = 5          # interleaved rounds when timing the variants
+    target: Target = field(default_factory=detect)
+    name: ClassVar[str] = "int8"
+    needs_calib: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_error < 1.0:
+            raise UsageError(f"`max-error` must be in (0, 1) (1 - mean cosine, e.g. 0.005); "
+                             f"got {self.max_error}")
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        calib = ctx.require_calib(self.name)
+        reference = predict(session(model), calib)
+        preparations = {"preprocess": Preprocess().apply(model, ctx)}
+        fused = _transformer_fused(model, ctx)
+        if fused is not None and output_error(fused, calib, reference) <= _FUSION_TOLERANCE:
+            preparations["fused"] = fused
+
+        keys = [(p, m) for p in preparations for m in MODES]
+        full: dict[tuple[str, str], onnx.ModelProto] = {}
+        errors: dict[tuple[str, str], float] = {}
+        for p, m in keys:
+            status(f"int8: quantizing {p} graph with {m} activations")
+            full[p, m] = self._quantize(preparations[p], m, ctx, calib)
+            errors[p, m] = output_error(full[p, m], calib, reference)
+        lat = interleaved_latency([full[k] for k in keys], calib, rounds=self.timing_rounds)
+        variants = [Variant(p, m, errors[p, m], t) for (p, m), t in zip(keys, lat, strict=True)]
+        chosen = _choose(variants, self.max_error)
+        prep, mode = chosen.preparation, chosen.mode
+
+        out, error, float_nodes, sens = full[prep, mode], chosen.error, [], []
+        if error > self.max_error:
+            prepared = preparations[prep]
+            sens = layer_sensitivity(
+                lambda only: self._quantize(prepared, mode, ctx, calib, only=only),
+                weighted_nodes(prepared, mode=mode), calib, reference)
+            out, error, float_nodes = self._fall_back(prepared, mode, [s.node for s in sens],
+                                                      ctx, calib, reference)
+        if mode == "static":
+            out = drop_zero_bias_zero_points(out)
+        self.plan_ = Int8Plan(prep, mode, error, self.max_error, float_nodes, variants, sens)
+        out.metadata_props.append(
+            onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
+        return out
+
+    def _fall_back(self, prepared: onnx.ModelProto, mode: str, order: list[str],
+                   ctx: PassContext, calib: Dataset, reference: np.ndarray,
+                   ) -> tuple[onnx.ModelProto, float, list[str]]:
+        """Bisection for the fewest leading layers of ``order`` to keep in float. Only
+        measured results are returned, so a non-monotone error curve costs speed, never
+        the error bound."""
+        def attempt(k: int) -> tuple[onnx.ModelProto, float]:
+            status(f"int8: {k} of {len(order)} layers in float")
+            candidate = self._quantize(prepared, mode, ctx, calib, exclude=order[:k])
+            return candidate, output_error(candidate, calib, reference)
+
+        lo, hi = 0, len(order)      # lo: known to miss the bound; hi: assumed to meet it
+        best: tuple[onnx.ModelProto, float] | None = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            candidate, err = attempt(mid)
+            if err <= self.max_error:
+                hi, best = mid, (candidate, err)
+            else:
+                lo = mid
+        if best is None:
+            best = attempt(hi)
+            if best[1] > self.max_error:  # even with every weighted layer in float
+                return prepared, output_error(prepared, calib, reference), list(order)
+        return best[0], best[1], order[:hi]
+
+    def _quantize(self, model: onnx.ModelProto, mode: str, ctx: PassContext, calib: Dataset,
+                  *, only: list[str] | None = None, exclude: Sequence[str] = ()
+                  ) -> onnx.ModelProto:
+        out = ctx.scratch(f"int8-{mode}.onnx")
+        if mode == "dynamic":
+            quantize_dynamic(model, out, per_channel=True, reduce_range=self.target.reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_quantize=only,
+                             nodes_to_exclude=list(exclude))
+        else:
+            act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
+            quantize_static(model, out, NpzReader(calib, self.calib_batch),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=self.target.reduce_range, activation_type=act,
+                            weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_quantize=only, nodes_to_exclude=list(exclude),
+                            calibration_providers=["CPUExecutionProvider"])
+        return onnx.load(out)
+
+
+def _choose(variants: Sequence[Variant], max_error: float) -> Variant:
+    """The fastest variant within ``max_error`` (near-ties go to the more accurate), else
+    the most accurate."""
+    within = [v for v in variants if v.error <= max_error]
+    if not within:
+        return min(variants, key=lambda v: v.error)
+    fastest = min(v.latency_ms for v in within)
+    return min((v for v in within if v.latency_ms <= fastest * (1 + _SAME_SPEED)),
+               key=lambda v: v.error)
