@@ -226,14 +226,17 @@ class Int8(Pass):
     def _quantize(self, model: onnx.ModelProto, mode: str, ctx: PassContext, calib: Dataset,
                   *, only: list[str] | None = None, exclude: Sequence[str] = ()
                   ) -> onnx.ModelProto:
-        out = ctx.scratch(f"int8-{mode}.onnx")
+        # A path, not the proto: the quantizer may move a proto's weights to external data
+        # in its own temporary folder, which breaks the proto for the next call.
+        src, out = ctx.scratch("int8-input.onnx"), ctx.scratch(f"int8-{mode}.onnx")
+        onnx.save(model, src)
         if mode == "dynamic":
-            quantize_dynamic(model, out, per_channel=True, reduce_range=self.target.reduce_range,
+            quantize_dynamic(src, out, per_channel=True, reduce_range=self.target.reduce_range,
                              weight_type=QuantType.QInt8, nodes_to_quantize=only,
                              nodes_to_exclude=list(exclude))
         else:
             act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
-            quantize_static(model, out, NpzReader(calib, self.calib_batch),
+            quantize_static(src, out, NpzReader(calib, self.calib_batch),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=self.target.reduce_range, activation_type=act,
                             weight_type=QuantType.QInt8,

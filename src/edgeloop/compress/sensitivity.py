@@ -30,6 +30,9 @@ __all__ = ["LayerSensitivity", "layer_sensitivity", "output_error", "weighted_no
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "Gather",
                 "EmbedLayerNormalization"}
 
+# Which input holds the weight (the table, for Gather); 1 for the others.
+_WEIGHT_INPUT = {"Gather": 0}
+
 # quantize(nodes_to_quantize) -> quantized model; the caller binds mode and settings.
 Quantizer = Callable[[list[str]], onnx.ModelProto]
 
@@ -51,8 +54,8 @@ def output_error(model: onnx.ModelProto, data: Dataset, reference: np.ndarray) -
 
 def weighted_nodes(model: onnx.ModelProto, *, mode: str) -> list[onnx.NodeProto]:
     """Nodes the quantizer of ``mode`` (``dynamic`` or ``static``) would turn into integer
-    arithmetic on weights: weighted ops it has a rule for; a MatMul or Gemm counts when its
-    second input is a constant (a weight, not an activation such as attention scores)."""
+    arithmetic on weights: weighted ops it has a rule for, whose weight input is a constant
+    (not an activation such as attention scores, nor a shape)."""
     registry = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
@@ -60,7 +63,8 @@ def weighted_nodes(model: onnx.ModelProto, *, mode: str) -> list[onnx.NodeProto]
     for node in model.graph.node:
         if node.op_type not in WEIGHTED_OPS or node.op_type not in registry:
             continue
-        if node.op_type in ("MatMul", "Gemm") and node.input[1] not in consts:
+        weight = node.input[_WEIGHT_INPUT.get(node.op_type, 1)]
+        if node.op_type != "EmbedLayerNormalization" and weight not in consts:
             continue
         out.append(node)
     return out
