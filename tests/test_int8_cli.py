@@ -14,7 +14,7 @@ from edgeloop.compress.mixed import read_plan
 from edgeloop.data import Dataset, save_npz
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_int8_sensitivity import _outlier_mlp  # noqa: E402
+from test_int8_sensitivity import _outlier_mlp
 
 
 @pytest.fixture()
