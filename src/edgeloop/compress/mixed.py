@@ -126,24 +126,46 @@ def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, bat
     return [float(np.median(m)) * 1e3 for m in medians]
 
 
-def _transformer_fused(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto | None:
-    """onnxruntime's transformer fusions, or ``None`` when nothing was fused."""
+def _hidden_size(model: onnx.ModelProto) -> int | None:
+    """The width of the first LayerNormalization's scale, i.e. a transformer's hidden size."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and node.input[1] in inits:
+            return int(inits[node.input[1]].dims[-1])
+    return None
+
+
+def _transformer_fused(model: onnx.ModelProto, ctx: PassContext, calib: Dataset,
+                       reference: np.ndarray) -> onnx.ModelProto | None:
+    """onnxruntime's transformer fusions, or ``None`` when it fuses no attention.
+
+    The fuser needs the number of heads and cannot always find it, so the usual head
+    widths are tried in turn; a fusion counts only if the fused float model still gives
+    the float outputs (a wrong head count changes them).
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
+    hidden = _hidden_size(model)
+    if hidden is None:
+        return None
     path = ctx.scratch("to-fuse.onnx")
     onnx.save(model, path)
-    fused = optimize_model(str(path), model_type="bert", opt_level=0)
-    stats = fused.get_fused_operator_statistics()
-    if not any(stats.get(op, 0) for op in ("Attention", "SkipLayerNormalization",
-                                           "EmbedLayerNormalization", "BiasGelu", "Gelu",
-                                           "FastGelu", "LayerNormalization")):
-        return None
-    out = fused.model
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    # The quantizer needs every tensor's type; only onnxruntime's symbolic shape inference
-    # knows its contrib ops.
-    return SymbolicShapeInference.infer_shapes(out, auto_merge=True)
+    for head_dim in (64, 32, 128, 16):
+        if hidden % head_dim:
+            continue
+        fused = optimize_model(str(path), model_type="bert", opt_level=0,
+                               num_heads=hidden // head_dim, hidden_size=hidden)
+        if not fused.get_fused_operator_statistics().get("Attention", 0):
+            continue
+        out = fused.model
+        if not any(o.domain == "com.microsoft" for o in out.opset_import):
+            out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        # The quantizer needs every tensor's type; only onnxruntime's symbolic shape
+        # inference knows its contrib ops.
+        out = SymbolicShapeInference.infer_shapes(out, auto_merge=True)
+        if output_error(out, calib, reference) <= _FUSION_TOLERANCE:
+            return out
+    return None
 
 
 @dataclass
@@ -166,8 +188,8 @@ class Int8(Pass):
         calib = ctx.require_calib(self.name)
         reference = predict(session(model), calib)
         preparations = {"preprocess": Preprocess().apply(model, ctx)}
-        fused = _transformer_fused(model, ctx)
-        if fused is not None and output_error(fused, calib, reference) <= _FUSION_TOLERANCE:
+        fused = _transformer_fused(model, ctx, calib, reference)
+        if fused is not None:
             preparations["fused"] = fused
 
         keys = [(p, m) for p in preparations for m in MODES]
