@@ -10,6 +10,10 @@
    and with static (QDQ, calibrated) activations, all with per-channel int8 weights. Among
    the variants within ``max_error`` the fastest at batch 1 wins (timed interleaved, same
    run); if none is within, the most accurate one goes on to step 3.
+   Embedding lookups (Gather, EmbedLayerNormalization) stay float unless
+   ``quantize_lookups``: an int8 table only shrinks the file (a lookup does no
+   arithmetic, and an int8 one adds a DequantizeLinear), while in trained transformers
+   the embeddings are among the most sensitive layers.
 3. **Float fallback.** The per-layer sensitivity of the chosen variant (output error with
    only that layer quantized, :mod:`~edgeloop.compress.sensitivity`) ranks the layers;
    a bisection on that ranking finds the fewest most-sensitive layers to keep in float so
@@ -37,6 +41,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from edgeloop._onnx import session
@@ -45,6 +50,7 @@ from edgeloop.compress.base import Pass, PassContext
 from edgeloop.compress.calibrate import NpzReader
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points
 from edgeloop.compress.sensitivity import (
+    LOOKUP_OPS,
     LayerSensitivity,
     layer_sensitivity,
     output_error,
@@ -173,6 +179,7 @@ class Int8(Pass):
     """int8 chosen per model by measurement; see the module docstring."""
 
     max_error: float = 0.005        # tolerated 1 - mean output cosine to float on CALIB
+    quantize_lookups: bool = False  # int8 embedding tables (smaller file, no speed-up)
     calib_batch: int = 32           # samples per calibration batch (static mode)
     timing_rounds: int = 5          # interleaved rounds when timing the variants
     target: Target = field(default_factory=detect)
@@ -207,9 +214,11 @@ class Int8(Pass):
         out, error, float_nodes, sens = full[prep, mode], chosen.error, [], []
         if error > self.max_error:
             prepared = preparations[prep]
+            nodes = [n for n in weighted_nodes(prepared, mode=mode)
+                     if self.quantize_lookups or n.op_type not in LOOKUP_OPS]
             sens = layer_sensitivity(
                 lambda only: self._quantize(prepared, mode, ctx, calib, only=only),
-                weighted_nodes(prepared, mode=mode), calib, reference)
+                nodes, calib, reference)
             out, error, float_nodes = self._fall_back(prepared, mode, [s.node for s in sens],
                                                       ctx, calib, reference)
         if mode == "static":
@@ -252,10 +261,13 @@ class Int8(Pass):
         # in its own temporary folder, which breaks the proto for the next call.
         src, out = ctx.scratch("int8-input.onnx"), ctx.scratch(f"int8-{mode}.onnx")
         onnx.save(model, src)
+        registry = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry
+        op_types = [op for op in registry
+                    if self.quantize_lookups or op not in LOOKUP_OPS]
         if mode == "dynamic":
             quantize_dynamic(src, out, per_channel=True, reduce_range=self.target.reduce_range,
                              weight_type=QuantType.QInt8, nodes_to_quantize=only,
-                             nodes_to_exclude=list(exclude))
+                             nodes_to_exclude=list(exclude), op_types_to_quantize=op_types)
         else:
             act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
             quantize_static(src, out, NpzReader(calib, self.calib_batch),
@@ -264,6 +276,7 @@ class Int8(Pass):
                             weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
                             nodes_to_quantize=only, nodes_to_exclude=list(exclude),
+                            op_types_to_quantize=op_types,
                             calibration_providers=["CPUExecutionProvider"])
         return onnx.load(out)
 

@@ -24,11 +24,14 @@ from edgeloop._progress import progress
 from edgeloop.data import Dataset
 from edgeloop.measure import fidelity, predict
 
-__all__ = ["LayerSensitivity", "layer_sensitivity", "output_error", "weighted_nodes"]
+__all__ = ["LOOKUP_OPS", "LayerSensitivity", "layer_sensitivity", "output_error", "weighted_nodes"]
 
 # Ops that carry weights; the ones whose precision decides a model's accuracy and speed.
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "Gather",
                 "EmbedLayerNormalization"}
+
+# Table lookups: quantizing them shrinks the file but does no integer arithmetic.
+LOOKUP_OPS = {"Gather", "EmbedLayerNormalization"}
 
 # Which input holds the weight (the table, for Gather); 1 for the others.
 _WEIGHT_INPUT = {"Gather": 0}
