@@ -82,13 +82,15 @@ def compare(fp32: onnx.ModelProto, title: str, rounds: int, calib_n: int,
               f"(calibration set: {len(calib)} samples; held-out: {len(heldout)} test samples; "
               f"latency: median of {rounds} interleaved rounds of 20 runs).", "",
               "Fully quantized variants `int8` measured (error is 1 - mean cosine on CALIB; "
-              "the fastest within the bound wins, near-ties go to the lower error):", "",
-              _row(["preparation", "activations", "error", "batch-1 p50 (ms)"]),
-              _row(["---"] * 4)]
-    lines += [_row([v.preparation, v.mode, f"{v.error:.2e}", f"{v.latency_ms:.3f}"])
+              "within the bound, the most accurate of those within 10% of the fastest wins):", "",
+              _row(["preparation", "activations", "weights", "error", "batch-1 p50 (ms)"]),
+              _row(["---"] * 5)]
+    lines += [_row([v.preparation, v.mode, "per-channel" if v.per_channel else "per-tensor",
+                    f"{v.error:.2e}", f"{v.latency_ms:.3f}"])
               for v in plan.variants]
     for label, pl in (("int8 (edgeloop)", plan), (tight_name, tight.plan_)):
-        lines += ["", f"{label}: {pl.preparation} graph, {pl.mode} activations, error on "
+        lines += ["", f"{label}: {pl.preparation} graph, {pl.mode} activations, "
+                  f"{'per-channel' if pl.per_channel else 'per-tensor'} weights, error on "
                   f"CALIB {pl.error:.2e} (bound {pl.max_error:.2e}); layers kept in float "
                   f"({len(pl.float_nodes)}): "
                   + (", ".join(f"`{n}`" for n in pl.float_nodes) or "none")]

@@ -6,10 +6,12 @@
    EmbedLayerNormalization), kept only if the fused float model gives the float outputs.
    Fused attention also keeps the activation-by-activation products (scores, context) in
    float, where per-tensor int8 loses the most.
-2. **Activation mode.** Each preparation is quantized in full with dynamic activations
-   and with static (QDQ, calibrated) activations, all with per-channel int8 weights. Among
-   the variants within ``max_error`` the fastest at batch 1 wins (timed interleaved, same
-   run); if none is within, the most accurate one goes on to step 3.
+2. **Activation mode and weight granularity.** Each preparation is quantized in full
+   with dynamic activations (per-channel and per-tensor int8 weights) and with static
+   (QDQ, calibrated) activations (per-channel weights). Among the variants within
+   ``max_error``, those within 10% of the fastest at batch 1 (timed interleaved, same
+   run) count as equally fast and the most accurate of them wins; if none is within the
+   bound, the most accurate one goes on to step 3.
    Embedding lookups (Gather, EmbedLayerNormalization) stay float unless
    ``quantize_lookups``: an int8 table only shrinks the file (a lookup does no
    arithmetic, and an int8 one adds a DequantizeLinear), while in trained transformers
@@ -64,18 +66,20 @@ from edgeloop.targets import Target, detect
 __all__ = ["PLAN_KEY", "Int8", "Int8Plan", "Variant", "interleaved_latency", "read_plan"]
 
 PLAN_KEY = "edgeloop.int8"
-MODES = ("dynamic", "static")
+# (activations, per-channel weights): the fully quantized forms tried on each preparation.
+FORMS = (("dynamic", True), ("dynamic", False), ("static", True))
 _FUSION_TOLERANCE = 1e-4   # a fused float graph must match the original this closely
-_SAME_SPEED = 0.03         # latencies within 3% count as a tie, broken by error
+_SAME_SPEED = 0.10         # latencies within 10% count as a tie, broken by error
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One fully quantized candidate: its graph preparation, activation mode, output error
-    on CALIB and median batch-1 latency (ms)."""
+    """One fully quantized candidate: its graph preparation, activation mode, weight
+    granularity, output error on CALIB and median batch-1 latency (ms)."""
 
     preparation: str
     mode: str
+    per_channel: bool
     error: float
     latency_ms: float
 
@@ -86,6 +90,7 @@ class Int8Plan:
 
     preparation: str
     mode: str
+    per_channel: bool
     error: float                    # final 1 - mean cosine on CALIB
     max_error: float
     float_nodes: list[str]          # layers kept in float, most sensitive first
@@ -199,36 +204,40 @@ class Int8(Pass):
         if fused is not None:
             preparations["fused"] = fused
 
-        keys = [(p, m) for p in preparations for m in MODES]
-        full: dict[tuple[str, str], onnx.ModelProto] = {}
-        errors: dict[tuple[str, str], float] = {}
-        for p, m in keys:
+        keys = [(p, m, pc) for p in preparations for m, pc in FORMS]
+        full: dict[tuple[str, str, bool], onnx.ModelProto] = {}
+        errors: dict[tuple[str, str, bool], float] = {}
+        for p, m, pc in keys:
             status(f"int8: quantizing {p} graph with {m} activations")
-            full[p, m] = self._quantize(preparations[p], m, ctx, calib)
-            errors[p, m] = output_error(full[p, m], calib, reference)
+            full[p, m, pc] = self._quantize(preparations[p], m, ctx, calib, per_channel=pc)
+            errors[p, m, pc] = output_error(full[p, m, pc], calib, reference)
         lat = interleaved_latency([full[k] for k in keys], calib, rounds=self.timing_rounds)
-        variants = [Variant(p, m, errors[p, m], t) for (p, m), t in zip(keys, lat, strict=True)]
+        variants = [Variant(*k, errors[k], t) for k, t in zip(keys, lat, strict=True)]
         chosen = _choose(variants, self.max_error)
-        prep, mode = chosen.preparation, chosen.mode
+        prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
 
-        out, error, float_nodes, sens = full[prep, mode], chosen.error, [], []
+        out, error, float_nodes, sens = full[prep, mode, pc], chosen.error, [], []
         if error > self.max_error:
             prepared = preparations[prep]
             nodes = [n for n in weighted_nodes(prepared, mode=mode)
                      if self.quantize_lookups or n.op_type not in LOOKUP_OPS]
             sens = layer_sensitivity(
-                lambda only: self._quantize(prepared, mode, ctx, calib, only=only),
+                lambda only: self._quantize(prepared, mode, ctx, calib, per_channel=pc,
+                                            only=only),
                 nodes, calib, reference)
-            out, error, float_nodes = self._fall_back(prepared, mode, [s.node for s in sens],
-                                                      ctx, calib, reference)
+            out, error, float_nodes = self._fall_back(prepared, mode, pc,
+                                                      [s.node for s in sens], ctx, calib,
+                                                      reference)
         if mode == "static":
             out = drop_zero_bias_zero_points(out)
-        self.plan_ = Int8Plan(prep, mode, error, self.max_error, float_nodes, variants, sens)
+        self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error, float_nodes, variants,
+                              sens)
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
         return out
 
-    def _fall_back(self, prepared: onnx.ModelProto, mode: str, order: list[str],
+    def _fall_back(self, prepared: onnx.ModelProto, mode: str, per_channel: bool,
+                   order: list[str],
                    ctx: PassContext, calib: Dataset, reference: np.ndarray,
                    ) -> tuple[onnx.ModelProto, float, list[str]]:
         """Bisection for the fewest leading layers of ``order`` to keep in float. Only
@@ -236,7 +245,8 @@ class Int8(Pass):
         the error bound."""
         def attempt(k: int) -> tuple[onnx.ModelProto, float]:
             status(f"int8: {k} of {len(order)} layers in float")
-            candidate = self._quantize(prepared, mode, ctx, calib, exclude=order[:k])
+            candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
+                                       exclude=order[:k])
             return candidate, output_error(candidate, calib, reference)
 
         lo, hi = 0, len(order)      # lo: known to miss the bound; hi: assumed to meet it
@@ -255,7 +265,8 @@ class Int8(Pass):
         return best[0], best[1], order[:hi]
 
     def _quantize(self, model: onnx.ModelProto, mode: str, ctx: PassContext, calib: Dataset,
-                  *, only: list[str] | None = None, exclude: Sequence[str] = ()
+                  *, per_channel: bool, only: list[str] | None = None,
+                  exclude: Sequence[str] = ()
                   ) -> onnx.ModelProto:
         # A path, not the proto: the quantizer may move a proto's weights to external data
         # in its own temporary folder, which breaks the proto for the next call.
@@ -265,13 +276,14 @@ class Int8(Pass):
         op_types = [op for op in registry
                     if self.quantize_lookups or op not in LOOKUP_OPS]
         if mode == "dynamic":
-            quantize_dynamic(src, out, per_channel=True, reduce_range=self.target.reduce_range,
+            quantize_dynamic(src, out, per_channel=per_channel,
+                             reduce_range=self.target.reduce_range,
                              weight_type=QuantType.QInt8, nodes_to_quantize=only,
                              nodes_to_exclude=list(exclude), op_types_to_quantize=op_types)
         else:
             act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
             quantize_static(src, out, NpzReader(calib, self.calib_batch),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             reduce_range=self.target.reduce_range, activation_type=act,
                             weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
