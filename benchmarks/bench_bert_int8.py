@@ -82,7 +82,7 @@ def compare(fp32: onnx.ModelProto, title: str, rounds: int, calib_n: int,
               f"(calibration set: {len(calib)} samples; held-out: {len(heldout)} test samples; "
               f"latency: median of {rounds} interleaved rounds of 20 runs).", "",
               "Fully quantized variants `int8` measured (error is 1 - mean cosine on CALIB; "
-              "within the bound, the most accurate of those within 10% of the fastest wins):", "",
+              "within the bound, the most accurate of those within 5% of the fastest wins):", "",
               _row(["preparation", "activations", "weights", "error", "batch-1 p50 (ms)"]),
               _row(["---"] * 5)]
     lines += [_row([v.preparation, v.mode, "per-channel" if v.per_channel else "per-tensor",
