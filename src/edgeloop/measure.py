@@ -108,8 +108,12 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray) -> Fidelity:
     """Compare ``outputs`` with ``reference`` sample by sample (first axis = samples)."""
     a = outputs.reshape(len(outputs), -1).astype(np.float64)
     b = reference.reshape(len(reference), -1).astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-300), 1.0)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = na * nb
+    # Two all-zero outputs agree (cosine 1); an all-zero output against a non-zero one
+    # does not (cosine 0).
+    cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-300),
+                   np.where((na == 0) & (nb == 0), 1.0, 0.0))
     noise = float(((a - b) ** 2).sum())
     signal = float((b**2).sum())
     sqnr = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)

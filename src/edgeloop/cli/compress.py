@@ -54,11 +54,15 @@ def quantize_cmd(
         help="int8-static: minmax, entropy or percentile [default: minmax]")] = None,
     block_size: Annotated[int | None, typer.Option(
         help="int4-weight: weights per scale [default: 32]")] = None,
+    max_error: Annotated[float | None, typer.Option(
+        help="int8: tolerated 1 - mean output cosine to the float model on the calibration "
+             "data [default: 0.005]")] = None,
     target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
 ) -> None:
     """Post-training quantization of an ONNX model (onnxruntime is the engine)."""
-    options: dict[str, object] = {"calibration": calibration, "block_size": block_size}
-    if scheme in ("int8-static", "int8-dynamic"):
+    options: dict[str, object] = {"calibration": calibration, "block_size": block_size,
+                                  "max_error": max_error}
+    if scheme in ("int8", "int8-static", "int8-dynamic"):
         options["target"] = get_target(target)
     p = make_scheme(scheme, **options)
     calib = load_npz(data) if data is not None else None

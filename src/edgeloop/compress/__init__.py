@@ -13,6 +13,7 @@ from edgeloop.compress.base import Pass, PassContext, apply_pass, run_pass
 from edgeloop.compress.binary import Binary
 from edgeloop.compress.fuse import Preprocess, gemm_to_matmul
 from edgeloop.compress.int4 import Int4Weight
+from edgeloop.compress.mixed import Int8
 from edgeloop.compress.quantize import Int8Dynamic, Int8Static, OrtDynamic, OrtStatic
 from edgeloop.errors import UsageError, one_of
 
@@ -20,6 +21,7 @@ __all__ = [
     "SCHEMES",
     "Binary",
     "Int4Weight",
+    "Int8",
     "Int8Dynamic",
     "Int8Static",
     "OrtDynamic",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 SCHEMES: dict[str, type[Pass]] = {
+    "int8": Int8,
     "int8-dynamic": Int8Dynamic,
     "int8-static": Int8Static,
     "int4-weight": Int4Weight,

@@ -1,0 +1,68 @@
+"""The BERT-style zoo encoder: token data, ONNX export against PyTorch as the oracle, and
+the `int8` pass on it (transformer fusion found, error bound met, embedding tables left
+float)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeloop._onnx import session
+from edgeloop.compress import Int8, apply_pass
+from edgeloop.compress.sensitivity import output_error
+from edgeloop.errors import UsageError
+from edgeloop.measure import predict
+from edgeloop.zoo.bert import BertClassifier, BertSpec, export_bert, mnist1d_tokens
+
+TINY = BertSpec(layers=2, hidden=64, heads=2, intermediate=128, seq_len=48)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[BertClassifier, onnx.ModelProto]:
+    torch.manual_seed(0)
+    model = BertClassifier(TINY).eval()
+    path = tmp_path_factory.mktemp("bert") / "model.onnx"
+    export_bert(model, mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 2)), path)
+    return model, onnx.load(path)
+
+
+def test_tokens_follow_the_data_convention():
+    data = mnist1d_tokens("calib", seq_len=48, bins=16)
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    assert ids.dtype == mask.dtype == np.int64
+    assert ids.shape == mask.shape == (256, 48)
+    assert (ids[:, 0] == 1).all()                       # [CLS]
+    assert (ids[:, 41:] == 0).all() and (mask[:, 41:] == 0).all()   # padding, masked
+    assert ids[:, 1:41].min() >= 2 and ids[:, 1:41].max() < 2 + 16
+    assert data.labels is not None and len(data.labels) == 256
+    with pytest.raises(UsageError, match="seq_len"):
+        mnist1d_tokens("calib", seq_len=32)
+
+
+def test_export_matches_pytorch_on_other_inputs(tiny):
+    model, proto = tiny
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.INT64 for i in proto.graph.input)
+    data = mnist1d_tokens("test", seq_len=TINY.seq_len).take(slice(0, 16))
+    mask = data.inputs["attention_mask"].copy()
+    mask[::2, 30:] = 0                                  # shorter sequences in half the batch
+    feed = {"input_ids": data.inputs["input_ids"], "attention_mask": mask}
+    with torch.no_grad():
+        expected = model(*(torch.from_numpy(feed[k]) for k in feed)).numpy()
+    got = session(proto).run(None, feed)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_on_bert_meets_bound_and_tries_fusion(tiny):
+    _, proto = tiny
+    calib = mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 32))
+    p = Int8(max_error=0.002, timing_rounds=1)
+    out = apply_pass(p, proto, calib)
+    assert {v.preparation for v in p.plan_.variants} == {"none", "preprocess", "fused"}
+    assert output_error(out, calib, predict(session(proto), calib)) <= 0.002
+    tables = [i for i in out.graph.initializer if "embeddings" in i.name]
+    assert tables and all(i.data_type == onnx.TensorProto.FLOAT for i in tables)
+    if p.plan_.preparation == "fused":
+        assert {n.op_type for n in out.graph.node} & {"QAttention", "Attention"}

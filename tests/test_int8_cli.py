@@ -1,0 +1,63 @@
+"""`edgeloop quantize --scheme int8 --max-error`: works, and rejects bad values with exit
+code 2 and no output file."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeloop.cli import main
+from edgeloop.compress.mixed import read_plan
+from edgeloop.data import Dataset, save_npz
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_int8_sensitivity import _outlier_mlp
+
+
+@pytest.fixture()
+def files(tmp_path):
+    model = tmp_path / "model.onnx"
+    onnx.save(_outlier_mlp(), model)
+    calib = tmp_path / "calib.npz"
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    save_npz(calib, Dataset({"x": x}))
+    return model, calib, tmp_path / "out.onnx"
+
+
+def test_quantize_int8_with_max_error(files, capsys):
+    model, calib, out = files
+    main(["quantize", str(model), "--data", str(calib), "--scheme", "int8",
+          "--max-error", "0.001", "--out", str(out)])
+    plan = read_plan(onnx.load(out))
+    assert plan is not None and plan["max_error"] == 0.001
+    assert plan["error"] <= 0.001
+    assert plan["float_nodes"][0] == "mm_outlier"
+    assert "scheme int8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheme", "int8", "--max-error", "0"], "max-error"),
+    (["--scheme", "int8", "--max-error", "1.5"], "max-error"),
+    (["--scheme", "int8", "--max-error", "-0.01"], "max-error"),
+    (["--scheme", "int8-static", "--max-error", "0.01"], "max-error"),
+])
+def test_bad_max_error_exits_2_and_writes_nothing(files, capsys, args, message):
+    model, calib, out = files
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(model), "--data", str(calib), "--out", str(out), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_int8_without_calibration_data_exits_2(files, capsys):
+    model, _, out = files
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(model), "--scheme", "int8", "--out", str(out)])
+    assert e.value.code == 2
+    assert "calibration" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,131 @@
+"""Per-layer sensitivity and the `int8` pass on a model with one layer made sensitive on
+purpose: the input of its MatMul has one channel a thousand times larger than the rest,
+so per-tensor int8 activations crush the other channels there and nowhere else."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeloop._onnx import session
+from edgeloop.compress import SCHEMES, Int8, apply_pass, make_scheme
+from edgeloop.compress.mixed import read_plan
+from edgeloop.compress.sensitivity import layer_sensitivity, output_error, weighted_nodes
+from edgeloop.data import Dataset
+from edgeloop.errors import DataError, UsageError
+from edgeloop.measure import predict
+
+SENSITIVE = "mm_outlier"
+
+
+def _outlier_mlp(outlier: float = 1000.0) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (16, 32)).astype(np.float32)
+    scale = np.ones(32, np.float32)
+    scale[0] = outlier                    # one huge activation channel...
+    w2 = rng.normal(0, 0.3, (32, 32)).astype(np.float32)
+    w2[0] /= outlier                      # ...whose own contribution stays small
+    w3 = rng.normal(0, 0.3, (32, 32)).astype(np.float32)
+    w4 = rng.normal(0, 0.3, (32, 10)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm_first"),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Mul", ["r1", "scale"], ["s1"]),
+        helper.make_node("MatMul", ["s1", "w2"], ["h2"], name=SENSITIVE),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "w3"], ["h3"], name="mm_third"),
+        helper.make_node("Relu", ["h3"], ["r3"]),
+        helper.make_node("MatMul", ["r3", "w4"], ["logits"], name="mm_head"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((w1, "w1"), (scale, "scale"), (w2, "w2"), (w3, "w3"), (w4, "w4"))]
+    graph = helper.make_graph(
+        nodes, "outlier_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    return _outlier_mlp()
+
+
+@pytest.fixture(scope="module")
+def calib() -> Dataset:
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    return Dataset({"x": x})
+
+
+def _dynamic(model: onnx.ModelProto, tmp_path):
+    from onnxruntime.quantization import quantize_dynamic
+
+    def quantize(only: list[str]) -> onnx.ModelProto:
+        out = tmp_path / "q.onnx"
+        quantize_dynamic(model, out, per_channel=True, nodes_to_quantize=only)
+        return onnx.load(out)
+    return quantize
+
+
+def test_weighted_nodes_are_the_matmuls(model):
+    names = [n.name for n in weighted_nodes(model, mode="dynamic")]
+    assert names == ["mm_first", SENSITIVE, "mm_third", "mm_head"]
+
+
+def test_layer_made_sensitive_ranks_first(model, calib, tmp_path):
+    ref = predict(session(model), calib)
+    ranking = layer_sensitivity(_dynamic(model, tmp_path), weighted_nodes(model, mode="dynamic"),
+                                calib, ref)
+    assert ranking[0].node == SENSITIVE
+    assert ranking[0].error > 10 * ranking[1].error
+    assert all(s.error >= 0 for s in ranking)
+    errors = [s.error for s in ranking]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_int8_meets_max_error_by_keeping_the_sensitive_layer_float(model, calib):
+    ref = predict(session(model), calib)
+    p = Int8(max_error=1e-4, timing_rounds=1)
+    out = apply_pass(p, model, calib)
+    plan = p.plan_
+    full_errors = [v.error for v in plan.variants]
+    assert min(full_errors) > 1e-4            # all-int8 misses the bound: fallback needed
+    assert plan.float_nodes and plan.float_nodes[0] == SENSITIVE
+    assert len(plan.float_nodes) < len(plan.sensitivity)   # not everything went float
+    measured = output_error(out, calib, ref)
+    assert measured <= 1e-4
+    assert measured == pytest.approx(plan.error, abs=1e-9)
+    assert read_plan(out)["float_nodes"] == plan.float_nodes
+    quantized_ops = {n.op_type for n in out.graph.node}
+    assert quantized_ops & {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear"}
+
+
+def test_int8_keeps_everything_int8_without_outliers(calib):
+    p = Int8(max_error=0.01, timing_rounds=1)
+    out = apply_pass(p, _outlier_mlp(outlier=1.0), calib)
+    assert p.plan_.float_nodes == []
+    assert p.plan_.sensitivity == []
+    assert p.plan_.error <= 0.01
+    ops = [n.op_type for n in out.graph.node]
+    if p.plan_.mode == "dynamic":
+        assert "MatMul" not in ops
+    else:
+        assert ops.count("DequantizeLinear") >= 4   # one per weight at least
+    assert {v.mode for v in p.plan_.variants} == {"dynamic", "static"}
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.0, 3.0])
+def test_max_error_out_of_range_is_a_usage_error(bad):
+    with pytest.raises(UsageError, match="max-error"):
+        make_scheme("int8", max_error=bad)
+
+
+def test_int8_is_registered_and_needs_calibration(model):
+    assert SCHEMES["int8"] is Int8
+    with pytest.raises(DataError, match="calibration"):
+        apply_pass(Int8(), model, None)
