@@ -28,7 +28,7 @@ def cli(*args: object) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("scheme", ["int8-static", "int8-dynamic", "int4-weight", "binary",
+@pytest.mark.parametrize("scheme", ["int8", "int8-static", "int8-dynamic", "int4-weight", "binary",
                                     "ort-static", "ort-dynamic"])
 def test_quantize_then_evaluate(scheme: str, cnn_dir: Path, mnist_npz: dict[str, Path],
                                 tmp_path: Path) -> None:
