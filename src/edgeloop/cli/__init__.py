@@ -11,6 +11,7 @@ import sys
 import click
 
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
+from edgeloop.cli import train as _train  # noqa: F401
 from edgeloop.cli._app import app, err_console
 from edgeloop.errors import EdgeloopError
 

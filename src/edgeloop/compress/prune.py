@@ -63,8 +63,8 @@ class ChannelGroup:
 
 def _chain_groups(model: nn.Module) -> list[ChannelGroup]:
     """A plain chain: each conv/linear (with its BatchNorm) feeds the next one."""
-    layers = [m for m in model.modules()
-              if isinstance(m, nn.modules.conv._ConvNd | nn.Linear | nn.modules.batchnorm._BatchNorm)]
+    kinds = nn.modules.conv._ConvNd | nn.Linear | nn.modules.batchnorm._BatchNorm
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
     groups: list[ChannelGroup] = []
     current: ChannelGroup | None = None
     for m in layers:

@@ -155,7 +155,8 @@ class QAT(TorchPass):
         return _unwrap(sim).eval()
 
 
-def quantize_export(model: nn.Module, calib: Dataset, *, bits: int = 8) -> tuple[onnx.ModelProto, float]:
+def quantize_export(model: nn.Module, calib: Dataset, *,
+                    bits: int = 8) -> tuple[onnx.ModelProto, float]:
     """The QDQ ONNX model of ``model`` (BatchNorm folded, weights quantized per channel to
     ``bits``, activations uint8 with ranges observed on ``calib``), and the max abs
     difference between the float export and PyTorch."""
@@ -202,7 +203,8 @@ def _activations(graph: onnx.GraphProto, inits: set[str]) -> list[str]:
     return chosen
 
 
-def _ranges(model: onnx.ModelProto, names: list[str], calib: Dataset) -> dict[str, tuple[float, float]]:
+def _ranges(model: onnx.ModelProto, names: list[str],
+            calib: Dataset) -> dict[str, tuple[float, float]]:
     probe = copy.deepcopy(model)
     existing = {o.name for o in probe.graph.output}
     for name in names:

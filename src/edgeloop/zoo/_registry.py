@@ -3,7 +3,8 @@
 A checkpoint's ``config`` holds the architecture's keyword arguments plus, for a model whose
 channels were pruned, ``layers``: ``{module name: {"in": n, "out": n, "groups": n}}`` for
 every Conv / Linear / BatchNorm (BatchNorm uses ``out`` only). :func:`build` builds the
-default model, then rebuilds those modules at their recorded shapes, so a pruned ``model.pt`` loads everywhere a zoo one does.
+default model, then rebuilds those modules at their recorded shapes, so a pruned
+``model.pt`` loads everywhere a zoo one does.
 """
 
 from __future__ import annotations
