@@ -127,3 +127,12 @@ def test_labels_outside_classes(files: Path, tmp_path: Path, capsys) -> None:
             str(files / "val.npz"), "--out", str(tmp_path / "out")], capsys,
            "labels must lie in 0..9")
     assert (tmp_path / "out" / "model.onnx").read_bytes() == b"previous"
+
+
+def test_zoo_train_mobile_with_width(tmp_path: Path) -> None:
+    main(["zoo", "train", "mnist1d-mobile", "--width", "0.5", "--epochs", "1", "--out",
+          str(tmp_path)])
+    model, arch = load_torch(tmp_path / "model.pt")
+    assert arch == "mnist1d-mobile" and model.stem[0].out_channels == 8
+    assert any(m.groups > 1 for m in model.modules() if hasattr(m, "groups"))
+    onnx.checker.check_model(onnx.load(tmp_path / "model.onnx"))

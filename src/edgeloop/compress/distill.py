@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgeloop._progress import progress
-from edgeloop.compress.trainbase import TorchPass, TrainContext, require_ratio
+from edgeloop.compress.trainbase import TorchPass, TrainContext
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
 from edgeloop.zoo.train import accuracy
@@ -54,8 +54,8 @@ class Distill(TorchPass):
     name: ClassVar[str] = "distill"
 
     def __post_init__(self) -> None:
-        if self.alpha != 0.0:
-            require_ratio("alpha", self.alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"`alpha` must lie in [0, 1]; got {self.alpha!r}")
         if self.temperature <= 0 or self.epochs < 1:
             raise UsageError("`temperature` must be > 0 and `epochs` >= 1")
 

@@ -26,7 +26,8 @@ from edgeloop.errors import DataError, UsageError
 from edgeloop.measure import LatencyConfig, evaluate
 
 __all__ = ["ModelFigures", "TorchPass", "TrainContext", "check_labels", "count_flops",
-           "count_params", "figures", "sample_of", "write_report"]
+           "count_params", "export_figures", "figures", "require_ratio", "sample_of",
+           "write_report"]
 
 
 @dataclass
