@@ -49,13 +49,13 @@ from edgeloop.compress.trainbase import (
     TorchPass,
     TrainContext,
     check_labels,
-    export_figures,
     figures,
     sample_of,
     write_report,
 )
 from edgeloop.data import Dataset, load_npz
 from edgeloop.errors import UsageError, one_of
+from edgeloop.export import to_onnx
 from edgeloop.measure import LatencyConfig, graph_summary
 from edgeloop.zoo import LAYERS, layer_shapes, load_checkpoint
 
@@ -161,7 +161,12 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
     model, arch, config = load_checkpoint(model_path)
     check_labels(model, train, source="training data")
     check_labels(model, val, source="validation data")
-    before = export_figures(model, val, latency_config=latency_config)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
+        before_path = Path(tmp) / "before.onnx"
+        before_diff = to_onnx(model, sample_of(val), before_path)
+        before = figures(before_path, model, val, latency_config=latency_config,
+                         export_max_abs_diff=before_diff)
+        before_bytes = before_path.read_bytes()
     if teacher is not None:
         teacher_model, _, _ = load_checkpoint(teacher)
         check_labels(teacher_model, val, source="validation data")
@@ -186,8 +191,6 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
                          f"compute ops left {dict(float_ops) or 'none'}; export_max_abs_diff "
                          "is the float graph before Q/DQ insertion")
         else:
-            from edgeloop.export import to_onnx
-
             diff = to_onnx(model, sample_of(val), onnx_path)
         after = figures(onnx_path, model, val, latency_config=latency_config,
                         export_max_abs_diff=diff)
@@ -197,11 +200,7 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
         after.zip_bytes = zipped_size(onnx_bytes)
         notes.append("onnxruntime's CPU kernels run sparse weights no faster than dense ones; "
                      "the gain is the compressed download (zip_bytes)")
-        with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
-            from edgeloop.export import to_onnx
-
-            to_onnx(teacher_model, sample_of(val), Path(tmp) / "before.onnx")
-            before.zip_bytes = zipped_size((Path(tmp) / "before.onnx").read_bytes())
+        before.zip_bytes = zipped_size(before_bytes)
     checkpoint = None
     if not isinstance(last, QAT):
         buf = io.BytesIO()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -26,7 +24,7 @@ from edgeloop.errors import DataError, UsageError
 from edgeloop.measure import LatencyConfig, evaluate
 
 __all__ = ["ModelFigures", "TorchPass", "TrainContext", "check_labels", "count_flops",
-           "count_params", "export_figures", "figures", "require_ratio", "sample_of",
+           "count_params", "figures", "require_ratio", "sample_of",
            "write_report"]
 
 
@@ -137,18 +135,6 @@ def figures(onnx_path: str | os.PathLike[str], model: nn.Module, val: Dataset, *
                         flops=count_flops(model, sample_of(val)), size_bytes=rep.size_bytes,
                         latency_b1_ms=lat[1], latency_b32_ms=lat[32],
                         export_max_abs_diff=export_max_abs_diff)
-
-
-def export_figures(model: nn.Module, val: Dataset, *,
-                   latency_config: LatencyConfig | None = None) -> ModelFigures:
-    """Export ``model`` to a scratch ONNX file and measure it (the "before" side)."""
-    from edgeloop.export import to_onnx
-
-    with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        diff = to_onnx(model, sample_of(val), path)
-        return figures(path, model, val, latency_config=latency_config,
-                       export_max_abs_diff=diff)
 
 
 def write_report(path: str | os.PathLike[str], *, before: ModelFigures, after: ModelFigures,
