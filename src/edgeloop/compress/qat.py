@@ -7,7 +7,8 @@ integer kernels (QLinearConv, QGemm).
    (symmetric, ``bits`` wide: 8 -> [-127, 127], 4 -> [-7, 7]) and its input activation per
    tensor (uint8, asymmetric, range = running min/max observed in training). Rounding passes
    gradients straight through.
-3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch.
+3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch
+   (the quantized model before any fine-tuning included).
 4. Export: the float graph is exported, then every weight is replaced by its integer values
    and a DequantizeLinear (the same grid as in training), every activation feeding or
    leaving a Conv/Gemm/Add gets a QuantizeLinear/DequantizeLinear pair with a range observed
@@ -36,7 +37,7 @@ from edgeloop._onnx import session
 from edgeloop.compress.trainbase import TorchPass, TrainContext, sample_of
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import ModelError, one_of
-from edgeloop.zoo.train import TrainConfig, train
+from edgeloop.zoo.train import TrainConfig, accuracy, train
 
 __all__ = ["BITS", "QAT", "QuantizedLayer", "fold_batchnorm", "quantize_export"]
 
@@ -119,6 +120,18 @@ def _wrap(model: nn.Module, bits: int) -> nn.Module:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def _observe(sim: nn.Module, data: Dataset) -> None:
+    """Record activation ranges before training starts (BatchNorm is folded, so train mode
+    only switches the range observers on)."""
+    sim.train()
+    for feed in batches(data, 512):
+        (x,) = feed.values()
+        sim(torch.from_numpy(x))
+    sim.eval()
+
+
+@torch.no_grad()
 def _unwrap(model: nn.Module) -> nn.Module:
     """Replace each wrapper by its layer holding the quantized weights (exactly on grid)."""
     for name, child in model.named_children():
@@ -136,7 +149,7 @@ class QAT(TorchPass):
 
     bits: int = 8
     epochs: int = 8
-    lr: float = 5e-4      # AdamW peak learning rate
+    lr: float = 1e-4      # AdamW peak learning rate
     seed: int = 0
     name: ClassVar[str] = "qat"
 
@@ -148,10 +161,14 @@ class QAT(TorchPass):
         """The fine-tuned model: BatchNorm folded, weights on the ``bits`` grid (float
         module; export it with :func:`quantize_export` at the same ``bits``)."""
         sim = _wrap(fold_batchnorm(model), self.bits)
+        _observe(sim, ctx.train)
+        start, start_acc = copy.deepcopy(sim.state_dict()), accuracy(sim, ctx.val)
         if self.epochs:
             train(sim, ctx.train, ctx.val, TrainConfig(epochs=self.epochs, lr=self.lr,
                                                        seed=self.seed),
                   description=f"quantization-aware training ({self.bits}-bit weights)")
+            if accuracy(sim, ctx.val) < start_acc:  # epoch 0 is a candidate too
+                sim.load_state_dict(start)
         return _unwrap(sim).eval()
 
 
