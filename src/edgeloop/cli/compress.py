@@ -31,13 +31,19 @@ def data_cmd(
 
 @zoo_app.command("train")
 def zoo_train(
-    arch: Annotated[str, typer.Argument(help="mnist1d-cnn, mnist1d-mlp or digits-cnn")],
+    arch: Annotated[str, typer.Argument(
+        help="mnist1d-cnn, mnist1d-mlp, mnist1d-mobile or digits-cnn")],
     out: Annotated[Path, typer.Option(help="Folder for model.onnx and model.pt")],
     epochs: Annotated[int, typer.Option(min=1)] = TrainConfig.epochs,
     seed: int = 0,
+    width: Annotated[float | None, typer.Option(
+        help="Width: channels for the CNNs, a multiplier for mnist1d-mobile")] = None,
 ) -> None:
     """Train a reference model on its built-in data set (CPU, under two minutes)."""
-    result = train_zoo_model(arch, out, config=TrainConfig(epochs=epochs, seed=seed))
+    arch_config = {} if width is None else {"width": width if arch == "mnist1d-mobile"
+                                            else int(width)}
+    result = train_zoo_model(arch, out, config=TrainConfig(epochs=epochs, seed=seed),
+                             **arch_config)
     console.print(f"wrote {out}/model.onnx and {out}/model.pt: "
                   f"val accuracy {result['val_accuracy']:.2%}, "
                   f"test accuracy {result['test_accuracy']:.2%}")

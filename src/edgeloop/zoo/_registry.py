@@ -1,4 +1,11 @@
-"""Zoo names, their architectures and data sets, and the torch checkpoint format."""
+"""Zoo names, their architectures and data sets, and the torch checkpoint format.
+
+A checkpoint's ``config`` holds the architecture's keyword arguments plus, for a model whose
+channels were pruned, ``layers``: ``{module name: {"in": n, "out": n, "groups": n}}`` for
+every Conv / Linear / BatchNorm (BatchNorm uses ``out`` only). :func:`build` builds the
+default model, then rebuilds those modules at their recorded shapes, so a pruned
+``model.pt`` loads everywhere a zoo one does.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from torch import nn
 
 from edgeloop._io import atomic_path
 from edgeloop.errors import ModelError, one_of
+from edgeloop.zoo.mobile import MobileNet1D
 from edgeloop.zoo.models import MNIST1DCNN, MNIST1DMLP, DigitsCNN
 
 
@@ -31,7 +39,47 @@ ARCHS: dict[str, Arch] = {
     "mnist1d-cnn": Arch(MNIST1DCNN, "mnist1d", (40,)),
     "mnist1d-mlp": Arch(MNIST1DMLP, "mnist1d", (40,)),
     "digits-cnn": Arch(DigitsCNN, "digits", (1, 8, 8)),
+    "mnist1d-mobile": Arch(MobileNet1D, "mnist1d", (40,)),
 }
+
+LAYERS = "layers"  # config key for per-layer shapes of a pruned model
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The channel counts of every Conv / Linear / BatchNorm in ``model``, by module name."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            shapes[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.Linear):
+            shapes[name] = {"in": m.in_features, "out": m.out_features}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            shapes[name] = {"out": m.num_features}
+    return shapes
+
+
+def _resized(m: nn.Module, shape: dict[str, int]) -> nn.Module:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return type(m)(shape["in"], shape["out"], m.kernel_size, stride=m.stride,
+                       padding=m.padding, dilation=m.dilation, groups=shape["groups"],
+                       bias=m.bias is not None, padding_mode=m.padding_mode)
+    if isinstance(m, nn.Linear):
+        return nn.Linear(shape["in"], shape["out"], bias=m.bias is not None)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return type(m)(shape["out"], eps=m.eps, momentum=m.momentum, affine=m.affine,
+                       track_running_stats=m.track_running_stats)
+    raise ModelError(f"cannot resize a {type(m).__name__}")
+
+
+def resize_layers(model: nn.Module, layers: dict[str, dict[str, int]]) -> nn.Module:
+    """Rebuild the named modules of ``model`` at the given shapes (fresh weights)."""
+    modules = dict(model.named_modules())
+    for name, shape in layers.items():
+        if name not in modules:
+            raise ModelError(f"checkpoint `layers` names {name!r}, which the model lacks")
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, _resized(modules[name], shape))
+    return model
 
 
 def build(arch: str, **config: Any) -> nn.Module:
@@ -39,7 +87,10 @@ def build(arch: str, **config: Any) -> nn.Module:
     if arch not in ARCHS:
         raise one_of("arch", sorted(ARCHS), arch)
     entry = ARCHS[arch]
-    return entry.factory(**{**entry.defaults, **config})
+    config = dict(config)
+    layers = config.pop(LAYERS, None)
+    model = entry.factory(**{**entry.defaults, **config})
+    return resize_layers(model, layers) if layers else model
 
 
 def save_torch(path: str | os.PathLike[str], model: nn.Module, arch: str,
@@ -51,6 +102,12 @@ def save_torch(path: str | os.PathLike[str], model: nn.Module, arch: str,
 
 def load_torch(path: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     """Load an edgeloop torch checkpoint; returns the module (in eval mode) and its arch."""
+    model, arch, _ = load_checkpoint(path)
+    return model, arch
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Like :func:`load_torch`, and also the checkpoint's ``config``."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"torch model {str(path)!r} does not exist")
@@ -61,10 +118,10 @@ def load_torch(path: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     if not isinstance(ckpt, dict) or not {"arch", "config", "state_dict"} <= ckpt.keys():
         raise ModelError(f"{str(path)!r} is not an edgeloop checkpoint: expected a dict with "
                          "`arch`, `config` and `state_dict`")
-    model = build(ckpt["arch"], **ckpt["config"])
     try:
+        model = build(ckpt["arch"], **ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         raise ModelError(f"{str(path)!r}: weights do not fit {ckpt['arch']}: "
                          f"{str(e).splitlines()[0]}") from None
-    return model.eval(), ckpt["arch"]
+    return model.eval(), ckpt["arch"], dict(ckpt["config"])

@@ -1,0 +1,132 @@
+"""Commands for training-time compression: prune, qat, distill, compress RECIPE.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgeloop.cli._app import app, console
+from edgeloop.compress.distill import Distill
+from edgeloop.compress.prune import StructuredPrune, UnstructuredPrune
+from edgeloop.compress.qat import QAT
+from edgeloop.compress.recipe import compress_torch, load_recipe, run_recipe
+from edgeloop.compress.trainbase import TorchPass
+from edgeloop.data import load_npz
+from edgeloop.errors import UsageError
+from edgeloop.measure import LatencyConfig
+from edgeloop.zoo import build
+
+Data = Annotated[Path, typer.Option("--data", help="Training .npz with labels")]
+Val = Annotated[Path, typer.Option("--val", help="Validation .npz with labels")]
+Out = Annotated[Path, typer.Option("--out", help="Folder for model.onnx and report.json")]
+Runs = Annotated[int, typer.Option(min=1, help="Timed runs per batch size in the report")]
+
+
+def _latency(runs: int) -> LatencyConfig:
+    return LatencyConfig(min_runs=runs, max_seconds=2.0, floor_runs=min(runs, 20))
+
+
+def _render(report: dict[str, Any], out: Path) -> None:
+    t = Table(title=f"{out}/report.json")
+    for col in ("", "before", "after", "ratio"):
+        t.add_column(col)
+    b, a, r = report["before"], report["after"], report["ratio"]
+    t.add_row("accuracy", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}",
+              f"{-report['accuracy_drop_points']:+.2f} pts")
+    for key in ("parameters", "flops", "size_bytes"):
+        t.add_row(key, f"{b[key]:,}", f"{a[key]:,}", f"{r[key]:.3f}x")
+    for key in ("latency_b1_ms", "latency_b32_ms"):
+        t.add_row(key, f"{b[key]:.3f}", f"{a[key]:.3f}", f"{r[key]:.3f}x")
+    if a.get("zip_bytes"):
+        t.add_row("zipped bytes", f"{b['zip_bytes']:,}", f"{a['zip_bytes']:,}",
+                  f"{a['zip_bytes'] / b['zip_bytes']:.3f}x")
+    console.print(t)
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+
+
+def _run(model: Path, passes: list[TorchPass], data: Path, val: Path, out: Path,
+         runs: int) -> None:
+    report = compress_torch(model, passes, train=load_npz(data), val=load_npz(val), out=out,
+                            latency_config=_latency(runs))
+    _render(report, out)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[Path, typer.Argument(help="A torch checkpoint (model.pt)")],
+    data: Data, val: Val, out: Out,
+    structured: Annotated[float | None, typer.Option(
+        help="Fraction of channels to remove, in (0, 1)")] = None,
+    unstructured: Annotated[float | None, typer.Option(
+        help="Fraction of weights to zero, in (0, 1)")] = None,
+    importance: Annotated[str, typer.Option(help="structured: l1, l2 or taylor")] = "l1",
+    scope: Annotated[str, typer.Option(help="unstructured: global or layer")] = "global",
+    steps: Annotated[int, typer.Option(min=1, help="Pruning rounds")] = 3,
+    finetune_epochs: Annotated[int, typer.Option(min=0)] = 12,
+    runs: Runs = 100,
+) -> None:
+    """Structured (channels removed) or unstructured (weights zeroed) pruning + fine-tuning."""
+    if (structured is None) == (unstructured is None):
+        raise UsageError("give exactly one of --structured RATIO or --unstructured RATIO")
+    p: TorchPass
+    if structured is not None:
+        p = StructuredPrune(ratio=structured, importance=importance, steps=steps,
+                            finetune_epochs=finetune_epochs)
+    else:
+        p = UnstructuredPrune(ratio=float(unstructured or 0), scope=scope, steps=steps,
+                              finetune_epochs=finetune_epochs)
+    _run(model, [p], data, val, out, runs)
+
+
+@app.command("qat")
+def qat_cmd(
+    model: Annotated[Path, typer.Argument(help="A torch checkpoint (model.pt)")],
+    data: Data, val: Val, out: Out,
+    epochs: Annotated[int, typer.Option(min=0)] = 8,
+    bits: Annotated[int, typer.Option(help="Weight bits: 8 or 4")] = 8,
+    runs: Runs = 100,
+) -> None:
+    """Quantization-aware fine-tuning, exported as an integer QDQ ONNX model."""
+    _run(model, [QAT(bits=bits, epochs=epochs)], data, val, out, runs)
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[Path, typer.Option(help="The teacher's torch checkpoint")],
+    student: Annotated[str, typer.Option(help="Zoo architecture of the student")],
+    data: Data, val: Val, out: Out,
+    width: Annotated[float | None, typer.Option(help="Student width (multiplier)")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    temperature: float = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft targets")] = 0.7,
+    seed: int = 0,
+    runs: Runs = 100,
+) -> None:
+    """Train a small student from a teacher (softened KL + hard labels)."""
+    config: dict[str, Any] = {} if width is None else {"width": _width(student, width)}
+    p = Distill(epochs=epochs, temperature=temperature, alpha=alpha, seed=seed)
+    report = compress_torch(teacher, [p], train=load_npz(data), val=load_npz(val), out=out,
+                            student=build(student, **config).eval(), student_arch=student,
+                            student_config=config, latency_config=_latency(runs))
+    _render(report, out)
+
+
+def _width(arch: str, width: float) -> float | int:
+    """The CNNs take an integer channel count, the mobile net a multiplier."""
+    if width <= 0:
+        raise UsageError(f"`--width` must be > 0; got {width}")
+    return width if arch.endswith("mobile") else int(width)
+
+
+@app.command("compress")
+def compress_cmd(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe of training-time passes")],
+    runs: Runs = 100,
+) -> None:
+    """Run a recipe: a chain of prune / distill / qat passes (see `edgeloop.compress.recipe`)."""
+    r = load_recipe(recipe)
+    _render(run_recipe(r, latency_config=_latency(runs)), r.out)

@@ -1,0 +1,340 @@
+"""Quantization-aware training (QAT), exported as a QDQ ONNX model that onnxruntime runs on
+integer kernels (QLinearConv, QGemm).
+
+1. BatchNorm is folded into the convolution before it (the deployed model has no
+   BatchNorm, so training sees the weights that will be quantized).
+2. Every Conv/Linear is wrapped: its weights are fake-quantized per output channel
+   (symmetric, ``bits`` wide: 8 -> [-127, 127], 4 -> [-7, 7]) and its input activation per
+   tensor (uint8, asymmetric, range = running min/max observed in training). Rounding passes
+   gradients straight through.
+3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch
+   (the quantized model before any fine-tuning included).
+4. Export: the float graph is exported, then every weight is replaced by its integer values
+   and a DequantizeLinear (the same grid as in training), every activation feeding or
+   leaving a Conv/Gemm/Add gets a QuantizeLinear/DequantizeLinear pair with a range observed
+   on the training data, and biases become int32. onnxruntime fuses these into integer ops.
+
+4-bit weights are stored in int8 containers (values in [-7, 7]) so the same int8 kernels
+run them; activations stay 8-bit. :func:`quantize_export` without training is the matching
+post-training baseline: same quantizer, same grid, no fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from edgeloop._onnx import session
+from edgeloop.compress.trainbase import TorchPass, TrainContext, sample_of
+from edgeloop.data import Dataset, batches
+from edgeloop.errors import ModelError, one_of
+from edgeloop.zoo.train import TrainConfig, accuracy, train
+
+__all__ = ["BITS", "QAT", "QuantizedLayer", "fold_batchnorm", "quantize_export"]
+
+BITS = (8, 4)
+_COMPUTE = ("Conv", "Gemm", "MatMul")
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    return (w.detach().flatten(1).abs().amax(1) / _qmax(bits)).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm that directly follows a convolution in an
+    ``nn.Sequential`` folded into it (the convolution gains a bias)."""
+    model = copy.deepcopy(model).eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if not (isinstance(conv, nn.modules.conv._ConvNd)
+                    and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+            conv.weight = nn.Parameter(conv.weight * scale.reshape(shape))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            seq[i + 1] = nn.Identity()
+    return model
+
+
+class QuantizedLayer(nn.Module):
+    """A Conv/Linear with fake-quantized weights (per channel) and input (per tensor)."""
+
+    def __init__(self, layer: nn.Module, bits: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.bits = bits
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        scale = _weight_scale(w, self.bits)
+        q = _qmax(self.bits)
+        return torch.fake_quantize_per_channel_affine(
+            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -q, q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.lo.copy_(torch.minimum(self.lo, x.min()))
+                self.hi.copy_(torch.maximum(self.hi, x.max()))
+        scale, zp = _uint8_params(float(self.lo), float(self.hi))
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+        w = self.quantized_weight()
+        if isinstance(self.layer, nn.Linear):
+            return nn.functional.linear(x, w, self.layer.bias)
+        return self.layer._conv_forward(x, w, self.layer.bias)
+
+
+def _uint8_params(lo: float, hi: float) -> tuple[float, int]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-8) / 255.0
+    return scale, int(np.clip(round(-lo / scale), 0, 255))
+
+
+def _wrap(model: nn.Module, bits: int) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.conv._ConvNd | nn.Linear):
+            setattr(model, name, QuantizedLayer(child, bits))
+        else:
+            _wrap(child, bits)
+    return model
+
+
+@torch.no_grad()
+@torch.no_grad()
+def _observe(sim: nn.Module, data: Dataset) -> None:
+    """Record activation ranges before training starts (BatchNorm is folded, so train mode
+    only switches the range observers on)."""
+    sim.train()
+    for feed in batches(data, 512):
+        (x,) = feed.values()
+        sim(torch.from_numpy(x))
+    sim.eval()
+
+
+@torch.no_grad()
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Replace each wrapper by its layer holding the quantized weights (exactly on grid)."""
+    for name, child in model.named_children():
+        if isinstance(child, QuantizedLayer):
+            child.layer.weight = nn.Parameter(child.quantized_weight())
+            setattr(model, name, child.layer)
+        else:
+            _unwrap(child)
+    return model
+
+
+@dataclass
+class QAT(TorchPass):
+    """Quantization-aware fine-tuning; :func:`quantize_export` writes the integer model."""
+
+    bits: int = 8
+    epochs: int = 8
+    lr: float = 1e-4      # AdamW peak learning rate
+    seed: int = 0
+    name: ClassVar[str] = "qat"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise one_of("bits", [str(b) for b in BITS], self.bits)
+
+    def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        """The fine-tuned model: BatchNorm folded, weights on the ``bits`` grid (float
+        module; export it with :func:`quantize_export` at the same ``bits``)."""
+        sim = _wrap(fold_batchnorm(model), self.bits)
+        _observe(sim, ctx.train)
+        start, start_acc = copy.deepcopy(sim.state_dict()), accuracy(sim, ctx.val)
+        if self.epochs:
+            train(sim, ctx.train, ctx.val, TrainConfig(epochs=self.epochs, lr=self.lr,
+                                                       seed=self.seed),
+                  description=f"quantization-aware training ({self.bits}-bit weights)")
+            if accuracy(sim, ctx.val) < start_acc:  # epoch 0 is a candidate too
+                sim.load_state_dict(start)
+        return _unwrap(sim).eval()
+
+
+def quantize_export(model: nn.Module, calib: Dataset, *,
+                    bits: int = 8) -> tuple[onnx.ModelProto, float]:
+    """The QDQ ONNX model of ``model`` (BatchNorm folded, weights quantized per channel to
+    ``bits``, activations uint8 with ranges observed on ``calib``), and the max abs
+    difference between the float export and PyTorch."""
+    from edgeloop.export import to_onnx
+
+    if bits not in BITS:
+        raise one_of("bits", [str(b) for b in BITS], bits)
+    model = fold_batchnorm(model)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
+        path = Path(tmp) / "float.onnx"
+        diff = to_onnx(model, sample_of(calib), path)
+        graph = onnx.load(path)
+    return _insert_qdq(graph, calib, bits), diff
+
+
+def _activations(graph: onnx.GraphProto, inits: set[str]) -> list[str]:
+    """Tensors that get a Q/DQ pair: inputs and outputs of compute ops and Adds (a ReLU
+    right after is folded into the range), and both sides of reshapes between them."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    chosen: list[str] = []
+
+    def add(t: str) -> None:
+        if t and t not in inits and t not in chosen:
+            chosen.append(t)
+
+    for n in graph.node:
+        if n.op_type in _COMPUTE:
+            add(n.input[0])
+        if n.op_type in (*_COMPUTE, "Add"):
+            out = n.output[0]
+            after = consumers.get(out, [])
+            if len(after) == 1 and after[0].op_type == "Relu":
+                out = after[0].output[0]
+            add(out)
+            if n.op_type == "Add":
+                for i in n.input:
+                    add(i)
+    for n in graph.node:  # reshapes between quantized tensors keep the same range
+        if n.op_type in _SHAPE_OPS and n.output[0] in chosen:
+            add(n.input[0])
+    return chosen
+
+
+def _ranges(model: onnx.ModelProto, names: list[str],
+            calib: Dataset) -> dict[str, tuple[float, float]]:
+    probe = copy.deepcopy(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    sess = session(probe)
+    out_names = [o.name for o in sess.get_outputs()]
+    lo = dict.fromkeys(names, np.inf)
+    hi = dict.fromkeys(names, -np.inf)
+    for feed in batches(calib, 256):
+        values = dict(zip(out_names, sess.run(None, feed), strict=True))
+        for name in names:
+            lo[name] = min(lo[name], float(values[name].min()))
+            hi[name] = max(hi[name], float(values[name].max()))
+    return {n: (lo[n], hi[n]) for n in names}
+
+
+def _insert_qdq(model: onnx.ModelProto, calib: Dataset, bits: int) -> onnx.ModelProto:
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    acts = _activations(graph, set(inits))
+    ranges = _ranges(model, acts, calib)
+    outputs = {o.name for o in graph.output}
+    new_inits: list[TensorProto] = []
+    act_scale: dict[str, float] = {}
+    nodes: list[onnx.NodeProto] = []
+    renamed: dict[str, str] = {}
+    for name in acts:
+        scale, zp = _uint8_params(*ranges[name])
+        act_scale[name] = scale
+        src = f"{name}__float" if name in outputs else name
+        dst = name if name in outputs else f"{name}__dq"
+        if name in outputs:
+            renamed[name] = src
+        else:
+            renamed[name] = dst
+        new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{name}__scale"),
+                      numpy_helper.from_array(np.array(zp, np.uint8), f"{name}__zp")]
+        nodes += [helper.make_node("QuantizeLinear", [src, f"{name}__scale", f"{name}__zp"],
+                                   [f"{name}__q"]),
+                  helper.make_node("DequantizeLinear", [f"{name}__q", f"{name}__scale",
+                                                        f"{name}__zp"], [dst])]
+    rewired: list[onnx.NodeProto] = []
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            if i in renamed and i not in outputs:
+                n.input[k] = renamed[i]
+        for k, o in enumerate(n.output):
+            if o in outputs and o in renamed:
+                n.output[k] = renamed[o]
+        if n.op_type in _COMPUTE and len(n.input) > 1 and n.input[1] in inits:
+            w_inits, w_nodes = _quantize_weights(n, inits, act_scale, bits)
+            new_inits += w_inits
+            nodes += w_nodes
+        rewired.append(n)
+    del graph.node[:]
+    graph.node.extend(_toposort(rewired + nodes, [i.name for i in graph.input], set(inits)
+                                | {t.name for t in new_inits}))
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in list(graph.initializer) + new_inits if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantize_weights(node: onnx.NodeProto, inits: dict[str, TensorProto],
+                      act_scale: dict[str, float],
+                      bits: int) -> tuple[list[TensorProto], list[onnx.NodeProto]]:
+    x_name = node.input[0].removesuffix("__dq")
+    if x_name not in act_scale:
+        raise ModelError(f"{node.op_type} {node.name!r}: its input is not quantized")
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+    axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    q = _qmax(bits)
+    scale = np.maximum(np.abs(moved).max(1) / q, 1e-12).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    wq = np.clip(np.round(w / scale.reshape(shape)), -q, q).astype(np.int8)
+    base = node.input[1]
+    out = [numpy_helper.from_array(wq, f"{base}__int"),
+           numpy_helper.from_array(scale, f"{base}__scale"),
+           numpy_helper.from_array(np.zeros_like(wq, shape=scale.shape), f"{base}__zp")]
+    dq = [helper.make_node("DequantizeLinear", [f"{base}__int", f"{base}__scale",
+                                                f"{base}__zp"], [f"{base}__dq"], axis=axis)]
+    node.input[1] = f"{base}__dq"
+    if len(node.input) > 2 and node.input[2] in inits:
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        bscale = (scale * act_scale[x_name]).astype(np.float32)
+        bq = np.round(b / bscale).astype(np.int32)
+        bname = node.input[2]
+        out += [numpy_helper.from_array(bq, f"{bname}__int"),
+                numpy_helper.from_array(bscale, f"{bname}__scale"),
+                numpy_helper.from_array(np.zeros_like(bq), f"{bname}__zp")]
+        dq.append(helper.make_node("DequantizeLinear", [f"{bname}__int", f"{bname}__scale",
+                                                        f"{bname}__zp"], [f"{bname}__dq"], axis=0))
+        node.input[2] = f"{bname}__dq"
+    return out, dq
+
+
+def _toposort(nodes: list[onnx.NodeProto], inputs: list[str],
+              constants: set[str]) -> list[onnx.NodeProto]:
+    ready = set(inputs) | constants | {""}
+    order: list[onnx.NodeProto] = []
+    pending = list(nodes)
+    while pending:
+        progress = [n for n in pending if all(i in ready for i in n.input)]
+        if not progress:
+            raise ModelError("could not order the quantized graph (a cycle or a missing input)")
+        for n in progress:
+            order.append(n)
+            ready.update(n.output)
+        pending = [n for n in pending if n not in progress]
+    return order

@@ -1,0 +1,87 @@
+"""QAT and its QDQ export: BatchNorm folding against the unfolded model, the integer graph
+onnxruntime really runs, and the weight grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeloop._onnx import session
+from edgeloop.compress.qat import QAT, fold_batchnorm, quantize_export
+from edgeloop.compress.trainbase import TrainContext
+from edgeloop.data import load_builtin
+from edgeloop.errors import UsageError
+from edgeloop.measure import graph_summary, predict
+from edgeloop.zoo import TrainConfig, build, train
+
+TRAIN = load_builtin("mnist1d", "train").take(slice(0, 1000))
+VAL = load_builtin("mnist1d", "val").take(slice(0, 200))
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return {arch: train(build(arch, width=w), TRAIN, VAL, TrainConfig(epochs=5))
+            for arch, w in (("mnist1d-cnn", 8), ("mnist1d-mobile", 0.5))}
+
+
+def _acc(proto: onnx.ModelProto) -> float:
+    return float((predict(session(proto), VAL).argmax(1) == VAL.labels).mean())
+
+
+@pytest.mark.parametrize("arch", ["mnist1d-cnn", "mnist1d-mobile"])
+def test_folding_batchnorm_keeps_the_function(models, arch: str) -> None:
+    model = models[arch]
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in folded.modules())
+    x = torch.from_numpy(VAL.inputs["x"])
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mnist1d-cnn", "mnist1d-mobile"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_export_runs_on_integer_kernels_only(models, arch: str, bits: int) -> None:
+    proto, diff = quantize_export(models[arch], TRAIN.take(slice(0, 256)), bits=bits)
+    onnx.checker.check_model(proto)
+    assert diff <= 1e-4
+    float_ops, int_ops, _ = graph_summary(proto)
+    assert float_ops == {}
+    assert int_ops.get("QLinearConv", 0) >= 4 and int_ops.get("QGemm", 0) == 1
+    if arch == "mnist1d-mobile":
+        assert int_ops.get("QLinearAdd", 0) >= 1  # residual adds stay integer
+    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer
+               if t.name.endswith("weight__int")]
+    assert weights and all(w.dtype == np.int8 and np.abs(w).max() <= 2 ** (bits - 1) - 1
+                           for w in weights)
+
+
+def test_int8_export_is_close_to_float(models) -> None:
+    proto, _ = quantize_export(models["mnist1d-cnn"], TRAIN.take(slice(0, 256)), bits=8)
+    x = torch.from_numpy(VAL.inputs["x"])
+    with torch.no_grad():
+        ref = models["mnist1d-cnn"](x).numpy()
+    agree = (predict(session(proto), VAL).argmax(1) == ref.argmax(1)).mean()
+    assert agree >= 0.95
+
+
+def test_qat_weights_sit_on_the_export_grid_and_beat_4bit_ptq(models) -> None:
+    model = models["mnist1d-cnn"]
+    calib = TRAIN.take(slice(0, 256))
+    ptq, _ = quantize_export(model, calib, bits=4)
+    import copy
+
+    trained = QAT(bits=4, epochs=3, lr=1e-3).apply(copy.deepcopy(model), TrainContext(TRAIN, VAL))
+    w = trained.features[1][0].weight.detach()
+    scale = w.flatten(1).abs().amax(1, keepdim=True).unsqueeze(-1) / 7
+    np.testing.assert_allclose((w / scale).numpy(), np.round((w / scale).numpy()), atol=1e-3)
+    qat, _ = quantize_export(trained, calib, bits=4)
+    assert _acc(qat) >= _acc(ptq)
+
+
+def test_bits_must_be_8_or_4() -> None:
+    with pytest.raises(UsageError, match="`bits` must be one of 8, 4; got 3"):
+        QAT(bits=3)
