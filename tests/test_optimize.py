@@ -264,3 +264,32 @@ def test_reference_metrics_score_the_float_model_perfectly(trained: Path, metric
     (c,) = result.candidates
     assert c.drop == pytest.approx(float_score - c.metric) and c.drop > 0
     assert c.status == "over budget" and result.chosen is None
+
+
+def test_torch_candidates_prune_and_qat_on_a_checkpoint(cnn_dir: Path) -> None:
+    """Given a torch checkpoint and training data, structured pruning and QAT become
+    candidates: the pruned model really has fewer channels, QAT runs integer kernels."""
+    from edgeloop.optimize import torch_candidates
+
+    cands = {c.name: c for c in torch_candidates(finetune_epochs=2, qat_epochs=1)}
+    chosen = [cands["prune-50%"], cands["qat-int8"]]
+    result = optimize(cnn_dir / "model.pt", calib=load_builtin("mnist1d", "calib"),
+                      val=load_builtin("mnist1d", "val"),
+                      config=OptimizeConfig(metric="accuracy", max_drop=100.0,
+                                            time_budget_s=300),
+                      candidates=chosen, train=load_builtin("mnist1d", "train"),
+                      target=detect())
+    measured = {c.name: c for c in result.candidates}
+    assert set(measured) == {"prune-50%", "qat-int8"}
+    assert all(c.error is None for c in measured.values()), measured
+    assert measured["prune-50%"].size_bytes < 0.4 * result.baseline.size_bytes
+    assert measured["qat-int8"].float_compute_ops == {}
+    assert measured["qat-int8"].integer_ops
+    assert measured["qat-int8"].metric > result.baseline.metric - 2.0
+
+
+def test_train_data_needs_a_torch_model(cnn_dir: Path) -> None:
+    with pytest.raises(UsageError, match=r"torch \.pt model only"):
+        optimize(cnn_dir / "model.onnx", calib=load_builtin("mnist1d", "calib"),
+                 val=load_builtin("mnist1d", "val"), target=detect(),
+                 train=load_builtin("mnist1d", "train"))

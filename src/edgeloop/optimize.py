@@ -175,9 +175,10 @@ class PassCandidate(Candidate):
 
 @dataclass
 class TorchCandidate(Candidate):
-    """The extension point for candidates that change the torch model itself (structured
-    pruning, quantization-aware training): ``transform(module, train)`` returns a new
-    module, which is exported to ONNX and then optionally passed through ``then``.
+    """A candidate that changes the torch model itself (structured pruning,
+    quantization-aware training): ``transform(module, train)`` returns a new module, which
+    is exported to ONNX — by ``export(module, calib)`` when given, else as a float model —
+    and then optionally passed through ``then``.
 
     Only built when the input is a torch checkpoint and training data is given.
     """
@@ -186,6 +187,7 @@ class TorchCandidate(Candidate):
     description: str
     transform: Callable[[object, Dataset], object]
     then: Callable[[Target], Pass] | None = None
+    export: Callable[[object, Dataset], onnx.ModelProto] | None = None
     quantized: bool = False
 
     def applies(self, source: Source) -> bool:
@@ -200,15 +202,68 @@ class TorchCandidate(Candidate):
 
         assert source.train is not None
         module = self.transform(copy.deepcopy(source.torch_module), source.train)
-        sample = torch.from_numpy(np.ascontiguousarray(
-            next(iter(source.calib.inputs.values()))[:2]))
-        with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
-            path = Path(tmp) / "candidate.onnx"
-            to_onnx(module, sample, path)  # type: ignore[arg-type]
-            model = onnx.load(path)
+        if self.export is not None:
+            model = self.export(module, source.calib)
+        else:
+            sample = torch.from_numpy(np.ascontiguousarray(
+                next(iter(source.calib.inputs.values()))[:2]))
+            with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
+                path = Path(tmp) / "candidate.onnx"
+                to_onnx(module, sample, path)  # type: ignore[arg-type]
+                model = onnx.load(path)
         if self.then is not None:
             model = apply_pass(self.then(source.target), model, source.calib)
         return model
+
+
+def _train_context(train: Dataset) -> object:
+    """Training data for a torch candidate: the last tenth of ``train`` is held out for
+    choosing epochs, so the optimizer's own VAL stays unseen until candidates are scored."""
+    from edgeloop.compress.trainbase import TrainContext
+
+    n_val = max(1, len(train) // 10)
+    return TrainContext(train.take(slice(0, len(train) - n_val)),
+                        train.take(slice(len(train) - n_val, len(train))))
+
+
+def _pruned(ratio: float, epochs: int) -> Callable[[object, Dataset], object]:
+    def transform(module: object, train: Dataset) -> object:
+        from edgeloop.compress.prune import StructuredPrune
+
+        return StructuredPrune(ratio=ratio, finetune_epochs=epochs).apply(
+            module, _train_context(train))  # type: ignore[arg-type]
+    return transform
+
+
+def _qat(epochs: int) -> Callable[[object, Dataset], object]:
+    def transform(module: object, train: Dataset) -> object:
+        from edgeloop.compress.qat import QAT
+
+        return QAT(bits=8, epochs=epochs).apply(
+            module, _train_context(train))  # type: ignore[arg-type]
+    return transform
+
+
+def _qat_export(module: object, calib: Dataset) -> onnx.ModelProto:
+    from edgeloop.compress.qat import quantize_export
+
+    return quantize_export(module, calib, bits=8)[0]  # type: ignore[arg-type]
+
+
+def torch_candidates(*, finetune_epochs: int = 9, qat_epochs: int = 4) -> list[Candidate]:
+    """Candidates built by training: structured pruning (then static int8) and
+    quantization-aware training, for a torch checkpoint given with training data."""
+    out: list[Candidate] = []
+    for ratio in (0.5, 0.3):
+        out.append(TorchCandidate(
+            f"prune-{ratio:.0%}/int8-static", f"{ratio:.0%} of channels pruned and "
+            "fine-tuned, then static int8", _pruned(ratio, finetune_epochs),
+            then=lambda t: Int8Static(target=t), quantized=True))
+    out.append(TorchCandidate("prune-50%", "50% of channels pruned and fine-tuned, float",
+                              _pruned(0.5, finetune_epochs)))
+    out.append(TorchCandidate("qat-int8", "quantization-aware fine-tuning, int8 QDQ export",
+                              _qat(qat_epochs), export=_qat_export, quantized=True))
+    return out
 
 
 def default_candidates() -> list[Candidate]:
@@ -250,7 +305,7 @@ def default_candidates() -> list[Candidate]:
                 applies_to=lambda m: bool(find_heads(m))))
     out.append(PassCandidate("int8-dynamic/per-tensor", "dynamic int8, per-tensor weights",
                              lambda t: Int8Dynamic(per_channel=False, target=t)))
-    return out
+    return out + torch_candidates()
 
 
 @dataclass
@@ -425,6 +480,11 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
     if config.metric == "accuracy" and val.labels is None:
         raise DataError("metric `accuracy` needs labels: the validation .npz has no "
                         "`labels` array (use --metric agreement or cosine)")
+    if train is not None and train.labels is None:
+        raise DataError("the training .npz has no `labels` array; pruning and QAT need them")
+    if train is not None and Path(model_path).suffix not in (".pt", ".pth"):
+        raise UsageError("training data is used with a torch .pt model only (pruning and "
+                         f"QAT change the torch model); got {str(model_path)!r}")
     source = _load_source(Path(model_path), calib=calib, train=train, target=target)
     check_against(val, input_specs(session(source.model)), source="validation data")
     pool = [c for c in (default_candidates() if candidates is None else candidates)

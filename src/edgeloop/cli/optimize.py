@@ -83,6 +83,9 @@ def optimize_cmd(
     target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
     time_budget: Annotated[str, typer.Option(help="Whole search, e.g. 90s, 10m, 1h")] = "10m",
     batch: Annotated[int, typer.Option(help="Batch size latency is ranked at")] = 1,
+    train: Annotated[Path | None, typer.Option(
+        help="Training .npz with labels: with a torch .pt model, also tries structured "
+             "pruning and quantization-aware training")] = None,
 ) -> None:
     """Find the fastest model on this machine whose metric drops at most --max-drop.
 
@@ -94,6 +97,7 @@ def optimize_cmd(
                             started_at=time.monotonic())
     profile = get_target(target)
     calib, val_data = load_npz(data), load_npz(val)
+    train_data = load_npz(train) if train is not None else None
     if err_console.is_terminal:
         live = _LiveTable(metric, config.batches)
         with Live(live.render(), console=err_console, refresh_per_second=4) as screen:
@@ -107,12 +111,12 @@ def optimize_cmd(
                 screen.update(live.render())
 
             result = optimize(model, calib=calib, val=val_data, target=profile, config=config,
-                              on_start=on_start, on_result=on_result)
+                              train=train_data, on_start=on_start, on_result=on_result)
             live.current = ""
             screen.update(live.render())
     else:  # a log or a pipe: one line per candidate, as it is measured
         result = optimize(model, calib=calib, val=val_data, target=profile, config=config,
-                          on_result=lambda r: err_console.print(
+                          train=train_data, on_result=lambda r: err_console.print(
                               _line(r), markup=False, highlight=False, soft_wrap=True))
     paths = write_report(result, out)
     if result.stopped != "completed":
