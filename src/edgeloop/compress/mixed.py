@@ -64,7 +64,15 @@ from edgeloop.errors import ModelError, UsageError
 from edgeloop.measure import predict
 from edgeloop.targets import Target, detect
 
-__all__ = ["PLAN_KEY", "Int8", "Int8Plan", "Variant", "interleaved_latency", "read_plan"]
+__all__ = [
+    "PLAN_KEY",
+    "Int8",
+    "Int8Plan",
+    "TransformerFusion",
+    "Variant",
+    "interleaved_latency",
+    "read_plan",
+]
 
 PLAN_KEY = "edgeloop.int8"
 # (activations, per-channel weights): the fully quantized forms tried on each preparation.
@@ -178,6 +186,26 @@ def _transformer_fused(model: onnx.ModelProto, ctx: PassContext, calib: Dataset,
         if output_error(out, calib, reference) <= _FUSION_TOLERANCE:
             return out
     return None
+
+
+@dataclass
+class TransformerFusion(Pass):
+    """onnxruntime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu,
+    EmbedLayerNormalization) on a float model, with the head count found as in ``int8``
+    step 1 and the fused float outputs checked against the original on CALIB. Raises
+    :class:`ModelError` when no attention is fused (not a transformer, or not one the
+    fuser recognises)."""
+
+    name: ClassVar[str] = "transformer-fusion"
+    needs_calib: ClassVar[bool] = True
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        calib = ctx.require_calib(self.name)
+        fused = _transformer_fused(model, ctx, calib, predict(session(model), calib))
+        if fused is None:
+            raise ModelError("transformer-fusion fused no attention in this model (or the "
+                             "fused model changed its float outputs)")
+        return fused
 
 
 @dataclass
