@@ -125,8 +125,9 @@ def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, bat
     """Median latency (ms) of each model on the first ``batch`` samples of ``data``.
 
     Models take turns, ``runs`` calls each per round, so that load changes on a shared
-    machine hit every model alike; the result is the median over rounds of each round's
-    median.
+    machine hit every model alike; each round starts one model later than the one before,
+    so no model always runs right after the same other one (whose thread pool may still
+    be spinning). The result is the median over rounds of each round's median.
     """
     sessions = [session(m, threads=threads) for m in models]
     feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
@@ -135,8 +136,11 @@ def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, bat
         for _ in range(warmup):
             s.run(None, f)
     medians: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for s, f, out in zip(sessions, feeds, medians, strict=True):
+    n = len(sessions)
+    for r in range(rounds):
+        for i in range(n):
+            k = (r + i) % n
+            s, f, out = sessions[k], feeds[k], medians[k]
             times = []
             for _ in range(runs):
                 t0 = time.perf_counter()
