@@ -173,8 +173,8 @@ def main() -> None:
         intro += (f" Trained here with `train_bert` defaults for {trained['seconds']:.0f} s: "
                   f"test accuracy {trained['test_accuracy']:.2%}.")
     else:
-        intro += (" Trained encoder reused from `--work` (trained by `train_bert` defaults): "
-                  f"test accuracy {reused_accuracy:.2%}.")
+        intro += (f" Trained encoder reused from `--work` ({args.work / 'bert-mnist1d'}, "
+                  f"written by `train_bert`): test accuracy {reused_accuracy:.2%}.")
     ratio = fig_t["int8 (edgeloop) ms"] / fig_t["ort-dynamic (stock) ms"]
     better = fig_t["int8 (edgeloop) cosine"] > fig_t["ort-dynamic (stock) cosine"]
     verdict = (f"Claim (trained encoder): int8 mean cosine {fig_t['int8 (edgeloop) cosine']:.7f} "
