@@ -66,3 +66,34 @@ def test_int8_on_bert_meets_bound_and_tries_fusion(tiny):
     assert tables and all(i.data_type == onnx.TensorProto.FLOAT for i in tables)
     if p.plan_.preparation == "fused":
         assert {n.op_type for n in out.graph.node} & {"QAttention", "Attention"}
+
+
+def test_transformer_fusion_fuses_attention_and_keeps_outputs(tiny):
+    from edgeloop.compress.mixed import TransformerFusion
+
+    _, proto = tiny
+    calib = mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 16))
+    fused = apply_pass(TransformerFusion(), proto, calib)
+    ops = {n.op_type for n in fused.graph.node}
+    assert "Attention" in ops and "MatMul" in ops
+    assert output_error(fused, calib, predict(session(proto), calib)) < 1e-4
+
+
+def test_activation_outliers_sees_an_injected_outlier_channel():
+    from edgeloop.zoo.bert import activation_outliers
+
+    torch.manual_seed(0)
+    model = BertClassifier(TINY).eval()
+    data = mnist1d_tokens("test", seq_len=TINY.seq_len).take(slice(0, 16))
+    before = {(s.layer, s.site): s for s in activation_outliers(model, data)}
+    assert len(before) == TINY.layers * 4
+    assert all(s.channels == (TINY.intermediate if s.site == "ffn-gelu" else TINY.hidden)
+               for s in before.values())
+    with torch.no_grad():
+        model.bert.bert.encoder.layer[1].output.dense.bias[7] = 50.0   # one loud channel
+    after = {(s.layer, s.site): s for s in activation_outliers(model, data)}
+    loud = after[1, "ffn-out"]
+    assert loud.max_abs >= 45.0
+    assert loud.channel_ratio > 10 * before[1, "ffn-out"].channel_ratio
+    assert loud.kurtosis > 10 * before[1, "ffn-out"].kurtosis
+    assert after[0, "ffn-out"] == before[0, "ffn-out"]   # layers before it are untouched

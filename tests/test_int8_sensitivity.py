@@ -129,3 +129,29 @@ def test_int8_is_registered_and_needs_calibration(model):
     assert SCHEMES["int8"] is Int8
     with pytest.raises(DataError, match="calibration"):
         apply_pass(Int8(), model, None)
+
+
+def _matmul_chain(width: int, depth: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits, nodes, prev = [], [], "x"
+    for i in range(depth):
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / width).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_interleaved_latency_ranks_a_much_larger_model_slower():
+    from edgeloop.compress.mixed import interleaved_latency
+
+    small, large = _matmul_chain(256, 1), _matmul_chain(256, 40)   # 40x the work
+    data = Dataset({"x": np.ones((4, 256), np.float32)})
+    lat = interleaved_latency([small, large, small], data, batch=4, rounds=3, runs=5,
+                              warmup=2, threads=1)
+    assert len(lat) == 3 and all(t > 0 for t in lat)
+    assert lat[1] > 3 * max(lat[0], lat[2])

@@ -48,6 +48,7 @@ from edgeloop.compress.base import Pass, apply_pass
 from edgeloop.compress.fuse import Preprocess
 from edgeloop.compress.int4 import Int4Weight
 from edgeloop.compress.layout import find_heads
+from edgeloop.compress.mixed import TransformerFusion
 from edgeloop.compress.quantize import CALIBRATIONS, Int8Dynamic, Int8Static
 from edgeloop.data import Dataset, check_against
 from edgeloop.errors import DataError, EdgeloopError, UsageError, one_of
@@ -266,6 +267,11 @@ def torch_candidates(*, finetune_epochs: int = 9, qat_epochs: int = 4) -> list[C
     return out
 
 
+def _has_layer_norm(model: onnx.ModelProto) -> bool:
+    """Whether the graph has a LayerNormalization, i.e. may be a transformer to fuse."""
+    return any(n.op_type == "LayerNormalization" for n in model.graph.node)
+
+
 def default_candidates() -> list[Candidate]:
     """edgeloop's ONNX candidates, most promising first so a short budget sees them.
 
@@ -280,6 +286,15 @@ def default_candidates() -> list[Candidate]:
                                            channels_last_head=False, target=t)),
         PassCandidate("int8-dynamic/per-channel", "dynamic int8, per-channel weights",
                       lambda t: Int8Dynamic(per_channel=True, target=t)),
+        PassCandidate("transformer-fused", "onnxruntime's transformer fusions "
+                      "(Attention, SkipLayerNormalization, BiasGelu), float weights",
+                      lambda t: TransformerFusion(), quantized=False,
+                      applies_to=_has_layer_norm),
+        PassCandidate("transformer-fused+int8-dynamic/per-channel",
+                      "transformer fusions, then dynamic int8 (per-channel weights)",
+                      lambda t: [TransformerFusion(),
+                                 Int8Dynamic(per_channel=True, preprocess=False, target=t)],
+                      applies_to=_has_layer_norm),
     ]
     if "int8" in SCHEMES:
         cls = SCHEMES["int8"]

@@ -64,7 +64,15 @@ from edgeloop.errors import ModelError, UsageError
 from edgeloop.measure import predict
 from edgeloop.targets import Target, detect
 
-__all__ = ["PLAN_KEY", "Int8", "Int8Plan", "Variant", "interleaved_latency", "read_plan"]
+__all__ = [
+    "PLAN_KEY",
+    "Int8",
+    "Int8Plan",
+    "TransformerFusion",
+    "Variant",
+    "interleaved_latency",
+    "read_plan",
+]
 
 PLAN_KEY = "edgeloop.int8"
 # (activations, per-channel weights): the fully quantized forms tried on each preparation.
@@ -117,8 +125,9 @@ def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, bat
     """Median latency (ms) of each model on the first ``batch`` samples of ``data``.
 
     Models take turns, ``runs`` calls each per round, so that load changes on a shared
-    machine hit every model alike; the result is the median over rounds of each round's
-    median.
+    machine hit every model alike; each round starts one model later than the one before,
+    so no model always runs right after the same other one (whose thread pool may still
+    be spinning). The result is the median over rounds of each round's median.
     """
     sessions = [session(m, threads=threads) for m in models]
     feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
@@ -127,8 +136,11 @@ def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, bat
         for _ in range(warmup):
             s.run(None, f)
     medians: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for s, f, out in zip(sessions, feeds, medians, strict=True):
+    n = len(sessions)
+    for r in range(rounds):
+        for i in range(n):
+            k = (r + i) % n
+            s, f, out = sessions[k], feeds[k], medians[k]
             times = []
             for _ in range(runs):
                 t0 = time.perf_counter()
@@ -178,6 +190,26 @@ def _transformer_fused(model: onnx.ModelProto, ctx: PassContext, calib: Dataset,
         if output_error(out, calib, reference) <= _FUSION_TOLERANCE:
             return out
     return None
+
+
+@dataclass
+class TransformerFusion(Pass):
+    """onnxruntime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu,
+    EmbedLayerNormalization) on a float model, with the head count found as in ``int8``
+    step 1 and the fused float outputs checked against the original on CALIB. Raises
+    :class:`ModelError` when no attention is fused (not a transformer, or not one the
+    fuser recognises)."""
+
+    name: ClassVar[str] = "transformer-fusion"
+    needs_calib: ClassVar[bool] = True
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        calib = ctx.require_calib(self.name)
+        fused = _transformer_fused(model, ctx, calib, predict(session(model), calib))
+        if fused is None:
+            raise ModelError("transformer-fusion fused no attention in this model (or the "
+                             "fused model changed its float outputs)")
+        return fused
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 It exists so that transformer quantization is measured on a real encoder graph:
 embeddings, multi-head self-attention with a padding mask, GELU feed-forward blocks,
-LayerNorm, a pooler and a classifier head. Random weights cover the ops; a brief training
-run on MNIST-1D turned into token sequences gives the activations the uneven, outlier-rich
-ranges of a trained network.
+LayerNorm, a pooler and a classifier head. Random weights cover the ops; a training run
+on MNIST-1D turned into token sequences gives trained weights. How outlier-heavy the
+activations really are is measured by :func:`activation_outliers` (after the default
+two epochs: mild, far from a large pretrained BERT's).
 
 MNIST-1D as tokens: each value of a 40-point signal is binned into one of ``bins``
 tokens, a ``[CLS]`` token is put in front, and the sequence is padded with ``[PAD]`` to
@@ -35,7 +36,16 @@ from edgeloop._onnx import session
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.errors import ModelError, UsageError
 
-__all__ = ["BertClassifier", "BertSpec", "export_bert", "load_bert", "mnist1d_tokens", "train_bert"]
+__all__ = [
+    "BertClassifier",
+    "BertSpec",
+    "OutlierStats",
+    "activation_outliers",
+    "export_bert",
+    "load_bert",
+    "mnist1d_tokens",
+    "train_bert",
+]
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
@@ -204,3 +214,65 @@ def load_bert(path: str | os.PathLike[str]) -> BertClassifier:
         raise ModelError(f"{str(path)!r} is not a BERT checkpoint from train_bert "
                          f"({type(e).__name__})") from None
     return model.eval()
+
+
+# Per layer, where activations are recorded: the FFN's GELU output (the input of its
+# down-projection), the FFN output before the residual, and the two LayerNorm outputs.
+_SITES = {"ffn-gelu": "intermediate", "ffn-out": "output.dense",
+          "attn-layernorm": "attention.output.LayerNorm", "ffn-layernorm": "output.LayerNorm"}
+
+
+@dataclass(frozen=True)
+class OutlierStats:
+    """How outlier-heavy one activation tensor is, over the real (unpadded) tokens.
+
+    ``channel_ratio`` is the largest per-channel max ``|a|`` over the median per-channel
+    max ``|a|``: a per-tensor int8 scale is set by the largest channel, so the typical
+    channel gets ``256 / channel_ratio`` levels. ``kurtosis`` is Pearson's (3 for a
+    normal distribution) over every value.
+    """
+
+    layer: int
+    site: str
+    channels: int
+    max_abs: float
+    channel_ratio: float
+    kurtosis: float
+
+
+@torch.no_grad()
+def activation_outliers(model: BertClassifier, data: Dataset, *,
+                        batch: int = 64) -> list[OutlierStats]:
+    """:class:`OutlierStats` at each encoder layer's FFN and LayerNorm outputs on ``data``."""
+    model = model.eval()
+    recorded: dict[tuple[int, str], list[np.ndarray]] = {}
+    layers = model.bert.bert.encoder.layer
+    hooks = []
+    current_mask: list[np.ndarray] = []
+
+    def hook(key: tuple[int, str]):  # type: ignore[no-untyped-def]
+        def record(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            recorded.setdefault(key, []).append(out.numpy()[current_mask[0]])
+        return record
+
+    for i, layer in enumerate(layers):
+        for site, path in _SITES.items():
+            hooks.append(layer.get_submodule(path).register_forward_hook(hook((i, site))))
+    try:
+        for start in range(0, len(data), batch):
+            args = [torch.from_numpy(data.inputs[n][start:start + batch]) for n in INPUT_NAMES]
+            current_mask[:] = [args[1].numpy().astype(bool)]
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = []
+    for (i, site), chunks in recorded.items():
+        a = np.concatenate(chunks).astype(np.float64)          # (tokens, channels)
+        channel_max = np.abs(a).max(axis=0)
+        centred = a - a.mean()
+        kurt = float((centred ** 4).mean() / max((centred ** 2).mean() ** 2, 1e-30))
+        stats.append(OutlierStats(i, site, a.shape[1], float(channel_max.max()),
+                                  float(channel_max.max() / max(np.median(channel_max), 1e-30)),
+                                  kurt))
+    return stats
