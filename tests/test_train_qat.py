@@ -10,7 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from edgeloop._onnx import session
-from edgeloop.compress.qat import QAT, fold_batchnorm, quantize_export
+from edgeloop.compress.qat import QAT, exported_accuracy, fold_batchnorm, quantize_export
 from edgeloop.compress.trainbase import TrainContext
 from edgeloop.data import load_builtin
 from edgeloop.errors import UsageError
@@ -74,12 +74,41 @@ def test_qat_weights_sit_on_the_export_grid_and_beat_4bit_ptq(models) -> None:
     ptq, _ = quantize_export(model, calib, bits=4)
     import copy
 
-    trained = QAT(bits=4, epochs=3, lr=1e-3).apply(copy.deepcopy(model), TrainContext(TRAIN, VAL))
+    trained = QAT(bits=4, epochs=3, lr=3e-3).apply(copy.deepcopy(model), TrainContext(TRAIN, VAL))
     w = trained.features[1][0].weight.detach()
     scale = w.flatten(1).abs().amax(1, keepdim=True).unsqueeze(-1) / 7
     np.testing.assert_allclose((w / scale).numpy(), np.round((w / scale).numpy()), atol=1e-3)
     qat, _ = quantize_export(trained, calib, bits=4)
     assert _acc(qat) >= _acc(ptq)
+
+
+def _initializers(proto: onnx.ModelProto) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in proto.graph.initializer}
+
+
+def test_untuned_qat_exports_exactly_the_ptq_model(models) -> None:
+    model, calib = models["mnist1d-mobile"], TRAIN.take(slice(0, 256))
+    ptq, _ = quantize_export(model, calib, bits=8)
+    import copy
+
+    same = QAT(bits=8, epochs=0).apply(copy.deepcopy(model), TrainContext(TRAIN, VAL, calib=calib))
+    assert _initializers(quantize_export(same, calib, bits=8)[0]) == _initializers(ptq)
+
+
+def test_qat_keeps_fine_tuning_only_when_it_wins_on_validation(models) -> None:
+    """The oracle: the exported result is never less accurate on validation than PTQ, and
+    it is the PTQ model itself unless it is strictly more accurate."""
+    model, calib = models["mnist1d-cnn"], TRAIN.take(slice(0, 256))
+    ptq, _ = quantize_export(model, calib, bits=8)
+    import copy
+
+    result = QAT(bits=8, epochs=1, lr=3e-3).apply(copy.deepcopy(model),
+                                                  TrainContext(TRAIN, VAL, calib=calib))
+    qat, _ = quantize_export(result, calib, bits=8)
+    ptq_acc = exported_accuracy(model, calib, VAL, bits=8)
+    assert ptq_acc == _acc(ptq)
+    if _initializers(qat) != _initializers(ptq):
+        assert _acc(qat) > ptq_acc
 
 
 def test_bits_must_be_8_or_4() -> None:

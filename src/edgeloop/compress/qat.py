@@ -7,8 +7,12 @@ integer kernels (QLinearConv, QGemm).
    (symmetric, ``bits`` wide: 8 -> [-127, 127], 4 -> [-7, 7]) and its input activation per
    tensor (uint8, asymmetric, range = running min/max observed in training). Rounding passes
    gradients straight through.
-3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch
-   (the quantized model before any fine-tuning included).
+3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch.
+   That epoch is then compared with post-training quantization (PTQ) through the real
+   export: both are exported to QDQ ONNX, calibrated on the same data, and run by
+   onnxruntime on the validation set. The fine-tuned weights are kept only if they are
+   strictly more accurate; otherwise the result is the un-tuned model, whose export is
+   exactly the PTQ model (a tie keeps PTQ).
 4. Export: the float graph is exported, then every weight is replaced by its integer values
    and a DequantizeLinear (the same grid as in training), every activation feeding or
    leaving a Conv/Gemm/Add gets a QuantizeLinear/DequantizeLinear pair with a range observed
@@ -37,13 +41,15 @@ from edgeloop._onnx import session
 from edgeloop.compress.trainbase import TorchPass, TrainContext, sample_of
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import ModelError, one_of
-from edgeloop.zoo.train import TrainConfig, accuracy, train
+from edgeloop.zoo.train import TrainConfig, train
 
-__all__ = ["BITS", "QAT", "QuantizedLayer", "fold_batchnorm", "quantize_export"]
+__all__ = ["BITS", "QAT", "QuantizedLayer", "exported_accuracy", "fold_batchnorm",
+           "quantize_export"]
 
 BITS = (8, 4)
 _COMPUTE = ("Conv", "Gemm", "MatMul")
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+_CALIB = 256  # training samples that calibrate the export when the context has no calib set
 
 
 def _qmax(bits: int) -> int:
@@ -120,7 +126,6 @@ def _wrap(model: nn.Module, bits: int) -> nn.Module:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _observe(sim: nn.Module, data: Dataset) -> None:
     """Record activation ranges before training starts (BatchNorm is folded, so train mode
     only switches the range observers on)."""
@@ -158,18 +163,33 @@ class QAT(TorchPass):
             raise one_of("bits", [str(b) for b in BITS], self.bits)
 
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
-        """The fine-tuned model: BatchNorm folded, weights on the ``bits`` grid (float
-        module; export it with :func:`quantize_export` at the same ``bits``)."""
-        sim = _wrap(fold_batchnorm(model), self.bits)
+        """The fine-tuned model with BatchNorm folded (float module; export it with
+        :func:`quantize_export` at the same ``bits``). Its weights sit on the ``bits`` grid
+        when fine-tuning won on validation; otherwise it is the folded input model, whose
+        export is the post-training-quantized model."""
+        folded = fold_batchnorm(model)
+        if not self.epochs:
+            return folded
+        sim = _wrap(copy.deepcopy(folded), self.bits)
         _observe(sim, ctx.train)
-        start, start_acc = copy.deepcopy(sim.state_dict()), accuracy(sim, ctx.val)
-        if self.epochs:
-            train(sim, ctx.train, ctx.val, TrainConfig(epochs=self.epochs, lr=self.lr,
-                                                       seed=self.seed),
-                  description=f"quantization-aware training ({self.bits}-bit weights)")
-            if accuracy(sim, ctx.val) < start_acc:  # epoch 0 is a candidate too
-                sim.load_state_dict(start)
-        return _unwrap(sim).eval()
+        train(sim, ctx.train, ctx.val, TrainConfig(epochs=self.epochs, lr=self.lr,
+                                                   seed=self.seed),
+              description=f"quantization-aware training ({self.bits}-bit weights)")
+        tuned = _unwrap(sim).eval()
+        calib = ctx.calib if ctx.calib is not None else ctx.train.take(slice(0, _CALIB))
+        if (exported_accuracy(tuned, calib, ctx.val, bits=self.bits)
+                > exported_accuracy(folded, calib, ctx.val, bits=self.bits)):
+            return tuned
+        return folded
+
+
+def exported_accuracy(model: nn.Module, calib: Dataset, data: Dataset, *, bits: int) -> float:
+    """Top-1 accuracy in [0, 1] on ``data`` of ``model`` exported by :func:`quantize_export`
+    (calibrated on ``calib``) and run by onnxruntime."""
+    from edgeloop.measure import predict
+
+    proto, _ = quantize_export(model, calib, bits=bits)
+    return float((predict(session(proto), data).argmax(1) == data.labels).mean())
 
 
 def quantize_export(model: nn.Module, calib: Dataset, *,

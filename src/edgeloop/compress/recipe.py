@@ -175,7 +175,8 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
     if student is not None:
         check_labels(student, train, source="training data")
         model, arch, config = student, student_arch or "", dict(student_config or {})
-    ctx = TrainContext(train, val, teacher=teacher_model)
+    calib = train.take(slice(0, _CALIB_SAMPLES))
+    ctx = TrainContext(train, val, teacher=teacher_model, calib=calib)
     for p in passes:
         model = p.apply(model, ctx)
     notes: list[str] = []
@@ -183,8 +184,7 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
     with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         if isinstance(last, QAT):
-            proto, diff = quantize_export(model, train.take(slice(0, _CALIB_SAMPLES)),
-                                          bits=last.bits)
+            proto, diff = quantize_export(model, calib, bits=last.bits)
             onnx.save(proto, onnx_path)
             float_ops, int_ops, _ = graph_summary(proto)
             notes.append(f"QAT {last.bits}-bit weights: integer ops {dict(int_ops)}, float "

@@ -30,11 +30,14 @@ __all__ = ["ModelFigures", "TorchPass", "TrainContext", "check_labels", "count_f
 
 @dataclass
 class TrainContext:
-    """Data a training-time pass may use. ``teacher`` is the model the recipe started from."""
+    """Data a training-time pass may use. ``teacher`` is the model the recipe started from;
+    ``calib`` is the data the final export calibrates on (``None``: the first 256 training
+    samples)."""
 
     train: Dataset
     val: Dataset
     teacher: nn.Module | None = None
+    calib: Dataset | None = None
 
 
 class TorchPass(ABC):
