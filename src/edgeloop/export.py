@@ -74,10 +74,18 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str],
     except Exception as e:
         raise ModelError(f"torch.onnx.export failed: {str(e).splitlines()[0][:300]}") from None
     proto: onnx.ModelProto = program.model_proto
-    onnx.checker.check_model(proto)
     with torch.no_grad():
         expected = model(sample).numpy()
-    got = run(session(proto), {INPUT_NAME: sample.numpy()})
+    return check_and_save(proto, {INPUT_NAME: sample.numpy()}, expected, out, atol=atol)
+
+
+def check_and_save(proto: onnx.ModelProto, feed: dict[str, np.ndarray], expected: np.ndarray,
+                   out: str | os.PathLike[str], *, atol: float) -> float:
+    """Check ``proto``, run it on ``feed`` in onnxruntime, compare with PyTorch's
+    ``expected`` output and write it atomically. Returns the max absolute difference;
+    above ``atol`` raises :class:`ModelError` and writes nothing."""
+    onnx.checker.check_model(proto)
+    got = run(session(proto), feed)
     diff = float(np.max(np.abs(expected - got)))
     if diff > atol:
         raise ModelError(f"ONNX export differs from PyTorch by {diff:.2e} (> {atol:.0e})")

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from edgeloop._io import atomic_path
-from edgeloop._onnx import session
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.errors import ModelError, UsageError
 
@@ -134,17 +133,12 @@ def export_bert(model: BertClassifier, sample: Dataset, out: str | os.PathLike[s
                 opset_version=opset, dynamo=False)
     except Exception as e:
         raise ModelError(f"torch.onnx.export failed: {str(e).splitlines()[0][:300]}") from None
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
+    from edgeloop.export import check_and_save
+
     with torch.no_grad():
         expected = model(*args).numpy()
-    got = session(proto).run(None, {n: sample.inputs[n] for n in INPUT_NAMES})[0]
-    diff = float(np.max(np.abs(expected - got)))
-    if diff > atol:
-        raise ModelError(f"ONNX export differs from PyTorch by {diff:.2e} (> {atol:.0e})")
-    with atomic_path(Path(out)) as tmp:
-        onnx.save(proto, tmp)
-    return diff
+    return check_and_save(onnx.load_from_string(buf.getvalue()),
+                          {n: sample.inputs[n] for n in INPUT_NAMES}, expected, out, atol=atol)
 
 
 @torch.no_grad()
