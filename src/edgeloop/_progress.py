@@ -6,6 +6,7 @@ Library code calls :func:`progress`; bars disappear when stderr is not a termina
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -37,3 +38,12 @@ def status(message: str) -> None:
     """A one-line note on stderr (silent under the same rules as the bars)."""
     if enabled():
         _console.print(f"[dim]{message}[/dim]")
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' INFO chatter (onnxruntime's quantizer configures the root logger
+    at INFO) off the terminal; warnings from everything else still show."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    for noisy in ("onnxruntime", "onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edgeloop._progress import quiet_libraries
 from edgeloop.compress import SCHEMES, make_scheme, run_pass
 from edgeloop.data import load_builtin, save_npz
 from edgeloop.errors import EdgeloopError
@@ -119,6 +120,7 @@ def _ship(out: Path, best: Path) -> None:
 
 def main(out_dir: str = "demo-out") -> None:
     """Run the demo, writing into ``out_dir``."""
+    quiet_libraries()
     out = Path(out_dir)
     _step("1. train the reference CNN on MNIST-1D (generated offline)",
           f"edgeloop zoo train mnist1d-cnn --out {out}/fp32")

@@ -5,11 +5,11 @@ Every :class:`~edgeloop.errors.EdgeloopError` becomes one line on stderr and exi
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
+from edgeloop._progress import quiet_libraries
 from edgeloop.cli import bench as _bench  # noqa: F401  (registers its commands)
 from edgeloop.cli import bundle as _bundle  # noqa: F401  (registers its commands)
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
@@ -23,9 +23,7 @@ __all__ = ["app", "main"]
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``edgeloop`` console script."""
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("onnxruntime", "onnx_ir", "onnxscript", "torch.onnx", "root"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except EdgeloopError as e:
