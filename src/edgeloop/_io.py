@@ -9,10 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()   # read once at import: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it over
-    ``target``. On any exception the temporary file is removed and ``target`` is untouched."""
+    ``target`` with permissions ``mode`` (default: what a plain ``open()`` would give).
+    On any exception the temporary file is removed and ``target`` is untouched."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -22,14 +32,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; set the final mode before the file becomes visible.
+        os.chmod(tmp_path, 0o666 & ~_UMASK if mode is None else mode)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
+def write_bytes_atomic(target: str | os.PathLike[str], data: bytes, *,
+                       mode: int | None = None) -> None:
+    """Write ``data`` to ``target`` atomically (``mode``: see :func:`atomic_path`)."""
+    with atomic_path(target, mode=mode) as tmp:
         tmp.write_bytes(data)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "graph_summary",
     "latency",
     "predict",
+    "top1_accuracy",
 ]
 
 # Ops that do the arithmetic; if they remain in float the model is not (fully) quantized.
@@ -123,7 +124,8 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray) -> Fidelity:
                     max_abs_diff=float(np.abs(a - b).max()))
 
 
-def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+def top1_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose arg-max output equals the label (or reference id)."""
     return float((outputs.argmax(-1) == labels).mean())
 
 
@@ -178,7 +180,7 @@ def evaluate(model_path: str | os.PathLike[str], data: Dataset, *,
                         latency=[latency(sess, data, b, config) for b in batches_to_time],
                         float_compute_ops=float_ops, integer_ops=int_ops, qdq_nodes=qdq)
     if data.labels is not None:
-        report.accuracy = _accuracy(outputs, data.labels)
+        report.accuracy = top1_accuracy(outputs, data.labels)
     if reference is not None:
         ref_sess = session(load_model(reference), threads=config.threads)
         check_against(data, input_specs(ref_sess), source="evaluation data")
@@ -186,5 +188,5 @@ def evaluate(model_path: str | os.PathLike[str], data: Dataset, *,
         report.reference = str(reference)
         report.fidelity = fidelity(outputs, ref_out)
         if data.labels is not None:
-            report.reference_accuracy = _accuracy(ref_out, data.labels)
+            report.reference_accuracy = top1_accuracy(ref_out, data.labels)
     return report

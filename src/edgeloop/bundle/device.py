@@ -67,9 +67,9 @@ from edgeloop.errors import (
 )
 from edgeloop.measure import (
     LatencyConfig,
-    _accuracy,  # the one accuracy definition
     latency,
     predict,
+    top1_accuracy,
 )
 
 __all__ = ["Device", "Runtime", "UpdateResult"]
@@ -264,13 +264,13 @@ class Device:
         accuracy = agreement = note = None
         ref = manifest.reference
         if golden.labels is not None:
-            accuracy = _accuracy(outputs, golden.labels)
+            accuracy = top1_accuracy(outputs, golden.labels)
         elif ref is None:
             note = "golden set has no labels and the manifest records no reference predictions"
         elif ref.golden_sha256 != golden_digest(golden):
             note = "golden set has no labels and differs from the publisher's"
         else:
-            agreement = _accuracy(outputs, np.asarray(ref.top1))
+            agreement = top1_accuracy(outputs, np.asarray(ref.top1))
         return Measured(accuracy=accuracy, agreement=agreement, reference_note=note,
                         latency_p50_ms=p50, current_latency_p50_ms=current_p50)
 

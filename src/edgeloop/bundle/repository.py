@@ -102,8 +102,7 @@ def _new_key(keys_dir: Path, passphrase: bytes | None) -> CryptoSigner:
     pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
     keys_dir.mkdir(parents=True, exist_ok=True)
     path = keys_dir / f"{signer.public_key.keyid}.pem"
-    write_bytes_atomic(path, pem)
-    os.chmod(path, 0o600)
+    write_bytes_atomic(path, pem, mode=0o600)
     return signer
 
 
