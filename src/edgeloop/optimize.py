@@ -131,6 +131,8 @@ class Source:
     target: Target
     torch_module: object | None = None   # torch.nn.Module; typed loosely to keep torch lazy
     train: Dataset | None = None
+    checks: dict[Callable[[onnx.ModelProto], bool], bool] = field(default_factory=dict,
+                                                                  repr=False)
 
 
 class Candidate(ABC):
@@ -164,7 +166,11 @@ class PassCandidate(Candidate):
     applies_to: Callable[[onnx.ModelProto], bool] | None = None
 
     def applies(self, source: Source) -> bool:
-        return self.applies_to is None or self.applies_to(source.model)
+        if self.applies_to is None:
+            return True
+        if self.applies_to not in source.checks:   # candidates share checks; run each once
+            source.checks[self.applies_to] = self.applies_to(source.model)
+        return source.checks[self.applies_to]
 
     def build(self, source: Source) -> onnx.ModelProto:
         passes = self.make(source.target)
@@ -251,6 +257,10 @@ def _qat_export(module: object, calib: Dataset) -> onnx.ModelProto:
     return quantize_export(module, calib, bits=8)[0]  # type: ignore[arg-type]
 
 
+def _has_head(model: onnx.ModelProto) -> bool:
+    return bool(find_heads(model))
+
+
 def torch_candidates(*, finetune_epochs: int = 9, qat_epochs: int = 4) -> list[Candidate]:
     """Candidates built by training: structured pruning (then static int8) and
     quantization-aware training, for a torch checkpoint given with training data."""
@@ -317,7 +327,7 @@ def default_candidates() -> list[Candidate]:
                 f"{name}/cl-head", f"{text}, channels-last classifier head",
                 lambda t, c=calibration, p=per_channel: Int8Static(
                     calibration=c, per_channel=p, channels_last_head=True, target=t),
-                applies_to=lambda m: bool(find_heads(m))))
+                applies_to=_has_head))
     out.append(PassCandidate("int8-dynamic/per-tensor", "dynamic int8, per-tensor weights",
                              lambda t: Int8Dynamic(per_channel=False, target=t)))
     return out + torch_candidates()
@@ -449,11 +459,14 @@ def _flags(quantized: bool, float_ops: dict[str, int], qdq: int) -> list[str]:
     return flags
 
 
+_PREDICT_BATCH = 16   # small calls, so that the deadline and SIGINT are seen between them
+
+
 def _measure(name: str, description: str, model: onnx.ModelProto, *, quantized: bool,
              config: OptimizeConfig, val: Dataset, reference: np.ndarray | None,
              reference_score: float | None) -> tuple[CandidateResult, np.ndarray]:
     sess = session(model, threads=config.latency.threads)
-    outputs = predict(sess, val)
+    outputs = predict(sess, val, _PREDICT_BATCH)
     ref = outputs if reference is None else reference
     score = _score(config.metric, outputs, ref, val.labels)
     drop = 0.0 if reference_score is None else reference_score - score
