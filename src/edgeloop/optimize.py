@@ -183,7 +183,8 @@ class PassCandidate(Candidate):
 @dataclass
 class TorchCandidate(Candidate):
     """A candidate that changes the torch model itself (structured pruning,
-    quantization-aware training): ``transform(module, train)`` returns a new module, which
+    quantization-aware training): ``transform(module, train, calib)`` returns a new module,
+    which
     is exported to ONNX — by ``export(module, calib)`` when given, else as a float model —
     and then optionally passed through ``then``.
 
@@ -192,7 +193,7 @@ class TorchCandidate(Candidate):
 
     name: str
     description: str
-    transform: Callable[[object, Dataset], object]
+    transform: Callable[[object, Dataset, Dataset], object]
     then: Callable[[Target], Pass] | None = None
     export: Callable[[object, Dataset], onnx.ModelProto] | None = None
     quantized: bool = False
@@ -208,7 +209,8 @@ class TorchCandidate(Candidate):
         from edgeloop.export import to_onnx
 
         assert source.train is not None
-        module = self.transform(copy.deepcopy(source.torch_module), source.train)
+        module = self.transform(copy.deepcopy(source.torch_module), source.train,
+                                source.calib)
         if self.export is not None:
             model = self.export(module, source.calib)
         else:
@@ -223,31 +225,32 @@ class TorchCandidate(Candidate):
         return model
 
 
-def _train_context(train: Dataset) -> object:
+def _train_context(train: Dataset, calib: Dataset) -> object:
     """Training data for a torch candidate: the last tenth of ``train`` is held out for
-    choosing epochs, so the optimizer's own VAL stays unseen until candidates are scored."""
+    choosing epochs, so the optimizer's own VAL stays unseen until candidates are scored;
+    ``calib`` calibrates the candidate's export, as it does every other candidate."""
     from edgeloop.compress.trainbase import TrainContext
 
     n_val = max(1, len(train) // 10)
     return TrainContext(train.take(slice(0, len(train) - n_val)),
-                        train.take(slice(len(train) - n_val, len(train))))
+                        train.take(slice(len(train) - n_val, len(train))), calib=calib)
 
 
-def _pruned(ratio: float, epochs: int) -> Callable[[object, Dataset], object]:
-    def transform(module: object, train: Dataset) -> object:
+def _pruned(ratio: float, epochs: int) -> Callable[[object, Dataset, Dataset], object]:
+    def transform(module: object, train: Dataset, calib: Dataset) -> object:
         from edgeloop.compress.prune import StructuredPrune
 
         return StructuredPrune(ratio=ratio, finetune_epochs=epochs).apply(
-            module, _train_context(train))  # type: ignore[arg-type]
+            module, _train_context(train, calib))  # type: ignore[arg-type]
     return transform
 
 
-def _qat(epochs: int) -> Callable[[object, Dataset], object]:
-    def transform(module: object, train: Dataset) -> object:
+def _qat(epochs: int) -> Callable[[object, Dataset, Dataset], object]:
+    def transform(module: object, train: Dataset, calib: Dataset) -> object:
         from edgeloop.compress.qat import QAT
 
         return QAT(bits=8, epochs=epochs).apply(
-            module, _train_context(train))  # type: ignore[arg-type]
+            module, _train_context(train, calib))  # type: ignore[arg-type]
     return transform
 
 
