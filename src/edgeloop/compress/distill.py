@@ -51,6 +51,7 @@ class Distill(TorchPass):
     batch_size: int = 128
     weight_decay: float = 1e-4
     seed: int = 0
+    description: str = "distilling"   # the progress bar's label
     name: ClassVar[str] = "distill"
 
     def __post_init__(self) -> None:
@@ -76,7 +77,7 @@ class Distill(TorchPass):
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps)
         gen = torch.Generator().manual_seed(self.seed)
         best, best_state = -1.0, copy.deepcopy(model.state_dict())
-        for _ in progress(range(self.epochs), "distilling", total=self.epochs):
+        for _ in progress(range(self.epochs), self.description, total=self.epochs):
             model.train()
             for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):
                 opt.zero_grad()

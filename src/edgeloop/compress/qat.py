@@ -8,11 +8,17 @@ integer kernels (QLinearConv, QGemm).
    tensor (uint8, asymmetric, range = running min/max observed in training). Rounding passes
    gradients straight through.
 3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch.
-   That epoch is then compared with post-training quantization (PTQ) through the real
+   By default it distils from the float model it started from (``distill`` weighs the
+   teacher's softened outputs against the hard labels, as in
+   :mod:`edgeloop.compress.distill`): the quantized model learns to reproduce the float
+   one, not only the labels, which keeps it from drifting where quantization costs little.
+   The kept epoch is then compared with post-training quantization (PTQ) through the real
    export: both are exported to QDQ ONNX, calibrated on the same data, and run by
-   onnxruntime on the validation set. The fine-tuned weights are kept only if they are
-   strictly more accurate; otherwise the result is the un-tuned model, whose export is
-   exactly the PTQ model (a tie keeps PTQ).
+   onnxruntime on the validation set. The fine-tuned weights are kept only if their
+   validation loss (cross-entropy, a proper scoring rule that moves smoothly where
+   accuracy on a few hundred samples moves in jumps) is strictly lower and their
+   validation accuracy is no lower; otherwise the result is the un-tuned model, whose
+   export is exactly the PTQ model.
 4. Export: the float graph is exported, then every weight is replaced by its integer values
    and a DequantizeLinear (the same grid as in training), every activation feeding or
    leaving a Conv/Gemm/Add gets a QuantizeLinear/DequantizeLinear pair with a range observed
@@ -38,13 +44,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from edgeloop._onnx import session
+from edgeloop.compress.distill import Distill
 from edgeloop.compress.trainbase import TorchPass, TrainContext, sample_of
 from edgeloop.data import Dataset, batches
-from edgeloop.errors import ModelError, one_of
-from edgeloop.zoo.train import TrainConfig, train
+from edgeloop.errors import DataError, ModelError, UsageError, one_of
 
-__all__ = ["BITS", "QAT", "QuantizedLayer", "exported_accuracy", "fold_batchnorm",
-           "quantize_export"]
+__all__ = ["BITS", "QAT", "ExportedScore", "QuantizedLayer", "exported_score",
+           "fold_batchnorm", "quantize_export"]
 
 BITS = (8, 4)
 _COMPUTE = ("Conv", "Gemm", "MatMul")
@@ -153,14 +159,18 @@ class QAT(TorchPass):
     """Quantization-aware fine-tuning; :func:`quantize_export` writes the integer model."""
 
     bits: int = 8
-    epochs: int = 8
-    lr: float = 1e-4      # AdamW peak learning rate
+    epochs: int = 10
+    lr: float = 3e-4          # AdamW peak learning rate, one-cycle schedule
+    distill: float = 0.9      # weight of the float model's softened outputs (0: labels only)
+    temperature: float = 2.0  # softening of both models' outputs in the distillation term
     seed: int = 0
     name: ClassVar[str] = "qat"
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
             raise one_of("bits", [str(b) for b in BITS], self.bits)
+        if not 0.0 <= self.distill <= 1.0:
+            raise UsageError(f"`distill` must lie in [0, 1]; got {self.distill!r}")
 
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         """The fine-tuned model with BatchNorm folded (float module; export it with
@@ -172,24 +182,43 @@ class QAT(TorchPass):
             return folded
         sim = _wrap(copy.deepcopy(folded), self.bits)
         _observe(sim, ctx.train)
-        train(sim, ctx.train, ctx.val, TrainConfig(epochs=self.epochs, lr=self.lr,
-                                                   seed=self.seed),
-              description=f"quantization-aware training ({self.bits}-bit weights)")
+        Distill(epochs=self.epochs, temperature=self.temperature, alpha=self.distill,
+                lr=self.lr, seed=self.seed,
+                description=f"quantization-aware training ({self.bits}-bit weights)").apply(
+            sim, TrainContext(ctx.train, ctx.val, teacher=folded))
         tuned = _unwrap(sim).eval()
         calib = ctx.calib if ctx.calib is not None else ctx.train.take(slice(0, _CALIB))
-        if (exported_accuracy(tuned, calib, ctx.val, bits=self.bits)
-                > exported_accuracy(folded, calib, ctx.val, bits=self.bits)):
+        if exported_score(tuned, calib, ctx.val, bits=self.bits).beats(
+                exported_score(folded, calib, ctx.val, bits=self.bits)):
             return tuned
         return folded
 
 
-def exported_accuracy(model: nn.Module, calib: Dataset, data: Dataset, *, bits: int) -> float:
-    """Top-1 accuracy in [0, 1] on ``data`` of ``model`` exported by :func:`quantize_export`
+@dataclass(frozen=True)
+class ExportedScore:
+    """How an exported integer model does on labelled data."""
+
+    accuracy: float   # top-1, in [0, 1]
+    loss: float       # mean cross-entropy (nats)
+
+    def beats(self, other: ExportedScore) -> bool:
+        """Strictly lower loss and no lower accuracy."""
+        return self.loss < other.loss and self.accuracy >= other.accuracy
+
+
+def exported_score(model: nn.Module, calib: Dataset, data: Dataset, *,
+                   bits: int) -> ExportedScore:
+    """Accuracy and loss on ``data`` of ``model`` exported by :func:`quantize_export`
     (calibrated on ``calib``) and run by onnxruntime."""
     from edgeloop.measure import predict
 
+    if data.labels is None:
+        raise DataError("scoring an exported model needs `labels` in the data")
     proto, _ = quantize_export(model, calib, bits=bits)
-    return float((predict(session(proto), data).argmax(1) == data.labels).mean())
+    logits = torch.from_numpy(predict(session(proto), data))
+    labels = torch.from_numpy(data.labels)
+    return ExportedScore(float((logits.argmax(1) == labels).double().mean()),
+                         float(nn.functional.cross_entropy(logits, labels)))
 
 
 def quantize_export(model: nn.Module, calib: Dataset, *,
