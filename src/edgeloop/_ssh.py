@@ -17,9 +17,12 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edgeloop.bench import BenchConfig, BenchReport
 from edgeloop.errors import DataError, TransportError, UsageError
+
+if TYPE_CHECKING:  # the CLI reads RemoteConfig's defaults without loading onnxruntime
+    from edgeloop.bench import BenchConfig, BenchReport
 
 __all__ = ["RemoteConfig", "remote_bench"]
 
@@ -81,6 +84,8 @@ def remote_bench(destination: str, model_path: str | os.PathLike[str], *,
                  data_path: str | os.PathLike[str] | None = None) -> BenchReport:
     """Copy the model (and ``data_path``) to ``destination`` (``[user@]host``) over SSH, run
     the device's own ``edgeloop bench`` there, and return the report it prints."""
+    from edgeloop.bench import BenchConfig, BenchReport
+
     config = config or BenchConfig()
     remote = remote or RemoteConfig()
     if not destination or destination.startswith("-") or any(c.isspace() for c in destination):

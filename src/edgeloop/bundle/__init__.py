@@ -5,21 +5,24 @@ Build side (``tuf.api.metadata`` + securesystemslib signers): :func:`init_repo`,
 :func:`serve_repo`. Device side (``tuf.ngclient.Updater``): :class:`Device` (``init``,
 ``update``, ``rollback``, ``status``) and its :class:`Runtime`. The pure checks live in
 ``manifest``, ``health`` and ``slots``.
+
+Names are imported on first use, so reading a default such as
+``HealthConfig.latency_margin`` (the CLI's ``--help``) loads neither TUF nor onnxruntime.
 """
 
-from edgeloop.bundle.device import Device, Runtime, UpdateResult
-from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
-from edgeloop.bundle.manifest import Floor, Manifest, Reference, TensorSpec
-from edgeloop.bundle.publish import build_manifest
-from edgeloop.bundle.repository import (
-    RepoConfig,
-    init_repo,
-    publish_bundle,
-    refresh_repo,
-    rotate_key,
-    serve_repo,
-)
-from edgeloop.bundle.slots import SlotState
+from importlib import import_module
+
+_SOURCES = {
+    "Device": "device", "Runtime": "device", "UpdateResult": "device",
+    "HealthConfig": "health", "Measured": "health", "Probation": "health",
+    "Verdict": "health", "judge": "health",
+    "Floor": "manifest", "Manifest": "manifest", "Reference": "manifest",
+    "TensorSpec": "manifest",
+    "build_manifest": "publish",
+    "RepoConfig": "repository", "init_repo": "repository", "publish_bundle": "repository",
+    "refresh_repo": "repository", "rotate_key": "repository", "serve_repo": "repository",
+    "SlotState": "slots",
+}
 
 __all__ = [
     "Device",
@@ -43,3 +46,15 @@ __all__ = [
     "rotate_key",
     "serve_repo",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _SOURCES:
+        value = getattr(import_module(f"edgeloop.bundle.{_SOURCES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgeloop.bundle' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

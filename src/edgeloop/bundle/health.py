@@ -7,8 +7,10 @@ nothing here loads models, reads files or looks at the clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from edgeloop.bundle.manifest import Floor
+if TYPE_CHECKING:  # the CLI reads HealthConfig's defaults without loading numpy
+    from edgeloop.bundle.manifest import Floor
 
 __all__ = [
     "HealthConfig",

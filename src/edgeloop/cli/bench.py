@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from edgeloop._ssh import RemoteConfig, remote_bench
-from edgeloop.bench import BenchConfig, BenchReport, bench, parse_batches, plot_latency
+from edgeloop._ssh import RemoteConfig
 from edgeloop.cli._app import app, console
-from edgeloop.data import load_npz
+
+if TYPE_CHECKING:
+    from edgeloop.bench import BenchReport
 
 
 def _render(report: BenchReport) -> list[Table]:
@@ -71,6 +72,10 @@ def bench_cmd(
 ) -> None:
     """Sustained on-target benchmark: latency percentiles, throughput, throttling, energy,
     memory, load time and the operators that take the time."""
+    from edgeloop._ssh import remote_bench
+    from edgeloop.bench import BenchConfig, bench, parse_batches, plot_latency
+    from edgeloop.data import load_npz
+
     config = BenchConfig(batches=parse_batches(batch), threads=threads, duration=duration,
                          warmup=warmup, target=target)
     if remote is not None:
@@ -102,7 +107,8 @@ def export_cmd(
     batch: Annotated[int, typer.Option(help="tflite/coreml: fixed batch size")] = 1,
 ) -> None:
     """Export a torch model, checked against PyTorch before it is written."""
-    from edgeloop.export import export_checkpoint  # torch only for this command, not `bench`
+    from edgeloop.data import load_npz
+    from edgeloop.export import export_checkpoint
 
     samples = load_npz(data).inputs.get("x") if data is not None else None
     check = export_checkpoint(model, to=to, out=out, samples=samples, quantize=quantize,

@@ -11,18 +11,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgeloop.bundle import (
-    Device,
-    HealthConfig,
-    build_manifest,
-    init_repo,
-    publish_bundle,
-    refresh_repo,
-    rotate_key,
-    serve_repo,
-)
+from edgeloop.bundle.health import HealthConfig
 from edgeloop.cli._app import app, console
-from edgeloop.data import load_npz
 
 repo_app = typer.Typer(help="A TUF repository of signed model bundles (build side).",
                        no_args_is_help=True)
@@ -53,6 +43,8 @@ def repo_init(
     passphrase_env: PassEnvOpt = _PASS_ENV,
 ) -> None:
     """Create a repository with ed25519 keys for root, targets, snapshot and timestamp."""
+    from edgeloop.bundle import init_repo
+
     keys_dir = _keys(repo, keys)
     root = init_repo(repo, keys=keys_dir, root_threshold=root_threshold, root_keys=root_keys,
                      passphrase=os.environ.get(passphrase_env))
@@ -69,6 +61,8 @@ def repo_rotate(
     passphrase_env: PassEnvOpt = _PASS_ENV,
 ) -> None:
     """Replace a role's keys with new ones in a new root version (old keys revoked)."""
+    from edgeloop.bundle import rotate_key
+
     new = rotate_key(repo, role, keys=_keys(repo, keys), revoke=revoke,
                      passphrase=os.environ.get(passphrase_env))
     console.print(f"{role} now signed by new key(s) {', '.join(k[:16] for k in new)}")
@@ -81,6 +75,8 @@ def repo_refresh(
     passphrase_env: PassEnvOpt = _PASS_ENV,
 ) -> None:
     """Re-sign timestamp (and snapshot/targets near expiry); run it from cron."""
+    from edgeloop.bundle import refresh_repo
+
     roles = refresh_repo(repo, keys=_keys(repo, keys), passphrase=os.environ.get(passphrase_env))
     console.print(f"re-signed {', '.join(roles)}")
 
@@ -91,6 +87,8 @@ def repo_serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
 ) -> None:
     """Serve the repository over HTTP on 127.0.0.1 until interrupted."""
+    from edgeloop.bundle import serve_repo
+
     server, _ = serve_repo(repo, port=port)
     console.print(f"serving {repo} at http://127.0.0.1:{server.server_address[1]}/ "
                   "(Ctrl-C stops)")
@@ -115,6 +113,9 @@ def publish_cmd(
     passphrase_env: PassEnvOpt = _PASS_ENV,
 ) -> None:
     """Sign and publish a model bundle (model + manifest) into a repository."""
+    from edgeloop.bundle import build_manifest, publish_bundle
+    from edgeloop.data import load_npz
+
     data = load_npz(golden) if golden is not None else None
     manifest = build_manifest(model, name=name, version=version, golden=data,
                               min_metric=min_metric)
@@ -133,6 +134,8 @@ def device_init(
     golden: Annotated[Path | None, typer.Option(help="Golden .npz for health checks")] = None,
 ) -> None:
     """Provision a device folder that trusts a repository's root."""
+    from edgeloop.bundle import Device
+
     Device.init(state_dir, trusted_root=trusted_root, golden=golden)
     console.print(f"device {state_dir} provisioned")
 
@@ -147,6 +150,8 @@ def device_update(
     ] = HealthConfig.latency_margin,
 ) -> None:
     """Fetch, verify, health-check and commit the newest bundle into the inactive slot."""
+    from edgeloop.bundle import Device
+
     result = Device(state_dir, config=HealthConfig(latency_margin=latency_margin)).update(
         repo, name)
     if result.installed:
@@ -160,6 +165,8 @@ def device_rollback(
     state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
 ) -> None:
     """Serve the previous slot's model again."""
+    from edgeloop.bundle import Device
+
     m = Device(state_dir).rollback()
     console.print(f"rolled back to {m.name} {m.version}")
 
@@ -170,6 +177,8 @@ def device_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Both slots, versions, sha256, probation, and when and why each change happened."""
+    from edgeloop.bundle import Device
+
     status = Device(state_dir).status()
     if as_json:
         console.print_json(json.dumps(status))

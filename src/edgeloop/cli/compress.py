@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
+from edgeloop._trainconfig import TrainConfig
 from edgeloop.cli._app import app, console, zoo_app
-from edgeloop.compress import make_scheme, run_pass
-from edgeloop.data import load_builtin, load_npz, save_npz
-from edgeloop.measure import EvalReport, LatencyConfig, evaluate
-from edgeloop.targets import get_target
-from edgeloop.zoo import TrainConfig, train_zoo_model
+
+if TYPE_CHECKING:
+    from edgeloop.measure import EvalReport
 
 
 @app.command("data")
@@ -24,6 +23,8 @@ def data_cmd(
     split: Annotated[str, typer.Option(help="train, val, calib or test")] = "test",
 ) -> None:
     """Write a built-in data set split as an .npz (input `x` plus `labels`)."""
+    from edgeloop.data import load_builtin, save_npz
+
     data = load_builtin(name, split)
     save_npz(out, data)
     console.print(f"wrote {out}: {len(data)} samples of {name}/{split}")
@@ -40,6 +41,8 @@ def zoo_train(
         help="Width: channels for the CNNs, a multiplier for mnist1d-mobile")] = None,
 ) -> None:
     """Train a reference model on its built-in data set (CPU, under two minutes)."""
+    from edgeloop.zoo import train_zoo_model
+
     arch_config = {} if width is None else {"width": width if arch == "mnist1d-mobile"
                                             else int(width)}
     result = train_zoo_model(arch, out, config=TrainConfig(epochs=epochs, seed=seed),
@@ -66,6 +69,10 @@ def quantize_cmd(
     target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
 ) -> None:
     """Post-training quantization of an ONNX model (onnxruntime is the engine)."""
+    from edgeloop.compress import make_scheme, run_pass
+    from edgeloop.data import load_npz
+    from edgeloop.targets import get_target
+
     options: dict[str, object] = {"calibration": calibration, "block_size": block_size,
                                   "max_error": max_error}
     if scheme in ("int8", "int8-static", "int8-dynamic"):
@@ -111,6 +118,9 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Accuracy, fidelity to a reference, size, latency, and what still runs in float."""
+    from edgeloop.data import load_npz
+    from edgeloop.measure import LatencyConfig, evaluate
+
     report = evaluate(model, load_npz(data), reference=reference,
                       latency_config=LatencyConfig(min_runs=runs, max_seconds=seconds))
     if as_json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Group
@@ -13,15 +13,16 @@ from rich.table import Table
 from rich.text import Text
 
 from edgeloop.cli._app import app, console, err_console
-from edgeloop.data import load_npz
-from edgeloop.optimize import CandidateResult, OptimizeConfig, optimize, parse_duration
-from edgeloop.report import write_report
-from edgeloop.targets import TARGETS, detect, get_target
+
+if TYPE_CHECKING:
+    from edgeloop.optimize import CandidateResult
 
 
 @app.command("targets")
 def targets_cmd() -> None:
     """List the hardware profiles; * marks the one `--target auto` picks on this machine."""
+    from edgeloop.targets import TARGETS, detect
+
     auto = detect().name
     t = Table(title="hardware profiles")
     for col in ("", "name", "description", "quant format", "activations x weights",
@@ -92,6 +93,11 @@ def optimize_cmd(
     The time budget covers the whole command from here: loading, search and the report.
     Ctrl-C stops the search and still writes the best model found so far (exit code 0).
     """
+    from edgeloop.data import load_npz
+    from edgeloop.optimize import OptimizeConfig, optimize, parse_duration
+    from edgeloop.report import write_report
+    from edgeloop.targets import get_target
+
     config = OptimizeConfig(metric=metric, max_drop=max_drop, batch=batch,
                             time_budget_s=parse_duration(time_budget),
                             started_at=time.monotonic())

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from edgeloop.cli._app import app, console
-from edgeloop.compress.distill import Distill
-from edgeloop.compress.prune import StructuredPrune, UnstructuredPrune
-from edgeloop.compress.qat import QAT
-from edgeloop.compress.recipe import compress_torch, load_recipe, run_recipe
-from edgeloop.compress.trainbase import TorchPass
-from edgeloop.data import load_npz
 from edgeloop.errors import UsageError
-from edgeloop.measure import LatencyConfig
-from edgeloop.zoo import build
+
+if TYPE_CHECKING:
+    from edgeloop.compress.trainbase import TorchPass
+    from edgeloop.measure import LatencyConfig
 
 Data = Annotated[Path, typer.Option("--data", help="Training .npz with labels")]
 Val = Annotated[Path, typer.Option("--val", help="Validation .npz with labels")]
@@ -26,6 +22,8 @@ Runs = Annotated[int, typer.Option(min=1, help="Timed runs per batch size in the
 
 
 def _latency(runs: int) -> LatencyConfig:
+    from edgeloop.measure import LatencyConfig
+
     return LatencyConfig(min_runs=runs, max_seconds=2.0, floor_runs=min(runs, 20))
 
 
@@ -50,6 +48,9 @@ def _render(report: dict[str, Any], out: Path) -> None:
 
 def _run(model: Path, passes: list[TorchPass], data: Path, val: Path, out: Path,
          runs: int) -> None:
+    from edgeloop.compress.recipe import compress_torch
+    from edgeloop.data import load_npz
+
     report = compress_torch(model, passes, train=load_npz(data), val=load_npz(val), out=out,
                             latency_config=_latency(runs))
     _render(report, out)
@@ -72,6 +73,8 @@ def prune_cmd(
     """Structured (channels removed) or unstructured (weights zeroed) pruning + fine-tuning."""
     if (structured is None) == (unstructured is None):
         raise UsageError("give exactly one of --structured RATIO or --unstructured RATIO")
+    from edgeloop.compress.prune import StructuredPrune, UnstructuredPrune
+
     p: TorchPass
     if structured is not None:
         p = StructuredPrune(ratio=structured, importance=importance, steps=steps,
@@ -91,6 +94,8 @@ def qat_cmd(
     runs: Runs = 100,
 ) -> None:
     """Quantization-aware fine-tuning, exported as an integer QDQ ONNX model."""
+    from edgeloop.compress.qat import QAT
+
     _run(model, [QAT(bits=bits, epochs=epochs)], data, val, out, runs)
 
 
@@ -107,6 +112,11 @@ def distill_cmd(
     runs: Runs = 100,
 ) -> None:
     """Train a small student from a teacher (softened KL + hard labels)."""
+    from edgeloop.compress.distill import Distill
+    from edgeloop.compress.recipe import compress_torch
+    from edgeloop.data import load_npz
+    from edgeloop.zoo import build
+
     config: dict[str, Any] = {} if width is None else {"width": _width(student, width)}
     p = Distill(epochs=epochs, temperature=temperature, alpha=alpha, seed=seed)
     report = compress_torch(teacher, [p], train=load_npz(data), val=load_npz(val), out=out,
@@ -128,5 +138,7 @@ def compress_cmd(
     runs: Runs = 100,
 ) -> None:
     """Run a recipe: a chain of prune / distill / qat passes (see `edgeloop.compress.recipe`)."""
+    from edgeloop.compress.recipe import load_recipe, run_recipe
+
     r = load_recipe(recipe)
     _render(run_recipe(r, latency_config=_latency(runs)), r.out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +11,9 @@ import torch
 from torch import nn
 
 from edgeloop._progress import progress
+from edgeloop._trainconfig import TrainConfig
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.zoo._registry import ARCHS, build, save_torch
-
-
-@dataclass
-class TrainConfig:
-    """Optimiser settings. The defaults train every zoo model in under two minutes."""
-
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 3e-3          # AdamW peak learning rate, cosine-decayed to 0
-    weight_decay: float = 1e-4
-    seed: int = 0
 
 
 def _logits_and_labels(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
