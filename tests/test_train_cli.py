@@ -118,6 +118,13 @@ def test_ratio_out_of_range(files: Path, tmp_path: Path, capsys, ratio: str) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_qat_distillation_weight_out_of_range(files: Path, tmp_path: Path, capsys) -> None:
+    _fails(["qat", str(files / "model.pt"), "--data", str(files / "train.npz"), "--val",
+            str(files / "val.npz"), "--distill", "1.5", "--out", str(tmp_path / "out")],
+           capsys, "`distill` must lie in [0, 1]; got 1.5")
+    assert not (tmp_path / "out").exists()
+
+
 def test_labels_outside_classes(files: Path, tmp_path: Path, capsys) -> None:
     data = load_builtin("mnist1d", "val").take(slice(0, 32))
     save_npz(tmp_path / "bad.npz", Dataset(data.inputs, np.full(32, 12, dtype=np.int64)))

@@ -3,7 +3,9 @@
 1. train the MNIST-1D reference CNN;
 2. quantize it with every scheme and compare accuracy, size and latency with fp32 and
    with onnxruntime's stock quantizer;
-3. ``optimize``: the fastest model on this machine within 0.5 accuracy points;
+3. ``optimize``: the fastest model on this machine within 0.5 accuracy points, searching
+   post-training schemes and, from the torch model and its training data, structured
+   pruning and quantization-aware training;
 4. ship it: a signed TUF repository served on 127.0.0.1, a device that verifies,
    health-checks and installs it, then refuses a tampered copy.
 
@@ -62,13 +64,14 @@ def _compare(out: Path, fp32: Path) -> None:
     console.print(table)
 
 
-def _optimize(out: Path, fp32: Path) -> Path:
+def _optimize(out: Path, checkpoint: Path) -> Path:
     from edgeloop.optimize import OptimizeConfig, optimize
     from edgeloop.report import write_report
     from edgeloop.targets import detect
 
-    result = optimize(fp32, calib=load_builtin("mnist1d", "calib"),
+    result = optimize(checkpoint, calib=load_builtin("mnist1d", "calib"),
                       val=load_builtin("mnist1d", "val"), target=detect(),
+                      train=load_builtin("mnist1d", "train"),
                       config=OptimizeConfig(metric="accuracy", max_drop=0.5, batch=32,
                                             time_budget_s=120.0),
                       on_result=lambda r: console.print(f"   measured {r.name}"))
@@ -126,7 +129,7 @@ def main(out_dir: str = "demo-out") -> None:
           f"edgeloop zoo train mnist1d-cnn --out {out}/fp32")
     result = train_zoo_model("mnist1d-cnn", out / "fp32")
     console.print(f"   test accuracy {result['test_accuracy']:.2%}")
-    for split in ("calib", "val", "test"):
+    for split in ("train", "calib", "val", "test"):
         save_npz(out / f"{split}.npz", load_builtin("mnist1d", split))
     fp32 = out / "fp32" / "model.onnx"
 
@@ -136,9 +139,10 @@ def main(out_dir: str = "demo-out") -> None:
     _compare(out, fp32)
 
     _step("3. find the fastest model within 0.5 accuracy points",
-          f"edgeloop optimize {fp32} --data {out}/calib.npz --val {out}/val.npz "
-          f"--metric accuracy --max-drop 0.5 --batch 32 --time-budget 2m --out {out}/optimized")
-    best = _optimize(out, fp32)
+          f"edgeloop optimize {out}/fp32/model.pt --train {out}/train.npz "
+          f"--data {out}/calib.npz --val {out}/val.npz --metric accuracy --max-drop 0.5 "
+          f"--batch 32 --time-budget 2m --out {out}/optimized")
+    best = _optimize(out, out / "fp32" / "model.pt")
 
     _step("4. sign, publish, and install it on a device over HTTP",
           f"edgeloop repo init {out}/repo --keys {out}/keys; edgeloop publish {best} "
