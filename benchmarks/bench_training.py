@@ -135,8 +135,9 @@ def qat_vs_ptq() -> str:
            "run by the same int8 kernels) with 8-bit activations. QAT with its defaults "
            f"({_qat_defaults()}): distillation from the float model it starts from, "
            "keeping the best validation epoch; that epoch is kept only if its exported integer "
-           "model has strictly lower cross-entropy and no lower accuracy on the 500-sample "
-           "validation set than the PTQ export (same calibration data), otherwise QAT returns "
+           "model has lower cross-entropy on the 500-sample validation set than the PTQ export "
+           "(same calibration data) by more than chance (one-sided paired test on the "
+           "per-sample loss at the 5% level) and no lower accuracy, otherwise QAT returns "
            "the un-tuned model and its export is the PTQ model (QAT - PTQ = 0, marked 'PTQ "
            "kept'). Selection never sees the test set. 1 test point = 10 samples; differences "
            "under ~1 point between trained models are within seed noise.", "",
