@@ -44,6 +44,15 @@ def quiet_libraries() -> None:
     """Keep the libraries' INFO chatter (onnxruntime's quantizer configures the root logger
     at INFO) off the terminal; warnings from everything else still show."""
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    if _not_onnxruntime_advice not in root.filters:
+        root.addFilter(_not_onnxruntime_advice)
     for noisy in ("onnxruntime", "onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _not_onnxruntime_advice(record: logging.LogRecord) -> bool:
+    """onnxruntime's quantizer warns through the root logger (e.g. "consider
+    pre-processing"), about choices edgeloop makes and measures itself; its errors pass."""
+    return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname
