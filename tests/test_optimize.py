@@ -184,7 +184,7 @@ def test_torch_checkpoint_and_torch_candidate_extension_point(trained: Path) -> 
     """A torch checkpoint is exported first; a TorchCandidate's module is exported and
     measured like the rest (zeroing the classifier must blow the budget)."""
 
-    def zero_head(module: torch.nn.Module, train: Dataset) -> torch.nn.Module:
+    def zero_head(module: torch.nn.Module, train: Dataset, calib: Dataset) -> torch.nn.Module:
         last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
         with torch.no_grad():
             last.weight.zero_()
