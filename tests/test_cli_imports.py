@@ -126,3 +126,35 @@ def test_bench_runs_without_torch(tmp_path: Path) -> None:
     report = json.loads(out)
     assert [r["batch"] for r in report["results"]] == [1, 4]
     assert all(r["runs"] > 0 and r["p50_ms"] > 0 for r in report["results"])
+
+
+def _without_torch(*args: object) -> subprocess.CompletedProcess[str]:
+    """Run ``edgeloop ARGS`` the way a device install sees it: ``torch`` is absent (an
+    import raises ModuleNotFoundError and ``importlib.util.find_spec`` returns None)."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgeloop.cli import main; main(sys.argv[1:])")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={"PYTHONPATH": str(SRC), "EDGELOOP_QUIET": "1",
+                               "COLUMNS": "200"})
+
+
+def test_onnx_commands_run_without_torch(tmp_path: Path) -> None:
+    model = matmul_model(tmp_path / "m.onnx", W_GOOD)
+    save_npz(tmp_path / "x.npz", Dataset({"x": X[:64]}))
+    quantized = _without_torch("quantize", model, "--scheme", "int8-static", "--data",
+                               tmp_path / "x.npz", "--out", tmp_path / "q.onnx")
+    assert quantized.returncode == 0, quantized.stderr
+    evaluated = _without_torch("evaluate", tmp_path / "q.onnx", "--data", tmp_path / "x.npz",
+                               "--reference", model, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["fidelity"]["mean_cosine"] > 0.99
+
+
+def test_a_training_command_without_torch_names_the_extra(tmp_path: Path) -> None:
+    proc = _without_torch("zoo", "train", "mnist1d-cnn", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: this command needs `torch`, which is not installed; install it with pip "
+        "install 'edgeloop[train]'"]
+    assert not (tmp_path / "out").exists()
