@@ -50,6 +50,7 @@ TMP = Path(tempfile.mkdtemp(prefix="edgeloop-bench-"))
 
 
 def trained(arch: str, seed: int = 0, epochs: int = EPOCHS, **config: object) -> torch.nn.Module:
+    torch.manual_seed(seed)   # the seed fixes the initial weights too: reruns reproduce
     return train(build(arch, **config), TRAIN, VAL, TrainConfig(epochs=epochs, seed=seed))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edgeloop.cli import main
 
@@ -129,3 +130,14 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
                        env={**os.environ, "EDGELOOP_QUIET": "1"})
     assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+def test_zoo_train_with_the_same_seed_gives_the_same_model(tmp_path: Path) -> None:
+    from edgeloop.zoo import load_torch
+
+    for run in ("a", "b"):
+        main(["zoo", "train", "mnist1d-mlp", "--epochs", "1", "--seed", "3", "--out",
+              str(tmp_path / run)])
+    (a, _), (b, _) = (load_torch(tmp_path / run / "model.pt") for run in ("a", "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values(), strict=True))

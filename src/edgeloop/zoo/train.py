@@ -64,9 +64,12 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
 def train_zoo_model(arch: str, out_dir: str | os.PathLike[str], *,
                     config: TrainConfig | None = None, **arch_config: object) -> dict[str, float]:
     """Train zoo model ``arch`` on its built-in data set and write ``out_dir/model.pt`` and
-    ``out_dir/model.onnx``. Returns validation and test accuracy."""
+    ``out_dir/model.onnx``. Returns validation and test accuracy. ``config.seed`` fixes
+    the initial weights as well as the training order: the same seed gives the same model."""
     from edgeloop.export import to_onnx
 
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
     model = build(arch, **arch_config)
     entry = ARCHS[arch]
     train_data = load_builtin(entry.dataset, "train")
