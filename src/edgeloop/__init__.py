@@ -4,7 +4,7 @@ The public API is what ``__all__`` lists; everything else is internal. Names are
 on first use, so a device that only needs ``edgeloop.bundle`` never imports torch.
 """
 
-from importlib import import_module
+from edgeloop._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -62,13 +62,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _SOURCES:
-        value = getattr(import_module(_SOURCES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'edgeloop' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES)

@@ -10,18 +10,18 @@ Names are imported on first use, so reading a default such as
 ``HealthConfig.latency_margin`` (the CLI's ``--help``) loads neither TUF nor onnxruntime.
 """
 
-from importlib import import_module
+from edgeloop._lazy import lazy_names
 
 _SOURCES = {
-    "Device": "device", "Runtime": "device", "UpdateResult": "device",
-    "HealthConfig": "health", "Measured": "health", "Probation": "health",
-    "Verdict": "health", "judge": "health",
-    "Floor": "manifest", "Manifest": "manifest", "Reference": "manifest",
-    "TensorSpec": "manifest",
-    "build_manifest": "publish",
-    "RepoConfig": "repository", "init_repo": "repository", "publish_bundle": "repository",
-    "refresh_repo": "repository", "rotate_key": "repository", "serve_repo": "repository",
-    "SlotState": "slots",
+    "Device": ".device", "Runtime": ".device", "UpdateResult": ".device",
+    "HealthConfig": ".health", "Measured": ".health", "Probation": ".health",
+    "Verdict": ".health", "judge": ".health",
+    "Floor": ".manifest", "Manifest": ".manifest", "Reference": ".manifest",
+    "TensorSpec": ".manifest",
+    "build_manifest": ".publish",
+    "RepoConfig": ".repository", "init_repo": ".repository", "publish_bundle": ".repository",
+    "refresh_repo": ".repository", "rotate_key": ".repository", "serve_repo": ".repository",
+    "SlotState": ".slots",
 }
 
 __all__ = [
@@ -48,13 +48,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _SOURCES:
-        value = getattr(import_module(f"edgeloop.bundle.{_SOURCES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'edgeloop.bundle' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES)
