@@ -37,6 +37,13 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def claims_table(verdict: dict[str, bool]) -> list[str]:
+    """A markdown table of claims (each stated with its measured figure) and whether each
+    holds."""
+    return ["| claim | holds |", "|---|---|",
+            *(f"| {claim} | {'yes' if holds else '**no**'} |" for claim, holds in verdict.items())]
+
+
 def write_section(name: str, title: str, body: str) -> Path:
     """Write this script's section (with machine, date and command) and rebuild
     BENCHMARKS.md from every section."""

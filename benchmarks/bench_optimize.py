@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from _report import RESULTS, ROOT, write_section
+from _report import RESULTS, ROOT, claims_table, write_section
 
 from edgeloop._onnx import load_model, session
 from edgeloop.compress import OrtStatic, run_pass
@@ -220,8 +220,7 @@ def run_case(case: Case, work: Path) -> str:
               f"{tight['measured']} candidates, search {tight['elapsed_s']:.2f} s, whole "
               f"command {tight['wall_s']:.1f} s wall (Python start-up and imports come before "
               f"the budget starts), chose {tight['chosen'] or 'the float model'}", "",
-              "| claim | holds |", "|---|---|"]
-    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in verdict.items()]
+              *claims_table(verdict)]
     lines += ["", f"![pareto](benchmarks/results/{png.name})", ""]
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section
+from _report import claims_table, write_section
 
 from edgeloop._onnx import session
 from edgeloop.compress import Int8Static, apply_pass
@@ -115,11 +115,11 @@ def pruning() -> tuple[str, torch.nn.Module]:
                "the float export of the folded model before quantization.")
     f_ratio = count_flops(pruned, sample_of(TEST)) / flops0
     l_ratio = lat32["pruned"] / lat32["base"]
-    out += ["", "| claim | holds |", "|---|---|",
-            f"| pruned: drop <= 1 point ({a0 - a1:.1f}) | {_yes(a0 - a1 <= 1.0)} |",
-            f"| pruned: FLOPs <= 0.35x ({f_ratio:.3f}x) | {_yes(f_ratio <= 0.35)} |",
-            f"| pruned: batch-32 latency <= 0.6x ({l_ratio:.2f}x) | {_yes(l_ratio <= 0.6)} |",
-            f"| pruned + int8: drop <= 1.5 points ({a0 - a2:.1f}) | {_yes(a0 - a2 <= 1.5)} |"]
+    out += ["", *claims_table({
+        f"pruned: drop <= 1 point ({a0 - a1:.1f})": a0 - a1 <= 1.0,
+        f"pruned: FLOPs <= 0.35x ({f_ratio:.3f}x)": f_ratio <= 0.35,
+        f"pruned: batch-32 latency <= 0.6x ({l_ratio:.2f}x)": l_ratio <= 0.6,
+        f"pruned + int8: drop <= 1.5 points ({a0 - a2:.1f})": a0 - a2 <= 1.5})]
     return "\n".join(out), base
 
 
@@ -176,11 +176,11 @@ def qat_vs_ptq() -> str:
         gains[(label, bits)] = qa - pa
         out.append(f"| {label} | {bits} | {fa:.2f} | {pa:.2f} | {qa:.2f} | {qa - pa:+.2f} |")
     worst, best = min(gains, key=gains.__getitem__), max(gains, key=gains.__getitem__)
-    out += ["", "| claim | holds |", "|---|---|",
-            f"| QAT >= PTQ at the same bit width on every model (mean of {SEEDS} seeds; worst: "
-            f"{worst[0]} {worst[1]}-bit {gains[worst]:+.2f}) | {_yes(gains[worst] >= 0)} |",
-            f"| QAT wins by >= 1 point somewhere (best: {best[0]} {best[1]}-bit "
-            f"{gains[best]:+.2f}) | {_yes(gains[best] >= 1.0)} |"]
+    out += ["", *claims_table({
+        f"QAT >= PTQ at the same bit width on every model (mean of {SEEDS} seeds; worst: "
+        f"{worst[0]} {worst[1]}-bit {gains[worst]:+.2f})": gains[worst] >= 0,
+        f"QAT wins by >= 1 point somewhere (best: {best[0]} {best[1]}-bit "
+        f"{gains[best]:+.2f})": gains[best] >= 1.0})]
     return "\n".join(out)
 
 
@@ -189,9 +189,6 @@ def _qat_defaults() -> str:
     return (f"{q.epochs} epochs, lr {q.lr:g}, distillation weight {q.distill:g}, "
             f"temperature {q.temperature:g}")
 
-
-def _yes(holds: bool) -> str:
-    return "yes" if holds else "**no**"
 
 
 def _same(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:

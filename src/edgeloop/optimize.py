@@ -184,9 +184,8 @@ class PassCandidate(Candidate):
 class TorchCandidate(Candidate):
     """A candidate that changes the torch model itself (structured pruning,
     quantization-aware training): ``transform(module, train, calib)`` returns a new module,
-    which
-    is exported to ONNX — by ``export(module, calib)`` when given, else as a float model —
-    and then optionally passed through ``then``.
+    which is exported to ONNX — by ``export(module, calib)`` when given, else as a float
+    model — and then optionally passed through ``then``.
 
     Only built when the input is a torch checkpoint and training data is given.
     """

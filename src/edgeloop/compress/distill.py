@@ -10,18 +10,17 @@ The T^2 factor keeps the soft term's gradients on the scale of the hard term's a
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from edgeloop._progress import progress
+from edgeloop._trainconfig import TrainConfig
 from edgeloop.compress.trainbase import TorchPass, TrainContext
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
-from edgeloop.zoo.train import accuracy
+from edgeloop.zoo.train import train
 
 __all__ = ["Distill", "distillation_loss"]
 
@@ -63,38 +62,24 @@ class Distill(TorchPass):
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         if ctx.teacher is None and self.alpha > 0:
             raise ModelError("distillation needs a teacher model")
-        torch.manual_seed(self.seed)
         x, y = _tensors(ctx.train)
+        teacher_logits = None
         if ctx.teacher is not None:
             with torch.no_grad():
                 teacher_logits = ctx.teacher.eval()(x)
             if teacher_logits.shape[-1] != model(x[:1]).shape[-1]:
                 raise ModelError("teacher and student disagree on the number of classes")
-        else:
-            teacher_logits = None
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps = self.epochs * -(-len(x) // self.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps)
-        gen = torch.Generator().manual_seed(self.seed)
-        best, best_state = -1.0, copy.deepcopy(model.state_dict())
-        for _ in progress(range(self.epochs), self.description, total=self.epochs):
-            model.train()
-            for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):
-                opt.zero_grad()
-                logits = model(x[idx])
-                if teacher_logits is None:
-                    loss = nn.functional.cross_entropy(logits, y[idx])
-                else:
-                    loss = distillation_loss(logits, teacher_logits[idx], y[idx],
-                                             temperature=self.temperature, alpha=self.alpha)
-                loss.backward()
-                opt.step()
-                sched.step()
-            acc = accuracy(model, ctx.val)
-            if acc > best:
-                best, best_state = acc, copy.deepcopy(model.state_dict())
-        model.load_state_dict(best_state)
-        return model.eval()
+
+        def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            if teacher_logits is None:
+                return nn.functional.cross_entropy(logits, y[idx])
+            return distillation_loss(logits, teacher_logits[idx], y[idx],
+                                     temperature=self.temperature, alpha=self.alpha)
+
+        config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             weight_decay=self.weight_decay, seed=self.seed)
+        return train(model, ctx.train, ctx.val, config, loss=loss,
+                     description=self.description)
 
 
 def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

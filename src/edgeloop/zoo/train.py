@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,20 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
 
 
 def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
-          config: TrainConfig | None = None, *, loss_fn: nn.Module | None = None,
+          config: TrainConfig | None = None, *,
+          loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
           description: str = "training") -> nn.Module:
     """Train ``model`` in place with AdamW and a cosine schedule; keep the weights of the
-    epoch with the best validation accuracy. Returns the model in eval mode."""
+    epoch with the best validation accuracy. Returns the model in eval mode.
+
+    ``loss(logits, idx)`` scores one batch, given the indices of its samples in
+    ``train_data``; the default is cross-entropy with the labels."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     x, y = _logits_and_labels(train_data)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if loss is None:
+        def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(logits, y[idx])
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(x) // config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
@@ -51,7 +58,7 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
         model.train()
         for idx in torch.randperm(len(x), generator=gen).split(config.batch_size):
             opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
+            loss(model(x[idx]), idx).backward()
             opt.step()
             sched.step()
         acc = accuracy(model, val_data)
