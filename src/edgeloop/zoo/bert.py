@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from edgeloop._io import atomic_path
+from edgeloop._torchvision import ensure_importable
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.errors import ModelError, UsageError
 
@@ -78,6 +79,7 @@ class BertClassifier(nn.Module):
     def __init__(self, spec: BertSpec | None = None, **spec_fields: int) -> None:
         super().__init__()
         try:
+            ensure_importable()   # transformers imports torchvision when it is installed
             from transformers import BertConfig, BertForSequenceClassification
         except ImportError:  # the optional extra is missing
             raise UsageError("the BERT encoder needs `transformers`: pip install "
