@@ -60,9 +60,10 @@ def test_int8_on_bert_meets_bound_and_tries_fusion(tiny):
     calib = mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 32))
     p = Int8(max_error=0.002, timing_rounds=1)
     out = apply_pass(p, proto, calib)
-    assert {v.preparation for v in p.plan_.variants} == {"none", "preprocess", "fused"}
+    assert {"preprocess", "fused"} <= {v.preparation for v in p.plan_.variants}
     assert output_error(out, calib, predict(session(proto), calib)) <= 0.002
-    tables = [i for i in out.graph.initializer if "embeddings" in i.name]
+    tables = [i for i in out.graph.initializer
+              if "embeddings" in i.name and i.name.endswith("weight")]
     assert tables and all(i.data_type == onnx.TensorProto.FLOAT for i in tables)
     if p.plan_.preparation == "fused":
         assert {n.op_type for n in out.graph.node} & {"QAttention", "Attention"}

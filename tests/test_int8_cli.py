@@ -30,11 +30,12 @@ def files(tmp_path):
 def test_quantize_int8_with_max_error(files, capsys):
     model, calib, out = files
     main(["quantize", str(model), "--data", str(calib), "--scheme", "int8",
-          "--max-error", "0.001", "--out", str(out)])
+          "--max-error", "0.001", "--allow-slower", "--out", str(out)])
     plan = read_plan(onnx.load(out))
     assert plan is not None and plan["max_error"] == 0.001
     assert plan["error"] <= 0.001
-    assert plan["float_nodes"][0] == "mm_outlier"
+    # the outlier channel is handled by smoothing it into the weights, or by float fallback
+    assert "smooth" in plan["preparation"] or plan["float_nodes"][0] == "mm_outlier"
     assert "scheme int8" in capsys.readouterr().out
 
 

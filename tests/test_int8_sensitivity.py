@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeloop._onnx import session
 from edgeloop.compress import SCHEMES, Int8, apply_pass, make_scheme
 from edgeloop.compress.mixed import read_plan
-from edgeloop.compress.sensitivity import layer_sensitivity, output_error, weighted_nodes
+from edgeloop.compress.sensitivity import SwitchableModel, output_error, weighted_nodes
 from edgeloop.data import Dataset
 from edgeloop.errors import DataError, UsageError
 from edgeloop.measure import predict
@@ -77,28 +77,42 @@ def test_weighted_nodes_are_the_matmuls(model):
     assert names == ["mm_first", SENSITIVE, "mm_third", "mm_head"]
 
 
-def test_layer_made_sensitive_ranks_first(model, calib, tmp_path):
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_layer_made_sensitive_ranks_first(model, calib, mode):
     ref = predict(session(model), calib)
-    ranking = layer_sensitivity(_dynamic(model, tmp_path), weighted_nodes(model, mode="dynamic"),
-                                calib, ref)
+    nodes = weighted_nodes(model, mode=mode)
+    switch = SwitchableModel(model, [n.name for n in nodes], calib, mode=mode,
+                             per_channel=True, reduce_range=False)
+    ranking = switch.ranking(calib, ref, {n.name: n.op_type for n in nodes})
     assert ranking[0].node == SENSITIVE
     assert ranking[0].error > 10 * ranking[1].error
     assert all(s.error >= 0 for s in ranking)
     errors = [s.error for s in ranking]
     assert errors == sorted(errors, reverse=True)
+    assert switch.error([], calib, ref) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_switchable_graph_predicts_the_real_integer_model(model, calib, tmp_path):
+    """Oracle: onnxruntime's own dynamic quantizer on the same single layer."""
+    ref = predict(session(model), calib)
+    switch = SwitchableModel(model, [n.name for n in weighted_nodes(model, mode="dynamic")],
+                             calib, mode="dynamic", per_channel=True, reduce_range=False)
+    for name in ("mm_first", SENSITIVE):
+        real = output_error(_dynamic(model, tmp_path)([name]), calib, ref)
+        assert switch.error([name], calib, ref) == pytest.approx(real, rel=0.05, abs=1e-7)
 
 
 def test_int8_meets_max_error_by_keeping_the_sensitive_layer_float(model, calib):
     ref = predict(session(model), calib)
-    p = Int8(max_error=1e-4, timing_rounds=1)
+    p = Int8(max_error=1e-3, timing_rounds=1, smooth=False, faster_than_float=False)
     out = apply_pass(p, model, calib)
     plan = p.plan_
     full_errors = [v.error for v in plan.variants]
-    assert min(full_errors) > 1e-4            # all-int8 misses the bound: fallback needed
+    assert min(full_errors) > 1e-3            # all-int8 misses the bound: fallback needed
     assert plan.float_nodes and plan.float_nodes[0] == SENSITIVE
     assert len(plan.float_nodes) < len(plan.sensitivity)   # not everything went float
     measured = output_error(out, calib, ref)
-    assert measured <= 1e-4
+    assert measured <= 1e-3
     assert measured == pytest.approx(plan.error, abs=1e-9)
     assert read_plan(out)["float_nodes"] == plan.float_nodes
     quantized_ops = {n.op_type for n in out.graph.node}
@@ -106,7 +120,7 @@ def test_int8_meets_max_error_by_keeping_the_sensitive_layer_float(model, calib)
 
 
 def test_int8_keeps_everything_int8_without_outliers(calib):
-    p = Int8(max_error=0.01, timing_rounds=1)
+    p = Int8(max_error=0.01, timing_rounds=1, faster_than_float=False)
     out = apply_pass(p, _outlier_mlp(outlier=1.0), calib)
     assert p.plan_.float_nodes == []
     assert p.plan_.sensitivity == []

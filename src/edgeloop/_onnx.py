@@ -87,3 +87,35 @@ def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 def model_bytes(model: onnx.ModelProto) -> int:
     """Serialized size of ``model`` in bytes (what the file on disk holds)."""
     return model.ByteSize()
+
+
+def probe_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
+    """A session on a copy of ``model`` whose outputs also include the named intermediate
+    tensors (to read activation statistics)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
+    return session(probe)
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order ``graph``'s nodes so that every input is produced before it is used (for
+    graphs edited by appending nodes)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):   # names from outer scopes (subgraphs): keep order
+            ordered.extend(rest)
+            break
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -66,6 +66,9 @@ def quantize_cmd(
     max_error: Annotated[float | None, typer.Option(
         help="int8: tolerated 1 - mean output cosine to the float model on the calibration "
              "data [default: 0.005]")] = None,
+    allow_slower: Annotated[bool, typer.Option(
+        help="int8: accept an int8 model no faster than float (when only size matters)")
+    ] = False,
     target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
 ) -> None:
     """Post-training quantization of an ONNX model (onnxruntime is the engine)."""
@@ -74,7 +77,8 @@ def quantize_cmd(
     from edgeloop.targets import get_target
 
     options: dict[str, object] = {"calibration": calibration, "block_size": block_size,
-                                  "max_error": max_error}
+                                  "max_error": max_error,
+                                  "faster_than_float": False if allow_slower else None}
     if scheme in ("int8", "int8-static", "int8-dynamic"):
         options["target"] = get_target(target)
     p = make_scheme(scheme, **options)

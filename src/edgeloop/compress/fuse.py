@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,17 +21,72 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgeloop.compress.base import Pass, PassContext
 
+PREPARATION_KEY = "edgeloop.preparation"
+
+# onnxruntime's pre-processing, from the most to the least thorough: (name, keyword
+# arguments of quant_pre_process). Symbolic shape inference gives up on some exports
+# (e.g. BERT exported by torch's TorchScript exporter: "Incomplete symbolic shape
+# inference"); the quantizer still works from ONNX's own shape inference.
+_LADDER = (
+    ("symbolic-shapes", {}),
+    ("symbolic-shapes-merged", {"auto_merge": True}),
+    ("onnx-shapes", {"skip_symbolic_shape": True}),
+    ("onnx-shapes-unoptimized", {"skip_symbolic_shape": True, "skip_optimization": True}),
+)
+
 
 @dataclass
 class Preprocess(Pass):
-    """onnxruntime's quantization pre-processing (graph optimization and shape inference)."""
+    """onnxruntime's quantization pre-processing (graph optimization and shape inference),
+    with fallbacks: when a step fails on this graph the next, less thorough form is used,
+    and as a last resort the graph as given. ``used_`` names the form used and ``tried_``
+    why the ones before it failed; the output model records both under
+    :data:`PREPARATION_KEY` in its metadata."""
 
     name: ClassVar[str] = "preprocess"
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        src = ctx.save(model, "preprocess-in.onnx")
         out = ctx.scratch("preprocessed.onnx")
-        quant_pre_process(ctx.save(model, "preprocess-in.onnx"), out)
-        return onnx.load(out)
+        self.tried_: list[tuple[str, str]] = []
+        for step, kwargs in _LADDER:
+            try:
+                quant_pre_process(str(src), str(out), **kwargs)
+                result = onnx.load(out)
+            except Exception as e:  # onnxruntime raises bare Exceptions here
+                self.tried_.append((step, _first_line(e)))
+                continue
+            self.used_ = step
+            return record_preparation(result, step, self.tried_)
+        self.used_ = "none"
+        plain = onnx.ModelProto()
+        plain.CopyFrom(model)
+        return record_preparation(plain, "none", self.tried_)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def record_preparation(model: onnx.ModelProto, used: str,
+                       tried: list[tuple[str, str]]) -> onnx.ModelProto:
+    """Store which graph preparation ``model`` went through (and why more thorough ones
+    were skipped) in its metadata, replacing an earlier record."""
+    value = json.dumps({"used": used, "failed": [{"step": s, "error": e} for s, e in tried]})
+    kept = [p for p in model.metadata_props if p.key != PREPARATION_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.append(onnx.StringStringEntryProto(key=PREPARATION_KEY, value=value))
+    return model
+
+
+def read_preparation(model: onnx.ModelProto) -> dict[str, object] | None:
+    """The preparation record :func:`record_preparation` stored, or ``None``."""
+    for prop in model.metadata_props:
+        if prop.key == PREPARATION_KEY:
+            return json.loads(prop.value)
+    return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:

@@ -1,30 +1,33 @@
 """The ``int8`` scheme: the best int8 for this model, chosen by measurement.
 
-1. **Graph preparation.** Candidates: the graph as given, onnxruntime's quantization
-   pre-processing (shape inference, constant folding, its basic fusions), and
-   (when it finds anything to fuse) onnxruntime's transformer fusions
-   (``onnxruntime.transformers.optimizer``: Attention, SkipLayerNormalization, Gelu,
-   EmbedLayerNormalization), kept only if the fused float model gives the float outputs.
-   Fused attention also keeps the activation-by-activation products (scores, context) in
-   float, where per-tensor int8 loses the most.
+1. **Graph preparation.** onnxruntime's quantization pre-processing, falling back to less
+   thorough forms where a step fails on this export (see
+   :class:`~edgeloop.compress.fuse.Preprocess`); then, where they apply:
+   onnxruntime's transformer fusions (Attention, SkipLayerNormalization, Gelu), kept only
+   if the fused float model gives the float outputs — otherwise the reason is recorded;
+   and SmoothQuant scale migration (:mod:`~edgeloop.compress.smooth`) for matrix products
+   whose inputs carry outlier channels, as pretrained transformers' do.
 2. **Activation mode and weight granularity.** Each preparation is quantized in full
    with dynamic activations (per-channel and per-tensor int8 weights) and with static
-   (QDQ, calibrated) activations (per-channel weights). Among the variants within
-   ``max_error``, those within 5% of the fastest at batch 1 (timed interleaved, same
-   run) count as equally fast and the most accurate of them wins; if none is within the
-   bound, the most accurate one goes on to step 3.
-   Embedding lookups (Gather, EmbedLayerNormalization) stay float unless
-   ``quantize_lookups``: an int8 table only shrinks the file (a lookup does no
-   arithmetic, and an int8 one adds a DequantizeLinear), while in trained transformers
-   the embeddings are among the most sensitive layers.
-3. **Float fallback.** The per-layer sensitivity of the chosen variant (output error with
-   only that layer quantized, :mod:`~edgeloop.compress.sensitivity`) ranks the layers;
-   a bisection on that ranking finds the fewest most-sensitive layers to keep in float so
-   that the output is within ``max_error`` of the float model on the calibration data.
+   (QDQ, calibrated) activations (per-channel weights). Every variant is timed at batch 1
+   interleaved with the float model; variants that are not faster than float are out.
+   Among the rest within ``max_error``, those within 5% of the fastest count as equally
+   fast and the most accurate of them wins; if none is within the bound, the most
+   accurate goes on to step 3. Embedding lookups (Gather, EmbedLayerNormalization) stay
+   float unless ``quantize_lookups``: an int8 table only shrinks the file.
+3. **Float fallback.** One switchable fake-quantized graph
+   (:class:`~edgeloop.compress.sensitivity.SwitchableModel`) ranks the layers of the
+   chosen variant by the error each causes alone and bisects that ranking for the fewest
+   most-sensitive layers to keep in float, on a sample of the calibration data. The real
+   integer model with those layers excluded is then measured on all of it; if it misses
+   the bound, more layers go float until it meets it.
 
 The error is ``1 - mean cosine`` of the first output against the float model on CALIB;
-the default 0.005 is a mean cosine of at least 0.995. What was chosen and measured is
-recorded in the output model's metadata (:func:`read_plan`) and in ``plan_``.
+the default 0.005 is a mean cosine of at least 0.995. When no int8 form is faster than
+float on this CPU, or the bound cannot be met with any layer in int8, the pass says so
+(:class:`~edgeloop.errors.ModelError`) rather than return the float model. What was
+chosen and measured is recorded in the output model's metadata (:func:`read_plan`) and
+in ``plan_``.
 """
 
 from __future__ import annotations
@@ -48,17 +51,18 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from edgeloop._onnx import session
-from edgeloop._progress import status
+from edgeloop._progress import progress, status
 from edgeloop.compress.base import Pass, PassContext
-from edgeloop.compress.calibrate import NpzReader
-from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points
+from edgeloop.compress.calibrate import static_calibration
+from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
 from edgeloop.compress.sensitivity import (
     LOOKUP_OPS,
     LayerSensitivity,
-    layer_sensitivity,
+    SwitchableModel,
     output_error,
     weighted_nodes,
 )
+from edgeloop.compress.smooth import smooth
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
 from edgeloop.measure import predict
@@ -105,6 +109,9 @@ class Int8Plan:
     float_nodes: list[str]          # layers kept in float, most sensitive first
     variants: list[Variant]
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
+    float_latency_ms: float = 0.0   # the float model, timed with the variants
+    preprocess: str = ""            # the pre-processing form used (see fuse.Preprocess)
+    notes: list[str] = field(default_factory=list)   # steps skipped, and why
 
     def to_json(self) -> str:
         """The plan as JSON (what the model's metadata holds)."""
@@ -159,9 +166,14 @@ def _hidden_size(model: onnx.ModelProto) -> int | None:
     return None
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
 def _transformer_fused(model: onnx.ModelProto, ctx: PassContext, calib: Dataset,
-                       reference: np.ndarray) -> onnx.ModelProto | None:
-    """onnxruntime's transformer fusions, or ``None`` when it fuses no attention.
+                       reference: np.ndarray) -> tuple[onnx.ModelProto | None, str]:
+    """onnxruntime's transformer fusions, or ``None`` and the reason they do not apply.
 
     The fuser needs the number of heads and cannot always find it, so the usual head
     widths are tried in turn; a fusion counts only if the fused float model still gives
@@ -171,25 +183,30 @@ def _transformer_fused(model: onnx.ModelProto, ctx: PassContext, calib: Dataset,
 
     hidden = _hidden_size(model)
     if hidden is None:
-        return None
+        return None, "no LayerNormalization with a constant scale: not a transformer"
     path = ctx.scratch("to-fuse.onnx")
     onnx.save(model, path)
+    reason = "onnxruntime's fuser recognised no attention in this graph"
     for head_dim in (64, 32, 128, 16):
         if hidden % head_dim:
             continue
-        fused = optimize_model(str(path), model_type="bert", opt_level=0,
-                               num_heads=hidden // head_dim, hidden_size=hidden)
-        if not fused.get_fused_operator_statistics().get("Attention", 0):
-            continue
-        out = fused.model
-        if not any(o.domain == "com.microsoft" for o in out.opset_import):
-            out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        # The quantizer needs every tensor's type; only onnxruntime's symbolic shape
-        # inference knows its contrib ops.
-        out = SymbolicShapeInference.infer_shapes(out, auto_merge=True)
-        if output_error(out, calib, reference) <= _FUSION_TOLERANCE:
-            return out
-    return None
+        try:
+            fused = optimize_model(str(path), model_type="bert", opt_level=0,
+                                   num_heads=hidden // head_dim, hidden_size=hidden)
+            if not fused.get_fused_operator_statistics().get("Attention", 0):
+                continue
+            out = fused.model
+            if not any(o.domain == "com.microsoft" for o in out.opset_import):
+                out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+            # The quantizer needs every tensor's type; only onnxruntime's symbolic shape
+            # inference knows its contrib ops.
+            out = SymbolicShapeInference.infer_shapes(out, auto_merge=True)
+            if out is not None and output_error(out, calib, reference) <= _FUSION_TOLERANCE:
+                return out, ""
+            reason = "the fused graph changed the float outputs"
+        except Exception as e:  # the fuser and shape inference raise bare Exceptions
+            reason = f"fusion failed: {_first_line(e)}"
+    return None, reason
 
 
 @dataclass
@@ -197,18 +214,16 @@ class TransformerFusion(Pass):
     """onnxruntime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu,
     EmbedLayerNormalization) on a float model, with the head count found as in ``int8``
     step 1 and the fused float outputs checked against the original on CALIB. Raises
-    :class:`ModelError` when no attention is fused (not a transformer, or not one the
-    fuser recognises)."""
+    :class:`ModelError` with the reason when it does not apply."""
 
     name: ClassVar[str] = "transformer-fusion"
     needs_calib: ClassVar[bool] = True
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         calib = ctx.require_calib(self.name)
-        fused = _transformer_fused(model, ctx, calib, predict(session(model), calib))
+        fused, reason = _transformer_fused(model, ctx, calib, predict(session(model), calib))
         if fused is None:
-            raise ModelError("transformer-fusion fused no attention in this model (or the "
-                             "fused model changed its float outputs)")
+            raise ModelError(f"transformer-fusion does not apply: {reason}")
         return fused
 
 
@@ -218,8 +233,12 @@ class Int8(Pass):
 
     max_error: float = 0.005        # tolerated 1 - mean output cosine to float on CALIB
     quantize_lookups: bool = False  # int8 embedding tables (smaller file, no speed-up)
-    calib_batch: int = 32           # samples per calibration batch (static mode)
+    smooth: bool = True             # SmoothQuant variants where inputs have outliers
+    smooth_alpha: float = 0.5       # share of the outlier spread moved into the weights
+    sensitivity_samples: int = 32   # calibration samples the float-fallback search uses
     timing_rounds: int = 8          # interleaved rounds when timing the variants
+    faster_than_float: bool = True  # refuse int8 forms no faster than float (False when
+                                    # only the file size matters)
     target: Target = field(default_factory=detect)
     name: ClassVar[str] = "int8"
     needs_calib: ClassVar[bool] = True
@@ -232,82 +251,121 @@ class Int8(Pass):
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         calib = ctx.require_calib(self.name)
         reference = predict(session(model), calib)
-        preparations = {"none": model, "preprocess": Preprocess().apply(model, ctx)}
-        fused = _transformer_fused(model, ctx, calib, reference)
-        if fused is not None:
-            preparations["fused"] = fused
+        pre = Preprocess()
+        preparations, notes = self._preparations(pre.apply(model, ctx), ctx, calib, reference)
+        if pre.tried_:
+            notes.append(f"pre-processing used {pre.used_}: "
+                         + "; ".join(f"{s} failed ({e})" for s, e in pre.tried_))
 
-        keys = [(p, m, pc) for p in preparations for m, pc in FORMS]
         full: dict[tuple[str, str, bool], onnx.ModelProto] = {}
         errors: dict[tuple[str, str, bool], float] = {}
-        for key in list(keys):
+        keys = [(p, m, pc) for p in preparations for m, pc in FORMS]
+        for key in progress(keys, "int8: quantizing variants", total=len(keys)):
             p, m, pc = key
-            status(f"int8: quantizing {p} graph with {m} activations")
             try:
                 full[key] = self._quantize(preparations[p], m, ctx, calib, per_channel=pc)
                 errors[key] = output_error(full[key], calib, reference)
-            except Exception:  # a form the quantizer cannot produce for this graph
-                keys.remove(key)
+            except Exception as e:  # a form the quantizer cannot produce for this graph
                 full.pop(key, None)
-        if not keys:
-            raise ModelError("int8: onnxruntime's quantizer failed on every variant")
-        lat = interleaved_latency([full[k] for k in keys], calib, rounds=self.timing_rounds)
+                notes.append(f"{p} {m}{' per-channel' if pc else ''}: {_first_line(e)}")
+        if not full:
+            raise ModelError("int8: onnxruntime's quantizer failed on every variant ("
+                             + notes[-1] + ")")
+        status("int8: timing the variants against float")
+        keys = list(full)
+        lat = interleaved_latency([model, *(full[k] for k in keys)], calib,
+                                  rounds=self.timing_rounds)
+        float_ms, lat = lat[0], lat[1:]
         variants = [Variant(*k, errors[k], t) for k, t in zip(keys, lat, strict=True)]
-        chosen = _choose(variants, self.max_error)
+        faster = [v for v in variants
+                  if v.latency_ms < float_ms or not self.faster_than_float]
+        if not faster:
+            best = min(variants, key=lambda v: v.latency_ms)
+            raise ModelError(
+                f"int8: no int8 form of this model is faster than float on this CPU "
+                f"({self.target.name}): the fastest, {best.preparation} {best.mode}, takes "
+                f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float")
+        chosen = _choose(faster, self.max_error)
         prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
 
         out, error, float_nodes, sens = full[prep, mode, pc], chosen.error, [], []
         if error > self.max_error:
-            prepared = preparations[prep]
-            nodes = [n for n in weighted_nodes(prepared, mode=mode)
-                     if self.quantize_lookups or n.op_type not in LOOKUP_OPS]
-            sens = layer_sensitivity(
-                lambda only: self._quantize(prepared, mode, ctx, calib, per_channel=pc,
-                                            only=only),
-                nodes, calib, reference)
-            out, error, float_nodes = self._fall_back(prepared, mode, pc,
-                                                      [s.node for s in sens], ctx, calib,
-                                                      reference)
+            out, error, float_nodes, sens = self._fall_back(
+                preparations[prep], mode, pc, ctx, calib, reference, chosen.error)
+            status("int8: timing the mixed-precision model against float")
+            mixed_ms, float_ms2 = interleaved_latency([out, model], calib,
+                                                      rounds=self.timing_rounds)
+            if mixed_ms >= float_ms2 and self.faster_than_float:
+                raise ModelError(
+                    f"int8: meeting max-error {self.max_error} needs {len(float_nodes)} "
+                    f"layers in float, and that model is no faster than float on this CPU "
+                    f"({mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1); the all-int8 "
+                    f"model's error is {chosen.error:.4f}")
         if mode == "static":
             out = drop_zero_bias_zero_points(out)
         self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error, float_nodes, variants,
-                              sens)
+                              sens, float_ms, pre.used_, notes)
+        record_preparation(out, pre.used_, pre.tried_)
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
         return out
 
+    def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
+                      reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
+        """The graphs to quantize, by name, and notes on the ones that do not apply."""
+        preparations = {"preprocess": prepared}
+        notes: list[str] = []
+        if _hidden_size(prepared) is not None:
+            status("int8: trying onnxruntime's transformer fusions")
+            fused, reason = _transformer_fused(prepared, ctx, calib, reference)
+            if fused is not None:
+                preparations["fused"] = fused
+            else:
+                notes.append(f"transformer fusion skipped: {reason}")
+        if self.smooth:
+            for name in list(preparations):
+                smoothed, tensors = smooth(preparations[name], calib, alpha=self.smooth_alpha)
+                if tensors:
+                    preparations[f"{name}+smooth"] = smoothed
+        return preparations, notes
+
     def _fall_back(self, prepared: onnx.ModelProto, mode: str, per_channel: bool,
-                   order: list[str],
                    ctx: PassContext, calib: Dataset, reference: np.ndarray,
-                   ) -> tuple[onnx.ModelProto, float, list[str]]:
-        """Bisection for the fewest leading layers of ``order`` to keep in float. Only
-        measured results are returned, so a non-monotone error curve costs speed, never
+                   full_error: float,
+                   ) -> tuple[onnx.ModelProto, float, list[str], list[LayerSensitivity]]:
+        """The fewest most-sensitive layers to keep in float (module docstring, step 3).
+        Only measured results are returned, so an optimistic prediction costs time, never
         the error bound."""
-        def attempt(k: int) -> tuple[onnx.ModelProto, float]:
+        nodes = [n for n in weighted_nodes(prepared, mode=mode)
+                 if self.quantize_lookups or n.op_type not in LOOKUP_OPS]
+        sample = calib.take(slice(0, self.sensitivity_samples))
+        status(f"int8: ranking {len(nodes)} layers by sensitivity")
+        switch = SwitchableModel(prepared, [n.name for n in nodes], sample, mode=mode,
+                                 per_channel=per_channel,
+                                 reduce_range=self.target.reduce_range,
+                                 activation_type=self.target.activation_type)
+        sens = switch.ranking(sample, reference[:len(sample)],
+                              {n.name: n.op_type for n in nodes})
+        ranked = {s.node for s in sens}
+        # layers the switchable graph cannot model go float last
+        order = [s.node for s in sens] + [n.name for n in nodes if n.name not in ranked]
+        k = switch.fewest_float(order, sample, reference[:len(sample)], self.max_error)
+        while True:
             status(f"int8: {k} of {len(order)} layers in float")
             candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
                                        exclude=order[:k])
-            return candidate, output_error(candidate, calib, reference)
-
-        lo, hi = 0, len(order)      # lo: known to miss the bound; hi: assumed to meet it
-        best: tuple[onnx.ModelProto, float] | None = None
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            candidate, err = attempt(mid)
-            if err <= self.max_error:
-                hi, best = mid, (candidate, err)
-            else:
-                lo = mid
-        if best is None:
-            best = attempt(hi)
-            if best[1] > self.max_error:  # even with every weighted layer in float
-                return prepared, output_error(prepared, calib, reference), list(order)
-        return best[0], best[1], order[:hi]
+            error = output_error(candidate, calib, reference)
+            if error <= self.max_error:
+                return candidate, error, order[:k], sens
+            if k >= len(order):
+                raise ModelError(
+                    f"int8: cannot meet max-error {self.max_error} on this model: all-int8 "
+                    f"error {full_error:.4f}; with all {len(order)} weighted layers in "
+                    f"float the rest of the quantized graph still costs {error:.4f}")
+            k = min(len(order), max(k + 1, 2 * k))
 
     def _quantize(self, model: onnx.ModelProto, mode: str, ctx: PassContext, calib: Dataset,
-                  *, per_channel: bool, only: list[str] | None = None,
-                  exclude: Sequence[str] = ()
-                  ) -> onnx.ModelProto:
+                  *, per_channel: bool, exclude: Sequence[str] = ()) -> onnx.ModelProto:
         # A path, not the proto: the quantizer may move a proto's weights to external data
         # in its own temporary folder, which breaks the proto for the next call.
         src, out = ctx.scratch("int8-input.onnx"), ctx.scratch(f"int8-{mode}.onnx")
@@ -318,19 +376,56 @@ class Int8(Pass):
         if mode == "dynamic":
             quantize_dynamic(src, out, per_channel=per_channel,
                              reduce_range=self.target.reduce_range,
-                             weight_type=QuantType.QInt8, nodes_to_quantize=only,
+                             weight_type=QuantType.QInt8,
                              nodes_to_exclude=list(exclude), op_types_to_quantize=op_types)
         else:
             act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
-            quantize_static(src, out, NpzReader(calib, self.calib_batch),
+            reader, options = static_calibration(model, calib)
+            quantize_static(src, out, reader,
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             reduce_range=self.target.reduce_range, activation_type=act,
                             weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_quantize=only, nodes_to_exclude=list(exclude),
+                            nodes_to_exclude=list(exclude),
                             op_types_to_quantize=op_types,
-                            calibration_providers=["CPUExecutionProvider"])
+                            calibration_providers=["CPUExecutionProvider"],
+                            extra_options=options)
+            return _float_inputs(onnx.load(out), exclude)
         return onnx.load(out)
+
+
+def _float_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Feed the excluded layers ``names`` of a QDQ model their float input.
+
+    The quantizer leaves an excluded Conv/Gemm with float weights but between a
+    DequantizeLinear and a QuantizeLinear (its neighbours are int8); onnxruntime's
+    WeightBiasQuantization then quantizes its weights per tensor at load time and runs it
+    as QLinearConv, so the layer would not be float at all (and worse than per-channel).
+    Reading the tensor before its Q/DQ pair keeps it float.
+    """
+    wanted = set(names)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.name not in wanted or not node.input:
+            continue
+        dq = producer.get(node.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
+            else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+    _drop_dead_nodes(model.graph)
+    return model
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs are used, until there are none."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        live = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(live) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(live)
 
 
 def _choose(variants: Sequence[Variant], max_error: float) -> Variant:

@@ -25,8 +25,8 @@ from onnxruntime.quantization import (
 )
 
 from edgeloop.compress.base import Pass, PassContext, apply_pass
-from edgeloop.compress.calibrate import NpzReader
-from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points
+from edgeloop.compress.calibrate import NpzReader, static_calibration
+from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
 from edgeloop.compress.layout import ChannelsLastHead, find_heads
 from edgeloop.errors import one_of
 from edgeloop.targets import Target, detect
@@ -53,13 +53,14 @@ class Int8Dynamic(Pass):
     name: ClassVar[str] = "int8-dynamic"
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        if self.preprocess:
-            model = Preprocess().apply(model, ctx)
+        pre = Preprocess() if self.preprocess else None
+        if pre is not None:
+            model = pre.apply(model, ctx)
         out = ctx.scratch("int8-dynamic.onnx")
         quantize_dynamic(ctx.save(model, "in.onnx"), out, per_channel=self.per_channel,
                          reduce_range=self.target.reduce_range, weight_type=QuantType.QInt8,
                          nodes_to_exclude=self.nodes_to_exclude)
-        return onnx.load(out)
+        return _with_preparation(onnx.load(out), pre)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Int8Static(Pass):
     per_channel: bool = True
     preprocess: bool = True
     channels_last_head: bool = True   # see edgeloop.compress.layout
-    calib_batch: int = 32
+    calib_batch: int = 8
     nodes_to_exclude: list[str] = field(default_factory=list)
     target: Target = field(default_factory=detect)
     name: ClassVar[str] = "int8-static"
@@ -82,21 +83,32 @@ class Int8Static(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         calib = ctx.require_calib(self.name)
-        if self.preprocess:
-            model = Preprocess().apply(model, ctx)
+        pre = Preprocess() if self.preprocess else None
+        if pre is not None:
+            model = pre.apply(model, ctx)
         if self.channels_last_head and find_heads(model):
             model = ChannelsLastHead().apply(model, ctx)
         out = ctx.scratch("int8-static.onnx")
         fmt = QuantFormat.QDQ if self.target.quant_format == "QDQ" else QuantFormat.QOperator
+        if self.calibration == "minmax":
+            reader, options = static_calibration(model, calib)
+        else:   # onnxruntime's histogram calibrators, in small batches
+            reader, options = NpzReader(calib, self.calib_batch), {}
         quantize_static(
-            ctx.save(model, "in.onnx"), out, NpzReader(calib, self.calib_batch), quant_format=fmt,
+            ctx.save(model, "in.onnx"), out, reader, quant_format=fmt,
             per_channel=self.per_channel, reduce_range=self.target.reduce_range,
             activation_type=_activation_type(self.target), weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATIONS[self.calibration],
             nodes_to_exclude=self.nodes_to_exclude,
-            calibration_providers=["CPUExecutionProvider"],
+            calibration_providers=["CPUExecutionProvider"], extra_options=options,
         )
-        return drop_zero_bias_zero_points(onnx.load(out))
+        return _with_preparation(drop_zero_bias_zero_points(onnx.load(out)), pre)
+
+
+def _with_preparation(model: onnx.ModelProto, pre: Preprocess | None) -> onnx.ModelProto:
+    """``model`` with the record of the preparation ``pre`` did (the quantizer drops the
+    input's metadata)."""
+    return model if pre is None else record_preparation(model, pre.used_, pre.tried_)
 
 
 @dataclass

@@ -2,29 +2,42 @@
 when only that one layer is quantized.
 
 The error of a model is ``1 - mean cosine`` between its first output and the float
-model's, sample by sample, on the calibration set (0 is identical, the mean-cosine target
-0.995 is an error of 0.005). Layers are ranked by the error they cause alone; the
-:mod:`~edgeloop.compress.mixed` pass keeps the top of that ranking in float.
+model's, sample by sample (0 is identical; the mean-cosine target 0.995 is an error of
+0.005). The :mod:`~edgeloop.compress.mixed` pass keeps the top of the ranking in float.
 
-onnxruntime's quantizer does the quantizing (``nodes_to_quantize`` restricts it to one
-node); this module only decides what to ask it and measures the result.
+Asking onnxruntime's quantizer for one model per layer costs a quantization, a session
+and a pass over the data for every layer: minutes on a mobile CNN. Instead,
+:class:`SwitchableModel` builds **one** float graph in which every weighted layer also has
+a fake-quantized twin (weights rounded the way onnxruntime rounds them, per channel or
+per tensor, 7-bit where the target says so; the input quantized dynamically or with its
+calibrated range), and a boolean graph input per layer selects which of the two outputs
+flows on. One onnxruntime session then answers "this set of layers in int8" for any set,
+which is what both the ranking and the bisection on it need. The error it predicts is
+close to the real integer model's; the real model is always measured before it is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
-from edgeloop._onnx import session
+from edgeloop._onnx import probe_session, session, sort_nodes
 from edgeloop._progress import progress
-from edgeloop.data import Dataset
+from edgeloop.data import Dataset, batches
 from edgeloop.measure import fidelity, predict
 
-__all__ = ["LOOKUP_OPS", "LayerSensitivity", "layer_sensitivity", "output_error", "weighted_nodes"]
+__all__ = [
+    "LOOKUP_OPS",
+    "LayerSensitivity",
+    "SwitchableModel",
+    "output_error",
+    "weighted_nodes",
+]
 
 # Ops that carry weights; the ones whose precision decides a model's accuracy and speed.
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "Gather",
@@ -36,8 +49,8 @@ LOOKUP_OPS = {"Gather", "EmbedLayerNormalization"}
 # Which input holds the weight (the table, for Gather); 1 for the others.
 _WEIGHT_INPUT = {"Gather": 0}
 
-# quantize(nodes_to_quantize) -> quantized model; the caller binds mode and settings.
-Quantizer = Callable[[list[str]], onnx.ModelProto]
+# Layers the switchable graph can fake-quantize: a constant weight in input 1.
+_SWITCHABLE = {"Conv", "MatMul", "Gemm"}
 
 
 @dataclass(frozen=True)
@@ -73,12 +86,165 @@ def weighted_nodes(model: onnx.ModelProto, *, mode: str) -> list[onnx.NodeProto]
     return out
 
 
-def layer_sensitivity(quantize: Quantizer, nodes: Sequence[onnx.NodeProto], data: Dataset,
-                      reference: np.ndarray) -> list[LayerSensitivity]:
-    """Quantize each of ``nodes`` alone with ``quantize`` and measure the output error on
-    ``data`` against ``reference``; most sensitive first (ties keep graph order)."""
-    result = []
-    for node in progress(nodes, "layer sensitivity", total=len(nodes)):
-        err = output_error(quantize([node.name]), data, reference)
-        result.append(LayerSensitivity(node.name, node.op_type, err))
-    return sorted(result, key=lambda s: -s.error)
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(helper.get_attribute_value(a))
+    return default
+
+
+def fake_quant_weight(w: np.ndarray, *, axis: int | None, reduce_range: bool) -> np.ndarray:
+    """``w`` rounded as onnxruntime's quantizer stores int8 weights: symmetric, per
+    ``axis`` (per tensor for ``None``), 127 levels each side or 64 with ``reduce_range``."""
+    qmax = 64.0 if reduce_range else 127.0
+    if axis is None:
+        absmax = np.abs(w).max()
+    else:
+        absmax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis % w.ndim),
+                               keepdims=True)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
+
+
+def _output_axis(node: onnx.NodeProto) -> int:
+    """The weight axis onnxruntime quantizes per channel: output channels."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return -1   # MatMul: [in, out]
+
+
+def _input_ranges(model: onnx.ModelProto, data: Dataset, tensors: list[str],
+                  batch_size: int = 16) -> dict[str, tuple[float, float]]:
+    """Min and max of each named intermediate tensor over ``data`` (the static range)."""
+    sess = probe_session(model, tensors)
+    names = [o.name for o in sess.get_outputs()]
+    inputs = [i.name for i in sess.get_inputs()]
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for feed in batches(data, batch_size):
+        values = dict(zip(names, sess.run(None, {k: feed[k] for k in inputs}), strict=True))
+        for t in tensors:
+            lo[t] = min(lo.get(t, 0.0), float(values[t].min()))
+            hi[t] = max(hi.get(t, 0.0), float(values[t].max()))
+    return {t: (lo[t], hi[t]) for t in tensors}
+
+
+class SwitchableModel:
+    """One onnxruntime session that runs ``model`` with any chosen set of its weighted
+    layers fake-quantized (see the module docstring).
+
+    ``mode`` is ``dynamic`` (input quantized per batch, uint8, as onnxruntime's dynamic
+    quantizer does) or ``static`` (input quantized with its range on ``data``, uint8 or
+    int8 by ``activation_type``). ``layers`` are the node names that get a twin; layers
+    whose weight is not a constant Conv/MatMul/Gemm weight are left out (``layers_``
+    lists the ones kept).
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: Iterable[str], data: Dataset, *,
+                 mode: str, per_channel: bool, reduce_range: bool,
+                 activation_type: str = "uint8") -> None:
+        graph_model = onnx.ModelProto()
+        graph_model.CopyFrom(model)
+        graph = graph_model.graph
+        inits = {i.name: i for i in graph.initializer}
+        wanted = set(layers)
+        nodes = [n for n in graph.node if n.name in wanted and n.op_type in _SWITCHABLE
+                 and len(n.input) > 1 and n.input[1] in inits]
+        ranges = (_input_ranges(model, data, sorted({n.input[0] for n in nodes}))
+                  if mode == "static" else {})
+        added: list[onnx.NodeProto] = []
+        self.layers_: list[str] = []
+        self._flags: list[str] = []
+        done_inputs: dict[str, str] = {}
+        for k, node in enumerate(nodes):
+            w = numpy_helper.to_array(inits[node.input[1]])
+            wq = fake_quant_weight(w, axis=_output_axis(node) if per_channel else None,
+                                   reduce_range=reduce_range)
+            wq_name = f"edgeloop_fq_w{k}"
+            graph.initializer.append(numpy_helper.from_array(wq, wq_name))
+            x = node.input[0]
+            if x not in done_inputs:
+                done_inputs[x] = f"edgeloop_fq_x{k}"
+                added.extend(_fake_quant_input(x, done_inputs[x], mode, ranges.get(x),
+                                               activation_type, graph))
+            flag = f"edgeloop_fq_on{k}"
+            graph.input.append(helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
+            twin = onnx.NodeProto()
+            twin.CopyFrom(node)
+            twin.name = f"{node.name}_fq"
+            twin.input[0], twin.input[1] = done_inputs[x], wq_name
+            float_out, fq_out, out = f"{node.output[0]}_float", f"{node.output[0]}_fq", \
+                node.output[0]
+            node.output[0] = float_out
+            twin.output[0] = fq_out
+            added.extend([twin, helper.make_node("Where", [flag, fq_out, float_out], [out],
+                                                 name=f"{node.name}_switch")])
+            self.layers_.append(node.name)
+            self._flags.append(flag)
+        graph.node.extend(added)
+        sort_nodes(graph)
+        self._session = session(graph_model)
+        self._inputs = [i.name for i in self._session.get_inputs()
+                        if not i.name.startswith("edgeloop_fq_on")]
+
+    def error(self, quantized: Iterable[str], data: Dataset, reference: np.ndarray,
+              batch_size: int = 256) -> float:
+        """``1 - mean cosine`` to ``reference`` with exactly ``quantized`` in int8. Dynamic
+        activation ranges are per call, so ``batch_size`` matters: the default is
+        :func:`~edgeloop.measure.predict`'s, which measures the real integer model."""
+        on = set(quantized)
+        flags = {f: np.array(name in on) for f, name in zip(self._flags, self.layers_,
+                                                             strict=True)}
+        outs = [self._session.run(None, {**{k: feed[k] for k in self._inputs}, **flags})[0]
+                for feed in batches(data, batch_size)]
+        return 1.0 - fidelity(np.concatenate(outs), reference).mean_cosine
+
+    def ranking(self, data: Dataset, reference: np.ndarray,
+                op_types: dict[str, str]) -> list[LayerSensitivity]:
+        """Each layer's error when it alone is quantized; most sensitive first (ties keep
+        graph order). ``op_types`` maps layer names to their op types (for the report)."""
+        result = [LayerSensitivity(name, op_types.get(name, ""),
+                                   self.error([name], data, reference))
+                  for name in progress(self.layers_, "layer sensitivity",
+                                       total=len(self.layers_))]
+        return sorted(result, key=lambda s: -s.error)
+
+    def fewest_float(self, order: Sequence[str], data: Dataset, reference: np.ndarray,
+                     max_error: float) -> int:
+        """The smallest ``k`` such that keeping ``order[:k]`` float (everything else
+        switchable in int8) meets ``max_error`` by this graph's prediction, found by
+        bisection; ``len(order)`` when even that is needed."""
+        everything = list(self.layers_)
+        lo, hi = -1, len(order)     # lo: known to miss; hi: assumed to meet
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            kept = set(order[:mid])
+            if self.error([n for n in everything if n not in kept], data,
+                          reference) <= max_error:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+
+def _fake_quant_input(x: str, out: str, mode: str, rng: tuple[float, float] | None,
+                      activation_type: str, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes that quantize and dequantize activation ``x`` into ``out``."""
+    if mode == "dynamic":
+        q, s, z = f"{out}_q", f"{out}_s", f"{out}_z"
+        return [helper.make_node("DynamicQuantizeLinear", [x], [q, s, z]),
+                helper.make_node("DequantizeLinear", [q, s, z], [out])]
+    lo, hi = rng if rng is not None else (0.0, 0.0)
+    if activation_type == "uint8":
+        scale = (hi - lo) / 255.0 or 1.0
+        zero = np.uint8(np.clip(round(-lo / scale), 0, 255))
+    else:
+        scale = max(abs(lo), abs(hi)) / 127.0 or 1.0
+        zero = np.int8(0)
+    s_name, z_name = f"{out}_scale", f"{out}_zero"
+    graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                              numpy_helper.from_array(np.array(zero), z_name)])
+    return [helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{out}_q"]),
+            helper.make_node("DequantizeLinear", [f"{out}_q", s_name, z_name], [out])]
