@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgeloop._io import atomic_path
+from edgeloop._io import atomic_path, scratch_dir
 from edgeloop._onnx import input_specs, load_model, session
 from edgeloop._progress import status
 from edgeloop.data import Dataset, InputSpec, check_against
@@ -401,12 +400,13 @@ def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], batch: i
 
 def _profile(model_path: str, feed: dict[str, np.ndarray], config: BenchConfig
              ) -> list[OperatorTime]:
-    with tempfile.TemporaryDirectory(prefix="edgeloop-prof-") as tmp:
+    model_path = os.path.abspath(model_path)
+    with scratch_dir("edgeloop-prof-") as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = config.threads
         opts.log_severity_level = 3
         opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        opts.profile_file_prefix = str(tmp / "ort")
         try:
             sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
             for _ in range(config.profile_runs):
