@@ -32,7 +32,8 @@ __all__ = ["OPTIONAL", "app", "main"]
 # Libraries only some commands use, and the extra that installs each. A device install
 # (plain `pip install edgeloop`) has none of them and still runs device, bench, quantize,
 # evaluate and optimize on ONNX models.
-OPTIONAL = {"torch": "train", "onnxscript": "train", "transformers": "transformers",
+OPTIONAL = {"torch": "train", "onnxscript": "train", "sklearn": "train",
+            "transformers": "transformers",
             "litert_torch": "tflite", "ai_edge_litert": "tflite", "coremltools": "coreml"}
 
 
