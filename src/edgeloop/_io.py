@@ -1,9 +1,11 @@
-"""Atomic file output: a reader sees the old file or the whole new one, never half of one."""
+"""Where edgeloop writes: atomic file output (a reader sees the old file or the whole new
+one, never half of one), and the scratch folder third-party tools run in."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +51,28 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes, *,
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     write_bytes_atomic(target, text.encode())
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str = "edgeloop-") -> Iterator[Path]:
+    """Run the block in a fresh folder inside the system temp folder, and remove it on
+    exit, whether the block succeeds, fails or is interrupted (Ctrl-C).
+
+    For the block, the folder is also the working directory and Python's temp folder
+    (``tempfile.tempdir``): onnxruntime's tools write beside the working directory
+    (symbolic shape inference leaves ``sym_shape_infer_temp.onnx`` and a ``.data`` file
+    per failure there) and into temp folders they do not always remove, so whatever they
+    leave goes with this folder. Both are process-wide settings: use it from one thread
+    at a time, and resolve relative user paths before entering. Nesting is fine: an
+    inner folder is made inside the outer one.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+    old_cwd, old_tempdir = os.getcwd(), tempfile.tempdir
+    try:
+        os.chdir(root)
+        tempfile.tempdir = str(root)
+        yield root
+    finally:
+        tempfile.tempdir = old_tempdir
+        os.chdir(old_cwd)
+        shutil.rmtree(root, ignore_errors=True)

@@ -22,13 +22,19 @@ _ORT_TYPES = {
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load and structurally check an ONNX file."""
+    """Load and structurally check an ONNX file.
+
+    A model saved with external data (weights in files beside it, as exporters write
+    large models) is checked in its path form, which finds those files relative to the
+    model and works past protobuf's 2 GB limit, then loaded whole into memory: what
+    edgeloop writes from it is one self-contained ``.onnx``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {str(path)!r} does not exist")
     try:
+        onnx.checker.check_model(str(path))
         model = onnx.load(path)
-        onnx.checker.check_model(model)
     except Exception as e:  # onnx raises DecodeError, ValidationError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{str(path)!r} is not a valid ONNX model ({first[:200]})") from None

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -31,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgeloop._io import atomic_path
+from edgeloop._io import atomic_path, scratch_dir
 from edgeloop._onnx import input_specs, load_model, session
 from edgeloop._progress import status
 from edgeloop.data import Dataset, InputSpec, check_against
 from edgeloop.errors import DataError, ModelError, UsageError
+from edgeloop.measure import peak_rss_mb
 from edgeloop.targets import Target, get_target
 
 __all__ = [
@@ -302,25 +301,13 @@ def _temperature_c() -> float | None:
     return max(values) / 1e3 if values else None  # millidegrees -> °C
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss where /proc is absent)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---- the benchmark -------------------------------------------------------------------------
 
 def _random_feed(specs: Sequence[InputSpec], batch: int, data: Dataset | None,
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     if data is not None:
-        reps = -(-batch // len(data))
-        return {s.name: np.ascontiguousarray(np.concatenate([data.inputs[s.name]] * reps)[:batch])
-                for s in specs}
+        feed = data.cycle(batch)
+        return {s.name: feed[s.name] for s in specs}
     feed = {}
     for s in specs:
         free = [i for i, d in enumerate(s.shape) if d is None and i > 0]
@@ -401,12 +388,13 @@ def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], batch: i
 
 def _profile(model_path: str, feed: dict[str, np.ndarray], config: BenchConfig
              ) -> list[OperatorTime]:
-    with tempfile.TemporaryDirectory(prefix="edgeloop-prof-") as tmp:
+    model_path = os.path.abspath(model_path)
+    with scratch_dir("edgeloop-prof-") as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = config.threads
         opts.log_severity_level = 3
         opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        opts.profile_file_prefix = str(tmp / "ort")
         try:
             sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
             for _ in range(config.profile_runs):
@@ -446,7 +434,7 @@ def bench(model_path: str | os.PathLike[str], *, config: BenchConfig | None = No
                 raise
             raise ModelError(f"inference failed at batch {b}: "
                              f"{str(e).strip().splitlines()[0][:300]}") from None
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     profiled = config.batches[0]
     operators = _profile(str(model_path), _random_feed(specs, profiled, data, rng), config)
     return BenchReport(

@@ -4,6 +4,13 @@ Every command takes data as an ``.npz`` whose arrays are named after the model's
 plus an optional ``labels`` array (integer class ids, one per sample). The first axis of
 every array is the sample axis.
 
+:func:`save_npz` writes uncompressed members (``np.savez``), and :func:`load_npz`
+memory-maps uncompressed members instead of reading them (numpy's own ``np.load`` ignores
+``mmap_mode`` for ``.npz``): a data set larger than the memory a device has to spare can
+still be measured in batches, since the pages of the file are read as batches need them
+and the system can drop them again. Members of a compressed ``.npz``
+(``np.savez_compressed``) cannot be mapped and are read whole.
+
 Built-in data sets are generated or shipped offline, never downloaded:
 
 - ``mnist1d``: the ``mnist1d`` package's ``make_dataset`` with its default arguments
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +82,12 @@ class Dataset:
         labels = None if self.labels is None else self.labels[index]
         return Dataset({k: v[index] for k, v in self.inputs.items()}, labels)
 
+    def cycle(self, n: int) -> dict[str, np.ndarray]:
+        """A feed of the first ``n`` samples, starting over from the first when there are
+        fewer (contiguous, as onnxruntime wants them; reads only those samples)."""
+        index = np.arange(n) % len(self)
+        return {k: np.ascontiguousarray(v[index]) for k, v in self.inputs.items()}
+
 
 def load_npz(path: str | os.PathLike[str]) -> Dataset:
     """Read an ``.npz`` in the data convention, with a one-line error for every defect."""
@@ -81,8 +95,7 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        arrays = _read_members(path)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise DataError(f"{str(path)!r} is not a readable .npz file ({e})") from None
     labels = arrays.pop(LABELS, None)
@@ -96,8 +109,7 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     if len(set(sizes.values())) != 1:
         raise DataError(f"{str(path)!r}: arrays disagree on the number of samples: {sizes}")
     for name, a in arrays.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            bad = int((~np.isfinite(a)).sum())
+        if a.dtype.kind == "f" and (bad := _non_finite(a)):
             raise DataError(f"{str(path)!r}: array {name!r} contains {bad} NaN or Inf values")
     if labels is not None:
         if labels.shape != (n,) or labels.dtype.kind not in "iu":
@@ -105,6 +117,40 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
                             f"{labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
     return Dataset(arrays, labels)
+
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")   # a zip member's local file header
+
+
+def _read_members(path: Path) -> dict[str, np.ndarray]:
+    """Every array in the ``.npz`` at ``path``: uncompressed ``.npy`` members as
+    copy-on-write memory maps (writable; the file never changes), the others read."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type == zipfile.ZIP_STORED:
+                raw.seek(info.header_offset)
+                fields = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+                raw.seek(info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1])
+                version = np.lib.format.read_magic(raw)
+                if version in ((1, 0), (2, 0)):
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(raw)
+                    if not dtype.hasobject and np.prod(shape) > 0:
+                        arrays[name] = np.memmap(raw, dtype=dtype, mode="c", offset=raw.tell(),
+                                                 shape=shape, order="F" if fortran else "C")
+                        continue
+            with zf.open(info) as member:
+                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
+
+
+def _non_finite(a: np.ndarray, chunk: int = 1 << 22) -> int:
+    """How many NaN or Inf values ``a`` holds, counted a few MB at a time."""
+    flat = a.reshape(-1)
+    return sum(int((~np.isfinite(flat[i:i + chunk])).sum()) for i in range(0, len(flat), chunk))
 
 
 def save_npz(path: str | os.PathLike[str], data: Dataset) -> None:

@@ -29,7 +29,6 @@ import io
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgeloop._io import scratch_dir
 from edgeloop._onnx import input_specs, load_model, model_bytes, optimized_graph, session
 from edgeloop.compress import SCHEMES
 from edgeloop.compress.base import Pass, apply_pass
@@ -215,8 +215,8 @@ class TorchCandidate(Candidate):
         else:
             sample = torch.from_numpy(np.ascontiguousarray(
                 next(iter(source.calib.inputs.values()))[:2]))
-            with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
-                path = Path(tmp) / "candidate.onnx"
+            with scratch_dir() as tmp:
+                path = tmp / "candidate.onnx"
                 to_onnx(module, sample, path)  # type: ignore[arg-type]
                 model = onnx.load(path)
         if self.then is not None:
@@ -522,7 +522,9 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
     results: list[CandidateResult] = []
     stopped = "completed"
     baseline: CandidateResult | None = None
-    with tempfile.TemporaryDirectory(prefix="edgeloop-opt-") as kept:
+    # the candidates are built in this folder (onnxruntime's tools write beside the working
+    # directory), and every fitting model is kept there until the choice is made
+    with scratch_dir("edgeloop-opt-") as kept:
         with _stoppable(deadline - time.monotonic()):
             try:
                 if on_start:
@@ -542,7 +544,7 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
                     if result.status == FITS:
                         # every fitting model is kept: a later, faster one can move the
                         # tie window so that an earlier, smaller one wins
-                        onnx.save(model, Path(kept) / f"{len(results)}.onnx")
+                        onnx.save(model, kept / f"{len(results)}.onnx")
                     results.append(result)
                     if on_result:
                         on_result(result)
@@ -550,7 +552,7 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
                 stopped = stop.reason
         chosen = _choose(results, config.tie_tolerance, config.batch)
         index = next((i for i, r in enumerate(results) if r is chosen), None)
-        best = source.model if index is None else onnx.load(Path(kept) / f"{index}.onnx")
+        best = source.model if index is None else onnx.load(kept / f"{index}.onnx")
     if baseline is None:
         baseline = CandidateResult("float", "the input model, unchanged", "not measured",
                                    size_bytes=model_bytes(source.model),
@@ -595,8 +597,8 @@ def _load_source(path: Path, *, calib: Dataset, train: Dataset | None,
         module, _ = load_torch(path)
         sample = torch.from_numpy(np.ascontiguousarray(
             next(iter(calib.inputs.values()))[:2]))
-        with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
-            onnx_path = Path(tmp) / "float.onnx"
+        with scratch_dir() as tmp:
+            onnx_path = tmp / "float.onnx"
             to_onnx(module, sample, onnx_path)
             model = load_model(onnx_path)
         source = Source(model, calib, target, torch_module=module, train=train)

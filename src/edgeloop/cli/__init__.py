@@ -1,6 +1,13 @@
 """The ``edgeloop`` command line: parse, call the library, render. No logic lives here.
 
-Every :class:`~edgeloop.errors.EdgeloopError` becomes one line on stderr and exit code 2.
+Every :class:`~edgeloop.errors.EdgeloopError` and every usage error (unknown command or
+option, missing argument, bad option value) becomes one line on stderr and exit code 2;
+Ctrl-C exits with 130.
+
+The app runs in typer's non-standalone mode so that edgeloop prints errors itself. typer
+0.27 and later raise their own exceptions (its vendored click's, under the public base
+:class:`typer.TyperException`), not ``click``'s, and report ``--help`` and Ctrl-C as a
+returned exit code; pyproject.toml declares the typer versions this is tested with.
 """
 
 from __future__ import annotations
@@ -8,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-import click
+import typer
 from rich.markup import escape
 
 from edgeloop._progress import quiet_libraries
@@ -25,7 +32,8 @@ __all__ = ["OPTIONAL", "app", "main"]
 # Libraries only some commands use, and the extra that installs each. A device install
 # (plain `pip install edgeloop`) has none of them and still runs device, bench, quantize,
 # evaluate and optimize on ONNX models.
-OPTIONAL = {"torch": "train", "onnxscript": "train", "transformers": "transformers",
+OPTIONAL = {"torch": "train", "onnxscript": "train", "sklearn": "train",
+            "transformers": "transformers",
             "litert_torch": "tflite", "ai_edge_litert": "tflite", "coremltools": "coreml"}
 
 
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``edgeloop`` console script."""
     quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="edgeloop", standalone_mode=False)
     except EdgeloopError as e:
         _fail(str(e))
     except ModuleNotFoundError as e:
@@ -48,11 +56,29 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(f"this command needs `{top}`, which is not installed; install it with "
               f"pip install 'edgeloop[{OPTIONAL[top]}]'")
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except typer.TyperException as e:   # usage errors, raised by typer's own click
+        _usage_error(e)
+    except (typer.Abort, KeyboardInterrupt):
+        code = _INTERRUPTED
+    except typer.Exit as e:   # a command's own typer.Exit(code)
+        code = e.exit_code
+    if code == _INTERRUPTED:   # typer turns Ctrl-C into this exit code
+        err_console.print("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+_INTERRUPTED = 130   # the shell's code for a process ended by SIGINT
+
+
+def _usage_error(e: typer.TyperException) -> NoReturn:
+    """One line naming the mistake and where help is; with no arguments at all (typer's
+    ``no_args_is_help``), the help itself."""
+    message = e.format_message().strip()
+    if not message or "\n" in message:   # a group called without a command: its help
+        if message:                         # (typer has drawn it already when rich is used)
+            err_console.print(message, markup=False, highlight=False)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    _fail(f"{message}{hint}")

@@ -109,6 +109,7 @@ def _render(report: EvalReport) -> Table:
     t.add_row("integer ops", ", ".join(f"{k} x{v}" for k, v in
                                        sorted(report.integer_ops.items())) or "none")
     t.add_row("Q/DQ nodes left", str(report.qdq_nodes))
+    t.add_row("peak memory", f"{report.peak_rss_mb:,.0f} MB (this process, measuring included)")
     return t
 
 

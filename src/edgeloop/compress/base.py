@@ -1,14 +1,15 @@
 """The pass protocol: a config dataclass with ``apply(model, ctx) -> model``.
 
 :func:`run_pass` does the rest once for every pass: loading and checking the input,
-a scratch folder, checking that onnxruntime can load the result, the atomic write, and
-wrapping errors from the quantization engine in edgeloop's words.
+a scratch folder (also the working directory while the pass runs, so that nothing the
+quantization engine writes lands anywhere else), checking that onnxruntime can load the
+result, the atomic write, and wrapping errors from the quantization engine in edgeloop's
+words.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import ClassVar
 
 import onnx
 
-from edgeloop._io import atomic_path
+from edgeloop._io import atomic_path, scratch_dir
 from edgeloop._onnx import input_specs, load_model, session
 from edgeloop.data import Dataset, check_against
 from edgeloop.errors import DataError, EdgeloopError, ModelError
@@ -61,13 +62,14 @@ class Pass(ABC):
 
 def apply_pass(p: Pass, model: onnx.ModelProto, calib: Dataset | None = None) -> onnx.ModelProto:
     """Run ``p`` on an in-memory model: checks calibration data against the model's inputs,
-    runs the pass in a scratch folder, and checks that onnxruntime loads the result."""
+    runs the pass in a scratch folder (:func:`~edgeloop._io.scratch_dir`, removed
+    afterwards), and checks that onnxruntime loads the result."""
     if p.needs_calib:
         if calib is None:
             raise DataError(f"{p.name} needs calibration data (--data CALIB.npz)")
         check_against(calib, input_specs(session(model)), source="calibration data")
-    with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
-        ctx = PassContext(Path(tmp), calib)
+    with scratch_dir() as tmp:
+        ctx = PassContext(tmp, calib)
         try:
             out = p.apply(model, ctx)
         except EdgeloopError:

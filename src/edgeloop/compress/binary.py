@@ -26,6 +26,7 @@ from edgeloop._onnx import session
 from edgeloop.compress.base import Pass, PassContext
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import ModelError
+from edgeloop.measure import PREDICT_BATCH
 
 _OPS = ("Conv", "Gemm", "MatMul")
 
@@ -122,13 +123,31 @@ def _outputs(model: onnx.ModelProto, names: list[str], data: Dataset) -> list[np
     probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
                               for n in names)
     sess = session(probe)
-    chunks = [sess.run(names, feed) for feed in batches(data, 256)]
+    chunks = [sess.run(names, feed) for feed in batches(data, PREDICT_BATCH)]
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(names))]
 
 
 def _per_channel(y: np.ndarray, out_axis: int) -> np.ndarray:
     y = np.moveaxis(y, out_axis, -1)
     return y.reshape(-1, y.shape[-1]).astype(np.float64)
+
+
+_UNPACK_OPSET = 18   # BitwiseAnd, which unpacks the sign bits, exists from opset 18
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` at an opset that has BitwiseAnd, in which every node has a name
+    (layers are found by name; hand-built graphs often leave names empty)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < _UNPACK_OPSET:
+        out = onnx.version_converter.convert_version(model, _UNPACK_OPSET)
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    for i, node in enumerate(out.graph.node):
+        if not node.name:
+            node.name = f"edgeloop_bin_node{i}"
+    return out
 
 
 @dataclass
@@ -143,6 +162,7 @@ class Binary(Pass):
     name: ClassVar[str] = "binary"
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        model = _prepared(model)
         layers = _find_layers(model)
         if not layers:
             raise ModelError("binary found no Conv, Gemm or MatMul with constant weights")

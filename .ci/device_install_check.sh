@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The device install works: `pip install .` without extras (torch absent) runs quantize
+# with every scheme, evaluate, optimize and bench on an ONNX model.
+#
+# Everything happens in one temp folder, removed at the end: a copy of the sources (so the
+# build leaves no build/ or egg-info in the checkout), a fresh venv, pip's cache, the model,
+# the data and every output. The commands run in an empty folder that must afterwards hold
+# only what their --out options name.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+started=$(date +%s)
+work=$(mktemp -d "${TMPDIR:-/tmp}/edgeloop-device-check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+mkdir "$work/src" "$work/run"
+cp -r pyproject.toml README.md constraints.txt src "$work/src/"
+"$PYTHON" -m venv "$work/venv"
+py="$work/venv/bin/python"
+export PIP_CACHE_DIR="$work/pip-cache" PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! "$py" -m pip install --constraint "$work/src/constraints.txt" "$work/src" \
+        > "$work/pip.log" 2>&1; then
+    cat "$work/pip.log" >&2
+    exit 1
+fi
+rm -rf "$work/src"
+
+if "$py" -c "import torch" 2>/dev/null; then
+    echo "device install check: torch is importable in the plain install" >&2
+    exit 1
+fi
+
+# A small MLP on MNIST-1D (40 inputs, 10 classes): random hidden features with a readout
+# fitted by least squares on the training split, so accuracy means something.
+cd "$work/run"
+export EDGELOOP_QUIET=1
+edgeloop="$work/venv/bin/edgeloop"
+for split in train calib test; do
+    "$edgeloop" data mnist1d --split "$split" --out "$work/$split.npz" >/dev/null
+done
+"$py" - "$work" <<'EOF'
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+work = sys.argv[1]
+with np.load(f"{work}/train.npz") as f:
+    x, y = f["x"], f["labels"]
+rng = np.random.default_rng(0)
+w1 = (rng.standard_normal((40, 256)) / np.sqrt(40)).astype(np.float32)
+b1 = np.zeros(256, np.float32)
+hidden = np.maximum(x @ w1 + b1, 0)
+w2 = np.linalg.lstsq(hidden, np.eye(10)[y], rcond=None)[0].astype(np.float32)
+graph = helper.make_graph(
+    [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+     helper.make_node("MatMul", ["r", "w2"], ["logits"])], "mlp",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40])],
+    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+    [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+     numpy_helper.from_array(w2, "w2")])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+          f"{work}/model.onnx")
+EOF
+
+model="$work/model.onnx"
+for scheme in int8 int8-static int8-dynamic int4-weight binary ort-static ort-dynamic; do
+    "$edgeloop" quantize "$model" --scheme "$scheme" --data "$work/calib.npz" \
+        --out "q-$scheme.onnx" >/dev/null
+done
+"$edgeloop" evaluate q-int8.onnx --data "$work/test.npz" --reference "$model" --runs 20 \
+    --seconds 1 --json > "$work/evaluate.json"
+"$py" - "$work/evaluate.json" <<'EOF'
+import json
+import sys
+
+report = json.load(open(sys.argv[1]))
+assert report["accuracy"] > 0.3 and report["fidelity"]["mean_cosine"] > 0.99, report
+assert report["peak_rss_mb"] > 0, report
+EOF
+"$edgeloop" optimize "$model" --data "$work/calib.npz" --val "$work/test.npz" \
+    --time-budget 40s --out opt >/dev/null
+"$edgeloop" bench "$model" --duration 1 --warmup 0.2 --plot bench.png --json \
+    > "$work/bench.json"
+
+left=$(ls -A | sort | tr '\n' ' ')
+expected="bench.png opt q-binary.onnx q-int4-weight.onnx q-int8-dynamic.onnx q-int8-static.onnx \
+q-int8.onnx q-ort-dynamic.onnx q-ort-static.onnx "
+if [ "$left" != "$expected" ]; then
+    echo "device install check: the working folder holds '$left', expected '$expected'" >&2
+    exit 1
+fi
+echo "device install check passed in $(( $(date +%s) - started )) s (no torch; quantize with" \
+     "every scheme, evaluate, optimize, bench)"
