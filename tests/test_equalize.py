@@ -134,6 +134,8 @@ def test_relu6_bounded_is_exact_on_calibration_data() -> None:
     # "relu" (DFQ's replacement) changes the float function where ReLU6 clips.
     relu, _ = equalize(model, relu6="relu")
     assert "Clip" not in {n.op_type for n in relu.graph.node}
+    assert not {"act1.hi", "act2.hi"} & {i.name for i in relu.graph.initializer}
+    session(relu)
 
 
 def test_quantize_weight_reproduces_onnxruntime() -> None:

@@ -309,7 +309,19 @@ def equalize(model: onnx.ModelProto, calib: Dataset | None = None, *, relu6: str
         result.append(EqualizedPair(first.name, second.name,
                                     act.op_type if act is not None else "Identity", spread,
                                     _spread(_ranges(g.array(first.input[1]), 0))))
+    if relu6 == "relu":
+        _drop_unused(out)   # the replaced Clips' bounds
     return out, result
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] not in used]
+    for n in dead:
+        model.graph.node.remove(n)
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 def _equalize_pair(g: _Graph, first: onnx.NodeProto, second: onnx.NodeProto,
