@@ -111,7 +111,25 @@ class _Graph:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(node.attribute[0].t)
+        if node is not None and node.op_type == "Identity":  # exporters dedupe this way
+            return self.const(node.input[0])
         return None
+
+    def own(self, node: onnx.NodeProto, index: int) -> str:
+        """Make input ``index`` of ``node`` (a constant) an initializer that only ``node``
+        uses, so that rescaling it cannot change another layer; its name."""
+        name = node.input[index]
+        users = self.consumers.get(name, [])
+        if name in self.inits and users == [node] and name not in self.outputs:
+            return name
+        new = f"{name}_{node.name or node.output[0]}"
+        self.model.graph.initializer.append(numpy_helper.from_array(self.const(name), new))
+        self.inits[new] = self.model.graph.initializer[-1]
+        node.input[index] = new
+        if node in users:
+            users.remove(node)
+        self.consumers[new] = [node]
+        return new
 
     def only_consumer(self, tensor: str) -> onnx.NodeProto | None:
         users = self.consumers.get(tensor, [])
@@ -138,22 +156,23 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _has_const_weight(g: _Graph, node: onnx.NodeProto) -> bool:
-    return node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in g.inits
+    """A Conv whose weight and bias (if any) are constants."""
+    return (node.op_type == "Conv" and len(node.input) > 1
+            and all(g.const(i) is not None for i in node.input[1:] if i))
 
 
-def _ensure_bias(g: _Graph, node: onnx.NodeProto, channels: int) -> str:
-    """The name of ``node``'s bias initializer, adding a zero bias if it has none."""
+def _own_bias(g: _Graph, node: onnx.NodeProto, channels: int) -> str:
+    """The name of ``node``'s own bias initializer, adding a zero bias if it has none."""
     if len(node.input) > 2 and node.input[2]:
-        if node.input[2] not in g.inits:
-            raise ValueError(f"{node.name}: bias is not a constant")
-        return node.input[2]
+        return g.own(node, 2)
     name = f"{node.input[1]}_bias"
-    init = numpy_helper.from_array(np.zeros(channels, np.float32), name)
-    g.model.graph.initializer.append(init)
+    g.model.graph.initializer.append(numpy_helper.from_array(np.zeros(channels, np.float32),
+                                                             name))
     g.inits[name] = g.model.graph.initializer[-1]
     while len(node.input) < 3:
         node.input.append("")
     node.input[2] = name
+    g.consumers[name] = [node]
     return name
 
 
@@ -173,8 +192,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
         k = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
-        w = g.array(conv.input[1]).astype(np.float64)
-        bias = _ensure_bias(g, conv, w.shape[0])
+        w = g.array(g.own(conv, 1)).astype(np.float64)
+        bias = _own_bias(g, conv, w.shape[0])
         g.set_array(conv.input[1], w * k.reshape(-1, *[1] * (w.ndim - 1)))
         g.set_array(bias, (g.array(bias) - mean) * k + beta)
         conv.output[0] = bn.output[0]
@@ -196,8 +215,8 @@ def _relu6(g: _Graph, node: onnx.NodeProto) -> bool:
 
 
 def _depthwise(g: _Graph, conv: onnx.NodeProto) -> bool:
-    w = g.inits[conv.input[1]]
-    return int(_attr(conv, "group", 1)) == w.dims[0] and w.dims[1] == 1
+    w = g.const(conv.input[1])
+    return w is not None and int(_attr(conv, "group", 1)) == w.shape[0] and w.shape[1] == 1
 
 
 def _equalizable(g: _Graph, conv: onnx.NodeProto | None) -> bool:
@@ -265,7 +284,7 @@ def _channel_max(model: onnx.ModelProto, tensors: list[str], data: Dataset,
 
 
 def equalize(model: onnx.ModelProto, calib: Dataset | None = None, *, relu6: str = "bounded",
-             iterations: int = 20, max_scale: float = 1e3, batch_size: int = 8,
+             iterations: int = 20, max_scale: float = 1e3, batch_size: int = 4,
              ) -> tuple[onnx.ModelProto, list[EqualizedPair]]:
     """Cross-layer equalization of every Conv -> (Relu | ReLU6 | nothing) -> Conv chain.
 
@@ -281,6 +300,10 @@ def equalize(model: onnx.ModelProto, calib: Dataset | None = None, *, relu6: str
     out = _copy(model)
     g = _Graph(out)
     pairs = _pairs(g, relu6)
+    for first, _, second in pairs:
+        for node, index in ((first, 1), (first, 2), (second, 1)):
+            if len(node.input) > index and node.input[index]:
+                g.own(node, index)
     clipped = [f.output[0] for f, act, _ in pairs if act is not None and act.op_type == "Clip"]
     if relu6 == "bounded" and clipped and calib is None:
         raise UsageError("equalize with relu6='bounded' needs calibration data")
@@ -393,7 +416,7 @@ def _window_sums(x: np.ndarray, conv: onnx.NodeProto, kernel: tuple[int, ...]) -
 
 
 def correct_bias(model: onnx.ModelProto, calib: Dataset, *, per_channel: bool = True,
-                 reduce_range: bool = False, batch_size: int = 8,
+                 reduce_range: bool = False, batch_size: int = 4,
                  exclude: Collection[str] = ()) -> onnx.ModelProto:
     """A copy of ``model`` whose Conv/Gemm biases absorb the mean output shift that int8
     weight rounding will cause, ``E[(W - Q(W)) x]``, measured on ``calib`` with the float
@@ -407,14 +430,15 @@ def correct_bias(model: onnx.ModelProto, calib: Dataset, *, per_channel: bool = 
     out = _copy(model)
     g = _Graph(out)
     layers = [n for n in out.graph.node
-              if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in g.inits
+              if n.op_type in ("Conv", "Gemm") and len(n.input) > 1
+              and all(g.const(i) is not None for i in n.input[1:] if i)
               and n.name not in exclude
               and not (n.op_type == "Gemm" and int(_attr(n, "transA", 0)))]
     if not layers:
         return out
     deltas = {}
     for n in layers:
-        w = g.array(n.input[1])
+        w = g.const(n.input[1])
         deltas[n.name] = w - quantize_weight(w, axis=_weight_axis(n), per_channel=per_channel,
                                              reduce_range=reduce_range)[0]
     sums = {n.name: 0.0 for n in layers}
@@ -426,9 +450,8 @@ def correct_bias(model: onnx.ModelProto, calib: Dataset, *, per_channel: bool = 
             sums[n.name] = sums[n.name] + shift
             count[n.name] += positions
     for n in layers:
-        w = g.array(n.input[1])
-        channels = w.shape[_weight_axis(n)]
-        bias = _ensure_bias(g, n, channels)
+        channels = deltas[n.name].shape[_weight_axis(n)]
+        bias = _own_bias(g, n, channels)
         b = g.array(bias)
         shift = np.asarray(sums[n.name]) / max(count[n.name], 1)
         if n.op_type == "Gemm":
