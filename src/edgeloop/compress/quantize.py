@@ -1,7 +1,9 @@
 """Int8 post-training quantization, with onnxruntime's quantizer as the engine.
 
 - ``int8-dynamic``: weights int8 (per channel), activations quantized at run time.
-- ``int8-static``: QDQ, per-channel weights, activation ranges from calibration data.
+- ``int8-static``: QDQ, per-channel weights, activation ranges from calibration data;
+  first, cross-layer equalization and optionally bias correction
+  (:mod:`~edgeloop.compress.equalize`).
 - ``ort-static`` / ``ort-dynamic``: onnxruntime's ``quantize_static`` /
   ``quantize_dynamic`` with their defaults and no pre-processing, the baseline edgeloop is
   measured against.
@@ -24,6 +26,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from edgeloop.compress import equalize as eq
 from edgeloop.compress.base import Pass, PassContext, apply_pass
 from edgeloop.compress.calibrate import NpzReader, static_calibration
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
@@ -71,7 +74,9 @@ class Int8Static(Pass):
     per_channel: bool = True
     preprocess: bool = True
     channels_last_head: bool = True   # see edgeloop.compress.layout
-    calib_batch: int = 8
+    equalize: bool = True             # cross-layer equalization, see edgeloop.compress.equalize
+    bias_correction: bool = False     # absorb int8 weight rounding's mean shift into biases
+    calib_batch: int = 8              # samples per batch for the histogram calibrators
     nodes_to_exclude: list[str] = field(default_factory=list)
     target: Target = field(default_factory=detect)
     name: ClassVar[str] = "int8-static"
@@ -86,8 +91,14 @@ class Int8Static(Pass):
         pre = Preprocess() if self.preprocess else None
         if pre is not None:
             model = pre.apply(model, ctx)
+        if self.equalize:
+            model, _ = eq.equalize(eq.fold_batchnorm(model), calib)
         if self.channels_last_head and find_heads(model):
             model = ChannelsLastHead().apply(model, ctx)
+        if self.bias_correction:
+            model = eq.correct_bias(model, calib, per_channel=self.per_channel,
+                                    reduce_range=self.target.reduce_range,
+                                    exclude=self.nodes_to_exclude)
         out = ctx.scratch("int8-static.onnx")
         fmt = QuantFormat.QDQ if self.target.quant_format == "QDQ" else QuantFormat.QOperator
         if self.calibration == "minmax":
