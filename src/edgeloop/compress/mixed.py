@@ -5,8 +5,10 @@
    :class:`~edgeloop.compress.fuse.Preprocess`); then, where they apply:
    onnxruntime's transformer fusions (Attention, SkipLayerNormalization, Gelu), kept only
    if the fused float model gives the float outputs — otherwise the reason is recorded;
-   and SmoothQuant scale migration (:mod:`~edgeloop.compress.smooth`) for matrix products
-   whose inputs carry outlier channels, as pretrained transformers' do.
+   SmoothQuant scale migration (:mod:`~edgeloop.compress.smooth`) for matrix products
+   whose inputs carry outlier channels, as pretrained transformers' do; and cross-layer
+   equalization (:mod:`~edgeloop.compress.equalize`) for convolution chains, whose
+   per-channel ranges spread over orders of magnitude in pretrained mobile CNNs.
 2. **Activation mode and weight granularity.** Each preparation is quantized in full
    with dynamic activations (per-channel and per-tensor int8 weights) and with static
    (QDQ, calibrated) activations (per-channel weights). Every variant is timed at batch 1
@@ -54,6 +56,7 @@ from edgeloop._onnx import session
 from edgeloop._progress import progress, status
 from edgeloop.compress.base import Pass, PassContext
 from edgeloop.compress.calibrate import static_calibration
+from edgeloop.compress.equalize import equalize, fold_batchnorm
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
 from edgeloop.compress.sensitivity import (
     LOOKUP_OPS,
@@ -235,6 +238,7 @@ class Int8(Pass):
     quantize_lookups: bool = False  # int8 embedding tables (smaller file, no speed-up)
     smooth: bool = True             # SmoothQuant variants where inputs have outliers
     smooth_alpha: float = 0.5       # share of the outlier spread moved into the weights
+    equalize: bool = True           # cross-layer equalized variants of conv models
     sensitivity_samples: int = 32   # calibration samples the float-fallback search uses
     timing_rounds: int = 8          # interleaved rounds when timing the variants
     faster_than_float: bool = True  # refuse int8 forms no faster than float (False when
@@ -259,7 +263,9 @@ class Int8(Pass):
 
         full: dict[tuple[str, str, bool], onnx.ModelProto] = {}
         errors: dict[tuple[str, str, bool], float] = {}
-        keys = [(p, m, pc) for p in preparations for m, pc in FORMS]
+        # equalization exists for static activations; dynamic ones take the plain graph
+        keys = [(p, m, pc) for p in preparations for m, pc in FORMS
+                if m == "static" or not p.endswith("+equalize")]
         for key in progress(keys, "int8: quantizing variants", total=len(keys)):
             p, m, pc = key
             try:
@@ -322,6 +328,11 @@ class Int8(Pass):
                 preparations["fused"] = fused
             else:
                 notes.append(f"transformer fusion skipped: {reason}")
+        if self.equalize and any(n.op_type == "Conv" for n in prepared.graph.node):
+            status("int8: cross-layer equalization")
+            equalized, pairs = equalize(fold_batchnorm(prepared), calib)
+            if pairs:
+                preparations["preprocess+equalize"] = equalized
         if self.smooth:
             for name in list(preparations):
                 smoothed, tensors = smooth(preparations[name], calib, alpha=self.smooth_alpha)
