@@ -293,6 +293,14 @@ def default_candidates() -> list[Candidate]:
     out: list[Candidate] = [
         PassCandidate("fused", "graph optimization and fusion, float weights",
                       lambda t: Preprocess(), quantized=False),
+    ]
+    if "int8" in SCHEMES:   # edgeloop's own search (smoothing, equalization, mixed precision)
+        cls = SCHEMES["int8"]
+        takes_target = "target" in {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        out.append(PassCandidate(
+            "int8-mixed", "int8 chosen by measurement, sensitive layers left in float",
+            lambda t: cls(target=t) if takes_target else cls()))  # type: ignore[call-arg]
+    out += [
         PassCandidate("int8-static/minmax/per-channel", "static int8 QDQ, MinMax, per channel",
                       lambda t: Int8Static(calibration="minmax", per_channel=True,
                                            channels_last_head=False, target=t)),
@@ -308,12 +316,6 @@ def default_candidates() -> list[Candidate]:
                                  Int8Dynamic(per_channel=True, preprocess=False, target=t)],
                       applies_to=_has_layer_norm),
     ]
-    if "int8" in SCHEMES:
-        cls = SCHEMES["int8"]
-        takes_target = "target" in {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        out.append(PassCandidate(
-            "int8-mixed", "int8 with sensitive layers left in float",
-            lambda t: cls(target=t) if takes_target else cls()))  # type: ignore[call-arg]
     out.append(PassCandidate("int4-weight", "int4 weights (blocks of 32), float activations",
                              lambda t: Int4Weight()))
     for calibration in CALIBRATIONS:
@@ -579,10 +581,14 @@ def _try(cand: Candidate, source: Source, config: OptimizeConfig, val: Dataset,
                                seconds=time.monotonic() - start), None
     result.seconds = time.monotonic() - start
     assert result.drop is not None
+    ms, base_ms = result.latency_ms[config.batch], baseline.latency_ms[config.batch]
     if result.drop > config.max_drop + 1e-12:
         result.status = OVER_BUDGET
-    elif result.latency_ms[config.batch] * config.min_speedup > baseline.latency_ms[config.batch]:
+        result.error = f"{config.metric} drop {result.drop:.4g} > max drop {config.max_drop:g}"
+    elif ms * config.min_speedup > base_ms:
         result.status = NOT_FASTER
+        result.error = (f"{ms:.4g} ms against {base_ms:.4g} ms in float at batch "
+                        f"{config.batch} ({base_ms / ms:.2f}x)")
     return result, model
 
 

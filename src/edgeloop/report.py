@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,10 +51,13 @@ def _fmt(value: float | None, metric: str) -> str:
 
 def _summary(result: OptimizeResult) -> str:
     if result.chosen is None:
+        counts = Counter(c.status for c in result.candidates)
+        seen = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none measured"
         why = {"completed": "no candidate fits the budget and beats the float model",
                "time budget": "the time budget ran out before a candidate fit",
                "interrupted": "the search was interrupted before a candidate fit"}
-        return (f"**best.onnx is the float model, unchanged**: {why[result.stopped]}.")
+        return (f"**best.onnx is the float model, unchanged**: {why[result.stopped]} "
+                f"(candidates: {seen}; the table says why each was rejected).")
     chosen = next(c for c in result.candidates if c.name == result.chosen)
     base = result.baseline.latency_ms.get(result.batch)
     speed = (f", {base / chosen.latency_ms[result.batch]:.2f}x the float model's speed"
