@@ -169,3 +169,45 @@ def test_interleaved_latency_ranks_a_much_larger_model_slower():
                               warmup=2, threads=1)
     assert len(lat) == 3 and all(t > 0 for t in lat)
     assert lat[1] > 3 * max(lat[0], lat[2])
+
+
+def _conv_chain() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits, nodes, prev = [], [], "x"
+    for i in range(3):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32),
+                                          f"w{i}"),
+                  numpy_helper.from_array(np.zeros(8, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}",
+                                   pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 8, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_kept_float_in_static_int8_really_runs_in_float(tmp_path):
+    """onnxruntime quantizes an excluded Conv's weights itself at load time when it sits
+    between a DequantizeLinear and a QuantizeLinear; the fallback must prevent that."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgeloop._onnx import optimized_graph
+    from edgeloop.compress.calibrate import NpzReader
+    from edgeloop.compress.mixed import _float_inputs
+
+    model = _conv_chain()
+    data = Dataset({"x": np.random.default_rng(2).normal(size=(8, 8, 16, 16))
+                    .astype(np.float32)})
+    onnx.save(model, tmp_path / "m.onnx")
+    quantize_static(tmp_path / "m.onnx", tmp_path / "q.onnx", NpzReader(data),
+                    quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=["conv1"])
+    plain = onnx.load(tmp_path / "q.onnx")
+
+    def float_convs(m: onnx.ModelProto) -> int:
+        return sum(n.op_type in ("Conv", "FusedConv") for n in optimized_graph(m).graph.node)
+
+    assert float_convs(plain) == 0            # onnxruntime made the excluded conv int8 anyway
+    # conv1 runs in float; so may conv0, whose output is no longer quantized for conv1
+    assert 1 <= float_convs(_float_inputs(plain, ["conv1"])) <= 2

@@ -264,8 +264,12 @@ class Int8(Pass):
         full: dict[tuple[str, str, bool], onnx.ModelProto] = {}
         errors: dict[tuple[str, str, bool], float] = {}
         # equalization exists for static activations; dynamic ones take the plain graph
+        dynamic = _dynamic_pays(preparations["preprocess"])
+        if not dynamic:
+            notes.append("dynamic activations skipped: most weights are in convolutions, "
+                         "which onnxruntime runs as ConvInteger, slower than float on CPUs")
         keys = [(p, m, pc) for p in preparations for m, pc in FORMS
-                if m == "static" or not p.endswith("+equalize")]
+                if m == "static" or (dynamic and not p.endswith("+equalize"))]
         for key in progress(keys, "int8: quantizing variants", total=len(keys)):
             p, m, pc = key
             try:
@@ -427,6 +431,17 @@ class Int8(Pass):
         return onnx.load(out)
 
 
+def _dynamic_pays(model: onnx.ModelProto) -> bool:
+    """Whether dynamic activations can pay off: most weights are in matrix products
+    (MatMulInteger is fast everywhere), not convolutions (ConvInteger is not)."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    conv = sum(sizes.get(n.input[1], 0) for n in model.graph.node
+               if n.op_type == "Conv" and len(n.input) > 1)
+    products = sum(sizes.get(n.input[1], 0) for n in model.graph.node
+                   if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1)
+    return products >= conv
+
+
 def _runs_per_round(model: onnx.ModelProto, data: Dataset) -> int:
     """Timed calls per model and round: about 0.1 s of the float model's batch-1 time,
     3 to 20 calls (slow models need fewer to be timed reliably)."""
@@ -445,7 +460,9 @@ def _float_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     DequantizeLinear and a QuantizeLinear (its neighbours are int8); onnxruntime's
     WeightBiasQuantization then quantizes its weights per tensor at load time and runs it
     as QLinearConv, so the layer would not be float at all (and worse than per-channel).
-    Reading the tensor before its Q/DQ pair keeps it float.
+    Reading the tensor before its Q/DQ pair keeps it float. Where nothing else reads that
+    pair, the producer's output is no longer quantized either, so the layer before may run
+    in float too: the measured latency of the result accounts for it.
     """
     wanted = set(names)
     producer = {o: n for n in model.graph.node for o in n.output}

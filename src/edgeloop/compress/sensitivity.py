@@ -29,7 +29,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from edgeloop._onnx import probe_session, session, sort_nodes
 from edgeloop._progress import progress
 from edgeloop.data import Dataset, batches
-from edgeloop.measure import fidelity, predict
+from edgeloop.measure import PREDICT_BATCH, fidelity, predict
 
 __all__ = [
     "LOOKUP_OPS",
@@ -190,7 +190,7 @@ class SwitchableModel:
                         if not i.name.startswith("edgeloop_fq_on")]
 
     def error(self, quantized: Iterable[str], data: Dataset, reference: np.ndarray,
-              batch_size: int = 256) -> float:
+              batch_size: int = PREDICT_BATCH) -> float:
         """``1 - mean cosine`` to ``reference`` with exactly ``quantized`` in int8. Dynamic
         activation ranges are per call, so ``batch_size`` matters: the default is
         :func:`~edgeloop.measure.predict`'s, which measures the real integer model."""
