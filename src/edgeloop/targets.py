@@ -40,8 +40,8 @@ from onnx import numpy_helper
 
 from edgeloop.errors import one_of
 
-__all__ = ["TARGETS", "Machine", "SaturationRisk", "Target", "detect", "get_target",
-           "saturation_risks", "this_machine"]
+__all__ = ["SAFE_WEIGHT", "TARGETS", "Machine", "SaturationRisk", "Target", "detect",
+           "get_target", "saturation_risks", "this_machine"]
 
 # Largest |int8 weight| whose products with uint8 activations, added in pairs, fit an
 # int16: 255 * (64 + 64) = 32640 <= 32767. onnxruntime's reduce_range grid is [-64, 64].
