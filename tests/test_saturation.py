@@ -261,3 +261,9 @@ def test_avx2_profile_outputs_are_correct_on_avx2_kernels(cnn, tmp_path: Path) -
             assert saturation_risks(models[name], AVX2) == []
             assert _rel_err(avx2, native) < 0.01, name
             assert agree_avx2 >= 0.93, name
+
+
+def test_a_recipe_names_the_qat_target() -> None:
+    from edgeloop.compress.recipe import make_pass
+
+    assert make_pass("qat", {"target": "x86-avx2"}).target == AVX2  # type: ignore[attr-defined]

@@ -86,7 +86,7 @@ def make_pass(name: str, options: dict[str, Any], *, where: str = "pass") -> Tor
             raise one_of(f"{where} field", sorted(fields), key)
         f = fields[key]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-        if isinstance(default, Target) and isinstance(value, str):
+        if isinstance(default, Target):
             given[key] = value = get_target(value)
         ok = isinstance(value, type(default)) or (isinstance(default, float)
                                                   and isinstance(value, int))
