@@ -5,8 +5,9 @@ CPU family: QDQ vs QOperator, the activation type (U8S8: uint8 activations with 
 weights, vs S8S8), and ``reduce_range`` (7-bit weights).
 
 Why x86 without VNNI needs 7-bit weights, and why S8S8 is not the answer there
-(onnxruntime 1.2x/1.3x, MLAS; checked in its source and by running its AVX2 kernels under
-emulation, see tests/test_targets_avx2.py):
+(onnxruntime's MLAS, read in its source — ``qgemm.h``, ``platform.cpp``, ``mlasi.h``,
+``qdq_s8_to_u8.cc`` — and checked by running its AVX2 kernels under ``qemu-x86_64 -cpu
+Haswell``, see tests/test_saturation.py):
 
 - onnxruntime's U8S8 kernels for AVX2 multiply uint8 activations by int8 weights with
   ``vpmaddubsw``, which adds each pair of adjacent products into a *saturating* int16.
@@ -15,15 +16,20 @@ emulation, see tests/test_targets_avx2.py):
   which fits. VNNI (``vpdpbusd``) accumulates into int32 and never saturates.
 - S8S8 does not avoid it: for QDQ models onnxruntime's ``QDQS8ToU8Transformer`` turns
   int8 activations into uint8 (zero point + 128) on every x86 CPU, so the same U8S8
-  kernels run; for QOperator models MLAS has no AVX2 S8S8 GEMM (only with AVX-VNNI-INT8)
-  and falls back to its portable C kernel, which is exact but slow.
-- Depthwise convolutions run a separate MLAS kernel that widens to int16 first and does not
-  saturate; U8U8 kernels do not saturate either.
+  kernels run (and saturate: under emulation an S8S8 QDQ MatMul with full-range weights
+  is off by 89%); for QOperator models MLAS has no AVX2 S8S8 GEMM (only with
+  AVX-VNNI-INT8) and falls back to its portable C kernel, exact but slow: 7x the
+  instructions of U8S8 with 7-bit weights on a two-layer 512-wide MLP at batch 64
+  (callgrind, whose CPU has AVX2 but no AVX-512, so MLAS takes its AVX2 paths).
+- Depthwise convolutions run a separate MLAS kernel that does not saturate (exact under
+  emulation with full-range weights); U8U8 kernels do not use ``vpmaddubsw`` either.
 
 So ``x86-avx2`` is U8S8 + 7-bit weights in QDQ: the only fast layout that is also correct.
-On arm64 onnxruntime keeps S8S8 QDQ models in int8 (``QDQIsInt8Allowed``) and runs them on
-``sdot`` (with the dot-product extension) or on NEON kernels that widen to int16 before
-multiplying, so S8S8 with full-range weights is both correct and the recommended layout.
+On arm64 onnxruntime keeps int8 QDQ activations as they are (``QDQIsInt8Allowed``) and MLAS
+runs S8S8 on its ``sdot`` kernel (dot-product extension, int32 accumulation) or its NEON
+X8S8 kernel; S8S8 QDQ is the layout onnxruntime's documentation recommends first, so the
+arm64 profiles use it with full-range (symmetric, [-127, 127]) weights. Unlike the x86
+choice, that one is taken from the source and the documentation, not run here.
 
 :func:`saturation_risks` checks a quantized model against a profile without running it.
 """
