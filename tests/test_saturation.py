@@ -236,9 +236,10 @@ def _qdq_reference(model: onnx.ModelProto) -> np.ndarray:
 
 @emulated
 def test_avx2_profile_outputs_are_correct_on_avx2_kernels(cnn, tmp_path: Path) -> None:
-    """The x86-avx2 profile's int8-static, int8-dynamic and QAT export of a zoo CNN agree
-    with fp32 on emulated AVX2 as they do natively; the full-range layout the VNNI profile
-    picks is exact natively but goes wrong there, and the check flags exactly that one."""
+    """The x86-avx2 profile's int8-static, int8-dynamic and QAT export of a zoo CNN (and
+    int4 weights, int8 activations) agree with fp32 on emulated AVX2 as they do natively;
+    the full-range layout the VNNI profile picks is right natively but goes wrong there,
+    and the check flags exactly that one."""
     float_model, module = cnn
     feed = {"x": VAL.inputs["x"]}
     models = {
@@ -246,6 +247,7 @@ def test_avx2_profile_outputs_are_correct_on_avx2_kernels(cnn, tmp_path: Path) -
         "int8-static": apply_pass(_scheme("int8-static", AVX2), float_model, CALIB),
         "int8-dynamic": apply_pass(_scheme("int8-dynamic", AVX2), float_model, CALIB),
         "qat-export": quantize_export(module, CALIB, target=AVX2)[0],
+        "int4-weight": apply_pass(_scheme("int4-weight", AVX2), float_model, CALIB),
         "full-range": quantize_export(module, CALIB, target=VNNI)[0],
     }
     results = _native_and_emulated({k: (m, feed) for k, m in models.items()}, tmp_path)
