@@ -165,6 +165,21 @@ def test_qat_export_for_avx2_passes_and_full_range_fails(cnn) -> None:
     assert saturation_risks(quantize_export(module, CALIB, target=VNNI)[0], AVX2)
 
 
+def test_qat_export_follows_the_profiles_activation_type(cnn) -> None:
+    """arm64 profiles get int8 activations (S8S8) on the same grid: zero points shift by
+    128 and the model computes the same function."""
+    _, module = cnn
+    s8 = quantize_export(module, CALIB, target=TARGETS["arm64-dotprod"])[0]
+    u8 = quantize_export(module, CALIB, target=VNNI)[0]
+    zero_points = [t for t in s8.graph.initializer if t.name.endswith("__zp")
+                   and t.data_type in (TensorProto.INT8, TensorProto.UINT8)
+                   and not t.name.endswith("weight__zp")]
+    assert zero_points and all(t.data_type == TensorProto.INT8 for t in zero_points)
+    x = {"x": VAL.inputs["x"]}
+    np.testing.assert_allclose(session(s8).run(None, x)[0], session(u8).run(None, x)[0],
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["ort-static", "ort-dynamic"])
 def test_stock_full_range_u8s8_fails_the_check(cnn, name: str) -> None:
     float_model, _ = cnn

@@ -184,9 +184,8 @@ class QAT(TorchPass):
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         """The fine-tuned model with BatchNorm folded (float module; export it with
         :func:`quantize_export` at the same ``bits`` and ``target``). Its weights sit on the
-        ``bits`` grid of the target
-        when fine-tuning won on validation; otherwise it is the folded input model, whose
-        export is the post-training-quantized model."""
+        target's ``bits`` grid when fine-tuning won on validation; otherwise it is the folded
+        input model, whose export is the post-training-quantized model."""
         folded = fold_batchnorm(model)
         if not self.epochs:
             return folded
@@ -198,13 +197,12 @@ class QAT(TorchPass):
             sim, TrainContext(ctx.train, ctx.val, teacher=folded))
         tuned = _unwrap(sim).eval()
         calib = ctx.calib if ctx.calib is not None else ctx.train.take(slice(0, _CALIB))
+
         def score(m: nn.Module) -> ExportedScore:
             return exported_score(m, calib, ctx.val, bits=self.bits, target=self.target)
 
-        if score(tuned).beats(score(folded),
-                significance=self.significance):
-            return tuned
-        return folded
+        return tuned if score(tuned).beats(score(folded), significance=self.significance) \
+            else folded
 
 
 @dataclass(frozen=True)
