@@ -35,7 +35,7 @@ from edgeloop.optimize import (
     parse_duration,
 )
 from edgeloop.report import pareto_front, write_report
-from edgeloop.targets import TARGETS, detect
+from edgeloop.targets import TARGETS, Target, detect
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 FAST = LatencyConfig(warmup=3, min_runs=50, max_seconds=0.3, floor_runs=10)
@@ -184,7 +184,8 @@ def test_torch_checkpoint_and_torch_candidate_extension_point(trained: Path) -> 
     """A torch checkpoint is exported first; a TorchCandidate's module is exported and
     measured like the rest (zeroing the classifier must blow the budget)."""
 
-    def zero_head(module: torch.nn.Module, train: Dataset, calib: Dataset) -> torch.nn.Module:
+    def zero_head(module: torch.nn.Module, train: Dataset, calib: Dataset,
+                  target: Target) -> torch.nn.Module:
         last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
         with torch.no_grad():
             last.weight.zero_()

@@ -91,6 +91,8 @@ def test_distill_command(files: Path) -> None:
     ('[[passes]]\npass = "prune"\nratio = 1.5\n', "strictly between 0 and 1"),
     ('colour = "red"\n[[passes]]\npass = "qat"\n', "`recipe field` must be one of"),
     ('[[passes]]\npass = "qat"\n[[passes]]\npass = "prune"\n', "`qat` must be the last"),
+    ('[[passes]]\npass = "qat"\ntarget = "riscv"\n', "`target` must be one of auto, "),
+    ('[[passes]]\npass = "qat"\ntarget = 3\n', "generic; got 3"),
 ])
 def test_bad_recipe(files: Path, capsys, recipe: str, message: str) -> None:
     head = 'model = "model.pt"\ndata = "train.npz"\nval = "val.npz"\nout = "bad-out"\n'

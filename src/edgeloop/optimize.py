@@ -183,18 +183,18 @@ class PassCandidate(Candidate):
 @dataclass
 class TorchCandidate(Candidate):
     """A candidate that changes the torch model itself (structured pruning,
-    quantization-aware training): ``transform(module, train, calib)`` returns a new module,
-    which is exported to ONNX — by ``export(module, calib)`` when given, else as a float
-    model — and then optionally passed through ``then``.
+    quantization-aware training): ``transform(module, train, calib, target)`` returns a new
+    module, which is exported to ONNX — by ``export(module, calib, target)`` when given, else
+    as a float model — and then optionally passed through ``then``.
 
     Only built when the input is a torch checkpoint and training data is given.
     """
 
     name: str
     description: str
-    transform: Callable[[object, Dataset, Dataset], object]
+    transform: Callable[[object, Dataset, Dataset, Target], object]
     then: Callable[[Target], Pass] | None = None
-    export: Callable[[object, Dataset], onnx.ModelProto] | None = None
+    export: Callable[[object, Dataset, Target], onnx.ModelProto] | None = None
     quantized: bool = False
 
     def applies(self, source: Source) -> bool:
@@ -209,9 +209,9 @@ class TorchCandidate(Candidate):
 
         assert source.train is not None
         module = self.transform(copy.deepcopy(source.torch_module), source.train,
-                                source.calib)
+                                source.calib, source.target)
         if self.export is not None:
-            model = self.export(module, source.calib)
+            model = self.export(module, source.calib, source.target)
         else:
             sample = torch.from_numpy(np.ascontiguousarray(
                 next(iter(source.calib.inputs.values()))[:2]))
@@ -235,8 +235,8 @@ def _train_context(train: Dataset, calib: Dataset) -> object:
                         train.take(slice(len(train) - n_val, len(train))), calib=calib)
 
 
-def _pruned(ratio: float, epochs: int) -> Callable[[object, Dataset, Dataset], object]:
-    def transform(module: object, train: Dataset, calib: Dataset) -> object:
+def _pruned(ratio: float, epochs: int) -> Callable[[object, Dataset, Dataset, Target], object]:
+    def transform(module: object, train: Dataset, calib: Dataset, target: Target) -> object:
         from edgeloop.compress.prune import StructuredPrune
 
         return StructuredPrune(ratio=ratio, finetune_epochs=epochs).apply(
@@ -244,19 +244,19 @@ def _pruned(ratio: float, epochs: int) -> Callable[[object, Dataset, Dataset], o
     return transform
 
 
-def _qat(epochs: int) -> Callable[[object, Dataset, Dataset], object]:
-    def transform(module: object, train: Dataset, calib: Dataset) -> object:
+def _qat(epochs: int) -> Callable[[object, Dataset, Dataset, Target], object]:
+    def transform(module: object, train: Dataset, calib: Dataset, target: Target) -> object:
         from edgeloop.compress.qat import QAT
 
-        return QAT(bits=8, epochs=epochs).apply(
+        return QAT(bits=8, epochs=epochs, target=target).apply(
             module, _train_context(train, calib))  # type: ignore[arg-type]
     return transform
 
 
-def _qat_export(module: object, calib: Dataset) -> onnx.ModelProto:
+def _qat_export(module: object, calib: Dataset, target: Target) -> onnx.ModelProto:
     from edgeloop.compress.qat import quantize_export
 
-    return quantize_export(module, calib, bits=8)[0]  # type: ignore[arg-type]
+    return quantize_export(module, calib, bits=8, target=target)[0]  # type: ignore[arg-type]
 
 
 def _has_head(model: onnx.ModelProto) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -19,22 +20,30 @@ if TYPE_CHECKING:
 
 
 @app.command("targets")
-def targets_cmd() -> None:
-    """List the hardware profiles; * marks the one `--target auto` picks on this machine."""
-    from edgeloop.targets import TARGETS, detect
+def targets_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """This machine's CPU kind and the int8 layout it gets, then every hardware profile;
+    * marks the one `--target auto` picks here."""
+    from edgeloop.targets import TARGETS, this_machine
 
-    auto = detect().name
+    machine = this_machine()
+    if as_json:
+        typer.echo(json.dumps({"machine": machine.to_dict(),
+                               "profiles": [t.to_dict() for t in TARGETS.values()]}))
+        return
+    auto = machine.target
+    console.print(f"this machine: {machine.cpu or 'unknown CPU'} ({machine.arch}; "
+                  f"{', '.join(machine.isa) or 'no int8 extensions found'})")
+    console.print(f"CPU kind: {auto.kind} -> profile {auto.name}: {auto.layout}")
     t = Table(title="hardware profiles")
-    for col in ("", "name", "description", "quant format", "activations x weights",
-                "reduce-range", "provider"):
+    for col in ("", "name", "CPU kind", "int8 layout", "int16 pairs saturate"):
         t.add_column(col)
     for target in TARGETS.values():
-        layout = "U8S8" if target.activation_type == "uint8" else "S8S8"
-        t.add_row("*" if target.name == auto else "", target.name, target.description,
-                  target.quant_format, layout, "yes" if target.reduce_range else "no",
-                  target.provider)
+        t.add_row("*" if target.name == auto.name else "", target.name, target.kind,
+                  target.layout, "yes" if target.saturates else "no")
     console.print(t)
-    console.print(f"* auto-detected on this machine: {auto}")
+    console.print(f"* auto-detected on this machine: {auto.name}")
 
 
 class _LiveTable:

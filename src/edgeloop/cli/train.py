@@ -95,15 +95,18 @@ def qat_cmd(
     distill: Annotated[float | None, typer.Option(
         help="Weight of the float model's softened outputs in the loss, in [0, 1]; 0 trains "
              "on the labels alone (default: the QAT pass's)")] = None,
+    target: Annotated[str, typer.Option(
+        help="Hardware profile whose int8 layout training and export use, or auto")] = "auto",
     runs: Runs = 100,
 ) -> None:
     """Quantization-aware fine-tuning, exported as an integer QDQ ONNX model. The result is
     the post-training-quantized model unless fine-tuning lowers the exported model's
     validation loss without lowering its accuracy."""
     from edgeloop.compress.qat import QAT
+    from edgeloop.targets import get_target
 
     chosen = {k: v for k, v in (("epochs", epochs), ("distill", distill)) if v is not None}
-    _run(model, [QAT(bits=bits, **chosen)], data, val, out, runs)
+    _run(model, [QAT(bits=bits, target=get_target(target), **chosen)], data, val, out, runs)
 
 
 @app.command("distill")

@@ -4,9 +4,11 @@ integer kernels (QLinearConv, QGemm).
 1. BatchNorm is folded into the convolution before it (the deployed model has no
    BatchNorm, so training sees the weights that will be quantized).
 2. Every Conv/Linear is wrapped: its weights are fake-quantized per output channel
-   (symmetric, ``bits`` wide: 8 -> [-127, 127], 4 -> [-7, 7]) and its input activation per
-   tensor (uint8, asymmetric, range = running min/max observed in training). Rounding passes
-   gradients straight through.
+   (symmetric, ``bits`` wide: 8 -> [-127, 127], 4 -> [-7, 7]; on a target profile with
+   ``reduce_range``, e.g. ``x86-avx2``, 8 -> [-64, 64], the grid whose uint8 x int8 pair
+   sums fit AVX2's int16, see :mod:`edgeloop.targets`) and its input activation per tensor
+   (8-bit, asymmetric, range = running min/max observed in training). Rounding passes
+   gradients straight through. Training and export use the same grid.
 3. Fine-tuning runs with the quantization in the loop, keeping the best validation epoch.
    By default it distils from the float model it started from (``distill`` weighs the
    teacher's softened outputs against the hard labels, as in
@@ -25,6 +27,8 @@ integer kernels (QLinearConv, QGemm).
    and a DequantizeLinear (the same grid as in training), every activation feeding or
    leaving a Conv/Gemm/Add gets a QuantizeLinear/DequantizeLinear pair with a range observed
    on the training data, and biases become int32. onnxruntime fuses these into integer ops.
+   Activations are uint8 or int8 as the target profile says (the same grid either way:
+   the int8 zero point is the uint8 one minus 128).
 
 4-bit weights are stored in int8 containers (values in [-7, 7]) so the same int8 kernels
 run them; activations stay 8-bit. :func:`quantize_export` without training is the matching
@@ -36,7 +40,7 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,6 +55,7 @@ from edgeloop.compress.distill import Distill
 from edgeloop.compress.trainbase import TorchPass, TrainContext, sample_of
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import DataError, ModelError, UsageError, one_of
+from edgeloop.targets import Target, detect
 
 __all__ = ["BITS", "QAT", "ExportedScore", "QuantizedLayer", "exported_score",
            "fold_batchnorm", "quantize_export"]
@@ -61,12 +66,8 @@ _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 _CALIB = 256  # training samples that calibrate the export when the context has no calib set
 
 
-def _qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def _weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    return (w.detach().flatten(1).abs().amax(1) / _qmax(bits)).clamp_min(1e-12)
+def _weight_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (w.detach().flatten(1).abs().amax(1) / qmax).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -90,21 +91,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class QuantizedLayer(nn.Module):
-    """A Conv/Linear with fake-quantized weights (per channel) and input (per tensor)."""
+    """A Conv/Linear with fake-quantized weights (per channel, integers in
+    [-qmax, qmax]) and input (per tensor)."""
 
-    def __init__(self, layer: nn.Module, bits: int) -> None:
+    def __init__(self, layer: nn.Module, qmax: int) -> None:
         super().__init__()
         self.layer = layer
-        self.bits = bits
+        self.qmax = qmax
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.layer.weight
-        scale = _weight_scale(w, self.bits)
-        q = _qmax(self.bits)
+        scale = _weight_scale(w, self.qmax)
         return torch.fake_quantize_per_channel_affine(
-            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -q, q)
+            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -self.qmax, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -125,12 +126,12 @@ def _uint8_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-lo / scale), 0, 255))
 
 
-def _wrap(model: nn.Module, bits: int) -> nn.Module:
+def _wrap(model: nn.Module, qmax: int) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.modules.conv._ConvNd | nn.Linear):
-            setattr(model, name, QuantizedLayer(child, bits))
+            setattr(model, name, QuantizedLayer(child, qmax))
         else:
-            _wrap(child, bits)
+            _wrap(child, qmax)
     return model
 
 
@@ -168,6 +169,7 @@ class QAT(TorchPass):
     temperature: float = 2.0  # softening of both models' outputs in the distillation term
     significance: float = 0.05  # of the paired loss test that must favour fine-tuning
     seed: int = 0
+    target: Target = field(default_factory=detect)  # decides the weight grid and layout
     name: ClassVar[str] = "qat"
 
     def __post_init__(self) -> None:
@@ -181,13 +183,13 @@ class QAT(TorchPass):
 
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         """The fine-tuned model with BatchNorm folded (float module; export it with
-        :func:`quantize_export` at the same ``bits``). Its weights sit on the ``bits`` grid
-        when fine-tuning won on validation; otherwise it is the folded input model, whose
-        export is the post-training-quantized model."""
+        :func:`quantize_export` at the same ``bits`` and ``target``). Its weights sit on the
+        target's ``bits`` grid when fine-tuning won on validation; otherwise it is the folded
+        input model, whose export is the post-training-quantized model."""
         folded = fold_batchnorm(model)
         if not self.epochs:
             return folded
-        sim = _wrap(copy.deepcopy(folded), self.bits)
+        sim = _wrap(copy.deepcopy(folded), self.target.weight_max(self.bits))
         _observe(sim, ctx.train)
         Distill(epochs=self.epochs, temperature=self.temperature, alpha=self.distill,
                 lr=self.lr, seed=self.seed,
@@ -195,11 +197,12 @@ class QAT(TorchPass):
             sim, TrainContext(ctx.train, ctx.val, teacher=folded))
         tuned = _unwrap(sim).eval()
         calib = ctx.calib if ctx.calib is not None else ctx.train.take(slice(0, _CALIB))
-        if exported_score(tuned, calib, ctx.val, bits=self.bits).beats(
-                exported_score(folded, calib, ctx.val, bits=self.bits),
-                significance=self.significance):
-            return tuned
-        return folded
+
+        def score(m: nn.Module) -> ExportedScore:
+            return exported_score(m, calib, ctx.val, bits=self.bits, target=self.target)
+
+        return tuned if score(tuned).beats(score(folded), significance=self.significance) \
+            else folded
 
 
 @dataclass(frozen=True)
@@ -226,25 +229,26 @@ class ExportedScore:
 
 
 def exported_score(model: nn.Module, calib: Dataset, data: Dataset, *,
-                   bits: int) -> ExportedScore:
+                   bits: int, target: Target | None = None) -> ExportedScore:
     """Accuracy and loss on ``data`` of ``model`` exported by :func:`quantize_export`
     (calibrated on ``calib``) and run by onnxruntime."""
     from edgeloop.measure import predict
 
     if data.labels is None:
         raise DataError("scoring an exported model needs `labels` in the data")
-    proto, _ = quantize_export(model, calib, bits=bits)
+    proto, _ = quantize_export(model, calib, bits=bits, target=target)
     logits = torch.from_numpy(predict(session(proto), data))
     labels = torch.from_numpy(data.labels)
     return ExportedScore(float((logits.argmax(1) == labels).double().mean()),
                          nn.functional.cross_entropy(logits, labels, reduction="none").numpy())
 
 
-def quantize_export(model: nn.Module, calib: Dataset, *,
-                    bits: int = 8) -> tuple[onnx.ModelProto, float]:
+def quantize_export(model: nn.Module, calib: Dataset, *, bits: int = 8,
+                    target: Target | None = None) -> tuple[onnx.ModelProto, float]:
     """The QDQ ONNX model of ``model`` (BatchNorm folded, weights quantized per channel to
-    ``bits``, activations uint8 with ranges observed on ``calib``), and the max abs
-    difference between the float export and PyTorch."""
+    ``bits`` on ``target``'s grid, activations of ``target``'s type with ranges observed on
+    ``calib``), and the max abs difference between the float export and PyTorch.
+    ``target`` defaults to this machine's profile."""
     from edgeloop.export import to_onnx
 
     if bits not in BITS:
@@ -254,7 +258,7 @@ def quantize_export(model: nn.Module, calib: Dataset, *,
         path = Path(tmp) / "float.onnx"
         diff = to_onnx(model, sample_of(calib), path)
         graph = onnx.load(path)
-    return _insert_qdq(graph, calib, bits), diff
+    return _insert_qdq(graph, calib, target or detect(), bits), diff
 
 
 def _activations(graph: onnx.GraphProto, inits: set[str]) -> list[str]:
@@ -307,7 +311,8 @@ def _ranges(model: onnx.ModelProto, names: list[str],
     return {n: (lo[n], hi[n]) for n in names}
 
 
-def _insert_qdq(model: onnx.ModelProto, calib: Dataset, bits: int) -> onnx.ModelProto:
+def _insert_qdq(model: onnx.ModelProto, calib: Dataset, target: Target,
+                bits: int) -> onnx.ModelProto:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     acts = _activations(graph, set(inits))
@@ -326,8 +331,10 @@ def _insert_qdq(model: onnx.ModelProto, calib: Dataset, bits: int) -> onnx.Model
             renamed[name] = src
         else:
             renamed[name] = dst
+        zero = (np.array(zp - 128, np.int8) if target.activation_type == "int8"
+                else np.array(zp, np.uint8))
         new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{name}__scale"),
-                      numpy_helper.from_array(np.array(zp, np.uint8), f"{name}__zp")]
+                      numpy_helper.from_array(zero, f"{name}__zp")]
         nodes += [helper.make_node("QuantizeLinear", [src, f"{name}__scale", f"{name}__zp"],
                                    [f"{name}__q"]),
                   helper.make_node("DequantizeLinear", [f"{name}__q", f"{name}__scale",
@@ -341,7 +348,8 @@ def _insert_qdq(model: onnx.ModelProto, calib: Dataset, bits: int) -> onnx.Model
             if o in outputs and o in renamed:
                 n.output[k] = renamed[o]
         if n.op_type in _COMPUTE and len(n.input) > 1 and n.input[1] in inits:
-            w_inits, w_nodes = _quantize_weights(n, inits, act_scale, bits)
+            w_inits, w_nodes = _quantize_weights(n, inits, act_scale,
+                                                 target.weight_max(bits))
             new_inits += w_inits
             nodes += w_nodes
         rewired.append(n)
@@ -358,7 +366,7 @@ def _insert_qdq(model: onnx.ModelProto, calib: Dataset, bits: int) -> onnx.Model
 
 def _quantize_weights(node: onnx.NodeProto, inits: dict[str, TensorProto],
                       act_scale: dict[str, float],
-                      bits: int) -> tuple[list[TensorProto], list[onnx.NodeProto]]:
+                      q: int) -> tuple[list[TensorProto], list[onnx.NodeProto]]:
     x_name = node.input[0].removesuffix("__dq")
     if x_name not in act_scale:
         raise ModelError(f"{node.op_type} {node.name!r}: its input is not quantized")
@@ -366,7 +374,6 @@ def _quantize_weights(node: onnx.NodeProto, inits: dict[str, TensorProto],
     trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
     axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    q = _qmax(bits)
     scale = np.maximum(np.abs(moved).max(1) / q, 1e-12).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1

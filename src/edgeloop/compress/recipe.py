@@ -20,6 +20,7 @@ A recipe (paths are relative to the recipe file)::
     [[passes]]
     pass = "qat"                  # last: writes an integer QDQ model
     bits = 8
+    # target = "x86-avx2"         # hardware profile of the export; default: this machine
 
 Every table loads into its pass's dataclass; an unknown pass, an unknown field or a value of
 the wrong type is one error in the format "`field` must be one of ...; got 'x'".
@@ -57,6 +58,7 @@ from edgeloop.data import Dataset, load_npz
 from edgeloop.errors import UsageError, one_of
 from edgeloop.export import to_onnx
 from edgeloop.measure import LatencyConfig, graph_summary
+from edgeloop.targets import Target, get_target
 from edgeloop.zoo import LAYERS, layer_shapes, load_checkpoint
 
 __all__ = ["PASSES", "Recipe", "compress_torch", "load_recipe", "make_pass", "run_recipe"]
@@ -72,21 +74,26 @@ _CALIB_SAMPLES = 1024
 
 
 def make_pass(name: str, options: dict[str, Any], *, where: str = "pass") -> TorchPass:
-    """The pass ``name`` configured from ``options``, each checked against its field's type."""
+    """The pass ``name`` configured from ``options``, each checked against its field's type.
+    A hardware-profile field (``target``) takes a profile name or ``auto``."""
     if name not in PASSES:
         raise one_of(f"{where}.pass", list(PASSES), name)
     cls = PASSES[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    given = dict(options)
     for key, value in options.items():
         if key not in fields:
             raise one_of(f"{where} field", sorted(fields), key)
-        default = fields[key].default
+        f = fields[key]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        if isinstance(default, Target):
+            given[key] = value = get_target(value)
         ok = isinstance(value, type(default)) or (isinstance(default, float)
                                                   and isinstance(value, int))
         if not ok or (isinstance(value, bool) and not isinstance(default, bool)):
             raise UsageError(f"`{where}.{key}` must be a {type(default).__name__}; got {value!r}")
     return cls(**{k: float(v) if isinstance(fields[k].default, float) else v
-                  for k, v in options.items()})
+                  for k, v in given.items()})
 
 
 @dataclass
@@ -184,7 +191,7 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
     with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         if isinstance(last, QAT):
-            proto, diff = quantize_export(model, calib, bits=last.bits)
+            proto, diff = quantize_export(model, calib, bits=last.bits, target=last.target)
             onnx.save(proto, onnx_path)
             float_ops, int_ops, _ = graph_summary(proto)
             notes.append(f"QAT {last.bits}-bit weights: integer ops {dict(int_ops)}, float "
