@@ -1,0 +1,92 @@
+"""Every quantization scheme and `optimize` on every corpus model (the models users bring,
+at their small size): each succeeds, or says in one line, exit code 2, why it does not
+apply. Never a traceback, never "failed" for a graph-preparation problem; and when the
+`int8` scheme succeeds its output meets its bound on held-out data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
+
+from edgeloop._onnx import session
+from edgeloop.compress.fuse import read_preparation
+from edgeloop.compress.mixed import read_plan
+from edgeloop.data import load_npz
+from edgeloop.measure import fidelity, predict
+
+pytestmark = pytest.mark.slow
+
+SCHEMES = ["int8", "int8-static", "int8-dynamic", "int4-weight", "binary", "ort-dynamic"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("corpus")
+
+
+def _entry(root: Path, name: str) -> CorpusModel:
+    return build(name, root / name, small=True)
+
+
+def _edgeloop(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgeloop", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "EDGELOOP_QUIET": "1"})
+
+
+def _one_line_or_success(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if proc.returncode:
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+        assert "Incomplete symbolic shape inference" not in lines[0]
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_every_scheme_succeeds_or_says_why(root, tmp_path, name):
+    entry = _entry(root, name)
+    val = load_npz(entry.val)
+    reference = predict(session(onnx.load(entry.model)), val)
+    outcomes = {}
+    for scheme in SCHEMES:
+        out = tmp_path / f"{scheme}.onnx"
+        proc = _edgeloop(["quantize", str(entry.model), "--scheme", scheme, "--data",
+                          str(entry.calib), "--out", str(out)], tmp_path)
+        _one_line_or_success(proc)
+        assert out.exists() == (proc.returncode == 0)
+        outcomes[scheme] = proc.returncode
+        if scheme == "int8" and proc.returncode == 0:
+            model = onnx.load(out)
+            plan, prep = read_plan(model), read_preparation(model)
+            assert plan is not None and prep is not None and prep["used"] != "none"
+            got = fidelity(predict(session(model), val), reference)
+            # the bound holds on calibration data; held out, allow a little slack
+            assert 1 - got.mean_cosine <= 2 * plan["max_error"], (name, got)
+    # int8 works on every model these schemes were made for (the stock ones always do)
+    assert outcomes["ort-dynamic"] == 0
+    assert sorted(set(tmp_path.iterdir()) - {tmp_path / f"{s}.onnx" for s in SCHEMES}) == []
+
+
+@pytest.mark.parametrize("name", ["minilm-ts", "bert-dynamo", "mobilenet_v2"])
+def test_optimize_chooses_or_says_why_each_candidate_was_rejected(root, tmp_path, name):
+    entry = _entry(root, name)
+    metric = "agreement" if entry.metric == "agreement" else "cosine"
+    drop = "5" if metric == "agreement" else "0.01"
+    proc = _edgeloop(["optimize", str(entry.model), "--data", str(entry.calib), "--val",
+                      str(entry.val), "--metric", metric, "--max-drop", drop,
+                      "--time-budget", "4m", "--out", str(tmp_path / "opt")], tmp_path)
+    _one_line_or_success(proc)
+    assert proc.returncode == 0
+    report = json.loads((tmp_path / "opt" / "report.json").read_text())
+    assert report["candidates"], report
+    for c in report["candidates"]:
+        if c["status"] != "fits":
+            assert c["error"], c      # every rejection carries its reason
