@@ -43,8 +43,9 @@ convolutions: ``mobilenet_v2``, ``mobilenet_v3_small``, ``resnet18`` and
 per-channel gains and a few near-dead channels (so the folded depthwise weights spread
 over a hundredfold range or more per layer, as in pretrained MobileNets); the running
 statistics are then re-estimated on image crops, so activations are normalised as in a
-trained network; and the final linear layer is fitted (logistic regression) to pseudo-
-labels, the k-means clusters of its input features, so that top-1 is decisive.
+trained network; and the final linear layer becomes a nearest-centroid classifier of
+pseudo-labels, the k-means clusters (10) of its input features on the crops, scaled so
+that the median top-1 probability there is 0.8: top-1 is decisive.
 
 Images: scikit-learn's two sample photographs (shipped with it, no download): random
 square crops (side 64-256 px), horizontal flips, resized to the model's input with
@@ -425,40 +426,40 @@ def _features(model: nn.Module, head: nn.Linear, images: np.ndarray,
 
 def _fit_head(model: nn.Module, images: np.ndarray, *, clusters: int,
               rng: np.random.Generator) -> None:
-    """Fit the final linear layer to the k-means clusters of its input features, scaled so
-    that the median top-1 probability on ``images`` is about 0.8."""
+    """Make the final linear layer a nearest-centroid classifier over the k-means clusters
+    of its (standardised) input features on ``images``, written into ``clusters`` of its
+    rows (the others score 0), scaled so that the median top-1 probability on ``images``
+    is about 0.8."""
     import torch
     from sklearn.cluster import KMeans
-    from sklearn.linear_model import LogisticRegression
     from torch import nn
 
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     feats = _features(model, head, images).astype(np.float64)
     mean, std = feats.mean(0), feats.std(0) + 1e-6
-    z = (feats - mean) / std
-    labels = KMeans(clusters, n_init=4, random_state=int(rng.integers(2**31))).fit_predict(z)
-    clf = LogisticRegression(C=1.0, max_iter=2000).fit(z, labels)
-    coef, icpt = clf.coef_ / std, clf.intercept_ - (clf.coef_ / std) @ mean
-    if coef.shape[0] == 1:   # scikit-learn's binary case: one row for class 1
-        coef, icpt = np.vstack([-coef, coef]) / 2, np.hstack([-icpt, icpt]) / 2
-    rows = rng.choice(head.out_features, size=len(coef), replace=False)
-    base = feats @ head.weight.detach().numpy().T.astype(np.float64)
+    centres = KMeans(clusters, n_init=4, random_state=int(rng.integers(2**31))).fit(
+        (feats - mean) / std).cluster_centers_
+    # argmax_j z.c_j - |c_j|^2 / 2 is the nearest centre to z = (f - mean) / std.
+    weight = centres / std
+    bias = -0.5 * (centres**2).sum(1) - weight @ mean
+    rows = rng.choice(head.out_features, size=clusters, replace=False)
 
     def median_top1(scale: float) -> float:
-        logits = base.copy()
-        logits[:, rows] = scale * (feats @ coef.T + icpt)
+        logits = np.zeros((len(feats), head.out_features))
+        logits[:, rows] = scale * (feats @ weight.T + bias)
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return float(np.median(p.max(1) / p.sum(1)))
 
-    lo, hi = 0.01, 100.0
+    lo, hi = 1e-4, 1e2
     for _ in range(40):   # bisection on a log scale
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if median_top1(mid) < 0.8 else (lo, mid)
     with torch.no_grad():
+        head.weight.zero_()
         head.bias.zero_()
-        head.weight[rows] = torch.from_numpy((hi * coef).astype(np.float32))
-        head.bias[rows] = torch.from_numpy((hi * icpt).astype(np.float32))
+        head.weight[rows] = torch.from_numpy((hi * weight).astype(np.float32))
+        head.bias[rows] = torch.from_numpy((hi * bias).astype(np.float32))
 
 
 def _cnn_source(name: str, *, small: bool, seed: int, realistic: bool) -> _Source:
@@ -543,7 +544,7 @@ def _build_exported(name: str, out: Path, *, small: bool, seed: int) -> None:
         expected = src.module(*(torch.from_numpy(feed[n]) for n in src.names)).numpy()
     # Relative to the output's scale: logits of a decisive classifier are large.
     check_and_save(proto, feed, expected, out / "model.onnx",
-                   atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+                   atol=1e-3 * max(1.0, float(np.abs(expected).max())))
     save_npz(out / "calib.npz", src.calib)
     save_npz(out / "val.npz", src.val)
 
