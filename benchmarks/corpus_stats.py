@@ -83,15 +83,15 @@ def _realism(s: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=list(CORPUS), choices=list(CORPUS),
-                        metavar="NAME")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"corpus models to measure (default: all of {', '.join(CORPUS)})")
     parser.add_argument("--out", type=Path,
                         default=Path(tempfile.gettempdir()) / "edgeloop-corpus")
     args = parser.parse_args()
     quiet_libraries()
     print("| model | size MB | params M | build s | realism | stock dynamic | stock static |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.names:
+    for name in args.names or CORPUS:
         entry = build(name, args.out / name)
         s = stats(entry, samples=128)
         q = stock_fidelity(entry)

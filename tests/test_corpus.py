@@ -115,7 +115,7 @@ def test_zoo_entry_is_the_trained_zoo_model(built: Built) -> None:
     for batch in (1, 3):
         feed = {"x": val.inputs["x"][:batch]}
         _close(run(session(entry.model), feed), _torch(model, ["x"], feed))
-    assert stats(entry)["median_top1_prob"] > 0.5
+    assert stats(entry)["median_top1_prob"] > 0.3   # trained: 10 classes, uniform is 0.1
 
 
 @pytest.mark.slow

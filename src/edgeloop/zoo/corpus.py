@@ -34,7 +34,10 @@ taken out of their bias; and the projection writing back into the residual strea
 undisturbed. The FFN outputs thus carry the outliers with the opposite sign, as in
 pretrained models, and the network computes nearly what it did before. The last LayerNorm
 is left alone so the model's output is informative in every dimension. :func:`stats`
-measures the effect at every LayerNorm output of the exported model.
+measures the effect at every LayerNorm output of the exported model. Weights are drawn
+with standard deviation 0.05 instead of transformers' 0.02, so that attention is not
+near-uniform as it is at initialisation. ``benchmarks/corpus_stats.py`` shows what this
+does to onnxruntime's stock quantizers.
 
 CNNs (input ``input``, N x 3 x 224 x 224 float, free batch axis; output ``logits``),
 exported with the TorchScript exporter at opset 17, which folds BatchNorm into the
@@ -65,7 +68,7 @@ with the MNIST-1D ``calib`` and ``val`` splits of :mod:`edgeloop.data` (disjoint
 
 ``small=True`` builds the same architecture, exporter and inputs at a much smaller size
 (hidden 64 and 2 layers, a 2000-token vocabulary and sequence 32; CNNs at 64 x 64 with
-10 classes and, where the constructor has one, a smaller width; 4 training epochs for the
+10 classes and, where the constructor has one, a smaller width; 2 training epochs for the
 zoo model) in a few seconds, for tests. torch, transformers and torchvision are imported
 only inside the functions that need them.
 """
@@ -106,11 +109,11 @@ _VERSIONED = ("torch", "transformers", "torchvision", "onnx", "numpy", "scikit-l
 
 @dataclass(frozen=True)
 class CorpusModel:
-    """One built corpus entry."""
+    """One built corpus entry. ``kind`` is "classifier" (output: logits), "embedder"
+    (a sentence embedding) or "encoder" (the last hidden state)."""
 
     name: str
-    kind: str      # "classifier" (logits), "embedder" (sentence embedding),
-    #                "encoder" (last hidden state)
+    kind: str
     metric: str    # "agreement" for classifiers, "cosine" otherwise
     model: Path    # model.onnx (fp32)
     calib: Path    # calibration npz (arrays named after the model inputs)
@@ -492,7 +495,7 @@ def _build_zoo(name: str, out: Path, *, small: bool, seed: int) -> None:
     from edgeloop.data import load_builtin
     from edgeloop.zoo.train import TrainConfig, train_zoo_model
 
-    train_zoo_model(name, out, config=TrainConfig(epochs=4 if small else 40, seed=seed))
+    train_zoo_model(name, out, config=TrainConfig(epochs=2 if small else 40, seed=seed))
     save_npz(out / "calib.npz", load_builtin("mnist1d", "calib"))
     save_npz(out / "val.npz", load_builtin("mnist1d", "val"))
 
