@@ -33,8 +33,10 @@ Built = Callable[[str], tuple[CorpusModel, "corpus._Source | None"]]
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """Builds each entry once (small) and keeps the torch model the export came from, the
     oracle the tests compare the ONNX model with (None for the zoo model: its oracle is
-    the model.pt it writes)."""
+    the model.pt it writes). Each build runs in an empty working directory, which must
+    stay empty (the exporters may not drop files there)."""
     root = tmp_path_factory.mktemp("corpus")
+    cwd = tmp_path_factory.mktemp("cwd")
     cache: dict[str, tuple[CorpusModel, corpus._Source | None]] = {}
     real_source = corpus._source
 
@@ -48,7 +50,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(corpus, "_source", capture)
+                mp.chdir(cwd)
                 entry = build(name, root / name, small=True)
+            assert os.listdir(cwd) == []
             cache[name] = (entry, seen[0] if seen else None)
         return cache[name]
 
