@@ -102,7 +102,7 @@ if TYPE_CHECKING:
 __all__ = ["CORPUS", "CorpusModel", "build", "import_torchvision", "stats"]
 
 RECIPE = "corpus.json"
-_RECIPE_VERSION = 1   # bump whenever a change here changes what build() writes
+_RECIPE_VERSION = 2   # bump whenever a change here changes what build() writes
 _VERSIONED = ("torch", "transformers", "torchvision", "onnx", "numpy", "scikit-learn",
               "mnist1d")
 
@@ -430,7 +430,7 @@ def _features(model: nn.Module, head: nn.Linear, images: np.ndarray,
 def _fit_head(model: nn.Module, images: np.ndarray, *, clusters: int,
               rng: np.random.Generator) -> None:
     """Make the final linear layer a nearest-centroid classifier over the k-means clusters
-    of its (standardised) input features on ``images``, written into ``clusters`` of its
+    of its input features on ``images``, written into ``clusters`` of its
     rows (the others score 0), scaled so that the median top-1 probability on ``images``
     is about 0.8."""
     import torch
@@ -439,12 +439,15 @@ def _fit_head(model: nn.Module, images: np.ndarray, *, clusters: int,
 
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     feats = _features(model, head, images).astype(np.float64)
-    mean, std = feats.mean(0), feats.std(0) + 1e-6
     centres = KMeans(clusters, n_init=4, random_state=int(rng.integers(2**31))).fit(
-        (feats - mean) / std).cluster_centers_
-    # argmax_j z.c_j - |c_j|^2 / 2 is the nearest centre to z = (f - mean) / std.
-    weight = centres / std
-    bias = -0.5 * (centres**2).sum(1) - weight @ mean
+        feats).cluster_centers_
+    # argmax_j f.c_j - |c_j|^2 / 2 is the nearest centre to f. The part of every c_j they
+    # share (their mean) adds the same f.c to every logit, so it is left out of the
+    # weights, as training leaves it out: the rows differ only where the classes do.
+    # (Weighting features by 1/std instead made near-dead features decisive, a head no
+    # trained model has and that no 8-bit activation can represent.)
+    weight = centres - centres.mean(0)
+    bias = -0.5 * (centres**2).sum(1)
     rows = rng.choice(head.out_features, size=clusters, replace=False)
 
     def median_top1(scale: float) -> float:
