@@ -6,20 +6,21 @@ apply. Never a traceback, never "failed" for a graph-preparation problem; and wh
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import onnx
 import pytest
-from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
 
 from edgeloop._onnx import session
 from edgeloop.compress.fuse import read_preparation
 from edgeloop.compress.mixed import read_plan
 from edgeloop.data import load_npz
 from edgeloop.measure import fidelity, predict
+from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_cli import cli
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +36,21 @@ def _entry(root: Path, name: str) -> CorpusModel:
     return build(name, root / name, small=True)
 
 
-def _edgeloop(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgeloop", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "EDGELOOP_QUIET": "1"})
+def _edgeloop(args: list[str], cwd: Path) -> tuple[int, str]:
+    """The CLI in-process (a subprocess per call would double the test's time), from
+    ``cwd``; returns the exit code and stderr. Anything but SystemExit propagates, so a
+    traceback fails the test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        code, _, err = cli(*args)
+    return code, err
 
 
-def _one_line_or_success(proc: subprocess.CompletedProcess[str]) -> None:
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    if proc.returncode:
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+def _one_line_or_success(code: int, err: str) -> None:
+    if code:
+        assert code == 2, err[-2000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), err
         assert "Incomplete symbolic shape inference" not in lines[0]
 
 
@@ -58,12 +62,12 @@ def test_every_scheme_succeeds_or_says_why(root, tmp_path, name):
     outcomes = {}
     for scheme in SCHEMES:
         out = tmp_path / f"{scheme}.onnx"
-        proc = _edgeloop(["quantize", str(entry.model), "--scheme", scheme, "--data",
-                          str(entry.calib), "--out", str(out)], tmp_path)
-        _one_line_or_success(proc)
-        assert out.exists() == (proc.returncode == 0)
-        outcomes[scheme] = proc.returncode
-        if scheme == "int8" and proc.returncode == 0:
+        code, err = _edgeloop(["quantize", str(entry.model), "--scheme", scheme, "--data",
+                               str(entry.calib), "--out", str(out)], tmp_path)
+        _one_line_or_success(code, err)
+        assert out.exists() == (code == 0)
+        outcomes[scheme] = code
+        if scheme == "int8" and code == 0:
             model = onnx.load(out)
             plan, prep = read_plan(model), read_preparation(model)
             assert plan is not None and prep is not None and prep["used"] != "none"
@@ -80,11 +84,11 @@ def test_optimize_chooses_or_says_why_each_candidate_was_rejected(root, tmp_path
     entry = _entry(root, name)
     metric = "agreement" if entry.metric == "agreement" else "cosine"
     drop = "5" if metric == "agreement" else "0.01"
-    proc = _edgeloop(["optimize", str(entry.model), "--data", str(entry.calib), "--val",
-                      str(entry.val), "--metric", metric, "--max-drop", drop,
-                      "--time-budget", "4m", "--out", str(tmp_path / "opt")], tmp_path)
-    _one_line_or_success(proc)
-    assert proc.returncode == 0
+    code, err = _edgeloop(["optimize", str(entry.model), "--data", str(entry.calib), "--val",
+                           str(entry.val), "--metric", metric, "--max-drop", drop,
+                           "--time-budget", "4m", "--out", str(tmp_path / "opt")], tmp_path)
+    _one_line_or_success(code, err)
+    assert code == 0
     report = json.loads((tmp_path / "opt" / "report.json").read_text())
     assert report["candidates"], report
     for c in report["candidates"]:

@@ -47,8 +47,10 @@ per-channel gains and a few near-dead channels (so the folded depthwise weights 
 over a hundredfold range or more per layer, as in pretrained MobileNets); the running
 statistics are then re-estimated on image crops, so activations are normalised as in a
 trained network; and the final linear layer becomes a nearest-centroid classifier of
-pseudo-labels, the k-means clusters (10) of its input features on the crops, scaled so
-that the median top-1 probability there is 0.8: top-1 is decisive.
+pseudo-labels, the k-means clusters (100; 10 at the small size) of its input features on
+the crops, weighting the centred centroids, and scaled so that the median top-1
+probability there is 0.5: confident on some crops, torn between neighbouring classes on
+many, as trained classifiers are.
 
 Images: scikit-learn's two sample photographs (shipped with it, no download): random
 square crops (side 64-256 px), horizontal flips, resized to the model's input with
@@ -102,7 +104,7 @@ if TYPE_CHECKING:
 __all__ = ["CORPUS", "CorpusModel", "build", "import_torchvision", "stats"]
 
 RECIPE = "corpus.json"
-_RECIPE_VERSION = 2   # bump whenever a change here changes what build() writes
+_RECIPE_VERSION = 4   # bump whenever a change here changes what build() writes
 _VERSIONED = ("torch", "transformers", "torchvision", "onnx", "numpy", "scikit-learn",
               "mnist1d")
 
@@ -427,12 +429,18 @@ def _features(model: nn.Module, head: nn.Linear, images: np.ndarray,
     return np.concatenate(seen)
 
 
+# A trained ImageNet classifier on natural crops is confident on some and torn between
+# neighbouring classes on many: top-1 agreement with fp32 is fragile where margins are
+# small, which is what makes it a hard fidelity measure.
+_MEDIAN_TOP1 = 0.5
+
+
 def _fit_head(model: nn.Module, images: np.ndarray, *, clusters: int,
               rng: np.random.Generator) -> None:
     """Make the final linear layer a nearest-centroid classifier over the k-means clusters
     of its input features on ``images``, written into ``clusters`` of its
     rows (the others score 0), scaled so that the median top-1 probability on ``images``
-    is about 0.8."""
+    is about :data:`_MEDIAN_TOP1`."""
     import torch
     from sklearn.cluster import KMeans
     from torch import nn
@@ -448,6 +456,9 @@ def _fit_head(model: nn.Module, images: np.ndarray, *, clusters: int,
     # trained model has and that no 8-bit activation can represent.)
     weight = centres - centres.mean(0)
     bias = -0.5 * (centres**2).sum(1)
+    # one shift for every cluster row (argmax among them is unchanged) so that on nine
+    # crops in ten some cluster scores above the rows left at 0
+    bias -= np.percentile((feats @ weight.T + bias).max(1), 10)
     rows = rng.choice(head.out_features, size=clusters, replace=False)
 
     def median_top1(scale: float) -> float:
@@ -460,7 +471,7 @@ def _fit_head(model: nn.Module, images: np.ndarray, *, clusters: int,
     lo, hi = 1e-4, 1e2
     for _ in range(40):   # bisection on a log scale
         mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if median_top1(mid) < 0.8 else (lo, mid)
+        lo, hi = (mid, hi) if median_top1(mid) < _MEDIAN_TOP1 else (lo, mid)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
@@ -487,7 +498,7 @@ def _cnn_source(name: str, *, small: bool, seed: int, realistic: bool) -> _Sourc
     _reestimate_batchnorm(model, fit)
     if realistic:
         status("fitting the classifier to pseudo-labels")
-        _fit_head(model, fit, clusters=10, rng=rng)
+        _fit_head(model, fit, clusters=10 if small else 100, rng=rng)
     return _Source(model, ["input"], "logits", {0: "batch"}, False,
                    Dataset({"input": calib}), Dataset({"input": val}))
 
