@@ -105,7 +105,7 @@ if TYPE_CHECKING:
 __all__ = ["CORPUS", "CorpusModel", "build", "import_torchvision", "stats"]
 
 RECIPE = "corpus.json"
-_RECIPE_VERSION = 2   # bump whenever a change here changes what build() writes
+_RECIPE_VERSION = 3   # bump whenever a change here changes what build() writes
 _VERSIONED = ("torch", "transformers", "torchvision", "onnx", "numpy", "scikit-learn",
               "mnist1d")
 
