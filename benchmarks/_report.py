@@ -21,7 +21,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
-    """One line describing this machine and the software versions that matter."""
+    """One line describing this machine (with the edgeloop target profile it is detected
+    as) and the software versions that matter."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -32,7 +33,10 @@ def machine() -> str:
         pass
     import torch
 
+    from edgeloop.targets import detect
+
     return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, "
+            f"edgeloop target profile {detect().name}, "
             f"Python {platform.python_version()}, onnxruntime {ort.__version__}, "
             f"torch {torch.__version__}")
 
