@@ -42,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
 
-from edgeloop._onnx import session
+from edgeloop._onnx import attr, session
 from edgeloop._progress import progress
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import UsageError, one_of
@@ -56,6 +56,7 @@ __all__ = [
     "fold_batchnorm",
     "quantize_weight",
     "saturated_biases",
+    "weight_axis",
 ]
 
 # What :func:`equalize` does with ReLU6 (Clip(0, 6)) between two convolutions:
@@ -142,13 +143,6 @@ class _Graph:
         self.inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -191,7 +185,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
                 or g.only_consumer(conv.output[0]) is not bn):
             continue
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
-        k = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        k = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
         w = g.array(g.own(conv, 1)).astype(np.float64)
         bias = _own_bias(g, conv, w.shape[0])
         g.set_array(conv.input[1], w * k.reshape(-1, *[1] * (w.ndim - 1)))
@@ -207,7 +201,7 @@ def _relu6(g: _Graph, node: onnx.NodeProto) -> bool:
     if node.op_type != "Clip":
         return False
     if len(node.input) == 1:  # opset < 11: bounds are attributes
-        lo, hi = _attr(node, "min", None), _attr(node, "max", None)
+        lo, hi = attr(node, "min", None), attr(node, "max", None)
     else:
         lo = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
         hi = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -216,12 +210,12 @@ def _relu6(g: _Graph, node: onnx.NodeProto) -> bool:
 
 def _depthwise(g: _Graph, conv: onnx.NodeProto) -> bool:
     w = g.const(conv.input[1])
-    return w is not None and int(_attr(conv, "group", 1)) == w.shape[0] and w.shape[1] == 1
+    return w is not None and int(attr(conv, "group", 1)) == w.shape[0] and w.shape[1] == 1
 
 
 def _equalizable(g: _Graph, conv: onnx.NodeProto | None) -> bool:
     return (conv is not None and _has_const_weight(g, conv)
-            and (int(_attr(conv, "group", 1)) == 1 or _depthwise(g, conv)))
+            and (int(attr(conv, "group", 1)) == 1 or _depthwise(g, conv)))
 
 
 def _pairs(g: _Graph, relu6: str) -> list[tuple[onnx.NodeProto, onnx.NodeProto | None,
@@ -366,12 +360,12 @@ def _equalize_pair(g: _Graph, first: onnx.NodeProto, second: onnx.NodeProto,
     return s
 
 
-def _weight_axis(node: onnx.NodeProto) -> int:
-    """The output-channel axis of a Conv or Gemm weight, as onnxruntime's quantizer takes
-    it for per-channel weights."""
+def weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a Conv, Gemm or MatMul weight, as onnxruntime's
+    quantizer takes it for per-channel weights."""
     if node.op_type == "Gemm":
-        return 0 if int(_attr(node, "transB", 0)) else 1
-    return 0
+        return 0 if int(attr(node, "transB", 0)) else 1
+    return 1 if node.op_type == "MatMul" else 0
 
 
 def quantize_weight(w: np.ndarray, *, axis: int, per_channel: bool,
@@ -397,10 +391,10 @@ def _window_sums(x: np.ndarray, conv: onnx.NodeProto, kernel: tuple[int, ...]) -
     ``(C_in, *kernel)`` — so that the summed output of a conv with weights ``d`` (and no
     bias) is ``sum(d[o, c_in_group, taps] * result[c_in_of_o, taps])``."""
     nd = len(kernel)
-    strides = list(_attr(conv, "strides", [1] * nd))
-    dil = list(_attr(conv, "dilations", [1] * nd))
-    pads = list(_attr(conv, "pads", [0] * 2 * nd))
-    if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    strides = list(attr(conv, "strides", [1] * nd))
+    dil = list(attr(conv, "dilations", [1] * nd))
+    pads = list(attr(conv, "pads", [0] * 2 * nd))
+    if attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise ValueError(f"{conv.name}: auto_pad is not supported by bias correction")
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     out_len = [(xp.shape[2 + i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1
@@ -433,13 +427,13 @@ def correct_bias(model: onnx.ModelProto, calib: Dataset, *, per_channel: bool = 
               if n.op_type in ("Conv", "Gemm") and len(n.input) > 1
               and all(g.const(i) is not None for i in n.input[1:] if i)
               and n.name not in exclude
-              and not (n.op_type == "Gemm" and int(_attr(n, "transA", 0)))]
+              and not (n.op_type == "Gemm" and int(attr(n, "transA", 0)))]
     if not layers:
         return out
     deltas = {}
     for n in layers:
         w = g.const(n.input[1])
-        deltas[n.name] = w - quantize_weight(w, axis=_weight_axis(n), per_channel=per_channel,
+        deltas[n.name] = w - quantize_weight(w, axis=weight_axis(n), per_channel=per_channel,
                                              reduce_range=reduce_range)[0]
     sums = {n.name: 0.0 for n in layers}
     count = {n.name: 0 for n in layers}
@@ -450,12 +444,12 @@ def correct_bias(model: onnx.ModelProto, calib: Dataset, *, per_channel: bool = 
             sums[n.name] = sums[n.name] + shift
             count[n.name] += positions
     for n in layers:
-        channels = deltas[n.name].shape[_weight_axis(n)]
+        channels = deltas[n.name].shape[weight_axis(n)]
         bias = _own_bias(g, n, channels)
         b = g.array(bias)
         shift = np.asarray(sums[n.name]) / max(count[n.name], 1)
         if n.op_type == "Gemm":
-            shift = shift * float(_attr(n, "alpha", 1.0)) / float(_attr(n, "beta", 1.0))
+            shift = shift * float(attr(n, "alpha", 1.0)) / float(attr(n, "beta", 1.0))
         if b.shape != shift.shape:   # a broadcast (scalar) bias cannot take per-channel shifts
             continue
         g.set_array(bias, b + shift)
@@ -468,11 +462,11 @@ def _output_shift(node: onnx.NodeProto, delta: np.ndarray,
     input ``x``, per output channel, and the number of (sample, position) terms."""
     if node.op_type == "Gemm":
         x2 = x.reshape(len(x), -1).astype(np.float64)
-        d = delta.T if int(_attr(node, "transB", 0)) else delta  # (K, N)
+        d = delta.T if int(attr(node, "transB", 0)) else delta  # (K, N)
         return x2.sum(0) @ d.astype(np.float64), len(x2)
     kernel = delta.shape[2:]
     taps = _window_sums(x, node, kernel)
-    groups = int(_attr(node, "group", 1))
+    groups = int(attr(node, "group", 1))
     c_out, c_per_group = delta.shape[0], delta.shape[1]
     per_group_out = c_out // groups
     shift = np.empty(c_out, np.float64)
@@ -481,9 +475,9 @@ def _output_shift(node: onnx.NodeProto, delta: np.ndarray,
         t = taps[grp * c_per_group:(grp + 1) * c_per_group]
         shift[o] = np.tensordot(delta[o].astype(np.float64), t, axes=delta.ndim - 1)
     nd = len(kernel)
-    strides = list(_attr(node, "strides", [1] * nd))
-    dil = list(_attr(node, "dilations", [1] * nd))
-    pads = list(_attr(node, "pads", [0] * 2 * nd))
+    strides = list(attr(node, "strides", [1] * nd))
+    dil = list(attr(node, "dilations", [1] * nd))
+    pads = list(attr(node, "pads", [0] * 2 * nd))
     positions = len(x)
     for i in range(nd):
         size = x.shape[2 + i] + pads[i] + pads[i + nd]

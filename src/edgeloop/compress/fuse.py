@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from edgeloop._onnx import attr
 from edgeloop.compress.base import Pass, PassContext
 
 PREPARATION_KEY = "edgeloop.preparation"
@@ -89,13 +90,6 @@ def read_preparation(model: onnx.ModelProto) -> dict[str, object] | None:
     return None
 
 
-def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every constant-weight Gemm (on 2-D input) as MatMul [+ Add]."""
     out = onnx.ModelProto()
@@ -105,13 +99,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if (node.op_type != "Gemm" or node.input[1] not in inits
-                or _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
-                or (_attr(node, "beta", 1.0) != 1.0 and len(node.input) > 2
+                or attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0
+                or (attr(node, "beta", 1.0) != 1.0 and len(node.input) > 2
                     and node.input[2] not in inits)):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
-        if _attr(node, "transB", 0):
+        if attr(node, "transB", 0):
             w = w.T
         w_name = f"{node.input[1]}_matmul"
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
@@ -121,7 +115,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
                                       name=f"{node.name}_MatMul"))
         if has_bias:
             bias = node.input[2]
-            beta = float(_attr(node, "beta", 1.0))
+            beta = float(attr(node, "beta", 1.0))
             if beta != 1.0:
                 scaled = numpy_helper.to_array(inits[bias]) * beta
                 bias = f"{bias}_scaled"

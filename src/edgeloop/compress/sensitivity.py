@@ -28,6 +28,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
 from edgeloop._onnx import probe_session, session, sort_nodes
 from edgeloop._progress import progress
+from edgeloop.compress.equalize import quantize_weight, weight_axis
 from edgeloop.data import Dataset, batches
 from edgeloop.measure import PREDICT_BATCH, fidelity, predict
 
@@ -86,35 +87,6 @@ def weighted_nodes(model: onnx.ModelProto, *, mode: str) -> list[onnx.NodeProto]
     return out
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(helper.get_attribute_value(a))
-    return default
-
-
-def fake_quant_weight(w: np.ndarray, *, axis: int | None, reduce_range: bool) -> np.ndarray:
-    """``w`` rounded as onnxruntime's quantizer stores int8 weights: symmetric, per
-    ``axis`` (per tensor for ``None``), 127 levels each side or 64 with ``reduce_range``."""
-    qmax = 64.0 if reduce_range else 127.0
-    if axis is None:
-        absmax = np.abs(w).max()
-    else:
-        absmax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis % w.ndim),
-                               keepdims=True)
-    scale = np.where(absmax > 0, absmax / qmax, 1.0)
-    return (np.clip(np.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
-
-
-def _output_axis(node: onnx.NodeProto) -> int:
-    """The weight axis onnxruntime quantizes per channel: output channels."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    return -1   # MatMul: [in, out]
-
-
 def _input_ranges(model: onnx.ModelProto, data: Dataset, tensors: list[str],
                   batch_size: int = 16) -> dict[str, tuple[float, float]]:
     """Min and max of each named intermediate tensor over ``data`` (the static range)."""
@@ -160,8 +132,8 @@ class SwitchableModel:
         done_inputs: dict[str, str] = {}
         for k, node in enumerate(nodes):
             w = numpy_helper.to_array(inits[node.input[1]])
-            wq = fake_quant_weight(w, axis=_output_axis(node) if per_channel else None,
-                                   reduce_range=reduce_range)
+            wq, _ = quantize_weight(w, axis=weight_axis(node), per_channel=per_channel,
+                                    reduce_range=reduce_range)
             wq_name = f"edgeloop_fq_w{k}"
             graph.initializer.append(numpy_helper.from_array(wq, wq_name))
             x = node.input[0]
