@@ -11,8 +11,8 @@ For each model of :mod:`edgeloop.zoo.corpus` (built into ``--cache``, default
   ``quantize_static`` with their defaults (edgeloop's ``OrtDynamic`` / ``OrtStatic``);
 - **edgeloop int8**: ``edgeloop quantize --scheme int8`` with its defaults, run through
   the CLI in a subprocess as a user runs it, with its wall time and peak memory (the
-  child's own ``ru_maxrss``, as ``/usr/bin/time`` reports it); an exit code 2 is recorded
-  with its one-line reason;
+  child's own high-water mark, what ``/usr/bin/time`` shows when run from a shell); an
+  exit code 2 is recorded with its one-line reason;
 - **optimize**: :func:`edgeloop.optimize.optimize` with ``--metric cosine --max-drop
   0.005`` for transformers and ``--metric agreement --max-drop 1`` (percentage points)
   for classifiers, within ``--optimize-budget``.
@@ -59,8 +59,16 @@ from edgeloop.optimize import OptimizeConfig, optimize, parse_duration
 from edgeloop.targets import detect
 from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
 
-CLI = [sys.executable, "-c", "from edgeloop.cli import main; main()"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "EDGELOOP_QUIET": "1"}
+PEAK_FILE = "EDGELOOP_BENCH_PEAK_FILE"   # where the CLI child writes its peak memory (MB)
+# The edgeloop CLI, writing its own peak memory to $EDGELOOP_BENCH_PEAK_FILE when it exits
+# (sys.exit included; the CLI exits 2 on an EdgeloopError).
+CLI_MEASURED = [sys.executable, "-c", (
+    "import atexit, os\n"
+    "from edgeloop.measure import peak_rss_mb\n"
+    f"atexit.register(lambda: open(os.environ['{PEAK_FILE}'], 'w').write(str(peak_rss_mb())))\n"
+    "from edgeloop.cli import main\n"
+    "main()")]
 
 FP32, STOCK_DYN, STOCK_STATIC, INT8, OPT = (
     "fp32", "stock dynamic", "stock static", "edgeloop int8", "optimize")
@@ -122,22 +130,21 @@ class Result:
 
 def run_int8_cli(entry: CorpusModel, out: Path, workdir: Path) -> CliRun:
     """``edgeloop quantize MODEL --scheme int8`` in a subprocess started in the empty
-    ``workdir``; wall time and the child's peak resident memory (``wait4``'s rusage, so
-    the figure belongs to this child alone)."""
-    log = workdir.parent / "int8-stderr.txt"
+    ``workdir``: its wall time, and its peak resident memory as the child measures it at
+    exit (:func:`edgeloop.measure.peak_rss_mb`, its own VmHWM). The kernel's ``ru_maxrss``
+    for a child (``wait4``, ``RUSAGE_CHILDREN``) would include this process's memory at
+    the fork, which is gigabytes here; ``/usr/bin/time`` escapes that only by being small."""
+    peak_file = workdir.parent / "int8-peak-mb.txt"
     start = time.perf_counter()
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [*CLI, "quantize", str(entry.model), "--out", str(out), "--scheme", "int8",
-             "--data", str(entry.calib)], cwd=workdir, env=ENV,
-            stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(
+        [*CLI_MEASURED, "quantize", str(entry.model), "--out", str(out), "--scheme", "int8",
+         "--data", str(entry.calib)], cwd=workdir, env={**ENV, PEAK_FILE: str(peak_file)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here, not by Popen
-    lines = [s.strip() for s in log.read_text(errors="replace").splitlines() if s.strip()]
+    lines = [s.strip() for s in proc.stderr.splitlines() if s.strip()]
     message = lines[-1].removeprefix("error: ") if proc.returncode and lines else ""
-    return CliRun(seconds, usage.ru_maxrss / 1024, proc.returncode, message,
-                  sorted(os.listdir(workdir)))
+    peak = float(peak_file.read_text()) if peak_file.exists() else float("nan")
+    return CliRun(seconds, peak, proc.returncode, message, sorted(os.listdir(workdir)))
 
 
 def run_optimize(entry: CorpusModel, calib: Dataset, budget_s: float
