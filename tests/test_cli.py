@@ -34,8 +34,10 @@ def cli(*args: object) -> tuple[int, str, str]:
 def test_quantize_then_evaluate(scheme: str, cnn_dir: Path, mnist_npz: dict[str, Path],
                                 tmp_path: Path) -> None:
     out = tmp_path / f"{scheme}.onnx"
+    # int8's refusal of a model no faster than float depends on timing: not tested here
+    extra = ["--allow-slower"] if scheme == "int8" else []
     code, stdout, stderr = cli("quantize", cnn_dir / "model.onnx", "--scheme", scheme,
-                               "--data", mnist_npz["calib"], "--out", out)
+                               "--data", mnist_npz["calib"], "--out", out, *extra)
     assert code == 0, stderr
     assert out.is_file() and out.stat().st_size < (cnn_dir / "model.onnx").stat().st_size
     code, stdout, stderr = cli("evaluate", out, "--data", mnist_npz["test"], "--reference",

@@ -130,19 +130,18 @@ def _left(folder: Path) -> list[str]:
 def test_quantize_writes_only_out(model: str, scheme: str, inputs: dict[str, Path],
                                   tmp_path: Path) -> None:
     cwd, tmpdir = _folders(tmp_path)
+    # int8's refusal of a model no faster than float depends on timing: not tested here
+    extra = ["--allow-slower"] if scheme == "int8" else []
     proc = _start(["quantize", inputs[model], "--scheme", scheme, "--data", inputs["calib"],
-                   "--out", "q.onnx"], cwd, tmpdir)
+                   "--out", "q.onnx", *extra], cwd, tmpdir)
     _, stderr = proc.communicate(timeout=300)
-    # On the external-data model onnxruntime's preparation fails today for the schemes
-    # that use it (one line, exit 2); either way nothing else may be left behind.
-    assert proc.returncode in (0, 2) and "Traceback" not in stderr, stderr
-    assert _left(cwd) == (["q.onnx"] if proc.returncode == 0 else []), stderr
+    # onnxruntime's symbolic shape inference gives up on the external-data model (and
+    # writes its files into the working directory); the preparation falls back
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert _left(cwd) == ["q.onnx"], stderr
     assert _left(tmpdir) == []
-    if model == "plain" or scheme in ("int4-weight", "ort-dynamic"):
-        assert proc.returncode == 0, stderr
-    if proc.returncode == 0:
-        written = onnx.load(cwd / "q.onnx", load_external_data=False)
-        assert not any(t.external_data for t in written.graph.initializer)  # self-contained
+    written = onnx.load(cwd / "q.onnx", load_external_data=False)
+    assert not any(t.external_data for t in written.graph.initializer)  # self-contained
 
 
 def test_optimize_writes_only_out(inputs: dict[str, Path], tmp_path: Path) -> None:
