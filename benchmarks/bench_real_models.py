@@ -51,7 +51,7 @@ from corpus_stats import neighbour_overlap
 from edgeloop._onnx import model_bytes, session
 from edgeloop._progress import quiet_libraries
 from edgeloop.compress import OrtDynamic, OrtStatic, apply_pass
-from edgeloop.compress.mixed import interleaved_latency, read_plan
+from edgeloop.compress.mixed import interleaved_latency, read_plan, runs_per_round
 from edgeloop.data import Dataset, load_npz
 from edgeloop.errors import EdgeloopError
 from edgeloop.measure import fidelity, predict
@@ -211,17 +211,6 @@ def _plan_note(model: onnx.ModelProto) -> str:
 
 # ---------------------------------------------------------------------- measuring
 
-def _runs(model: onnx.ModelProto, data: Dataset, batch: int, seconds: float) -> int:
-    """Timed calls per model and round: about ``seconds`` of ``model``'s time at
-    ``batch``, 3 to 20 calls."""
-    sess = session(model)
-    feed = {i.name: data.inputs[i.name][:batch] for i in sess.get_inputs()}
-    sess.run(None, feed)
-    start = time.perf_counter()
-    sess.run(None, feed)
-    return int(np.clip(seconds / max(time.perf_counter() - start, 1e-6), 3, 20))
-
-
 def measure(models: dict[str, onnx.ModelProto], val: Dataset, kind: str
             ) -> dict[str, Measured]:
     """Fidelity to fp32 and size of every model, then each batch size's latencies in one
@@ -235,7 +224,7 @@ def measure(models: dict[str, onnx.ModelProto], val: Dataset, kind: str
                               f.top1_agreement,
                               neighbour_overlap(got, reference) if kind == "embedder" else None)
     for batch in BATCHES:
-        runs = _runs(models[FP32], val, batch, ROUND_SECONDS[batch])
+        runs = runs_per_round(models[FP32], val, batch=batch, seconds=ROUND_SECONDS[batch])
         times = interleaved_latency(list(models.values()), val, batch=batch,
                                     rounds=ROUNDS[batch], runs=runs, warmup=3)
         for label, ms in zip(models, times, strict=True):

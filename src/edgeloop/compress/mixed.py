@@ -79,6 +79,7 @@ __all__ = [
     "Variant",
     "interleaved_latency",
     "read_plan",
+    "runs_per_round",
 ]
 
 PLAN_KEY = "edgeloop.int8"
@@ -283,7 +284,7 @@ class Int8(Pass):
                              + notes[-1] + ")")
         status("int8: timing the variants against float")
         keys = list(full)
-        runs = _runs_per_round(model, calib)
+        runs = runs_per_round(model, calib)
         lat = interleaved_latency([model, *(full[k] for k in keys)], calib,
                                   rounds=self.timing_rounds, runs=runs)
         float_ms, lat = lat[0], lat[1:]
@@ -442,15 +443,17 @@ def _dynamic_pays(model: onnx.ModelProto) -> bool:
     return products >= conv
 
 
-def _runs_per_round(model: onnx.ModelProto, data: Dataset) -> int:
-    """Timed calls per model and round: about 0.1 s of the float model's batch-1 time,
-    3 to 20 calls (slow models need fewer to be timed reliably)."""
+def runs_per_round(model: onnx.ModelProto, data: Dataset, *, batch: int = 1,
+                   seconds: float = 0.1) -> int:
+    """Timed calls per model and round for :func:`interleaved_latency`: about ``seconds``
+    of ``model``'s time at ``batch``, 3 to 20 calls (slow models need fewer to be timed
+    reliably)."""
     sess = session(model)
-    feed = {i.name: data.inputs[i.name][:1] for i in sess.get_inputs()}
+    feed = {i.name: data.inputs[i.name][:batch] for i in sess.get_inputs()}
     sess.run(None, feed)
     start = time.perf_counter()
     sess.run(None, feed)
-    return int(np.clip(0.1 / max(time.perf_counter() - start, 1e-6), 3, 20))
+    return int(np.clip(seconds / max(time.perf_counter() - start, 1e-6), 3, 20))
 
 
 def _float_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
