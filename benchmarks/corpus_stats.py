@@ -75,6 +75,8 @@ def _realism(s: dict[str, float]) -> str:
             text += f", pairwise cos {s['mean_pairwise_cosine']:.3f}"
         return text
     text = f"median top-1 p {s['median_top1_prob']:.2f}"
+    if "weight_rounding_agreement" in s:
+        text += f", top-1 kept under int8 weight rounding {s['weight_rounding_agreement']:.3f}"
     if "depthwise_range_ratio" in s:
         text += (f", dw range ratio {s['depthwise_range_ratio']:.0f} (max "
                  f"{s['depthwise_range_ratio_max']:.0f})")

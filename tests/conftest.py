@@ -38,3 +38,9 @@ def mlp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mlp")
     train_zoo_model("mnist1d-mlp", out, config=TrainConfig(epochs=4), hidden=512)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the small corpus models are built, once per session for every test file."""
+    return tmp_path_factory.mktemp("corpus")

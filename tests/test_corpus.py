@@ -31,12 +31,12 @@ Built = Callable[[str], tuple[CorpusModel, "corpus._Source | None"]]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+def built(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Built:
     """Builds each entry once (small) and keeps the torch model the export came from, the
     oracle the tests compare the ONNX model with (None for the zoo model: its oracle is
     the model.pt it writes). Each build runs in an empty working directory, which must
     stay empty (the exporters may not drop files there)."""
-    root = tmp_path_factory.mktemp("corpus")
+    root = small_corpus
     cwd = tmp_path_factory.mktemp("cwd")
     cache: dict[str, tuple[CorpusModel, corpus._Source | None]] = {}
     real_source = corpus._source
@@ -54,6 +54,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
                 mp.chdir(cwd)
                 entry = build(name, root / name, small=True)
             assert os.listdir(cwd) == []
+            if not seen and name not in corpus._ZOO:   # built earlier in this session
+                seen.append(real_source(name, small=True, seed=0))
             cache[name] = (entry, seen[0] if seen else None)
         return cache[name]
 
@@ -135,10 +137,10 @@ def test_transformers_carry_outlier_channels(built: Built, name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CNNS)
-def test_cnns_are_decisive_with_spread_depthwise_weights(built: Built, name: str) -> None:
+def test_cnns_are_trained_with_spread_depthwise_weights(built: Built, name: str) -> None:
     entry = built(name)[0]
     s = stats(entry)
-    assert s["median_top1_prob"] > 0.4   # 10 classes; plain random init: about 0.1
+    assert s["median_top1_prob"] > 0.25   # 8 trained classes; plain random init: ~0.1
     if name in DEPTHWISE:
         assert s["depthwise_range_ratio"] >= 100
     # Top-1 agreement means something only if the held-out crops spread over the classes:
@@ -171,7 +173,7 @@ def test_statistics_fail_on_plain_random_init(tmp_path: Path) -> None:
     text = stats(_plain("minilm-ts", tmp_path / "t"))
     assert text["layernorm_channel_ratio"] < 15
     cnn = stats(_plain("mobilenet_v2", tmp_path / "c"))
-    assert cnn["median_top1_prob"] < 0.4
+    assert cnn["median_top1_prob"] < 0.25
     assert cnn["depthwise_range_ratio"] < 100
 
 

@@ -58,7 +58,8 @@ def test_export_matches_pytorch_on_other_inputs(tiny):
 def test_int8_on_bert_meets_bound_and_tries_fusion(tiny):
     _, proto = tiny
     calib = mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 32))
-    p = Int8(max_error=0.002, timing_rounds=1, faster_than_float=False)   # no timing verdict
+    p = Int8(max_error=0.002, compare="outputs", timing_rounds=1,
+             faster_than_float=False)   # no timing verdict
     out = apply_pass(p, proto, calib)
     assert {"preprocess", "fused"} <= {v.preparation for v in p.plan_.variants}
     assert output_error(out, calib, predict(session(proto), calib)) <= 0.002

@@ -64,8 +64,12 @@ def quantize_cmd(
     block_size: Annotated[int | None, typer.Option(
         help="int4-weight: weights per scale [default: 32]")] = None,
     max_error: Annotated[float | None, typer.Option(
-        help="int8: tolerated 1 - mean output cosine to the float model on the calibration "
-             "data [default: 0.005]")] = None,
+        help="int8: tolerated error to the float model on the calibration data: share of "
+             "changed top-1 decisions for classifiers [default: 0.02], else 1 - mean output "
+             "cosine [default: 0.005]")] = None,
+    compare: Annotated[str | None, typer.Option(
+        help="int8: what the error measures: top1, outputs, or auto (top1 when the output "
+             "is classifier logits) [default: auto]")] = None,
     allow_slower: Annotated[bool, typer.Option(
         help="int8: accept an int8 model no faster than float (when only size matters)")
     ] = False,
@@ -77,7 +81,7 @@ def quantize_cmd(
     from edgeloop.targets import get_target
 
     options: dict[str, object] = {"calibration": calibration, "block_size": block_size,
-                                  "max_error": max_error,
+                                  "max_error": max_error, "compare": compare,
                                   "faster_than_float": False if allow_slower else None}
     if scheme in ("int8", "int8-static", "int8-dynamic"):
         options["target"] = get_target(target)

@@ -24,8 +24,13 @@
    integer model with those layers excluded is then measured on all of it; if it misses
    the bound, more layers go float until it meets it.
 
-The error is ``1 - mean cosine`` of the first output against the float model on CALIB;
-the default 0.005 is a mean cosine of at least 0.995. When no int8 form is faster than
+The error compares the first output with the float model's on CALIB
+(:func:`~edgeloop.compress.sensitivity.compare_error`). For classifiers (a 2-D output
+written by a final Gemm/MatMul: logits) it is the share of top-1 decisions that change,
+default at most 0.02 (top-1 agreement of at least 0.98), with layers ranked by how far
+they move the class probabilities; logits' own cosine stays near 1 while decisions flip.
+For every other model it is ``1 - mean cosine`` of the outputs, default 0.005 (a mean
+cosine of at least 0.995). ``compare`` chooses explicitly. When no int8 form is faster than
 float on this CPU, or the bound cannot be met with any layer in int8, the pass says so
 (:class:`~edgeloop.errors.ModelError`) rather than return the float model. What was
 chosen and measured is recorded in the output model's metadata (:func:`read_plan`) and
@@ -52,10 +57,10 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-from edgeloop._onnx import session
+from edgeloop._onnx import session, sort_nodes
 from edgeloop._progress import progress, status
 from edgeloop.compress.base import Pass, PassContext
-from edgeloop.compress.calibrate import static_calibration
+from edgeloop.compress.calibrate import NpzReader, static_calibration
 from edgeloop.compress.equalize import equalize, fold_batchnorm
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
 from edgeloop.compress.sensitivity import (
@@ -108,7 +113,7 @@ class Int8Plan:
     preparation: str
     mode: str
     per_channel: bool
-    error: float                    # final 1 - mean cosine on CALIB
+    error: float                    # final error on CALIB (see ``compare``)
     max_error: float
     float_nodes: list[str]          # layers kept in float, most sensitive first
     variants: list[Variant]
@@ -116,6 +121,7 @@ class Int8Plan:
     float_latency_ms: float = 0.0   # the float model, timed with the variants
     preprocess: str = ""            # the pre-processing form used (see fuse.Preprocess)
     notes: list[str] = field(default_factory=list)   # steps skipped, and why
+    compare: str = "outputs"        # what the errors measure (sensitivity.COMPARES)
 
     def to_json(self) -> str:
         """The plan as JSON (what the model's metadata holds)."""
@@ -235,7 +241,9 @@ class TransformerFusion(Pass):
 class Int8(Pass):
     """int8 chosen per model by measurement; see the module docstring."""
 
-    max_error: float = 0.005        # tolerated 1 - mean output cosine to float on CALIB
+    max_error: float | None = None  # tolerated error on CALIB; None: 0.02 for "top1",
+                                    # 0.005 for "outputs"
+    compare: str = "auto"           # "outputs", "top1", or "auto" (top1 for classifiers)
     quantize_lookups: bool = False  # int8 embedding tables (smaller file, no speed-up)
     smooth: bool = True             # SmoothQuant variants where inputs have outliers
     smooth_alpha: float = 0.5       # share of the outlier spread moved into the weights
@@ -245,16 +253,26 @@ class Int8(Pass):
     faster_than_float: bool = True  # refuse int8 forms no faster than float (False when
                                     # only the file size matters)
     target: Target = field(default_factory=detect)
+    # static calibration (reader, quantizer options) per graph, for one apply()
+    _calibrations: dict[int, tuple[NpzReader, dict[str, object]]] = field(
+        default_factory=dict, init=False, repr=False)
     name: ClassVar[str] = "int8"
     needs_calib: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.max_error < 1.0:
-            raise UsageError(f"`max-error` must be in (0, 1) (1 - mean cosine, e.g. 0.005); "
-                             f"got {self.max_error}")
+        if self.compare not in ("auto", "outputs", "top1"):
+            raise UsageError(f"`compare` must be auto, outputs or top1; got {self.compare!r}")
+        if self.max_error is not None and not 0.0 < self.max_error < 1.0:
+            raise UsageError(f"`max-error` must be in (0, 1) (e.g. 0.005 for outputs, 0.02 "
+                             f"for top1); got {self.max_error}")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         calib = ctx.require_calib(self.name)
+        self._calibrations.clear()
+        self.compare_ = self.compare if self.compare != "auto" else (
+            "top1" if _is_classifier(model) else "outputs")
+        self.max_error_ = self.max_error if self.max_error is not None else (
+            0.02 if self.compare_ == "top1" else 0.005)
         reference = predict(session(model), calib)
         pre = Preprocess()
         preparations, notes = self._preparations(pre.apply(model, ctx), ctx, calib, reference)
@@ -275,7 +293,7 @@ class Int8(Pass):
             p, m, pc = key
             try:
                 full[key] = self._quantize(preparations[p], m, ctx, calib, per_channel=pc)
-                errors[key] = output_error(full[key], calib, reference)
+                errors[key] = output_error(full[key], calib, reference, self.compare_)
             except Exception as e:  # a form the quantizer cannot produce for this graph
                 full.pop(key, None)
                 notes.append(f"{p} {m}{' per-channel' if pc else ''}: {_first_line(e)}")
@@ -297,11 +315,11 @@ class Int8(Pass):
                 f"int8: no int8 form of this model is faster than float on this CPU "
                 f"({self.target.name}): the fastest, {best.preparation} {best.mode}, takes "
                 f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float")
-        chosen = _choose(faster, self.max_error)
+        chosen = _choose(faster, self.max_error_)
         prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
 
         out, error, float_nodes, sens = full[prep, mode, pc], chosen.error, [], []
-        if error > self.max_error:
+        if error > self.max_error_:
             out, error, float_nodes, sens = self._fall_back(
                 preparations[prep], mode, pc, ctx, calib, reference, chosen.error)
             status("int8: timing the mixed-precision model against float")
@@ -309,7 +327,8 @@ class Int8(Pass):
                                                       rounds=self.timing_rounds, runs=runs)
             if mixed_ms >= float_ms2 and self.faster_than_float:
                 raise ModelError(
-                    f"int8: meeting max-error {self.max_error} needs {len(float_nodes)} "
+                    f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
+                    f"{len(float_nodes)} "
                     f"layers in float, and that model is no faster than float on this CPU "
                     f"({mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1); the all-int8 "
                     f"model's error is {chosen.error:.4f}")
@@ -319,8 +338,8 @@ class Int8(Pass):
                                                  reference, float_nodes, out, error, notes)
         if mode == "static":
             out = drop_zero_bias_zero_points(out)
-        self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error, float_nodes, variants,
-                              sens, float_ms, pre.used_, notes)
+        self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error_, float_nodes, variants,
+                              sens, float_ms, pre.used_, notes, self.compare_)
         record_preparation(out, pre.used_, pre.tried_)
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
@@ -359,8 +378,8 @@ class Int8(Pass):
         status("int8: trying int8 embedding tables")
         candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
                                    exclude=float_nodes, lookups=True)
-        err = output_error(candidate, calib, reference)
-        if err <= self.max_error:
+        err = output_error(candidate, calib, reference, self.compare_)
+        if err <= self.max_error_:
             notes.append(f"embedding tables in int8 (error {err:.5f})")
             return candidate, err
         notes.append(f"embedding tables kept float: in int8 the error would be {err:.5f}")
@@ -382,24 +401,34 @@ class Int8(Pass):
                                  reduce_range=self.target.reduce_range,
                                  activation_type=self.target.activation_type)
         sens = switch.ranking(sample, reference[:len(sample)],
-                              {n.name: n.op_type for n in nodes})
+                              {n.name: n.op_type for n in nodes}, self.compare_)
         ranked = {s.node for s in sens}
         # layers the switchable graph cannot model go float last
         order = [s.node for s in sens] + [n.name for n in nodes if n.name not in ranked]
-        k = switch.fewest_float(order, sample, reference[:len(sample)], self.max_error)
-        while True:
+        k = switch.fewest_float(order, sample, reference[:len(sample)], self.max_error_,
+                                self.compare_)
+        # Real models from here: double k until one meets the bound, then bisect between
+        # the last miss and that hit (the prediction is a guide, never the verdict).
+        miss, hit = -1, None
+        while hit is None or hit[0] - miss > 1:
             status(f"int8: {k} of {len(order)} layers in float")
             candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
                                        exclude=order[:k])
-            error = output_error(candidate, calib, reference)
-            if error <= self.max_error:
-                return candidate, error, order[:k], sens
-            if k >= len(order):
+            error = output_error(candidate, calib, reference, self.compare_)
+            if error <= self.max_error_:
+                hit = (k, candidate, error)
+            elif k >= len(order):
                 raise ModelError(
-                    f"int8: cannot meet max-error {self.max_error} on this model: all-int8 "
-                    f"error {full_error:.4f}; with all {len(order)} weighted layers in "
-                    f"float the rest of the quantized graph still costs {error:.4f}")
-            k = min(len(order), max(k + 1, 2 * k))
+                    f"int8: cannot meet max-error {self.max_error_} ({self.compare_}) on "
+                    f"this model: all-int8 error {full_error:.4f}; with all {len(order)} "
+                    f"weighted layers in float the rest of the quantized graph still "
+                    f"costs {error:.4f}")
+            else:
+                miss = k
+            k = (miss + hit[0]) // 2 if hit is not None else min(len(order),
+                                                                  max(k + 1, 2 * k))
+        k, candidate, error = hit
+        return candidate, error, order[:k], sens
 
     def _quantize(self, model: onnx.ModelProto, mode: str, ctx: PassContext, calib: Dataset,
                   *, per_channel: bool, exclude: Sequence[str] = (),
@@ -418,7 +447,10 @@ class Int8(Pass):
                              nodes_to_exclude=list(exclude), op_types_to_quantize=op_types)
         else:
             act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
-            reader, options = static_calibration(model, calib)
+            if id(model) not in self._calibrations:   # one pass over CALIB per graph
+                self._calibrations[id(model)] = static_calibration(model, calib)
+            reader, options = self._calibrations[id(model)]
+            reader.rewind()
             quantize_static(src, out, reader,
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             reduce_range=self.target.reduce_range, activation_type=act,
@@ -430,6 +462,20 @@ class Int8(Pass):
                             extra_options=options)
             return _float_inputs(onnx.load(out), exclude)
         return onnx.load(out)
+
+
+def _is_classifier(model: onnx.ModelProto) -> bool:
+    """Whether the first output looks like classifier logits: 2-D, written by a Gemm or
+    MatMul (directly or through the Add of its bias)."""
+    out = model.graph.output[0]
+    if len(out.type.tensor_type.shape.dim) != 2:
+        return False
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(out.name)
+    if node is not None and node.op_type == "Add":
+        node = next((producer[i] for i in node.input if i in producer
+                     and producer[i].op_type == "MatMul"), None)
+    return node is not None and node.op_type in ("Gemm", "MatMul")
 
 
 def _dynamic_pays(model: onnx.ModelProto) -> bool:
@@ -463,22 +509,48 @@ def _float_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     DequantizeLinear and a QuantizeLinear (its neighbours are int8); onnxruntime's
     WeightBiasQuantization then quantizes its weights per tensor at load time and runs it
     as QLinearConv, so the layer would not be float at all (and worse than per-channel).
-    Reading the tensor before its Q/DQ pair keeps it float. Where nothing else reads that
-    pair, the producer's output is no longer quantized either, so the layer before may run
-    in float too: the measured latency of the result accounts for it.
+    Reading the tensor before its Q/DQ pair keeps it float. That pair also clamps: the
+    quantizer removes a Relu or Clip after a Conv and lets the quantized range do its
+    work, so the float input is clamped to the same range (a float Clip, which
+    onnxruntime fuses into the producing Conv), only not rounded. Where nothing else
+    reads that pair, the producer's output is no longer quantized either, so the layer
+    before may run in float too: the measured latency of the result accounts for it.
     """
     wanted = set(names)
     producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
+    inits = {i.name: i for i in model.graph.initializer}
+    clamped: dict[str, str] = {}
+    for node in list(model.graph.node):
         if node.name not in wanted or not node.input:
             continue
         dq = producer.get(node.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
             else None
-        if q is not None and q.op_type == "QuantizeLinear":
-            node.input[0] = q.input[0]
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        if q.output[0] not in clamped:
+            clamped[q.output[0]] = _clamp_like(q, inits, model.graph)
+        node.input[0] = clamped[q.output[0]]
     _drop_dead_nodes(model.graph)
+    sort_nodes(model.graph)
     return model
+
+
+def _clamp_like(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                graph: onnx.GraphProto) -> str:
+    """Append a float Clip of ``q``'s input to the range ``q`` can represent (its scale
+    and zero point, per tensor) and return the clipped tensor's name."""
+    scale = float(onnx.numpy_helper.to_array(inits[q.input[1]]))
+    zero = onnx.numpy_helper.to_array(inits[q.input[2]])
+    info = np.iinfo(zero.dtype)
+    bounds = [scale * (float(b) - float(zero)) for b in (info.min, info.max)]
+    out = f"{q.input[0]}_float_clamped"
+    names = [f"{out}_min", f"{out}_max"]
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.array(b, dtype=np.float32), n)
+                             for b, n in zip(bounds, names, strict=True))
+    graph.node.append(onnx.helper.make_node("Clip", [q.input[0], *names], [out],
+                                            name=f"{q.name}_float_clamp"))
+    return out
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
