@@ -54,6 +54,7 @@ LOOKUP_OPS = {"Gather", "EmbedLayerNormalization"}
 # Which input holds the weight (the table, for Gather); 1 for the others.
 _WEIGHT_INPUT = {"Gather": 0}
 
+_STATIC_BATCH = 8   # samples per call of a static-mode switchable graph
 # Layers the switchable graph can fake-quantize: a constant weight in input 1.
 _SWITCHABLE = {"Conv", "MatMul", "Gemm"}
 
@@ -192,17 +193,19 @@ class SwitchableModel:
         self._session = session(graph_model)
         self._inputs = [i.name for i in self._session.get_inputs()
                         if not i.name.startswith("edgeloop_fq_on")]
+        # Dynamic activation ranges are per call, so the batch must be predict()'s, which
+        # measures the real integer model; static ranges are fixed, and a small batch
+        # bounds the memory of this doubled graph (a 224-px CNN's activations).
+        self._batch = PREDICT_BATCH if mode == "dynamic" else _STATIC_BATCH
 
     def error(self, quantized: Iterable[str], data: Dataset, reference: np.ndarray,
-              batch_size: int = PREDICT_BATCH, compare: str = "outputs") -> float:
-        """:func:`compare_error` to ``reference`` with exactly ``quantized`` in int8. Dynamic
-        activation ranges are per call, so ``batch_size`` matters: the default is
-        :func:`~edgeloop.measure.predict`'s, which measures the real integer model."""
+              compare: str = "outputs") -> float:
+        """:func:`compare_error` to ``reference`` with exactly ``quantized`` in int8."""
         on = set(quantized)
         flags = {f: np.array(name in on) for f, name in zip(self._flags, self.layers_,
                                                              strict=True)}
         outs = [self._session.run(None, {**{k: feed[k] for k in self._inputs}, **flags})[0]
-                for feed in batches(data, batch_size)]
+                for feed in batches(data, self._batch)]
         return compare_error(np.concatenate(outs), reference, compare)
 
     def ranking(self, data: Dataset, reference: np.ndarray, op_types: dict[str, str],
