@@ -217,3 +217,21 @@ def test_a_layer_kept_float_in_static_int8_really_runs_in_float(tmp_path):
     # float conv1 must still see clamped values. Unclamped, the cosine here is about 0.8.
     got, want = predict(session(fixed), data), predict(session(model), data)
     assert fidelity(got, want).mean_cosine > 0.99
+
+
+def test_the_bound_compares_top1_decisions_of_classifier_logits_only(calib):
+    from edgeloop.compress.mixed import _is_classifier
+
+    logits = _outlier_mlp(outlier=1.0)                 # 2-D output [N, 10] of a MatMul
+    assert _is_classifier(logits)
+    assert not _is_classifier(_matmul_chain(16, 2))    # written by an Identity
+    one_wide = _outlier_mlp(outlier=1.0)
+    one_wide.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    assert not _is_classifier(one_wide)                # a regression output decides nothing
+    p = Int8(timing_rounds=1, faster_than_float=False)
+    out = apply_pass(p, logits, calib)
+    assert (p.plan_.compare, p.plan_.max_error) == ("top1", 0.02)
+    got = fidelity(predict(session(out), calib), predict(session(logits), calib))
+    assert p.plan_.error == pytest.approx(1 - got.top1_agreement, abs=1e-9)
+    with pytest.raises(UsageError, match="compare"):
+        make_scheme("int8", compare="cosine")

@@ -284,12 +284,19 @@ def _has_layer_norm(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "LayerNormalization" for n in model.graph.node)
 
 
-def default_candidates() -> list[Candidate]:
+def default_candidates(config: OptimizeConfig | None = None) -> list[Candidate]:
     """edgeloop's ONNX candidates, most promising first so a short budget sees them.
 
     The mixed-precision ``int8`` scheme joins when :data:`edgeloop.compress.SCHEMES` has
-    it (looked up at call time).
+    it (looked up at call time), aiming at the search's own goal when ``config`` gives a
+    metric it can measure on calibration data (agreement: the share of changed top-1
+    decisions; cosine: 1 - mean output cosine).
     """
+    goal: dict[str, object] = {}
+    if config is not None and config.metric == "agreement":
+        goal = {"compare": "top1", "max_error": config.max_drop / 100}
+    elif config is not None and config.metric == "cosine":
+        goal = {"compare": "outputs", "max_error": config.max_drop}
     out: list[Candidate] = [
         PassCandidate("fused", "graph optimization and fusion, float weights",
                       lambda t: Preprocess(), quantized=False),
@@ -299,7 +306,7 @@ def default_candidates() -> list[Candidate]:
         takes_target = "target" in {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         out.append(PassCandidate(
             "int8-mixed", "int8 chosen by measurement, sensitive layers left in float",
-            lambda t: cls(target=t) if takes_target else cls()))  # type: ignore[call-arg]
+            lambda t: cls(target=t, **goal) if takes_target else cls()))  # type: ignore[call-arg]
     out += [
         PassCandidate("int8-static/minmax/per-channel", "static int8 QDQ, MinMax, per channel",
                       lambda t: Int8Static(calibration="minmax", per_channel=True,
@@ -519,7 +526,7 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
                          f"QAT change the torch model); got {str(model_path)!r}")
     source = _load_source(Path(model_path), calib=calib, train=train, target=target)
     check_against(val, input_specs(session(source.model)), source="validation data")
-    pool = [c for c in (default_candidates() if candidates is None else candidates)
+    pool = [c for c in (default_candidates(config) if candidates is None else candidates)
             if c.applies(source)]
     results: list[CandidateResult] = []
     stopped = "completed"

@@ -21,8 +21,9 @@
    (:class:`~edgeloop.compress.sensitivity.SwitchableModel`) ranks the layers of the
    chosen variant by the error each causes alone and bisects that ranking for the fewest
    most-sensitive layers to keep in float, on a sample of the calibration data. The real
-   integer model with those layers excluded is then measured on all of it; if it misses
-   the bound, more layers go float until it meets it.
+   integer model with those layers excluded is then measured on all of it; the count
+   doubles until a real model meets the bound, then is bisected back down between the
+   last miss and the first hit (only measured models are kept).
 
 The error compares the first output with the float model's on CALIB
 (:func:`~edgeloop.compress.sensitivity.compare_error`). For classifiers (a 2-D output
@@ -117,6 +118,7 @@ class Int8Plan:
     max_error: float
     float_nodes: list[str]          # layers kept in float, most sensitive first
     variants: list[Variant]
+    # per-layer errors (for "top1": 1 - mean cosine of the class probabilities)
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     float_latency_ms: float = 0.0   # the float model, timed with the variants
     preprocess: str = ""            # the pre-processing form used (see fuse.Preprocess)
@@ -409,7 +411,8 @@ class Int8(Pass):
                                 self.compare_)
         # Real models from here: double k until one meets the bound, then bisect between
         # the last miss and that hit (the prediction is a guide, never the verdict).
-        miss, hit = -1, None
+        k = max(k, 1)   # all-int8 is already known to miss
+        miss, hit = 0, None
         while hit is None or hit[0] - miss > 1:
             status(f"int8: {k} of {len(order)} layers in float")
             candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
@@ -465,11 +468,13 @@ class Int8(Pass):
 
 
 def _is_classifier(model: onnx.ModelProto) -> bool:
-    """Whether the first output looks like classifier logits: 2-D, written by a Gemm or
-    MatMul (directly or through the Add of its bias)."""
-    out = model.graph.output[0]
-    if len(out.type.tensor_type.shape.dim) != 2:
+    """Whether the first output looks like classifier logits: 2-D with a known width of at
+    least 2 (a 1-wide regression output has no decisions), written by a Gemm or MatMul
+    (directly or through the Add of its bias). ``compare`` overrides this guess."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) != 2 or dims[1].dim_value < 2:
         return False
+    out = model.graph.output[0]
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(out.name)
     if node is not None and node.op_type == "Add":
