@@ -423,9 +423,9 @@ class Int8(Pass):
             elif k >= len(order):
                 raise ModelError(
                     f"int8: cannot meet max-error {self.max_error_} ({self.compare_}) on "
-                    f"this model: all-int8 error {full_error:.4f}; with all {len(order)} "
+                    f"this model: all-int8 error {full_error:.3g}; with all {len(order)} "
                     f"weighted layers in float the rest of the quantized graph still "
-                    f"costs {error:.4f}")
+                    f"costs {error:.3g}")
             else:
                 miss = k
             k = (miss + hit[0]) // 2 if hit is not None else min(len(order),
