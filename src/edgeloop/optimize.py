@@ -290,13 +290,14 @@ def default_candidates(config: OptimizeConfig | None = None) -> list[Candidate]:
     The mixed-precision ``int8`` scheme joins when :data:`edgeloop.compress.SCHEMES` has
     it (looked up at call time), aiming at the search's own goal when ``config`` gives a
     metric it can measure on calibration data (agreement: the share of changed top-1
-    decisions; cosine: 1 - mean output cosine).
+    decisions; cosine: 1 - mean output cosine) and a drop it can take as a bound (a
+    zero drop is not one: int8 then keeps its own default bound).
     """
-    goal: dict[str, object] = {}
-    if config is not None and config.metric == "agreement":
-        goal = {"compare": "top1", "max_error": config.max_drop / 100}
-    elif config is not None and config.metric == "cosine":
-        goal = {"compare": "outputs", "max_error": config.max_drop}
+    compare, scale = {"agreement": ("top1", 0.01), "cosine": ("outputs", 1.0)}.get(
+        config.metric if config is not None else "", ("", 0.0))
+    bound = config.max_drop * scale if config is not None else 0.0
+    goal: dict[str, object] = ({"compare": compare, "max_error": bound}
+                               if compare and 0.0 < bound < 1.0 else {})
     out: list[Candidate] = [
         PassCandidate("fused", "graph optimization and fusion, float weights",
                       lambda t: Preprocess(), quantized=False),

@@ -330,8 +330,8 @@ class Int8(Pass):
             if mixed_ms >= float_ms2 and self.faster_than_float:
                 raise ModelError(
                     f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
-                    f"{len(float_nodes)} "
-                    f"layers in float, and that model is no faster than float on this CPU "
+                    f"{len(float_nodes)} layers in float, and that model is no faster than "
+                    f"float on this CPU "
                     f"({mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1); the all-int8 "
                     f"model's error is {chosen.error:.4f}")
         if not self.quantize_lookups and any(n.op_type in LOOKUP_OPS
