@@ -17,6 +17,11 @@ Built-in data sets are generated or shipped offline, never downloaded:
   (4000 train / 1000 test sequences of length 40, 10 classes); input ``x`` of shape (N, 40).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, 10 classes); input ``x``
   of shape (N, 1, 8, 8) scaled to [0, 1].
+- ``digits-rgb``: the same digits as 32x32 colour images for vision backbones
+  (torchvision/timm CNNs): each digit is upscaled 3x and smoothed, placed at a random
+  offset on a 32x32 canvas, painted in a random foreground colour on a random background
+  colour, with pixel noise; input ``x`` of shape (N, 3, 32, 32), roughly zero mean and unit
+  variance. Same splits as ``digits`` (the renders are fixed by a seed).
 
 Splits: ``test`` is the data set's own test set (digits: a fixed 20%); ``val`` is a fixed
 held-out 500 samples of the training set (digits: 180) that ``train`` does not contain;
@@ -52,7 +57,7 @@ __all__ = [
 ]
 
 LABELS = "labels"
-DATASETS = ("mnist1d", "digits")
+DATASETS = ("mnist1d", "digits", "digits-rgb")
 SPLITS = ("train", "val", "calib", "test")
 _CALIB_SIZE = 256
 _SEED = 0
@@ -210,9 +215,31 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[train], y[train], x[test], y[test]
 
 
+@functools.cache
+def _digits_rgb() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x_train, y_train, x_test, y_test = _digits()
+    rng = np.random.default_rng(_SEED + 2)
+
+    def render(x: np.ndarray) -> np.ndarray:
+        big = x[:, 0].repeat(3, axis=1).repeat(3, axis=2)            # (N, 24, 24)
+        padded = np.pad(big, ((0, 0), (1, 1), (1, 1)))
+        smooth = sum(padded[:, i:i + 24, j:j + 24] for i in range(3) for j in range(3)) / 9
+        n = len(x)
+        canvas = np.zeros((n, 32, 32), np.float32)
+        dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+        for k in range(n):
+            canvas[k, dy[k]:dy[k] + 24, dx[k]:dx[k] + 24] = smooth[k]
+        fg, bg = rng.uniform(0, 1, (n, 3, 1, 1)), rng.uniform(0, 1, (n, 3, 1, 1))
+        img = bg + (fg - bg) * canvas[:, None] + rng.normal(0, 0.05, (n, 3, 32, 32))
+        return ((img - 0.5) / 0.3).astype(np.float32)
+
+    return render(x_train), y_train, render(x_test), y_test
+
+
 def load_builtin(name: str, split: str) -> Dataset:
     """A built-in data set split; see the module docstring for what each split holds."""
-    loaders: Mapping[str, object] = {"mnist1d": _mnist1d, "digits": _digits}
+    loaders: Mapping[str, object] = {"mnist1d": _mnist1d, "digits": _digits,
+                                     "digits-rgb": _digits_rgb}
     if name not in loaders:
         raise one_of("dataset", DATASETS, name)
     if split not in SPLITS:
