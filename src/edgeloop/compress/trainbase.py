@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -23,7 +23,8 @@ from edgeloop.data import Dataset
 from edgeloop.errors import DataError, UsageError
 from edgeloop.measure import LatencyConfig, evaluate
 
-__all__ = ["ModelFigures", "TorchPass", "TrainContext", "check_labels", "count_flops",
+__all__ = ["ModelFigures", "TorchPass", "TrainContext", "apply_masks", "check_labels",
+           "count_flops",
            "count_params", "figures", "require_ratio", "sample_of",
            "write_report"]
 
@@ -32,12 +33,23 @@ __all__ = ["ModelFigures", "TorchPass", "TrainContext", "check_labels", "count_f
 class TrainContext:
     """Data a training-time pass may use. ``teacher`` is the model the recipe started from;
     ``calib`` is the data the final export calibrates on (``None``: the first 256 training
-    samples)."""
+    samples). ``masks`` (parameter name -> 0/1 tensor) are the zeros an unstructured
+    pruning pass made; every later pass that trains keeps them zero (:func:`apply_masks`
+    after each optimiser step)."""
 
     train: Dataset
     val: Dataset
     teacher: nn.Module | None = None
     calib: Dataset | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the entries of ``model``'s parameters that ``masks`` (by parameter name) mark
+    with 0, in place."""
+    for name, mask in masks.items():
+        model.get_parameter(name).mul_(mask)
 
 
 class TorchPass(ABC):
