@@ -93,13 +93,16 @@ def test_distill_command(files: Path) -> None:
     ('[[passes]]\npass = "qat"\n[[passes]]\npass = "prune"\n', "`qat` must be the last"),
     ('[[passes]]\npass = "qat"\ntarget = "riscv"\n', "`target` must be one of auto, "),
     ('[[passes]]\npass = "qat"\ntarget = 3\n', "generic; got 3"),
+    ('[[passes]]\npass = "prune-unstructured"\n[[passes]]\npass = "prune"\n',
+     "`prune` after `prune-unstructured` would discard its sparsity masks"),
+    ('weights = 3\n[[passes]]\npass = "prune"\n', "`weights` must be a path"),
 ])
 def test_bad_recipe(files: Path, capsys, recipe: str, message: str) -> None:
     head = 'model = "model.pt"\ndata = "train.npz"\nval = "val.npz"\nout = "bad-out"\n'
     lines = recipe.splitlines(keepends=True)
-    top = "".join(line for line in lines if line.startswith("colour"))
+    top = "".join(line for line in lines if line.startswith(("colour", "weights")))
     (files / "bad.toml").write_text(head + top + "".join(
-        line for line in lines if not line.startswith("colour")))
+        line for line in lines if not line.startswith(("colour", "weights"))))
     _fails(["compress", str(files / "bad.toml")], capsys, message)
     assert not (files / "bad-out").exists()
 
@@ -108,7 +111,7 @@ def test_not_a_model(files: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     _fails(["qat", str(tmp_path / "junk.pt"), "--data", str(files / "train.npz"), "--val",
             str(files / "val.npz"), "--out", str(tmp_path / "out")], capsys,
-           "is not a torch checkpoint")
+           "is not a torch file")
     assert not (tmp_path / "out").exists()
 
 

@@ -21,7 +21,8 @@ Built-in data sets are generated or shipped offline, never downloaded:
   (torchvision/timm CNNs): each digit is upscaled 3x and smoothed, placed at a random
   offset on a 32x32 canvas, painted in a random foreground colour on a random background
   colour, with pixel noise; input ``x`` of shape (N, 3, 32, 32), roughly zero mean and unit
-  variance. Same splits as ``digits`` (the renders are fixed by a seed).
+  variance. Same images in each split as ``digits``; the training images are rendered four
+  times (other colours and offsets). The renders are fixed by a seed.
 
 Splits: ``test`` is the data set's own test set (digits: a fixed 20%); ``val`` is a fixed
 held-out 500 samples of the training set (digits: 180) that ``train`` does not contain;
@@ -215,35 +216,46 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[train], y[train], x[test], y[test]
 
 
-@functools.cache
-def _digits_rgb() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x_train, y_train, x_test, y_test = _digits()
-    rng = np.random.default_rng(_SEED + 2)
+_RGB_COPIES = 4   # digits-rgb renders each training image this many times
 
-    def render(x: np.ndarray) -> np.ndarray:
-        big = x[:, 0].repeat(3, axis=1).repeat(3, axis=2)            # (N, 24, 24)
-        padded = np.pad(big, ((0, 0), (1, 1), (1, 1)))
-        smooth = sum(padded[:, i:i + 24, j:j + 24] for i in range(3) for j in range(3)) / 9
-        n = len(x)
-        canvas = np.zeros((n, 32, 32), np.float32)
-        dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
-        for k in range(n):
-            canvas[k, dy[k]:dy[k] + 24, dx[k]:dx[k] + 24] = smooth[k]
-        fg, bg = rng.uniform(0, 1, (n, 3, 1, 1)), rng.uniform(0, 1, (n, 3, 1, 1))
-        img = bg + (fg - bg) * canvas[:, None] + rng.normal(0, 0.05, (n, 3, 32, 32))
-        return ((img - 0.5) / 0.3).astype(np.float32)
 
-    return render(x_train), y_train, render(x_test), y_test
+def _render_rgb(x: np.ndarray, seed: int) -> np.ndarray:
+    """``digits-rgb`` images of the (N, 1, 8, 8) digits ``x`` (module docstring)."""
+    rng = np.random.default_rng(seed)
+    big = x[:, 0].repeat(3, axis=1).repeat(3, axis=2)              # (N, 24, 24)
+    padded = np.pad(big, ((0, 0), (1, 1), (1, 1)))
+    smooth = sum(padded[:, i:i + 24, j:j + 24] for i in range(3) for j in range(3)) / 9
+    n = len(x)
+    canvas = np.zeros((n, 32, 32), np.float32)
+    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    for k in range(n):
+        canvas[k, dy[k]:dy[k] + 24, dx[k]:dx[k] + 24] = smooth[k]
+    bg = rng.uniform(0, 1, (n, 3, 1, 1))
+    fg = (bg + rng.uniform(0.3, 0.7, (n, 3, 1, 1))) % 1.0           # always contrasted
+    img = bg + (fg - bg) * canvas[:, None] + rng.normal(0, 0.05, (n, 3, 32, 32))
+    return ((img - 0.5) / 0.3).astype(np.float32)
+
+
+def _rgb_split(digits: Dataset, split: str) -> Dataset:
+    """A ``digits-rgb`` split from the same split of ``digits``; training images are
+    rendered several times (other colours and offsets), the other splits once."""
+    copies = _RGB_COPIES if split == "train" else 1
+    x, y = digits.inputs["x"], digits.labels
+    assert y is not None
+    seed = _SEED + 2 + SPLITS.index(split)
+    renders = [_render_rgb(x, seed * 100 + c) for c in range(copies)]
+    return Dataset({"x": np.concatenate(renders)}, np.tile(y, copies))
 
 
 def load_builtin(name: str, split: str) -> Dataset:
     """A built-in data set split; see the module docstring for what each split holds."""
-    loaders: Mapping[str, object] = {"mnist1d": _mnist1d, "digits": _digits,
-                                     "digits-rgb": _digits_rgb}
-    if name not in loaders:
+    if name not in DATASETS:
         raise one_of("dataset", DATASETS, name)
     if split not in SPLITS:
         raise one_of("split", SPLITS, split)
+    if name == "digits-rgb":
+        return _rgb_split(load_builtin("digits", split), split)
+    loaders: Mapping[str, object] = {"mnist1d": _mnist1d, "digits": _digits}
     x_train, y_train, x_test, y_test = loaders[name]()  # type: ignore[operator]
     if split == "test":
         return Dataset({"x": x_test}, y_test)

@@ -19,6 +19,14 @@ Data = Annotated[Path, typer.Option("--data", help="Training .npz with labels")]
 Val = Annotated[Path, typer.Option("--val", help="Validation .npz with labels")]
 Out = Annotated[Path, typer.Option("--out", help="Folder for model.onnx and report.json")]
 Runs = Annotated[int, typer.Option(min=1, help="Timed runs per batch size in the report")]
+Model = Annotated[str, typer.Argument(
+    help="An edgeloop checkpoint, a torch.save'd module, or a factory package.module:callable "
+         "(e.g. torchvision.models:resnet18)")]
+Weights = Annotated[Path | None, typer.Option(
+    "--weights", help="A factory's state_dict file")]
+ModelConfig = Annotated[Path | None, typer.Option(
+    "--model-config", help="A factory's keyword arguments as JSON (for a Hugging Face class: "
+                           "its config)")]
 
 
 def _latency(runs: int) -> LatencyConfig:
@@ -46,20 +54,22 @@ def _render(report: dict[str, Any], out: Path) -> None:
         console.print(f"note: {note}")
 
 
-def _run(model: Path, passes: list[TorchPass], data: Path, val: Path, out: Path,
-         runs: int) -> None:
+def _run(model: str, weights: Path | None, config: Path | None, passes: list[TorchPass],
+         data: Path, val: Path, out: Path, runs: int) -> None:
     from edgeloop.compress.recipe import compress_torch
     from edgeloop.data import load_npz
+    from edgeloop.models import load_model
 
-    report = compress_torch(model, passes, train=load_npz(data), val=load_npz(val), out=out,
+    report = compress_torch(load_model(model, weights=weights, config=config), passes,
+                            train=load_npz(data), val=load_npz(val), out=out,
                             latency_config=_latency(runs))
     _render(report, out)
 
 
 @app.command("prune")
 def prune_cmd(
-    model: Annotated[Path, typer.Argument(help="A torch checkpoint (model.pt)")],
-    data: Data, val: Val, out: Out,
+    model: Model, data: Data, val: Val, out: Out, weights: Weights = None,
+    model_config: ModelConfig = None,
     structured: Annotated[float | None, typer.Option(
         help="Fraction of channels to remove, in (0, 1)")] = None,
     unstructured: Annotated[float | None, typer.Option(
@@ -82,13 +92,13 @@ def prune_cmd(
     else:
         p = UnstructuredPrune(ratio=float(unstructured or 0), scope=scope, steps=steps,
                               finetune_epochs=finetune_epochs)
-    _run(model, [p], data, val, out, runs)
+    _run(model, weights, model_config, [p], data, val, out, runs)
 
 
 @app.command("qat")
 def qat_cmd(
-    model: Annotated[Path, typer.Argument(help="A torch checkpoint (model.pt)")],
-    data: Data, val: Val, out: Out,
+    model: Model, data: Data, val: Val, out: Out, weights: Weights = None,
+    model_config: ModelConfig = None,
     epochs: Annotated[int | None, typer.Option(
         min=0, help="Fine-tuning epochs (default: the QAT pass's)")] = None,
     bits: Annotated[int, typer.Option(help="Weight bits: 8 or 4")] = 8,
@@ -106,15 +116,23 @@ def qat_cmd(
     from edgeloop.targets import get_target
 
     chosen = {k: v for k, v in (("epochs", epochs), ("distill", distill)) if v is not None}
-    _run(model, [QAT(bits=bits, target=get_target(target), **chosen)], data, val, out, runs)
+    _run(model, weights, model_config, [QAT(bits=bits, target=get_target(target), **chosen)],
+         data, val, out, runs)
 
 
 @app.command("distill")
 def distill_cmd(
-    teacher: Annotated[Path, typer.Option(help="The teacher's torch checkpoint")],
-    student: Annotated[str, typer.Option(help="Zoo architecture of the student")],
+    teacher: Annotated[str, typer.Option(
+        help="The teacher: an edgeloop checkpoint, a torch.save'd module, or a factory")],
+    student: Annotated[str, typer.Option(
+        help="The student: a zoo architecture, or a factory package.module:callable")],
     data: Data, val: Val, out: Out,
-    width: Annotated[float | None, typer.Option(help="Student width (multiplier)")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(
+        help="A factory teacher's state_dict file")] = None,
+    student_config: Annotated[Path | None, typer.Option(
+        help="A factory student's keyword arguments as JSON")] = None,
+    width: Annotated[float | None, typer.Option(
+        help="Zoo student width (multiplier)")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     temperature: float = 4.0,
     alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft targets")] = 0.7,
@@ -125,13 +143,24 @@ def distill_cmd(
     from edgeloop.compress.distill import Distill
     from edgeloop.compress.recipe import compress_torch
     from edgeloop.data import load_npz
-    from edgeloop.zoo import build
+    from edgeloop.models import LoadedModel, load_model
+    from edgeloop.zoo import ARCHS, build
 
-    config: dict[str, Any] = {} if width is None else {"width": _width(student, width)}
+    if student in ARCHS:
+        if student_config is not None:
+            raise UsageError("--student-config goes with a factory student; a zoo student "
+                             "takes --width")
+        config: dict[str, Any] = {} if width is None else {"width": _width(student, width)}
+        pupil = LoadedModel(build(student, **config).eval(), student, config, student)
+    else:
+        if width is not None:
+            raise UsageError("--width goes with a zoo student; a factory student takes "
+                             "--student-config")
+        pupil = load_model(student, config=student_config)
     p = Distill(epochs=epochs, temperature=temperature, alpha=alpha, seed=seed)
-    report = compress_torch(teacher, [p], train=load_npz(data), val=load_npz(val), out=out,
-                            student=build(student, **config).eval(), student_arch=student,
-                            student_config=config, latency_config=_latency(runs))
+    report = compress_torch(load_model(teacher, weights=teacher_weights), [p],
+                            train=load_npz(data), val=load_npz(val), out=out, student=pupil,
+                            latency_config=_latency(runs))
     _render(report, out)
 
 

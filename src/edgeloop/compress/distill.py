@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgeloop._trainconfig import TrainConfig
-from edgeloop.compress.trainbase import TorchPass, TrainContext
+from edgeloop.compress.trainbase import TorchPass, TrainContext, apply_masks
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
 from edgeloop.zoo.train import train
@@ -40,7 +40,8 @@ class Distill(TorchPass):
     """Train the model given to :meth:`apply` (the student) from ``ctx.teacher``.
 
     ``alpha = 0`` trains on the hard labels alone: the no-distillation baseline, with the
-    same optimiser, epochs and seed.
+    same optimiser, epochs and seed. Weights that ``ctx.masks`` marks (an earlier
+    unstructured pruning) stay zero.
     """
 
     epochs: int = 30
@@ -78,7 +79,9 @@ class Distill(TorchPass):
 
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              weight_decay=self.weight_decay, seed=self.seed)
+        masks = ctx.masks
         return train(model, ctx.train, ctx.val, config, loss=loss,
+                     after_step=(lambda: apply_masks(model, masks)) if masks else None,
                      description=self.description)
 
 

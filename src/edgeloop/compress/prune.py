@@ -238,7 +238,8 @@ def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
 class UnstructuredPrune(TorchPass):
     """Zero ``ratio`` of the Conv/Linear weights by magnitude, over all layers at once
     (``scope = "global"``) or in every layer (``"layer"``), in ``steps`` rounds with
-    fine-tuning under the mask."""
+    fine-tuning under the mask. The masks go to ``ctx.masks`` so that later passes keep
+    the zeros."""
 
     ratio: float = 0.8
     scope: str = "global"
@@ -272,6 +273,9 @@ class UnstructuredPrune(TorchPass):
                       description=f"fine-tuning after pruning step {step}/{self.steps}")
         for m, name in params:
             torch_prune.remove(m, name)
+        names = {id(m): n for n, m in model.named_modules()}
+        ctx.masks.update({f"{names[id(m)]}.weight".lstrip("."): (m.weight != 0).float()
+                          for m, _ in params})
         return model.eval()
 
 

@@ -2,7 +2,10 @@
 
 A recipe (paths are relative to the recipe file)::
 
-    model = "cnn/model.pt"        # an edgeloop torch checkpoint
+    model = "cnn/model.pt"        # a model in any form of edgeloop.models: a checkpoint,
+                                  # a torch.save'd module, or "package.module:callable"
+    # weights = "state.pt"        # a factory's state_dict
+    # model_config = "cfg.json"   # a factory's keyword arguments (or HF config)
     data = "train.npz"            # training data with labels
     val = "val.npz"               # validation data with labels (report accuracy)
     out = "cnn-small"             # folder for model.onnx, model.pt, report.json
@@ -24,13 +27,16 @@ A recipe (paths are relative to the recipe file)::
 
 Every table loads into its pass's dataclass; an unknown pass, an unknown field or a value of
 the wrong type is one error in the format "`field` must be one of ...; got 'x'".
+
+Passes keep what earlier ones made: the zeros of ``prune-unstructured`` stay zero through
+``distill`` and ``qat`` (:attr:`TrainContext.masks`); a ``prune`` after it would remove
+channels under the masks, so that order is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import os
 import tempfile
 import tomllib
@@ -39,8 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
-from torch import nn
 
 from edgeloop._io import write_bytes_atomic
 from edgeloop.compress.distill import Distill
@@ -58,8 +62,8 @@ from edgeloop.data import Dataset, load_npz
 from edgeloop.errors import UsageError, one_of
 from edgeloop.export import to_onnx
 from edgeloop.measure import LatencyConfig, graph_summary
+from edgeloop.models import LoadedModel, load_model, model_bytes
 from edgeloop.targets import Target, get_target
-from edgeloop.zoo import LAYERS, layer_shapes, load_checkpoint
 
 __all__ = ["PASSES", "Recipe", "compress_torch", "load_recipe", "make_pass", "run_recipe"]
 
@@ -69,7 +73,8 @@ PASSES: dict[str, type[TorchPass]] = {
     "distill": Distill,
     "qat": QAT,
 }
-_TOP_FIELDS = ("model", "data", "val", "out", "teacher", "passes")
+_TOP_FIELDS = ("model", "weights", "model_config", "data", "val", "out", "teacher",
+               "passes")
 _CALIB_SAMPLES = 1024
 
 
@@ -100,12 +105,18 @@ def make_pass(name: str, options: dict[str, Any], *, where: str = "pass") -> Tor
 class Recipe:
     """A loaded recipe: where things are and the passes to run, in order."""
 
-    model: Path
+    model: str                  # a path or a factory (edgeloop.models)
     data: Path
     val: Path
     out: Path
     passes: list[TorchPass] = field(default_factory=list)
-    teacher: Path | None = None
+    teacher: str | None = None
+    weights: Path | None = None
+    model_config: Path | None = None
+
+    def load(self) -> LoadedModel:
+        """The recipe's starting model."""
+        return load_model(self.model, weights=self.weights, config=self.model_config)
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -123,6 +134,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     for key in ("model", "data", "val", "out"):
         if not isinstance(doc.get(key), str):
             raise UsageError(f"recipe {str(path)!r} needs `{key}` (a path)")
+    for key in ("weights", "model_config", "teacher"):
+        if key in doc and not isinstance(doc[key], str):
+            raise UsageError(f"recipe `{key}` must be a path; got {doc[key]!r}")
     tables = doc.get("passes", [])
     if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise UsageError("a recipe needs at least one [[passes]] table")
@@ -131,41 +145,59 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         options = dict(table)
         name = options.pop("pass", None)
         passes.append(make_pass(str(name), options, where=f"passes[{i}]"))
+    check_order(passes)
     base = path.parent
 
     def resolve(p: str) -> Path:
         return base / p
-    teacher = doc.get("teacher")
-    return Recipe(model=resolve(doc["model"]), data=resolve(doc["data"]),
+
+    def model_at(p: str | None) -> str | None:
+        # a path relative to the recipe, unless it names a factory
+        return None if p is None else str(resolve(p)) if (resolve(p)).exists() else p
+
+    def optional(key: str) -> Path | None:
+        return resolve(doc[key]) if key in doc else None
+    return Recipe(model=str(model_at(doc["model"])), data=resolve(doc["data"]),
                   val=resolve(doc["val"]), out=resolve(doc["out"]), passes=passes,
-                  teacher=resolve(teacher) if isinstance(teacher, str) else None)
+                  teacher=model_at(doc.get("teacher")), weights=optional("weights"),
+                  model_config=optional("model_config"))
+
+
+def check_order(passes: list[TorchPass]) -> None:
+    """Refuse pass orders that would lose what an earlier pass made: ``qat`` not last (it
+    produces the integer model), ``prune`` after ``prune-unstructured`` (removing channels
+    would discard the sparsity masks)."""
+    for i, p in enumerate(passes):
+        if isinstance(p, QAT) and i != len(passes) - 1:
+            raise UsageError("`qat` must be the last pass: it produces the integer model")
+        if isinstance(p, StructuredPrune) and any(isinstance(q, UnstructuredPrune)
+                                                  for q in passes[:i]):
+            raise UsageError("`prune` after `prune-unstructured` would discard its sparsity "
+                             "masks; put `prune` first")
 
 
 def run_recipe(recipe: Recipe, *, latency_config: LatencyConfig | None = None) -> dict[str, Any]:
     """Load the recipe's files and run it (see :func:`compress_torch`)."""
-    return compress_torch(recipe.model, recipe.passes, train=load_npz(recipe.data),
-                          val=load_npz(recipe.val), out=recipe.out, teacher=recipe.teacher,
+    return compress_torch(recipe.load(), recipe.passes, train=load_npz(recipe.data),
+                          val=load_npz(recipe.val), out=recipe.out,
+                          teacher=load_model(recipe.teacher) if recipe.teacher else None,
                           latency_config=latency_config)
 
 
-def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], *,
+def compress_torch(start: LoadedModel, passes: list[TorchPass], *,
                    train: Dataset, val: Dataset, out: str | os.PathLike[str],
-                   teacher: str | os.PathLike[str] | None = None,
-                   student: nn.Module | None = None, student_arch: str | None = None,
-                   student_config: dict[str, Any] | None = None,
+                   teacher: LoadedModel | None = None, student: LoadedModel | None = None,
                    latency_config: LatencyConfig | None = None) -> dict[str, Any]:
-    """Run ``passes`` on the checkpoint at ``model_path`` and write ``out/model.onnx``,
-    ``out/model.pt`` (unless the last pass is QAT: its model exists only as integer ONNX)
-    and ``out/report.json`` (before/after figures). Returns the report.
+    """Run ``passes`` on ``start`` (see :func:`edgeloop.models.load_model`) and write
+    ``out/model.onnx``, ``out/model.pt`` (unless the last pass is QAT: its model exists
+    only as integer ONNX; see :func:`edgeloop.models.model_bytes` for its form) and
+    ``out/report.json`` (before/after figures). Returns the report.
 
-    With ``student`` (and its ``student_arch``/``student_config``), the passes run on the
-    student and the checkpoint at ``model_path`` is the teacher and the "before" model.
-    Everything is validated and computed before the first file is written.
+    With ``student``, the passes run on the student and ``start`` is the teacher and the
+    "before" model. Everything is validated and computed before the first file is written.
     """
-    for i, p in enumerate(passes):
-        if isinstance(p, QAT) and i != len(passes) - 1:
-            raise UsageError("`qat` must be the last pass: it produces the integer model")
-    model, arch, config = load_checkpoint(model_path)
+    check_order(passes)
+    model = start.module
     check_labels(model, train, source="training data")
     check_labels(model, val, source="validation data")
     with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
@@ -175,13 +207,13 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
                          export_max_abs_diff=before_diff)
         before_bytes = before_path.read_bytes()
     if teacher is not None:
-        teacher_model, _, _ = load_checkpoint(teacher)
+        teacher_model = teacher.module
         check_labels(teacher_model, val, source="validation data")
     else:
         teacher_model = copy.deepcopy(model)
     if student is not None:
-        check_labels(student, train, source="training data")
-        model, arch, config = student, student_arch or "", dict(student_config or {})
+        check_labels(student.module, train, source="training data")
+        start, model = student, student.module
     calib = train.take(slice(0, _CALIB_SAMPLES))
     ctx = TrainContext(train, val, teacher=teacher_model, calib=calib)
     for p in passes:
@@ -208,12 +240,8 @@ def compress_torch(model_path: str | os.PathLike[str], passes: list[TorchPass], 
         notes.append("onnxruntime's CPU kernels run sparse weights no faster than dense ones; "
                      "the gain is the compressed download (zip_bytes)")
         before.zip_bytes = zipped_size(before_bytes)
-    checkpoint = None
-    if not isinstance(last, QAT):
-        buf = io.BytesIO()
-        torch.save({"arch": arch, "config": {**config, LAYERS: layer_shapes(model)},
-                    "state_dict": model.state_dict()}, buf)
-        checkpoint = buf.getvalue()
+    checkpoint = None if isinstance(last, QAT) else model_bytes(
+        LoadedModel(model, start.arch, start.config, start.source))
     out = Path(out)
     write_bytes_atomic(out / "model.onnx", onnx_bytes)
     if checkpoint is not None:

@@ -37,12 +37,14 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
 def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
           config: TrainConfig | None = None, *,
           loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          after_step: Callable[[], None] | None = None,
           description: str = "training") -> nn.Module:
     """Train ``model`` in place with AdamW and a cosine schedule; keep the weights of the
     epoch with the best validation accuracy. Returns the model in eval mode.
 
     ``loss(logits, idx)`` scores one batch, given the indices of its samples in
-    ``train_data``; the default is cross-entropy with the labels."""
+    ``train_data``; the default is cross-entropy with the labels. ``after_step`` runs after
+    every optimiser step (e.g. to keep pruned weights at zero)."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     x, y = _logits_and_labels(train_data)
@@ -61,6 +63,8 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
             loss(model(x[idx]), idx).backward()
             opt.step()
             sched.step()
+            if after_step is not None:
+                after_step()
         acc = accuracy(model, val_data)
         if acc > best:
             best, best_state = acc, copy.deepcopy(model.state_dict())
