@@ -509,7 +509,8 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
     """Search ``candidates`` (default :func:`default_candidates`) for the fastest model on
     this machine whose ``config.metric`` drops at most ``config.max_drop`` on ``val``.
 
-    ``model_path`` is an ONNX file or an edgeloop torch checkpoint (``.pt``), which is
+    ``model_path`` is an ONNX file or a torch model file (``.pt``: an edgeloop checkpoint
+    or a ``torch.save``d module, see :mod:`edgeloop.models`), which is
     exported first. ``on_start(name, index, total)`` and ``on_result(result)`` report
     progress. Stops cleanly at the time budget or on SIGINT (main thread only); the result
     then holds what was measured so far.
@@ -606,9 +607,9 @@ def _load_source(path: Path, *, calib: Dataset, train: Dataset | None,
         import torch
 
         from edgeloop.export import to_onnx
-        from edgeloop.zoo import load_torch
+        from edgeloop.models import load_model as load_torch_model
 
-        module, _ = load_torch(path)
+        module = load_torch_model(path).module
         sample = torch.from_numpy(np.ascontiguousarray(
             next(iter(calib.inputs.values()))[:2]))
         with scratch_dir() as tmp:

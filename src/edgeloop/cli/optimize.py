@@ -82,7 +82,8 @@ def _line(r: CandidateResult) -> str:
 
 @app.command("optimize")
 def optimize_cmd(
-    model: Annotated[Path, typer.Argument(help="Float model: .onnx or edgeloop torch .pt")],
+    model: Annotated[Path, typer.Argument(
+        help="Float model: .onnx, or a torch .pt (edgeloop checkpoint or torch.save'd module)")],
     data: Annotated[Path, typer.Option(help="Calibration .npz")],
     val: Annotated[Path, typer.Option(help="Validation .npz (labels for --metric accuracy)")],
     out: Annotated[Path, typer.Option(help="Folder for best.onnx, report.json/.md, pareto.png")],
