@@ -1,121 +1,230 @@
-"""QAT and its QDQ export: BatchNorm folding against the unfolded model, the integer graph
-onnxruntime really runs, and the weight grid."""
+"""QAT and PTQ on torchao PT2E, exported as QDQ ONNX: the torch fake-quantized graph against
+onnxruntime's integer kernels (the oracle: the two must compute the same thing), the graph
+onnxruntime really runs, the profiles' grids, a dead channel, and sparsity kept."""
 
 from __future__ import annotations
+
+import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
+from torch import nn
 
 from edgeloop._onnx import session
-from edgeloop.compress.qat import QAT, exported_score, fold_batchnorm, quantize_export
+from edgeloop._torchvision import import_torchvision
+from edgeloop.compress.qat import QAT, QATModel, prepare_ptq, quantize_export
 from edgeloop.compress.trainbase import TrainContext
-from edgeloop.data import load_builtin
+from edgeloop.data import Dataset, load_builtin
 from edgeloop.errors import UsageError
 from edgeloop.measure import graph_summary, predict
-from edgeloop.zoo import TrainConfig, build, train
+from edgeloop.targets import TARGETS
+from edgeloop.zoo import load_checkpoint
 
 TRAIN = load_builtin("mnist1d", "train").take(slice(0, 1000))
 VAL = load_builtin("mnist1d", "val").take(slice(0, 200))
+CALIB = TRAIN.take(slice(0, 256))
+RGB = load_builtin("digits-rgb", "train").take(slice(0, 256))
+RGB_VAL = load_builtin("digits-rgb", "val")
+VNNI, AVX2 = TARGETS["x86-avx512-vnni"], TARGETS["x86-avx2"]
 
 
 @pytest.fixture(scope="module")
-def models() -> dict[str, torch.nn.Module]:
-    return {arch: train(build(arch, width=w), TRAIN, VAL, TrainConfig(epochs=5))
-            for arch, w in (("mnist1d-cnn", 8), ("mnist1d-mobile", 0.5))}
+def cnn(cnn_dir: Path) -> nn.Module:
+    return load_checkpoint(cnn_dir / "model.pt")[0]
 
 
-def _acc(proto: onnx.ModelProto) -> float:
-    return float((predict(session(proto), VAL).argmax(1) == VAL.labels).mean())
-
-
-@pytest.mark.parametrize("arch", ["mnist1d-cnn", "mnist1d-mobile"])
-def test_folding_batchnorm_keeps_the_function(models, arch: str) -> None:
-    model = models[arch]
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                   for m in folded.modules())
-    x = torch.from_numpy(VAL.inputs["x"])
+def _vision(name: str) -> nn.Module:
+    """An untrained torchvision model whose BatchNorm statistics are those of the data, so
+    its activations and logits have realistic ranges."""
+    torch.manual_seed(0)
+    model = getattr(import_torchvision().models, name)(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None   # a cumulative average over the batches below
+    model.train()
     with torch.no_grad():
-        np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), atol=1e-4)
+        for start in range(0, len(RGB), 64):
+            model(torch.from_numpy(RGB.inputs["x"][start:start + 64]))
+    return model.eval()
 
 
-@pytest.mark.parametrize("arch", ["mnist1d-cnn", "mnist1d-mobile"])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_export_runs_on_integer_kernels_only(models, arch: str, bits: int) -> None:
-    proto, diff = quantize_export(models[arch], TRAIN.take(slice(0, 256)), bits=bits)
-    onnx.checker.check_model(proto)
-    assert diff <= 1e-4
+def _output_step(proto: onnx.ModelProto) -> float:
+    """The quantization step of the model's output (the scale of its last DequantizeLinear)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    out = proto.graph.output[0].name
+    node = next(n for n in proto.graph.node if out in n.output)
+    assert node.op_type == "DequantizeLinear"
+    return float(inits[node.input[1]])
+
+
+def _check_agreement(torch_logits: np.ndarray, proto: onnx.ModelProto, data: Dataset, *,
+                     trained: bool = True) -> None:
+    """Logits within two output steps, the same top-1. An untrained deep network (the
+    torchvision models here) amplifies the odd rounding tie that float accumulation order
+    flips (onnxruntime's unfused QDQ reference differs from torch the same way): there the
+    mean difference is within one step and 98% of the top-1 agree."""
+    ort_logits = predict(session(proto), data)
+    diff = np.abs(ort_logits - torch_logits)
+    agree = (ort_logits.argmax(1) == torch_logits.argmax(1)).mean()
+    if trained:
+        assert diff.max() <= 2 * _output_step(proto) and agree >= 0.99
+    else:
+        assert diff.mean() <= _output_step(proto) and agree >= 0.98
+
+
+def _converted_logits(q: QATModel, data: Dataset) -> np.ndarray:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    converted = convert_pt2e(copy.deepcopy(q.prepared))
+    with torch.no_grad():
+        return converted(torch.from_numpy(data.inputs["x"])).numpy()
+
+
+@pytest.mark.parametrize("arch", ["mnist1d-cnn", "mobilenet_v2", "resnet18"])
+def test_ptq_torch_graph_and_onnxruntime_integer_model_agree(cnn, arch: str) -> None:
+    model, calib, val = ((cnn, CALIB, VAL) if arch == "mnist1d-cnn"
+                         else (_vision(arch), RGB, RGB_VAL))
+    q = prepare_ptq(copy.deepcopy(model), calib, target=VNNI)
+    proto, _ = quantize_export(q, calib, target=VNNI)
+    _check_agreement(_converted_logits(q, val), proto, val, trained=arch == "mnist1d-cnn")
+    one = predict(session(proto), val.take(slice(0, 1)))    # the batch axis is free
+    np.testing.assert_allclose(one, predict(session(proto), val.take(slice(0, 3)))[:1])
     float_ops, int_ops, _ = graph_summary(proto)
+    convs = sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     assert float_ops == {}
-    assert int_ops.get("QLinearConv", 0) >= 4 and int_ops.get("QGemm", 0) == 1
-    if arch == "mnist1d-mobile":
-        assert int_ops.get("QLinearAdd", 0) >= 1  # residual adds stay integer
-    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer
-               if t.name.endswith("weight__int")]
-    assert weights and all(w.dtype == np.int8 and np.abs(w).max() <= 2 ** (bits - 1) - 1
-                           for w in weights)
+    assert int_ops.get("QLinearConv") == convs and int_ops.get("QGemm") == 1
+    if arch != "mnist1d-cnn":
+        assert int_ops.get("QLinearAdd", 0) == {"mobilenet_v2": 10, "resnet18": 8}[arch]
+    if arch == "mnist1d-cnn":
+        with torch.no_grad():
+            ref = model(torch.from_numpy(val.inputs["x"])).numpy()
+        assert (predict(session(proto), val).argmax(1) == ref.argmax(1)).mean() >= 0.95
 
 
-def test_int8_export_is_close_to_float(models) -> None:
-    proto, _ = quantize_export(models["mnist1d-cnn"], TRAIN.take(slice(0, 256)), bits=8)
-    x = torch.from_numpy(VAL.inputs["x"])
+def _int8_weights(proto: onnx.ModelProto) -> list[np.ndarray]:
+    return [numpy_helper.to_array(t) for t in proto.graph.initializer
+            if t.data_type == TensorProto.INT8 and len(t.dims) >= 2]
+
+
+def _activation_types(proto: onnx.ModelProto) -> set[int]:
+    inits = {t.name: t for t in proto.graph.initializer}
+    return {inits[n.input[2]].data_type for n in proto.graph.node
+            if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize(("target", "bits", "top", "act"), [
+    ("x86-avx2", 8, 64, TensorProto.UINT8), ("x86-avx512-vnni", 8, 127, TensorProto.UINT8),
+    ("arm64-dotprod", 8, 127, TensorProto.INT8), ("x86-avx2", 4, 7, TensorProto.UINT8)])
+def test_the_profile_decides_the_grids(cnn, target: str, bits: int, top: int, act: int) -> None:
+    """On any CPU: x86-avx2 gets 7-bit weights (|q| <= 64, onnxruntime's AVX2 kernels do
+    not saturate), VNNI full range, arm64 int8 activations, 4 bits [-7, 7]."""
+    proto, _ = quantize_export(cnn, CALIB, bits=bits, target=TARGETS[target])
+    weights = _int8_weights(proto)
+    assert len(weights) == 5 and max(int(np.abs(w).max()) for w in weights) == top
+    assert _activation_types(proto) == {act}
+
+
+def _dead_channel_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 8, 5, bias=False),
+                          nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 8, 5),
+                          nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32, 10))
+    model.train()
     with torch.no_grad():
-        ref = models["mnist1d-cnn"](x).numpy()
-    agree = (predict(session(proto), VAL).argmax(1) == ref.argmax(1)).mean()
-    assert agree >= 0.95
+        model(torch.from_numpy(TRAIN.inputs["x"]))
+        for bn in (model[2], model[5]):
+            bn.weight[0] = 0.0   # a dead channel: BatchNorm gamma 0 leaves only its bias
+            bn.bias[0] = 3.0
+    return model.eval()
 
 
-def test_qat_weights_sit_on_the_export_grid_and_beat_4bit_ptq(models) -> None:
-    model = models["mnist1d-cnn"]
-    calib = TRAIN.take(slice(0, 256))
-    ptq, _ = quantize_export(model, calib, bits=4)
-    import copy
-
-    trained = QAT(bits=4, epochs=3, lr=3e-3).apply(copy.deepcopy(model), TrainContext(TRAIN, VAL))
-    w = trained.features[1][0].weight.detach()
-    scale = w.flatten(1).abs().amax(1, keepdim=True).unsqueeze(-1) / 7
-    np.testing.assert_allclose((w / scale).numpy(), np.round((w / scale).numpy()), atol=1e-3)
-    qat, _ = quantize_export(trained, calib, bits=4)
-    assert _acc(qat) >= _acc(ptq)
+def _int32_biases(proto: onnx.ModelProto) -> list[np.ndarray]:
+    dequantized = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    return [numpy_helper.to_array(t) for t in proto.graph.initializer
+            if t.data_type == TensorProto.INT32 and t.name in dequantized]
 
 
-def _initializers(proto: onnx.ModelProto) -> dict[str, bytes]:
-    return {t.name: t.SerializeToString() for t in proto.graph.initializer}
+def test_a_dead_channel_keeps_its_bias_in_int32_range() -> None:
+    """Folded, the dead channel's weights are all 0 and its bias 3: with its own weight
+    scale (~1e-7 and below) the int32 bias overflows; the floored scale keeps it exact and
+    the integer model agrees with the torch graph."""
+    model = _dead_channel_cnn()
+    q = prepare_ptq(copy.deepcopy(model), CALIB, target=VNNI)
+    proto, _ = quantize_export(q, CALIB, target=VNNI)
+    biases = _int32_biases(proto)
+    assert len(biases) == 3 and all(np.abs(b.astype(np.int64)).max() < 2 ** 30 for b in biases)
+    _check_agreement(_converted_logits(q, VAL), proto, VAL)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(VAL.inputs["x"])).numpy()
+    assert np.abs(predict(session(proto), VAL) - ref).max() <= 4 * _output_step(proto)
 
 
-def test_untuned_qat_exports_exactly_the_ptq_model(models) -> None:
-    model, calib = models["mnist1d-mobile"], TRAIN.take(slice(0, 256))
-    ptq, _ = quantize_export(model, calib, bits=8)
-    import copy
-
-    same = QAT(bits=8, epochs=0).apply(copy.deepcopy(model), TrainContext(TRAIN, VAL, calib=calib))
-    assert _initializers(quantize_export(same, calib, bits=8)[0]) == _initializers(ptq)
+def _masks(model: nn.Module, density: float) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {name: (torch.rand(p.shape, generator=gen) < density).float()
+            for name, p in model.named_parameters()
+            if name.endswith("weight") and p.dim() >= 2}
 
 
-def test_qat_keeps_fine_tuning_only_when_it_wins_on_validation(models) -> None:
-    """The oracle: the exported result is the PTQ model itself unless, run by onnxruntime
-    on validation, it has lower loss (by more than chance) and no lower accuracy."""
-    model, calib = models["mnist1d-cnn"], TRAIN.take(slice(0, 256))
-    ptq, _ = quantize_export(model, calib, bits=8)
-    import copy
-
-    result = QAT(bits=8, epochs=1, lr=3e-3).apply(copy.deepcopy(model),
-                                                  TrainContext(TRAIN, VAL, calib=calib))
-    qat, _ = quantize_export(result, calib, bits=8)
-    ptq_score = exported_score(model, calib, VAL, bits=8)
-    assert ptq_score.accuracy == _acc(ptq)
-    if _initializers(qat) != _initializers(ptq):
-        qat_score = exported_score(result, calib, VAL, bits=8)
-        assert qat_score.loss < ptq_score.loss
-        assert qat_score.accuracy >= ptq_score.accuracy
+@pytest.fixture(scope="module")
+def qat_run() -> tuple[QATModel, onnx.ModelProto, dict[str, torch.Tensor]]:
+    """One epoch of QAT on the dead-channel model with 80% of its weights masked to zero."""
+    model = _dead_channel_cnn()
+    masks = _masks(model, 0.2)
+    ctx = TrainContext(TRAIN, VAL, calib=CALIB, masks=masks)
+    q = QAT(bits=8, epochs=1, lr=3e-3, target=AVX2).fine_tune(model, ctx)
+    return q, quantize_export(q, CALIB, bits=8, target=AVX2)[0], masks
 
 
-def test_bits_must_be_8_or_4() -> None:
+def test_qat_fake_quantized_graph_and_integer_model_agree(qat_run) -> None:
+    """The graph QAT trained (fake quantization, eval mode) is the model onnxruntime runs:
+    the same logits within two output steps, the same top-1."""
+    q, proto, _ = qat_run
+    with torch.no_grad():
+        fake_quant = q.prepared(torch.from_numpy(VAL.inputs["x"])).numpy()
+    _check_agreement(fake_quant, proto, VAL)
+    float_ops, int_ops, _ = graph_summary(proto)
+    assert float_ops == {} and int_ops == {"QLinearConv": 2, "QGemm": 1}
+    assert max(int(np.abs(w).max()) for w in _int8_weights(proto)) <= 64
+    assert all(np.abs(b.astype(np.int64)).max() < 2 ** 30 for b in _int32_biases(proto))
+
+
+def test_qat_keeps_the_zeros_of_sparse_weights(qat_run) -> None:
+    q, proto, masks = qat_run
+    for name, mask in masks.items():
+        w = q.float_model.get_parameter(name)
+        assert torch.all(w[mask == 0] == 0), name
+    weights = _int8_weights(proto)
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+    assert zeros >= 0.8
+
+
+def test_untuned_qat_exports_exactly_the_ptq_model(cnn) -> None:
+    ptq, _ = quantize_export(cnn, CALIB, bits=8, target=VNNI)
+    same = QAT(bits=8, epochs=0, target=VNNI).apply(copy.deepcopy(cnn),
+                                                   TrainContext(TRAIN, VAL, calib=CALIB))
+    exported, _ = quantize_export(same, CALIB, bits=8, target=VNNI)
+    assert {t.name: t.SerializeToString() for t in exported.graph.initializer} == \
+        {t.name: t.SerializeToString() for t in ptq.graph.initializer}
+
+
+def test_a_qat_model_exports_only_at_its_own_grid(cnn) -> None:
+    q = prepare_ptq(copy.deepcopy(cnn), CALIB, bits=8, target=VNNI)
+    with pytest.raises(UsageError, match="trained for 8-bit weights on x86-avx512-vnni"):
+        quantize_export(q, CALIB, bits=4, target=VNNI)
+    with pytest.raises(UsageError, match="got bits=8, target=x86-avx2"):
+        quantize_export(q, CALIB, bits=8, target=AVX2)
+
+
+def test_bits_must_be_8_or_4(cnn) -> None:
     with pytest.raises(UsageError, match="`bits` must be one of 8, 4; got 3"):
         QAT(bits=3)
+    with pytest.raises(UsageError, match="`bits` must be one of 8, 4; got 3"):
+        quantize_export(cnn, CALIB, bits=3)
 
 
 def test_distillation_weight_must_lie_in_0_1() -> None:

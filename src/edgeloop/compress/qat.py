@@ -49,7 +49,7 @@ import statistics
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
@@ -57,9 +57,11 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+if TYPE_CHECKING:
+    from edgeloop.compress.qdq_quantizer import QDQQuantizer
+
 from edgeloop._onnx import session
 from edgeloop.compress.distill import Distill
-from edgeloop.compress.qdq_quantizer import QDQQuantizer, is_weight_observer
 from edgeloop.compress.trainbase import TorchPass, TrainContext, apply_masks, sample_of
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import DataError, ModelError, UsageError, one_of
@@ -116,22 +118,39 @@ class QAT(TorchPass):
                              f"{self.significance!r}")
 
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
-        """A :class:`QATModel`: the fine-tuned graph when fine-tuning won on validation,
-        else the post-training-quantized one (``epochs=0``: always). Export it with
-        :func:`quantize_export` at the same ``bits`` and ``target``."""
-        calib = ctx.calib if ctx.calib is not None else ctx.train.take(slice(0, _CALIB))
+        """A :class:`QATModel`: the fine-tuned graph (:meth:`fine_tune`) when it wins on
+        validation, else the post-training-quantized one (``epochs=0``: always). Export it
+        with :func:`quantize_export` at the same ``bits`` and ``target``."""
+        calib = _calib(ctx)
         apply_masks(model, ctx.masks)
-        teacher = copy.deepcopy(model).eval()
-        ptq = prepare_ptq(teacher, calib, bits=self.bits, target=self.target)
+        ptq = prepare_ptq(copy.deepcopy(model), calib, bits=self.bits, target=self.target)
         if not self.epochs:
             return ptq
+        tuned = self.fine_tune(model, ctx)
+
+        def score(m: QATModel) -> ExportedScore:
+            return exported_score(m, calib, ctx.val, bits=self.bits, target=self.target)
+
+        return tuned if score(tuned).beats(score(ptq), significance=self.significance) else ptq
+
+    def fine_tune(self, model: nn.Module, ctx: TrainContext) -> QATModel:
+        """The fine-tuned :class:`QATModel`, whatever its score (``model`` is trained in
+        place: the graph shares its parameters)."""
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        from edgeloop.compress.qdq_quantizer import QDQQuantizer
+
+        calib = _calib(ctx)
+        apply_masks(model, ctx.masks)
+        teacher = copy.deepcopy(model).eval()
         torch.manual_seed(self.seed)
         graph = _capture(model, sample_of(calib), train=True)
         prepared = _prepare(graph, QDQQuantizer(target=self.target, bits=self.bits, qat=True))
         masks = _graph_masks(model, prepared, ctx.masks)
         _switchable(prepared)
-        prepared.eval()
-        with torch.no_grad():                       # initial activation ranges
+        prepared.train()                 # initial activation ranges, BatchNorm as in eval
+        move_exported_model_to_eval(prepared)
+        with torch.no_grad():
             for feed in batches(calib, 256):
                 prepared(torch.from_numpy(next(iter(feed.values()))))
         with _masks_after_each_step(prepared, masks):
@@ -140,12 +159,11 @@ class QAT(TorchPass):
                     description=f"quantization-aware training ({self.bits}-bit weights)"
                     ).apply(prepared, TrainContext(ctx.train, ctx.val, teacher=teacher))
         prepared.eval()
-        tuned = QATModel(model.eval(), prepared, bits=self.bits, target=self.target)
+        return QATModel(model.eval(), prepared, bits=self.bits, target=self.target)
 
-        def score(m: QATModel) -> ExportedScore:
-            return exported_score(m, calib, ctx.val, bits=self.bits, target=self.target)
 
-        return tuned if score(tuned).beats(score(ptq), significance=self.significance) else ptq
+def _calib(ctx: TrainContext) -> Dataset:
+    return ctx.calib if ctx.calib is not None else ctx.train.take(slice(0, _CALIB))
 
 
 def _capture(model: nn.Module, sample: torch.Tensor, *, train: bool) -> GraphModule:
@@ -183,6 +201,8 @@ def prepare_ptq(model: nn.Module, calib: Dataset, *, bits: int = 8,
     """Post-training quantization of ``model`` (changed in place: convolutions gain zero
     biases) with the QAT quantizer: ``prepare_pt2e`` and min/max observers run on
     ``calib``. Its :func:`quantize_export` is the PTQ model."""
+    from edgeloop.compress.qdq_quantizer import QDQQuantizer
+
     if bits not in BITS:
         raise one_of("bits", [str(b) for b in BITS], bits)
     target = target or detect()
@@ -205,6 +225,8 @@ def _switchable(prepared: GraphModule) -> None:
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
+
+    from edgeloop.compress.qdq_quantizer import is_weight_observer
 
     def train(self: GraphModule, mode: bool = True) -> GraphModule:
         (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
@@ -243,11 +265,13 @@ def _graph_masks(model: nn.Module, graph: GraphModule,
 def _masks_after_each_step(graph: GraphModule,
                            masks: dict[str, torch.Tensor]) -> Iterator[None]:
     """Zero the masked weights of ``graph`` after every optimizer step taken inside."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     if not masks:
         yield
         return
     apply_masks(graph, masks)
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(
+    handle = register_optimizer_step_post_hook(
         lambda *_: apply_masks(graph, masks))
     try:
         yield

@@ -222,5 +222,6 @@ class QDQQuantizer(Quantizer):
 
 
 def _is_relu6(n: Node) -> bool:
-    lo, hi = (list(n.args[1:3]) + [-1.0, 1.0])[:2]
+    lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min_val", -1.0)
+    hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max_val", 1.0)
     return lo == 0.0 and hi == 6.0
