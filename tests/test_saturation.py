@@ -175,10 +175,13 @@ def test_qat_export_follows_the_profiles_activation_type(cnn) -> None:
     _, module = cnn
     s8 = quantize_export(module, CALIB, target=TARGETS["arm64-dotprod"])[0]
     u8 = quantize_export(module, CALIB, target=VNNI)[0]
-    zero_points = [t for t in s8.graph.initializer if t.name.endswith("__zp")
-                   and t.data_type in (TensorProto.INT8, TensorProto.UINT8)
-                   and not t.name.endswith("weight__zp")]
-    assert zero_points and all(t.data_type == TensorProto.INT8 for t in zero_points)
+
+    def zero_points(model: onnx.ModelProto) -> list[TensorProto]:
+        inits = {t.name: t for t in model.graph.initializer}
+        return [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+    assert zero_points(s8) and all(t.data_type == TensorProto.INT8 for t in zero_points(s8))
+    assert all(t.data_type == TensorProto.UINT8 for t in zero_points(u8))
     x = {"x": VAL.inputs["x"]}
     np.testing.assert_allclose(session(s8).run(None, x)[0], session(u8).run(None, x)[0],
                                atol=1e-4)

@@ -228,7 +228,7 @@ def compress_torch(start: LoadedModel, passes: list[TorchPass], *,
             float_ops, int_ops, _ = graph_summary(proto)
             notes.append(f"QAT {last.bits}-bit weights: integer ops {dict(int_ops)}, float "
                          f"compute ops left {dict(float_ops) or 'none'}; export_max_abs_diff "
-                         "is the float graph before Q/DQ insertion")
+                         "is onnxruntime's integer model against the quantized torch graph")
         else:
             diff = to_onnx(model, sample_of(val), onnx_path)
         after = figures(onnx_path, model, val, latency_config=latency_config,
