@@ -112,7 +112,7 @@ def pruning() -> tuple[str, torch.nn.Module]:
                    f"{d:.1e} | {int_check(proto)} |")
     out.append("")
     out.append(f"Parameters {count_params(pruned) / params0:.2f}x; the int8 row's diff is "
-               "the float export of the folded model before quantization.")
+               "onnxruntime's integer model against the quantized torch graph.")
     f_ratio = count_flops(pruned, sample_of(TEST)) / flops0
     l_ratio = lat32["pruned"] / lat32["base"]
     out += ["", *claims_table({
