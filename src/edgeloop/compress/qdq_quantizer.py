@@ -35,17 +35,24 @@ as int32). Here every choice is the profile's, in one place.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e import (
+
+# importing torchao logs warnings about CUDA kernels a CPU build cannot load and about
+# pytree registrations: not the user's concern
+_LOGGERS = {name: logging.getLogger(name).level for name in ("torchao", "torch.utils._pytree")}
+for _name in _LOGGERS:
+    logging.getLogger(_name).setLevel(logging.ERROR)
+from torchao.quantization.pt2e import (  # noqa: E402
     FakeQuantize,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
 )
-from torchao.quantization.pt2e.quantizer import (
+from torchao.quantization.pt2e.quantizer import (  # noqa: E402
     DerivedQuantizationSpec,
     QuantizationAnnotation,
     QuantizationSpec,
@@ -53,7 +60,10 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from edgeloop.targets import Target
+from edgeloop.targets import Target  # noqa: E402
+
+for _name, _level in _LOGGERS.items():
+    logging.getLogger(_name).setLevel(_level)
 
 __all__ = ["SCALE_FLOOR", "QDQQuantizer", "is_weight_observer"]
 
