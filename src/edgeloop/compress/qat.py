@@ -47,7 +47,6 @@ import copy
 import io
 import statistics
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -153,11 +152,10 @@ class QAT(TorchPass):
         with torch.no_grad():
             for feed in batches(calib, 256):
                 prepared(torch.from_numpy(next(iter(feed.values()))))
-        with _masks_after_each_step(prepared, masks):
-            Distill(epochs=self.epochs, temperature=self.temperature, alpha=self.distill,
-                    lr=self.lr, seed=self.seed,
-                    description=f"quantization-aware training ({self.bits}-bit weights)"
-                    ).apply(prepared, TrainContext(ctx.train, ctx.val, teacher=teacher))
+        Distill(epochs=self.epochs, temperature=self.temperature, alpha=self.distill,
+                lr=self.lr, seed=self.seed,
+                description=f"quantization-aware training ({self.bits}-bit weights)").apply(
+            prepared, TrainContext(ctx.train, ctx.val, teacher=teacher, masks=masks))
         prepared.eval()
         return QATModel(model.eval(), prepared, bits=self.bits, target=self.target)
 
@@ -259,25 +257,6 @@ def _graph_masks(model: nn.Module, graph: GraphModule,
                              "its sparsity mask cannot be kept")
         out[mapped] = mask
     return out
-
-
-@contextlib.contextmanager
-def _masks_after_each_step(graph: GraphModule,
-                           masks: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Zero the masked weights of ``graph`` after every optimizer step taken inside."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    if not masks:
-        yield
-        return
-    apply_masks(graph, masks)
-    handle = register_optimizer_step_post_hook(
-        lambda *_: apply_masks(graph, masks))
-    try:
-        yield
-    finally:
-        handle.remove()
-        apply_masks(graph, masks)
 
 
 @dataclass(frozen=True)
