@@ -11,7 +11,9 @@ them once exported:
   statistics are folded into the fake-quantized weights).
 - ``add [-> relu]`` of two activations (residual connections): both inputs and the
   output -> QLinearAdd.
-- ``adaptive_avg_pool2d`` / ``mean``: input and output -> QLinearGlobalAveragePool.
+- ``adaptive_avg_pool2d`` / ``mean``: input and output. The exporter writes ReduceMean,
+  which onnxruntime has no integer kernel for: it runs in float between a DQ and a Q (one
+  small tensor per sample; the Q/DQ keep torch's rounding there).
 - ``max_pool``, ``flatten``, ``reshape``/``view``, ``dropout``, ``cat``: the output shares
   the first input's quantization (onnxruntime runs them on the integer tensor).
 
@@ -20,7 +22,9 @@ Grids. Weights: int8, symmetric per output channel, integers in ``[-w, w]`` with
 containers). A channel's scale is floored at :data:`SCALE_FLOOR` times the layer's largest
 one: a dead channel (weights ~0, e.g. BatchNorm gamma ~0 folded in) would otherwise get a
 scale so small that its bias, stored as int32 at ``input scale x weight scale``, overflows
-(its weights still quantize to 0). Activations: 8-bit per tensor, asymmetric, uint8 or
+(its weights still quantize to 0). With the floor a bias overflows only beyond 2^23 times
+its input scale times the layer's largest weight scale (about 8000 for scales of 0.05 and
+0.02). Activations: 8-bit per tensor, asymmetric, uint8 or
 int8 as the profile says (``Target.activation_type``); PTQ observes min/max over the
 calibration data, QAT a moving average of them while training.
 
