@@ -19,8 +19,8 @@ Built-in data sets are generated or shipped offline, never downloaded:
   of shape (N, 1, 8, 8) scaled to [0, 1].
 - ``digits-rgb``: the same digits as 32x32 colour images for vision backbones
   (torchvision/timm CNNs): each digit is upscaled 3x and smoothed, placed at a random
-  offset on a 32x32 canvas, painted in a random foreground colour on a random background
-  colour, with pixel noise; input ``x`` of shape (N, 3, 32, 32), roughly zero mean and unit
+  offset on a 32x32 canvas, painted in a random light colour on a random dark one, with
+  pixel noise; input ``x`` of shape (N, 3, 32, 32), roughly zero mean and unit
   variance. Same images in each split as ``digits``; the training images are rendered four
   times (other colours and offsets). The renders are fixed by a seed.
 
@@ -230,8 +230,8 @@ def _render_rgb(x: np.ndarray, seed: int) -> np.ndarray:
     dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
     for k in range(n):
         canvas[k, dy[k]:dy[k] + 24, dx[k]:dx[k] + 24] = smooth[k]
-    bg = rng.uniform(0, 1, (n, 3, 1, 1))
-    fg = (bg + rng.uniform(0.3, 0.7, (n, 3, 1, 1))) % 1.0           # always contrasted
+    # a light digit on a dark background, both tinted at random
+    bg, fg = rng.uniform(0, 0.35, (n, 3, 1, 1)), rng.uniform(0.65, 1, (n, 3, 1, 1))
     img = bg + (fg - bg) * canvas[:, None] + rng.normal(0, 0.05, (n, 3, 32, 32))
     return ((img - 0.5) / 0.3).astype(np.float32)
 
