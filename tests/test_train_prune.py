@@ -216,3 +216,9 @@ def test_bert_loses_whole_heads_and_ffn_width(importance: str, tmp_path) -> None
         assert layer.intermediate.dense.out_features == 64
         assert layer.output.dense.out_features == 64   # the residual stream is kept
     assert pruned.model.classifier.out_features == 3
+
+
+def test_min_channels_is_a_floor_for_every_layer() -> None:
+    pruned = StructuredPrune(ratio=0.8, steps=2, finetune_epochs=0, min_channels=3).apply(
+        build("mnist1d-cnn", width=4), TrainContext(TRAIN, VAL))
+    assert {v["out"] for k, v in layer_shapes(pruned).items() if k != "head"} == {3}

@@ -160,8 +160,9 @@ def _floors(model: nn.Module, ratio: float, min_channels: int,
     for m in model.modules():
         n = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else (
             m.out_features if isinstance(m, nn.Linear) else 0)
-        if n and id(m) not in qkv and round(n * (1 - ratio)) < min_channels:
-            floors[m] = max(0.0, 1 - min(min_channels, n) / n)
+        if n and id(m) not in qkv and int(n * (1 - ratio)) < min_channels:
+            # torch-pruning keeps int(n * (1 - ratio)) channels
+            floors[m] = max(0.0, 1 - (min_channels + 0.5) / n)
     return floors
 
 
