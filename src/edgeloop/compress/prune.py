@@ -79,7 +79,11 @@ class StructuredPrune(TorchPass):
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         import torch_pruning as tp
 
-        teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
+        epochs = _split(self.finetune_epochs, self.steps)
+        loss = None   # labels only, unless there is fine-tuning that distils
+        if self.finetune_epochs and self.distill_alpha > 0:
+            teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
+            loss = _distill_loss(teacher, ctx, self.distill_alpha, self.temperature)
         sample = sample_of(ctx.train, 2)
         model.eval()
         heads = _attention_heads(model)
@@ -99,8 +103,6 @@ class StructuredPrune(TorchPass):
         except (RuntimeError, ValueError, TypeError) as e:
             raise ModelError(f"torch-pruning cannot trace {type(model).__name__}: "
                              f"{str(e).splitlines()[0][:200]}") from None
-        loss = _distill_loss(teacher, ctx, self.distill_alpha, self.temperature)
-        epochs = _split(self.finetune_epochs, self.steps)
         for step in range(1, self.steps + 1):
             if self.importance == "taylor":
                 _accumulate_gradients(model, ctx, self.taylor_batches, self.seed + step)
