@@ -89,23 +89,29 @@ class StructuredPrune(TorchPass):
         heads = _attention_heads(model)
         ignored = [_output_layer(model, sample),
                    *(m for m in model.modules() if isinstance(m, nn.Embedding))]
+        initial = {m: _out(m) for m in model.modules() if _out(m) and m not in ignored}
         importance = (tp.importance.GroupTaylorImportance() if self.importance == "taylor"
                       else tp.importance.GroupMagnitudeImportance(
                           p=1 if self.importance == "l1" else 2))
-        try:
-            pruner = tp.pruner.BasePruner(
-                model, sample, importance=importance, pruning_ratio=self.ratio,
-                pruning_ratio_dict=_floors(model, self.ratio, self.min_channels, heads),
-                iterative_steps=self.steps, ignored_layers=ignored,
-                num_heads={m: n for qkv, n in heads.values() for m in qkv},
-                prune_num_heads=bool(heads), prune_head_dims=False,
-                head_pruning_ratio=self.ratio if heads else 0.0)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ModelError(f"torch-pruning cannot trace {type(model).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
         for step in range(1, self.steps + 1):
+            # One pruner per round, each told how many channels and heads to keep: a
+            # single iterative torch-pruning pruner applies the cumulative head ratio to the
+            # heads left, not to the original count, and so removes too many.
+            keep = 1.0 - self.ratio * step / self.steps
+            ratios, head_ratios = _round_ratios(initial, heads, keep, self.min_channels)
             if self.importance == "taylor":
                 _accumulate_gradients(model, ctx, self.taylor_batches, self.seed + step)
+            try:
+                pruner = tp.pruner.BasePruner(
+                    model, sample, importance=importance, pruning_ratio=0.0,
+                    pruning_ratio_dict=ratios, ignored_layers=ignored,
+                    num_heads={m: int(a.num_attention_heads) for a, qkv in heads.items()
+                               for m in qkv},
+                    prune_num_heads=bool(heads), prune_head_dims=False,
+                    head_pruning_ratio_dict=head_ratios)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ModelError(f"torch-pruning cannot trace {type(model).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}") from None
             pruner.step()
             model.zero_grad(set_to_none=True)
             _fix_attention(heads)
@@ -135,37 +141,54 @@ def _output_layer(model: nn.Module, sample: torch.Tensor) -> nn.Module:
     return ran[-1][0]
 
 
-def _attention_heads(model: nn.Module) -> dict[nn.Module, tuple[list[nn.Linear], int]]:
+def _out(m: nn.Module) -> int:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return int(m.out_channels)
+    return int(m.out_features) if isinstance(m, nn.Linear) else 0
+
+
+def _attention_heads(model: nn.Module) -> dict[nn.Module, list[nn.Linear]]:
     """Attention modules laid out like Hugging Face's BERT family (``query``/``key``/
-    ``value`` linears, ``num_attention_heads``): module -> ([q, k, v], heads)."""
+    ``value`` linears, ``num_attention_heads``, ``attention_head_size``): module -> qkv."""
     found = {}
     for m in model.modules():
         qkv = [getattr(m, n, None) for n in ("query", "key", "value")]
-        if all(isinstance(x, nn.Linear) for x in qkv) and hasattr(m, "num_attention_heads"):
-            found[m] = (qkv, int(m.num_attention_heads))
+        if (all(isinstance(x, nn.Linear) for x in qkv) and hasattr(m, "num_attention_heads")
+                and hasattr(m, "attention_head_size")):
+            found[m] = qkv
     return found  # type: ignore[return-value]
 
 
-def _fix_attention(heads: dict[nn.Module, tuple[list[nn.Linear], int]]) -> None:
+def _fix_attention(heads: dict[nn.Module, list[nn.Linear]]) -> None:
     """Set each attention module's head count to what pruning left (head size unchanged)."""
-    for m, (qkv, _) in heads.items():
-        size = int(m.attention_head_size)
-        m.num_attention_heads = qkv[0].out_features // size
+    for m, qkv in heads.items():
+        m.num_attention_heads = qkv[0].out_features // int(m.attention_head_size)
         m.all_head_size = qkv[0].out_features
 
 
-def _floors(model: nn.Module, ratio: float, min_channels: int,
-            heads: dict[nn.Module, tuple[list[nn.Linear], int]]) -> dict[nn.Module, float]:
-    """Lower ratios for the layers that ``ratio`` would take below ``min_channels``."""
-    qkv = {id(x) for q, _ in heads.values() for x in q}
-    floors = {}
-    for m in model.modules():
-        n = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else (
-            m.out_features if isinstance(m, nn.Linear) else 0)
-        if n and id(m) not in qkv and int(n * (1 - ratio)) < min_channels:
-            # torch-pruning keeps int(n * (1 - ratio)) channels
-            floors[m] = max(0.0, 1 - (min_channels + 0.5) / n)
-    return floors
+def _round_ratios(initial: dict[nn.Module, int], heads: dict[nn.Module, list[nn.Linear]],
+                  keep: float, min_channels: int) -> tuple[dict[nn.Module, float],
+                                                           dict[nn.Module, float]]:
+    """This round's torch-pruning ratios, relative to the current sizes, that leave
+    ``int(initial * keep)`` channels (at least ``min_channels``) in every layer and
+    ``int(initial heads * keep)`` heads (at least one) in every attention module.
+    torch-pruning keeps ``int(n * (1 - ratio))`` channels and removes
+    ``ceil(heads * ratio)`` heads: the half-unit margins make both exact."""
+    ratios, head_ratios = {}, {}
+    for m, n0 in initial.items():
+        target = max(min(min_channels, n0), int(n0 * keep + 1e-6))
+        n = _out(m)
+        if target < n:
+            ratios[m] = 1.0 - (target + 0.5) / n
+    for a, qkv in heads.items():
+        h0 = qkv[0].out_features // int(a.attention_head_size)   # heads now
+        h0_initial = initial[qkv[0]] // int(a.attention_head_size)
+        drop = h0 - max(1, int(h0_initial * keep + 1e-6))
+        for m in qkv:
+            ratios.pop(m, None)
+            if drop > 0:   # the query/key/value group needs a width ratio to reach its heads
+                ratios[m] = head_ratios[m] = (drop - 0.5) / h0
+    return ratios, head_ratios
 
 
 def _batches(ctx: TrainContext, n: int, batch_size: int,
