@@ -222,3 +222,11 @@ def test_min_channels_is_a_floor_for_every_layer() -> None:
     pruned = StructuredPrune(ratio=0.8, steps=2, finetune_epochs=0, min_channels=3).apply(
         build("mnist1d-cnn", width=4), TrainContext(TRAIN, VAL))
     assert {v["out"] for k, v in layer_shapes(pruned).items() if k != "head"} == {3}
+
+
+@pytest.mark.parametrize(("round_to", "width"), [(1, 44), (8, 48)])
+def test_aligned_layers_stay_aligned(round_to: int, width: int) -> None:
+    pruned = StructuredPrune(ratio=0.3, steps=2, finetune_epochs=0, round_to=round_to).apply(
+        build("mnist1d-mlp", hidden=64), TrainContext(TRAIN, VAL))
+    assert [m.out_features for m in pruned.net if isinstance(m, torch.nn.Linear)] == [
+        width, width, 10]

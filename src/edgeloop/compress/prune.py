@@ -58,7 +58,9 @@ class StructuredPrune(TorchPass):
     steps: int = 3
     finetune_epochs: int = 24
     lr: float = 2e-3            # AdamW peak learning rate while fine-tuning
+    batch_size: int = 128       # fine-tuning batch (samples)
     min_channels: int = 2       # never prune a group below this many channels
+    round_to: int = 8           # a layer whose width is a multiple of this stays one
     distill_alpha: float = 0.7  # weight of the teacher's softened outputs; 0: labels only
     temperature: float = 4.0
     taylor_batches: int = 8     # batches of 64 samples whose gradients score channels
@@ -69,9 +71,10 @@ class StructuredPrune(TorchPass):
         require_ratio("ratio", self.ratio)
         if self.importance not in IMPORTANCES:
             raise one_of("importance", IMPORTANCES, self.importance)
-        if self.steps < 1 or self.finetune_epochs < 0 or self.min_channels < 1:
-            raise UsageError("`steps` must be >= 1, `finetune_epochs` >= 0 and "
-                             "`min_channels` >= 1")
+        if (self.steps < 1 or self.finetune_epochs < 0 or self.min_channels < 1
+                or self.round_to < 1):
+            raise UsageError("`steps` must be >= 1, `finetune_epochs` >= 0, and "
+                             "`min_channels` and `round_to` >= 1")
         if not 0.0 <= self.distill_alpha <= 1.0 or self.temperature <= 0:
             raise UsageError(f"`distill_alpha` must lie in [0, 1] and `temperature` be > 0; "
                              f"got {self.distill_alpha!r} and {self.temperature!r}")
@@ -98,7 +101,8 @@ class StructuredPrune(TorchPass):
             # single iterative torch-pruning pruner applies the cumulative head ratio to the
             # heads left, not to the original count, and so removes too many.
             keep = 1.0 - self.ratio * step / self.steps
-            ratios, head_ratios = _round_ratios(initial, heads, keep, self.min_channels)
+            ratios, head_ratios = _round_ratios(initial, heads, keep, self.min_channels,
+                                                self.round_to)
             if self.importance == "taylor":
                 _accumulate_gradients(model, ctx, self.taylor_batches, self.seed + step)
             try:
@@ -117,7 +121,8 @@ class StructuredPrune(TorchPass):
             _fix_attention(heads)
             if epochs[step - 1]:
                 train(model, ctx.train, ctx.val,
-                      TrainConfig(epochs=epochs[step - 1], lr=self.lr, seed=self.seed + step),
+                      TrainConfig(epochs=epochs[step - 1], lr=self.lr,
+                                  batch_size=self.batch_size, seed=self.seed + step),
                       loss=loss, description=f"fine-tuning after pruning step {step}/{self.steps}")
         return model.eval()
 
@@ -167,16 +172,24 @@ def _fix_attention(heads: dict[nn.Module, list[nn.Linear]]) -> None:
 
 
 def _round_ratios(initial: dict[nn.Module, int], heads: dict[nn.Module, list[nn.Linear]],
-                  keep: float, min_channels: int) -> tuple[dict[nn.Module, float],
-                                                           dict[nn.Module, float]]:
+                  keep: float, min_channels: int, round_to: int) -> tuple[
+                      dict[nn.Module, float], dict[nn.Module, float]]:
     """This round's torch-pruning ratios, relative to the current sizes, that leave
-    ``int(initial * keep)`` channels (at least ``min_channels``) in every layer and
-    ``int(initial heads * keep)`` heads (at least one) in every attention module.
-    torch-pruning keeps ``int(n * (1 - ratio))`` channels and removes
-    ``ceil(heads * ratio)`` heads: the half-unit margins make both exact."""
+    ``int(initial * keep)`` channels (at least ``min_channels``; the nearest multiple of
+    ``round_to`` if the layer started as one) in every layer and ``int(initial heads *
+    keep)`` heads (at least one) in every attention module. torch-pruning keeps
+    ``int(n * (1 - ratio))`` channels and removes ``ceil(heads * ratio)`` heads: the
+    half-unit margins make both exact.
+
+    Why ``round_to``: onnxruntime's CPU convolutions work on blocks of 8 or 16 channels;
+    ResNet-18 pruned 30% to unaligned widths (44, 89, 179, 358) ran 1.5x *slower* than the
+    unpruned model at batch 32 on x86-avx512-vnni."""
     ratios, head_ratios = {}, {}
     for m, n0 in initial.items():
-        target = max(min(min_channels, n0), int(n0 * keep + 1e-6))
+        target = int(n0 * keep + 1e-6)
+        if n0 % round_to == 0 and n0 > round_to:
+            target = min(n0, max(round_to, round_to * round(target / round_to)))
+        target = max(min(min_channels, n0), target)
         n = _out(m)
         if target < n:
             ratios[m] = 1.0 - (target + 0.5) / n
@@ -273,7 +286,8 @@ class UnstructuredPrune(TorchPass):
                     torch_prune.l1_unstructured(m, name, amount=amount)
             if epochs[step - 1]:
                 train(model, ctx.train, ctx.val,
-                      TrainConfig(epochs=epochs[step - 1], lr=self.lr, seed=self.seed + step),
+                      TrainConfig(epochs=epochs[step - 1], lr=self.lr,
+                                  batch_size=self.batch_size, seed=self.seed + step),
                       description=f"fine-tuning after pruning step {step}/{self.steps}")
         for m, name in params:
             torch_prune.remove(m, name)
