@@ -95,8 +95,8 @@ def pruning() -> tuple[str, torch.nn.Module]:
     lat32 = latencies({"base": base_onnx, "pruned": pruned_onnx, "int8": int8}, 32)
     a0, a1, a2 = acc(base_onnx), acc(pruned_onnx), acc(int8)
     rows = [("mnist1d-cnn width 64", base, base_onnx, a0, d0, "base"),
-            ("50% channels pruned (L1, 3 steps, 18 epochs fine-tuning)", pruned, pruned_onnx,
-             a1, d1, "pruned"),
+            ("50% channels pruned (L1, 3 steps, 18 epochs distilling fine-tuning)", pruned,
+             pruned_onnx, a1, d1, "pruned"),
             ("pruned + int8 (QDQ, per-channel)", pruned, int8, a2, d2, "int8")]
     out = ["### Structured pruning (then int8)", "",
            "The zoo `mnist1d-cnn` at width 32 is so small that onnxruntime's per-call "

@@ -77,7 +77,8 @@ def prune_cmd(
     importance: Annotated[str, typer.Option(help="structured: l1, l2 or taylor")] = "l1",
     scope: Annotated[str, typer.Option(help="unstructured: global or layer")] = "global",
     steps: Annotated[int, typer.Option(min=1, help="Pruning rounds")] = 3,
-    finetune_epochs: Annotated[int, typer.Option(min=0)] = 12,
+    finetune_epochs: Annotated[int | None, typer.Option(
+        min=0, help="Fine-tuning epochs over all rounds (default: the pass's)")] = None,
     runs: Runs = 100,
 ) -> None:
     """Structured (channels removed) or unstructured (weights zeroed) pruning + fine-tuning."""
@@ -86,12 +87,11 @@ def prune_cmd(
     from edgeloop.compress.prune import StructuredPrune, UnstructuredPrune
 
     p: TorchPass
+    chosen = {} if finetune_epochs is None else {"finetune_epochs": finetune_epochs}
     if structured is not None:
-        p = StructuredPrune(ratio=structured, importance=importance, steps=steps,
-                            finetune_epochs=finetune_epochs)
+        p = StructuredPrune(ratio=structured, importance=importance, steps=steps, **chosen)
     else:
-        p = UnstructuredPrune(ratio=float(unstructured or 0), scope=scope, steps=steps,
-                              finetune_epochs=finetune_epochs)
+        p = UnstructuredPrune(ratio=float(unstructured or 0), scope=scope, steps=steps, **chosen)
     _run(model, weights, model_config, [p], data, val, out, runs)
 
 

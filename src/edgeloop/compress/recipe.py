@@ -9,7 +9,7 @@ A recipe (paths are relative to the recipe file)::
     data = "train.npz"            # training data with labels
     val = "val.npz"               # validation data with labels (report accuracy)
     out = "cnn-small"             # folder for model.onnx, model.pt, report.json
-    # teacher = "big/model.pt"    # for distill; default: the recipe's starting model
+    # teacher = "big/model.pt"    # for distill and prune fine-tuning; default: the starting model
 
     [[passes]]
     pass = "prune"
