@@ -234,11 +234,11 @@ def main() -> None:
     sections, claims = [f"CPU kind (edgeloop target profile): **{detect().name}**.", ""], {}
     parts = {
         "mnist1d": lambda: mnist1d(seeds=1 if quick else 3, epochs=20),
-        "vision": lambda: vision(args.archs.split(","), epochs=2 if quick else 10,
-                                 finetune=1 if quick else 4,
-                                 n_train=256 if quick else 1258),
-        "bert": lambda: bert(n_train=256 if quick else 3000, epochs=1 if quick else 6,
-                             finetune=1 if quick else 3, hidden=64 if quick else 256,
+        "vision": lambda: vision(args.archs.split(","), epochs=2 if quick else 6,
+                                 finetune=1 if quick else 3,
+                                 n_train=256 if quick else 2516),
+        "bert": lambda: bert(n_train=256 if quick else 2000, epochs=1 if quick else 5,
+                             finetune=1 if quick else 2, hidden=64 if quick else 256,
                              layers=2 if quick else 4)}
     for name in chosen:
         text, c = parts[name]()
