@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from edgeloop.cli import main
 from edgeloop.compress.distill import Distill
 from edgeloop.compress.prune import UnstructuredPrune, sparsity
 from edgeloop.compress.trainbase import TrainContext
-from edgeloop.data import load_builtin, save_npz
+from edgeloop.data import Dataset, load_builtin, save_npz
 from edgeloop.errors import ModelError, UsageError
 from edgeloop.models import TextClassifier, load_model, save_model
 
@@ -162,3 +163,46 @@ def test_sparsity_survives_distillation() -> None:
     for n, p in model.named_parameters():
         if n in zeros:
             assert bool((p[zeros[n]] == 0).all()), n
+
+
+def test_factory_model_structured_pruning_through_the_cli(rgb: Path, tmp_path: Path) -> None:
+    """A torchvision factory with config and weights: channels really removed, and the result
+    reloads (a whole module) with the smaller shapes."""
+    (tmp_path / "cfg.json").write_text(json.dumps({"num_classes": 10}))
+    torch.manual_seed(0)
+    start = load_model("torchvision.models:resnet18", config=tmp_path / "cfg.json")
+    torch.save(start.module.state_dict(), tmp_path / "w.pt")
+    main(["prune", "torchvision.models:resnet18", "--model-config", str(tmp_path / "cfg.json"),
+          "--weights", str(tmp_path / "w.pt"), "--structured", "0.5", "--steps", "1",
+          "--finetune-epochs", "0", "--data", str(rgb / "train.npz"), "--val",
+          str(rgb / "val.npz"), "--runs", "3", "--out", str(tmp_path / "out")])
+    out = load_model(tmp_path / "out" / "model.pt").module
+    assert out.conv1.out_channels == 32 and out.fc.out_features == 10
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ratio"]["flops"] < 0.4 and report["after"]["export_max_abs_diff"] < 1e-3
+
+
+def test_hugging_face_class_pruned_through_the_cli(tmp_path: Path) -> None:
+    """A Hugging Face class + config through `prune`: heads and FFN width removed, the export
+    matches the pruned torch model."""
+    cfg = {"vocab_size": 60, "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "intermediate_size": 128, "num_labels": 3,
+           "pad_token_id": 0}
+    (tmp_path / "bert.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("val", 32)):
+        ids = rng.integers(1, 60, (n, 16))
+        ids[:, 12:] = 0   # padding
+        save_npz(tmp_path / f"{split}.npz",
+                 Dataset({"input_ids": ids.astype(np.int64)}, rng.integers(0, 3, n)))
+    main(["prune", "transformers:BertForSequenceClassification", "--model-config",
+          str(tmp_path / "bert.json"), "--structured", "0.5", "--steps", "1",
+          "--finetune-epochs", "0", "--data", str(tmp_path / "train.npz"), "--val",
+          str(tmp_path / "val.npz"), "--runs", "3", "--out", str(tmp_path / "out")])
+    out = load_model(tmp_path / "out" / "model.pt").module
+    assert isinstance(out, TextClassifier)
+    layer = out.model.bert.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == 64
+    assert layer.attention.self.query.out_features == 32   # 2 heads of 16 left
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["after"]["export_max_abs_diff"] < 1e-3 and report["ratio"]["flops"] < 0.8

@@ -55,8 +55,9 @@ OUTPUT_NAME = "logits"
 
 
 def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str], *,
-            opset: int = 20, atol: float = 1e-4) -> float:
-    """Export ``model`` (one input ``x``, one output ``logits``, free batch axis) to ``out``.
+            opset: int = 20, atol: float = 1e-4, input_name: str = INPUT_NAME) -> float:
+    """Export ``model`` (one input, ``input_name``; one output ``logits``; free batch axis)
+    to ``out``.
 
     The export is run in onnxruntime on ``sample`` and compared to PyTorch; returns the max
     absolute difference, and raises :class:`ModelError` (writing nothing) above ``atol``.
@@ -68,7 +69,7 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str],
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (sample,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (sample,), input_names=[input_name], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
                 external_data=False)
     except Exception as e:
@@ -76,7 +77,7 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str],
     proto: onnx.ModelProto = program.model_proto
     with torch.no_grad():
         expected = model(sample).numpy()
-    return check_and_save(proto, {INPUT_NAME: sample.numpy()}, expected, out, atol=atol)
+    return check_and_save(proto, {input_name: sample.numpy()}, expected, out, atol=atol)
 
 
 def check_and_save(proto: onnx.ModelProto, feed: dict[str, np.ndarray], expected: np.ndarray,

@@ -200,9 +200,10 @@ def compress_torch(start: LoadedModel, passes: list[TorchPass], *,
     model = start.module
     check_labels(model, train, source="training data")
     check_labels(model, val, source="validation data")
+    (name,) = val.inputs   # the exported model's input takes the data's name
     with tempfile.TemporaryDirectory(prefix="edgeloop-") as tmp:
         before_path = Path(tmp) / "before.onnx"
-        before_diff = to_onnx(model, sample_of(val), before_path)
+        before_diff = to_onnx(model, sample_of(val), before_path, input_name=name)
         before = figures(before_path, model, val, latency_config=latency_config,
                          export_max_abs_diff=before_diff)
         before_bytes = before_path.read_bytes()
@@ -230,7 +231,7 @@ def compress_torch(start: LoadedModel, passes: list[TorchPass], *,
                          f"compute ops left {dict(float_ops) or 'none'}; export_max_abs_diff "
                          "is onnxruntime's integer model against the quantized torch graph")
         else:
-            diff = to_onnx(model, sample_of(val), onnx_path)
+            diff = to_onnx(model, sample_of(val), onnx_path, input_name=name)
         after = figures(onnx_path, model, val, latency_config=latency_config,
                         export_max_abs_diff=diff)
         onnx_bytes = onnx_path.read_bytes()
