@@ -36,7 +36,8 @@ def test_mnist1d_is_the_package_default_dataset() -> None:
 
 
 def test_unknown_dataset_and_split() -> None:
-    with pytest.raises(UsageError, match="`dataset` must be one of mnist1d, digits; got 'cifar'"):
+    with pytest.raises(UsageError,
+                       match="`dataset` must be one of mnist1d, digits, digits-rgb; got 'cifar'"):
         load_builtin("cifar", "test")
     with pytest.raises(UsageError, match="`split`"):
         load_builtin("digits", "holdout")

@@ -264,6 +264,7 @@ class UnstructuredPrune(TorchPass):
     steps: int = 3
     finetune_epochs: int = 12
     lr: float = 1e-3
+    batch_size: int = 128       # fine-tuning batch (samples)
     seed: int = 0
     name: ClassVar[str] = "prune-unstructured"
 
