@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 @app.command("data")
 def data_cmd(
-    name: Annotated[str, typer.Argument(help="mnist1d or digits")],
+    name: Annotated[str, typer.Argument(help="mnist1d, digits or digits-rgb")],
     out: Annotated[Path, typer.Option(help="Where to write the .npz")],
     split: Annotated[str, typer.Option(help="train, val, calib or test")] = "test",
 ) -> None:
