@@ -63,10 +63,21 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str],
     absolute difference, and raises :class:`ModelError` (writing nothing) above ``atol``.
     """
     model = model.eval()
+    proto = onnx_program(model, sample, opset=opset, input_name=input_name)
+    with torch.no_grad():
+        expected = model(sample).numpy()
+    return check_and_save(proto, {input_name: sample.numpy()}, expected, out, atol=atol)
+
+
+def onnx_program(model: nn.Module, sample: torch.Tensor, *, opset: int = 20,
+                 input_name: str = INPUT_NAME) -> onnx.ModelProto:
+    """``model`` (as it is: train/eval mode untouched) exported by
+    ``torch.onnx.export(dynamo=True)`` with one input ``input_name``, one output ``logits``
+    and a free batch axis, the exporter's chatter silenced; :class:`ModelError` if it
+    fails."""
     batch = torch.export.Dim("batch", min=1)
-    buf = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model, (sample,), input_names=[input_name], output_names=[OUTPUT_NAME],
@@ -74,10 +85,7 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str],
                 external_data=False)
     except Exception as e:
         raise ModelError(f"torch.onnx.export failed: {str(e).splitlines()[0][:300]}") from None
-    proto: onnx.ModelProto = program.model_proto
-    with torch.no_grad():
-        expected = model(sample).numpy()
-    return check_and_save(proto, {input_name: sample.numpy()}, expected, out, atol=atol)
+    return program.model_proto
 
 
 def check_and_save(proto: onnx.ModelProto, feed: dict[str, np.ndarray], expected: np.ndarray,

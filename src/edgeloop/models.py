@@ -44,7 +44,6 @@ class LoadedModel:
     module: nn.Module
     arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    source: str = ""            # what it was loaded from, for messages
 
 
 def load_model(source: str | os.PathLike[str], *,
@@ -66,7 +65,7 @@ def load_model(source: str | os.PathLike[str], *,
     module = _call_factory(text, _read_config(config))
     if weights is not None:
         _load_weights(module, Path(weights), text)
-    return LoadedModel(module.eval(), source=text)
+    return LoadedModel(module.eval())
 
 
 def model_bytes(model: LoadedModel) -> bytes:
@@ -100,10 +99,10 @@ def _load_file(path: Path) -> LoadedModel:
     except Exception as e:  # torch raises many unrelated types for a bad file
         raise ModelError(f"{str(path)!r} is not a torch file ({type(e).__name__})") from None
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj.eval(), source=str(path))
+        return LoadedModel(obj.eval())
     if isinstance(obj, dict) and {"arch", "config", "state_dict"} <= obj.keys():
         module, arch, cfg = load_checkpoint(path)
-        return LoadedModel(module, arch, cfg, str(path))
+        return LoadedModel(module, arch, cfg)
     if isinstance(obj, dict):
         raise ModelError(f"{str(path)!r} holds weights only (a state_dict); give the "
                          f"architecture as a factory: --model package.module:callable "

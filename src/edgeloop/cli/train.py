@@ -151,7 +151,7 @@ def distill_cmd(
             raise UsageError("--student-config goes with a factory student; a zoo student "
                              "takes --width")
         config: dict[str, Any] = {} if width is None else {"width": _width(student, width)}
-        pupil = LoadedModel(build(student, **config).eval(), student, config, student)
+        pupil = LoadedModel(build(student, **config).eval(), student, config)
     else:
         if width is not None:
             raise UsageError("--width goes with a zoo student; a factory student takes "

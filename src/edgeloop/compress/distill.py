@@ -10,6 +10,7 @@ The T^2 factor keeps the soft term's gradients on the scale of the hard term's a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,7 +23,7 @@ from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
 from edgeloop.zoo.train import train
 
-__all__ = ["Distill", "distillation_loss"]
+__all__ = ["Distill", "distillation_loss", "teacher_loss"]
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *,
@@ -63,19 +64,14 @@ class Distill(TorchPass):
     def apply(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         if ctx.teacher is None and self.alpha > 0:
             raise ModelError("distillation needs a teacher model")
-        x, y = _tensors(ctx.train)
-        teacher_logits = None
+        x, _ = _tensors(ctx.train)
+        loss = None   # labels only
         if ctx.teacher is not None:
             with torch.no_grad():
-                teacher_logits = ctx.teacher.eval()(x)
-            if teacher_logits.shape[-1] != model(x[:1]).shape[-1]:
-                raise ModelError("teacher and student disagree on the number of classes")
-
-        def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            if teacher_logits is None:
-                return nn.functional.cross_entropy(logits, y[idx])
-            return distillation_loss(logits, teacher_logits[idx], y[idx],
-                                     temperature=self.temperature, alpha=self.alpha)
+                if ctx.teacher.eval()(x[:1]).shape[-1] != model(x[:1]).shape[-1]:
+                    raise ModelError("teacher and student disagree on the number of classes")
+            loss = teacher_loss(ctx.teacher, ctx.train, alpha=self.alpha,
+                                temperature=self.temperature)
 
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              weight_decay=self.weight_decay, seed=self.seed)
@@ -83,6 +79,22 @@ class Distill(TorchPass):
         return train(model, ctx.train, ctx.val, config, loss=loss,
                      after_step=(lambda: apply_masks(model, masks)) if masks else None,
                      description=self.description)
+
+
+def teacher_loss(teacher: nn.Module, data: Dataset, *, alpha: float, temperature: float,
+                 batch_size: int = 256) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss of :func:`edgeloop.zoo.train` (``loss(logits, idx)``) that distils from
+    ``teacher``: its logits on every sample of ``data`` are computed once, in batches of
+    ``batch_size``."""
+    x, y = _tensors(data)
+    teacher.eval()
+    with torch.no_grad():
+        logits = torch.cat([teacher(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def loss(student: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student, logits[idx], y[idx], temperature=temperature,
+                                 alpha=alpha)
+    return loss
 
 
 def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

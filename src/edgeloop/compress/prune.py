@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from edgeloop.compress.distill import distillation_loss
+from edgeloop.compress.distill import teacher_loss
 from edgeloop.compress.trainbase import TorchPass, TrainContext, require_ratio, sample_of
 from edgeloop.errors import ModelError, UsageError, one_of
 from edgeloop.zoo.train import TrainConfig, train
@@ -86,7 +86,8 @@ class StructuredPrune(TorchPass):
         loss = None   # labels only, unless there is fine-tuning that distils
         if self.finetune_epochs and self.distill_alpha > 0:
             teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
-            loss = _distill_loss(teacher, ctx, self.distill_alpha, self.temperature)
+            loss = teacher_loss(teacher, ctx.train, alpha=self.distill_alpha,
+                                temperature=self.temperature)
         sample = sample_of(ctx.train, 2)
         model.eval()
         heads = _attention_heads(model)
@@ -224,23 +225,6 @@ def _accumulate_gradients(model: nn.Module, ctx: TrainContext, batches: int,
     model.zero_grad(set_to_none=True)
     for x, idx in _batches(ctx, batches, 64, seed):
         nn.functional.cross_entropy(model(x), y[idx]).backward()
-
-
-def _distill_loss(teacher: nn.Module, ctx: TrainContext, alpha: float,
-                  temperature: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Fine-tuning loss: distillation from ``teacher``'s logits (computed once)."""
-    (x,) = ctx.train.inputs.values()
-    assert ctx.train.labels is not None
-    y = torch.from_numpy(ctx.train.labels)
-    teacher.eval()
-    with torch.no_grad():
-        logits = torch.cat([teacher(torch.from_numpy(np.ascontiguousarray(x[i:i + 256])))
-                            for i in range(0, len(x), 256)])
-
-    def loss(student: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return distillation_loss(student, logits[idx], y[idx], temperature=temperature,
-                                 alpha=alpha)
-    return loss
 
 
 def _split(total: int, parts: int) -> list[int]:

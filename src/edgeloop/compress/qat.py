@@ -42,9 +42,7 @@ activations stay 8-bit.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -149,9 +147,7 @@ class QAT(TorchPass):
         _switchable(prepared)
         prepared.train()                 # initial activation ranges, BatchNorm as in eval
         move_exported_model_to_eval(prepared)
-        with torch.no_grad():
-            for feed in batches(calib, 256):
-                prepared(torch.from_numpy(next(iter(feed.values()))))
+        _observe(prepared, calib)
         Distill(epochs=self.epochs, temperature=self.temperature, alpha=self.distill,
                 lr=self.lr, seed=self.seed,
                 description=f"quantization-aware training ({self.bits}-bit weights)").apply(
@@ -206,10 +202,15 @@ def prepare_ptq(model: nn.Module, calib: Dataset, *, bits: int = 8,
     target = target or detect()
     prepared = _prepare(_capture(model, sample_of(calib), train=False),
                         QDQQuantizer(target=target, bits=bits))
-    with torch.no_grad():
-        for feed in batches(calib, 256):
-            prepared(torch.from_numpy(next(iter(feed.values()))))
+    _observe(prepared, calib)
     return QATModel(model.eval(), prepared, bits=bits, target=target)
+
+
+@torch.no_grad()
+def _observe(prepared: GraphModule, calib: Dataset) -> None:
+    """Run ``calib`` through ``prepared`` in batches, so its observers see the ranges."""
+    for feed in batches(calib, 256):
+        prepared(torch.from_numpy(next(iter(feed.values()))))
 
 
 def _switchable(prepared: GraphModule) -> None:
@@ -334,21 +335,10 @@ def quantize_export(model: nn.Module, calib: Dataset, *, bits: int = 8,
 
 
 def _to_onnx(converted: GraphModule, sample: torch.Tensor) -> onnx.ModelProto:
-    """``torch.onnx.export(dynamo=True)``: onnxscript's torchlib turns PT2E's
-    quantize/dequantize ops into QuantizeLinear/DequantizeLinear."""
-    from edgeloop.export import INPUT_NAME, OUTPUT_NAME
+    """The dynamo ONNX exporter: onnxscript's torchlib turns PT2E's quantize/dequantize ops
+    into QuantizeLinear/DequantizeLinear."""
+    from edgeloop.export import onnx_program
 
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                converted, (sample,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), opset_version=20, dynamo=True,
-                external_data=False)
-    except Exception as e:
-        raise ModelError(f"torch.onnx.export of the quantized graph failed: "
-                         f"{str(e).splitlines()[0][:300]}") from None
-    proto: onnx.ModelProto = program.model_proto
+    proto = onnx_program(converted, sample)
     onnx.checker.check_model(proto)
     return proto

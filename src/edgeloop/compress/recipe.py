@@ -242,7 +242,7 @@ def compress_torch(start: LoadedModel, passes: list[TorchPass], *,
                      "the gain is the compressed download (zip_bytes)")
         before.zip_bytes = zipped_size(before_bytes)
     checkpoint = None if isinstance(last, QAT) else model_bytes(
-        LoadedModel(model, start.arch, start.config, start.source))
+        LoadedModel(model, start.arch, start.config))
     out = Path(out)
     write_bytes_atomic(out / "model.onnx", onnx_bytes)
     if checkpoint is not None:
