@@ -186,6 +186,38 @@ def test_torchvision_models_prune_to_smaller_graphs(arch: str, tmp_path) -> None
     assert last.out_features == 10
 
 
+class _Branches(torch.nn.Module):
+    """A user's own module: two branches concatenated on channels, then a conv that reads
+    the concatenation, a residual add and a squeeze-excitation gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.a = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 32, 1)
+        self.mix = torch.nn.Conv2d(48, 16, 3, padding=1)
+        self.se = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(16, 8, 1),
+                                      torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 1),
+                                      torch.nn.Sigmoid())
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.stem(x))
+        y = torch.relu(self.mix(torch.cat([torch.relu(self.a(s)), torch.relu(self.b(s))], 1)))
+        y = (y + s) * self.se(y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_concatenation_residual_and_gate_in_a_users_module(tmp_path) -> None:
+    torch.manual_seed(0)
+    train, val = _vision_data()
+    pruned = _pruning_oracle(_Branches(), train, val, tmp_path)
+    assert (pruned.a.out_channels, pruned.b.out_channels) == (8, 16)
+    assert pruned.mix.in_channels == 24   # the concatenation's both halves shrank
+    assert pruned.mix.out_channels == pruned.stem.out_channels == 8   # coupled by the add
+    assert pruned.se[1].in_channels == 8 and pruned.se[3].out_channels == 8
+
+
 def _tiny_bert() -> tuple[torch.nn.Module, Dataset]:
     from edgeloop._torchvision import ensure_importable
 
