@@ -2,7 +2,7 @@
 architectures: torchvision MobileNetV2 and ResNet-18 on digits-rgb, a BERT-style encoder on
 a generated token task, and the zoo mnist1d-cnn. Writes benchmarks/results/prune_real.md.
 
-Latency ratios come from :func:`edgeloop.compress.mixed.interleaved_latency` (models take
+Latency ratios come from :func:`edgeloop.measure.interleaved_latency` (models take
 turns in each round, median of rounds), so every ratio compares models timed together.
 ``--quick`` runs a reduced version (less data, fewer epochs, one seed) and only prints.
 """
@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import claims_table, write_section
 
-from edgeloop.compress.mixed import interleaved_latency
 from edgeloop.compress.prune import StructuredPrune
 from edgeloop.compress.trainbase import TrainContext, count_flops, count_params, sample_of
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.export import to_onnx
+from edgeloop.measure import interleaved_latency
 from edgeloop.targets import detect
 from edgeloop.zoo import TrainConfig, build, train
 from edgeloop.zoo.train import accuracy
