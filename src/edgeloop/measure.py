@@ -214,12 +214,16 @@ def interleaved_times(calls: Sequence[Callable[[], object]], *, rounds: int = 5,
     return [float(np.median(m)) * 1e3 for m in medians]
 
 
-def interleaved_latency(models: Sequence[onnx.ModelProto | str | os.PathLike[str]],
-                        data: Dataset, *, batch: int = 1, rounds: int = 5, runs: int = 20,
-                        warmup: int = 5, threads: int = 0) -> list[float]:
-    """Median latency (ms) of each model (or model file) on the first ``batch`` samples of
-    ``data``, the models timed in turns by :func:`interleaved_times`."""
-    sessions = [session(m, threads=threads) for m in models]
+def interleaved_latency(
+    models: Sequence[onnx.ModelProto | str | os.PathLike[str] | ort.InferenceSession],
+    data: Dataset, *, batch: int = 1, rounds: int = 5, runs: int = 20, warmup: int = 5,
+    threads: int = 0,
+) -> list[float]:
+    """Median latency (ms) of each model on the first ``batch`` samples of ``data``, the
+    models timed in turns by :func:`interleaved_times`. A model is an ONNX model, a file,
+    or an open session (used as it is; ``threads`` applies to the others)."""
+    sessions = [m if isinstance(m, ort.InferenceSession) else session(m, threads=threads)
+                for m in models]
     feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
     calls = [functools.partial(s.run, None, {i.name: feed[i.name] for i in s.get_inputs()})
              for s in sessions]
