@@ -105,6 +105,19 @@ def test_probation_writes_the_pointer_at_a_bounded_rate(repo, monkeypatch) -> No
     assert timed.state().probation.remaining < 10**6
 
 
+def test_a_process_per_request_still_finishes_probation(repo) -> None:
+    dev = Device(new_device(repo).dir, config=HealthConfig(probation_inferences=3))
+    dev.update(repo.url, "kws")
+    code = ("import sys; import numpy as np; from edgeloop.bundle import Device; "
+            "Device(sys.argv[1]).runtime().infer({'x': np.ones((1, 8), np.float32)})")
+    for remaining in (2, 1, None):       # each process saves its outcome as it exits
+        subprocess.run([sys.executable, "-c", code, str(dev.dir)], check=True,
+                       env={"PYTHONPATH": SRC, "EDGELOOP_QUIET": "1"})
+        p = dev.state().probation
+        assert (p and p.remaining) == remaining
+    assert _actions(dev)[-1] == ("kept", "1.0.0")
+
+
 def probation_cost_ratio(dev_probation: Device, dev_after: Device, feed: dict[str, np.ndarray],
                          *, rounds: int = 15, runs: int = 200) -> float:
     """Median inference time on probation over after it, the two runtimes timed in turns

@@ -36,7 +36,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -61,6 +63,7 @@ from edgeloop.bundle.slots import (
     begin_install,
     commit,
     fall_back,
+    keep_known_good,
     refused,
     rollback,
 )
@@ -363,7 +366,7 @@ class Device:
                 return UpdateResult(False, manifest.version,
                                     f"{manifest.version} was refused on this device at "
                                     f"{seen.time} ({seen.reason}); publish a newer version")
-            _keep_known_good(state, f"{name} {manifest.version}")
+            keep_known_good(state, f"{name} {manifest.version}")
             model_info = updater.get_targetinfo(manifest.model_target)
             if model_info is None:
                 raise VerificationError(f"manifest names {manifest.model_target!r}, which the "
@@ -492,29 +495,16 @@ class Device:
         return Runtime(self)
 
 
-def _keep_known_good(state: SlotState, candidate: str) -> None:
-    """Refuse an install that would overwrite the last known-good model: while the active
-    model is on probation, the other slot (where an install goes) holds that model."""
-    known = state.manifest(state.target_slot())
-    if state.probation is None or known is None:
-        return
-    current = state.current()
-    assert current is not None
-    raise VerificationError(
-        f"not installing {candidate}: {current.version} is on probation "
-        f"({state.probation.remaining} inferences to go) and the slot an install would "
-        f"overwrite holds the last known-good model, {known.version}; update again after "
-        "probation, or roll back first")
-
-
 class _Watch:
     """The updater's side of one runtime's probation.
 
     The runtime reports every inference; outcomes wait in memory and are merged into the
     pointer under the device lock when :class:`HealthConfig`'s ``probation_save_*``
-    count or time is reached, at a model error and when the verdict is due. The merge
-    re-reads the pointer, so what other processes wrote meanwhile is kept: counts from
-    other runtimes add up, and after an update or a rollback the watch just ends.
+    count or time is reached, at a model error, when the verdict is due and when the
+    runtime goes away (a process per request still advances probation; a killed process
+    loses at most its unsaved outcomes). The merge re-reads the pointer, so what other
+    processes wrote meanwhile is kept: counts from other runtimes add up, and after an
+    update or a rollback the watch just ends.
     """
 
     def __init__(self, device: Device, state: SlotState, probation: Probation) -> None:
@@ -524,17 +514,26 @@ class _Watch:
         self.remaining = probation.remaining
         self.pending: list[tuple[bool, float | None]] = []
         self.due = time.monotonic() + device.config.probation_save_seconds
-        self.rolled_back = False
+        self.rolled_back = self.over = False
+        self._mutex = threading.Lock()            # a runtime may serve several threads
 
     def report(self, ok: bool, latency_ms: float | None) -> bool:
         """Account one inference (``ok`` unless the model failed; per-sample latency);
         True when probation is over for this runtime."""
-        self.pending.append((ok, latency_ms))
-        n = len(self.pending)
-        if (ok and n < self.remaining and n < self.device.config.probation_save_inferences
-                and time.monotonic() < self.due):
-            return False
-        return self._save()
+        with self._mutex:
+            self.pending.append((ok, latency_ms))
+            n = len(self.pending)
+            if not self.over and (
+                    not ok or n >= self.remaining or time.monotonic() >= self.due
+                    or n >= self.device.config.probation_save_inferences):
+                self.over = self._save()
+            return self.over
+
+    def flush(self) -> None:
+        """Save the outcomes not saved yet (when the runtime goes away)."""
+        with self._mutex:
+            if self.pending and not self.over:
+                self.over = self._save()
 
     def _save(self) -> bool:
         dev = self.device
@@ -570,6 +569,8 @@ class Runtime:
         self.path, self.manifest, self._watch = self.device._serve()
         self.session = session(self.path, threads=1)
         self._inputs = input_specs(self.session)
+        if self._watch is not None:
+            weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
         """The model's first output on ``feed`` (arrays named after the model's inputs).
