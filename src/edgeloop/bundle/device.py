@@ -511,26 +511,30 @@ class _Watch:
         self.device = device
         self.slot = state.active
         self.holds = state.slots                  # whose probation this is
-        self.remaining = probation.remaining
-        self.pending: list[tuple[bool, float | None]] = []
-        self.due = time.monotonic() + device.config.probation_save_seconds
+        self.pending: list[tuple[bool, float, int]] = []   # ok, seconds, samples
         self.rolled_back = self.over = False
         self._mutex = threading.Lock()            # a runtime may serve several threads
+        self._schedule(probation.remaining)
 
-    def report(self, ok: bool, latency_ms: float | None) -> bool:
-        """Account one inference (``ok`` unless the model failed; per-sample latency);
-        True when probation is over for this runtime."""
-        with self._mutex:
-            self.pending.append((ok, latency_ms))
-            n = len(self.pending)
-            if not self.over and (
-                    not ok or n >= self.remaining or time.monotonic() >= self.due
-                    or n >= self.device.config.probation_save_inferences):
-                self.over = self._save()
-            return self.over
+    def _schedule(self, remaining: int) -> None:
+        """When the next save is due: after ``limit`` outcomes or at time ``due``."""
+        c = self.device.config
+        self.limit = min(remaining, c.probation_save_inferences)
+        self.due = time.perf_counter() + c.probation_save_seconds
+
+    def report(self, ok: bool, started: float, ended: float, samples: int) -> bool:
+        """Account one inference of ``samples`` run from ``started`` to ``ended``
+        (``time.perf_counter()``; ``ok`` unless the model failed); True when probation is
+        over for this runtime. Kept to an append and three comparisons: it runs on every
+        inference."""
+        self.pending.append((ok, ended - started, samples))   # atomic: no lock needed
+        if ok and len(self.pending) < self.limit and ended < self.due:
+            return False
+        self.flush()
+        return self.over
 
     def flush(self) -> None:
-        """Save the outcomes not saved yet (when the runtime goes away)."""
+        """Save the outcomes not saved yet (also when the runtime goes away)."""
         with self._mutex:
             if self.pending and not self.over:
                 self.over = self._save()
@@ -541,9 +545,10 @@ class _Watch:
             state = dev.state()
             if state.probation is None or (state.active, state.slots) != (self.slot, self.holds):
                 return True               # decided elsewhere, or another model serves now
-            p, reason = _step(state.probation, dev.config, inferences=self.pending)
-            self.pending = []
-            self.due = time.monotonic() + dev.config.probation_save_seconds
+            batch = self.pending[:]
+            del self.pending[:len(batch)]         # what other threads append meanwhile stays
+            p, reason = _step(state.probation, dev.config, inferences=[
+                (ok, sec * 1e3 / max(n, 1) if ok else None) for ok, sec, n in batch])
             if reason:
                 self.rolled_back = dev._fail(replace(state, probation=p), reason)
                 return True
@@ -552,7 +557,7 @@ class _Watch:
                 dev._record("kept", state.current().version,  # type: ignore[union-attr]
                             "probation passed")
                 return True
-            self.remaining = p.remaining
+            self._schedule(p.remaining)
             return False
 
 
@@ -569,6 +574,8 @@ class Runtime:
         self.path, self.manifest, self._watch = self.device._serve()
         self.session = session(self.path, threads=1)
         self._inputs = input_specs(self.session)
+        first = self._inputs[0] if self._inputs else None
+        self._batch_of = first.name if first is not None and first.shape else None
         if self._watch is not None:
             weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 
@@ -583,20 +590,23 @@ class Runtime:
         may roll back (the runtime then serves the other slot's model).
         """
         check_against(feed, self._inputs, source="the feed")
+        watch = self._watch
+        if watch is None:
+            return run(self.session, feed)
+        n = len(feed[self._batch_of]) if self._batch_of else 1
         t0 = time.perf_counter()
         try:
             out = run(self.session, feed)
         except ModelError:
-            self._report(False, None)
+            if watch.report(False, t0, t0, n):
+                self._over(watch)
             raise
-        if self._watch is not None:
-            n = len(next(iter(feed.values()))) if feed else 1
-            self._report(True, (time.perf_counter() - t0) * 1e3 / max(n, 1))
+        if watch.report(True, t0, time.perf_counter(), n):
+            self._over(watch)
         return out
 
-    def _report(self, ok: bool, latency_ms: float | None) -> None:
-        watch = self._watch
-        if watch is not None and watch.report(ok, latency_ms):
-            self._watch = None
-            if watch.rolled_back:
-                self._start()
+    def _over(self, watch: _Watch) -> None:
+        """Probation is over for this runtime: serve the other slot if it rolled back."""
+        self._watch = None
+        if watch.rolled_back:
+            self._start()
