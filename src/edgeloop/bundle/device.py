@@ -451,8 +451,13 @@ class Device:
         The start is accounted first, under the device lock: an active file that does
         not match its manifest falls back to the other slot if that one verifies (the
         corrupt slot is marked empty and the history says why), and a start in a new
-        device boot counts towards probation, which may roll back.
+        device boot counts towards probation, which may roll back. A verified model off
+        probation starts without the lock and without writing.
         """
+        state = self.state()
+        if state.probation is None and state.active is not None:
+            with contextlib.suppress(VerificationError):
+                return (*self._verified(state, state.active), None)
         with self._locked():
             state = self.state()
             if state.active is None:
