@@ -27,9 +27,8 @@ from _report import write_section
 
 from edgeloop._onnx import session
 from edgeloop.compress import Int8, OrtDynamic, apply_pass
-from edgeloop.compress.mixed import interleaved_latency
 from edgeloop.errors import ModelError
-from edgeloop.measure import fidelity, predict
+from edgeloop.measure import fidelity, interleaved_latency, predict
 from edgeloop.zoo.bert import (
     BertClassifier,
     BertSpec,

@@ -28,9 +28,9 @@ from bench_optimize import Case, run_case
 
 from edgeloop._onnx import session
 from edgeloop.compress import Int4Weight, Int8Dynamic, apply_pass
-from edgeloop.compress.mixed import TransformerFusion, interleaved_latency
+from edgeloop.compress.mixed import TransformerFusion
 from edgeloop.data import load_npz, save_npz
-from edgeloop.measure import fidelity, predict
+from edgeloop.measure import fidelity, interleaved_latency, predict
 from edgeloop.optimize import parse_duration
 from edgeloop.zoo.bert import BertClassifier, BertSpec, export_bert, mnist1d_tokens
 

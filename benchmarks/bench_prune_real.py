@@ -3,7 +3,7 @@ architectures: torchvision MobileNetV2, ResNet-18 and EfficientNet-B0 on digits-
 BERT-style encoder on a generated token task, and the zoo
 mnist1d-cnn. Writes benchmarks/results/prune_real.md.
 
-Latency ratios come from :func:`edgeloop.compress.mixed.interleaved_latency` (models take
+Latency ratios come from :func:`edgeloop.measure.interleaved_latency` (models take
 turns in each round, median of rounds), so every ratio compares models timed together.
 ``--quick`` runs a reduced version (less data, fewer epochs, one seed) and only prints.
 """
@@ -26,12 +26,11 @@ from _report import claims_table, write_section
 
 from edgeloop._onnx import session
 from edgeloop.compress import Int8, apply_pass
-from edgeloop.compress.mixed import interleaved_latency
 from edgeloop.compress.prune import StructuredPrune
 from edgeloop.compress.trainbase import TrainContext, count_flops, count_params, sample_of
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.export import to_onnx
-from edgeloop.measure import predict
+from edgeloop.measure import interleaved_latency, predict
 from edgeloop.targets import detect
 from edgeloop.zoo import TrainConfig, build, train
 from edgeloop.zoo.train import accuracy

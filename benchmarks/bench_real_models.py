@@ -51,10 +51,10 @@ from corpus_stats import neighbour_overlap
 from edgeloop._onnx import model_bytes, session
 from edgeloop._progress import quiet_libraries
 from edgeloop.compress import OrtDynamic, OrtStatic, apply_pass
-from edgeloop.compress.mixed import interleaved_latency, read_plan, runs_per_round
+from edgeloop.compress.mixed import read_plan, runs_per_round
 from edgeloop.data import Dataset, load_npz
 from edgeloop.errors import EdgeloopError
-from edgeloop.measure import fidelity, predict
+from edgeloop.measure import fidelity, interleaved_latency, predict
 from edgeloop.optimize import OptimizeConfig, optimize, parse_duration
 from edgeloop.targets import detect
 from edgeloop.zoo.corpus import CORPUS, CorpusModel, build

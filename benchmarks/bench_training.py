@@ -3,7 +3,7 @@ benchmarks/results/training.md. (Structured pruning is bench_prune_real.py, QAT 
 bench_qat_real.py.)
 
 Accuracies are on the 1000-sample MNIST-1D test set (1 point = 10 samples). Latencies come
-from :func:`edgeloop.compress.mixed.interleaved_latency` (models take turns in each round,
+from :func:`edgeloop.measure.interleaved_latency` (models take turns in each round,
 median of rounds).
 """
 
@@ -23,7 +23,6 @@ from _report import write_section
 
 from edgeloop._onnx import session
 from edgeloop.compress.distill import Distill
-from edgeloop.compress.mixed import interleaved_latency
 from edgeloop.compress.prune import (
     UnstructuredPrune,
     sparsity,
@@ -36,7 +35,7 @@ from edgeloop.compress.trainbase import (
 )
 from edgeloop.data import load_builtin
 from edgeloop.export import to_onnx
-from edgeloop.measure import predict
+from edgeloop.measure import interleaved_latency, predict
 from edgeloop.zoo import TrainConfig, build, train
 
 EPOCHS = 20

@@ -19,9 +19,11 @@ from test_bundle_fixtures import (
     X,
     assert_serving,
     failing_model,
+    fragile_model,
     make_repo,
     matmul_model,
     new_device,
+    pass_probation,
     repo,
 )
 
@@ -60,26 +62,30 @@ def test_model_that_raises_at_inference_is_not_committed(repo) -> None:
     assert dev.history()[-1].action == "rejected"
 
 
-def test_probation_rolls_back_on_errors_and_crash_loops(repo) -> None:
+def test_probation_rolls_back_on_model_errors_and_crash_loops(repo, monkeypatch) -> None:
     dev = Device(new_device(repo).dir,
                  config=HealthConfig(probation_inferences=5, probation_boots=2))
     dev.update(repo.url, "kws")
-    repo.publish("1.1.0", W_GOOD * 2)
+    pass_probation(dev)
+    repo.publish("1.1.0", model=fragile_model(repo.work / "fragile.onnx", W_GOOD * 2))
     assert dev.update(repo.url, "kws").installed
     rt = dev.runtime()
     rt.infer({"x": X[:2]})
-    with pytest.raises(ModelError):
-        rt.infer({"x": X[:2, :5]})                 # an error while on probation
+    far = X[:2].copy()
+    far[0, 0] = 100.0                              # a well-formed feed the model fails on
+    with pytest.raises(ModelError, match="out of data bounds"):
+        rt.infer({"x": far})                       # a model error while on probation
     assert rt.manifest.version == "1.0.0"          # the runtime switched back already
     assert_serving(dev, "1.0.0")
     assert _actions(dev)[-1] == ("rollback", "1.1.0")
-    assert "1 inference error(s) during probation" in dev.history()[-1].reason
+    assert "1 model error(s) at inference during probation" in dev.history()[-1].reason
     refusal = dev.update(repo.url, "kws")          # the bad version is not tried again
     assert not refusal.installed and "was refused on this device" in refusal.reason
 
     repo.publish("1.2.0", W_GOOD * 3)
     assert dev.update(repo.url, "kws").version == "1.2.0"
-    for _ in range(3):                             # starts that never finish probation
+    for boot in ("boot-1", "boot-2", "boot-3"):    # device reboots that never finish probation
+        monkeypatch.setattr("edgeloop.bundle.device.boot_id", lambda boot=boot: boot)
         Device(dev.dir, config=dev.config).runtime()
     assert dev.active()[1].version == "1.0.0"      # 1.2.0 went into 1.1.0's slot
     assert "crash loop" in dev.history()[-1].reason
@@ -114,6 +120,7 @@ def test_golden_without_labels_uses_reference_outputs(repo) -> None:
     repo.publish("1.1.0", model=good)
     r = dev.update(repo.url, "kws")
     assert r.version == "1.1.0" and r.verdict.figures["agreement"] == 1.0
+    pass_probation(dev)
     bad = matmul_model(repo.work / "swap.onnx", W_BAD)
     m = build_manifest(good, name="kws", version="1.2.0", golden=GOLDEN)
     m2 = build_manifest(bad, name="kws", version="1.2.0")

@@ -52,6 +52,26 @@ def failing_model(path: Path) -> Path:
     return path
 
 
+def fragile_model(path: Path, w: np.ndarray) -> Path:
+    """``x @ w`` plus a row of a zero table picked by ``int(x[:, 0])``: right on ordinary
+    inputs, an onnxruntime error (index out of bounds) once ``|x[:, 0]| >= 16``."""
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.zeros((16, CLASSES), np.float32), "table"),
+             numpy_helper.from_array(np.array(0, np.int64), "col")]
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["mm"]),
+         helper.make_node("Gather", ["x", "col"], ["first"], axis=1),
+         helper.make_node("Cast", ["first"], ["idx"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "idx"], ["row"], axis=0),
+         helper.make_node("Add", ["mm", "row"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    onnx.save(m, path)
+    return path
+
+
 @dataclass
 class Repo:
     """A repository folder, its keys and the URL it is served at."""
@@ -107,6 +127,13 @@ def assert_serving(dev: Device, version: str, w: np.ndarray = W_GOOD) -> None:
     assert active is not None and active[1].version == version
     out = dev.runtime().infer({"x": X[:16]})
     np.testing.assert_allclose(out, X[:16] @ w, rtol=1e-5, atol=1e-5)
+
+
+def pass_probation(dev: Device) -> None:
+    """Run inferences until the active model's probation is over."""
+    rt = dev.runtime()
+    while dev.state().probation is not None:
+        rt.infer({"x": X[:1]})
 
 
 def copy_device(dev: Device, dest: Path) -> Device:

@@ -16,7 +16,7 @@ from edgeloop.bundle.manifest import (
     golden_digest,
     parse_version,
 )
-from edgeloop.bundle.slots import SlotState, begin_install, commit, rollback
+from edgeloop.bundle.slots import SlotState, begin_install, commit, fall_back, rollback
 from edgeloop.data import Dataset
 from edgeloop.errors import UsageError, VerificationError
 
@@ -86,23 +86,47 @@ def test_health_verdicts(measured: Measured, ok: bool, words: str) -> None:
 def test_probation_errors_boots_and_latency() -> None:
     cfg = HealthConfig(probation_inferences=3, probation_errors=0, probation_boots=2,
                        latency_margin=0.5, latency_slack_ms=0.0)
-    p = Probation(remaining=3, baseline_p50_ms=1.0)
-    p1, why = probation_step(p, cfg, ok=True, latency_ms=1.0)
+    p = Probation(remaining=3, baseline_p50_ms=1.0, boot_id="boot-0")
+    p1, why = probation_step(p, cfg, inferences=[(True, 1.0)])
     assert why is None and p1.remaining == 2
-    _, why = probation_step(p1, cfg, ok=False)
-    assert "1 inference error" in why
+    _, why = probation_step(p1, cfg, inferences=[(False, None)])
+    assert "1 model error(s)" in why
     q = p
-    for _ in range(2):
-        q, why = probation_step(q, cfg, boot=True)
-        assert why is None
-    _, why = probation_step(q, cfg, boot=True)
-    assert "crash loop" in why
-    fast = slow = p
-    for _ in range(3):
-        fast, why_fast = probation_step(fast, cfg, ok=True, latency_ms=1.2)
-        slow, why_slow = probation_step(slow, cfg, ok=True, latency_ms=2.0)
+    for _ in range(10):                               # process starts within one boot
+        q, why = probation_step(q, cfg, boot_id="boot-0")
+        assert why is None and q == p
+    for boot in ("boot-1", "boot-2"):
+        q, why = probation_step(q, cfg, boot_id=boot)
+        assert why is None and q.boot_id == boot
+    _, why = probation_step(q, cfg, boot_id="boot-3")
+    assert "booted 3 times" in why and "crash loop" in why
+    fast, why_fast = probation_step(p, cfg, inferences=[(True, 1.2)] * 3)
+    _, why_slow = probation_step(p, cfg, inferences=[(True, 1.2)] + [(True, 2.0)] * 2)
     assert fast is None and why_fast is None          # kept: probation over
     assert "median latency 2.000" in why_slow
+    one_by_one = p
+    for _ in range(2):
+        one_by_one, _ = probation_step(one_by_one, cfg, inferences=[(True, 1.2)])
+    assert one_by_one == probation_step(p, cfg, inferences=[(True, 1.2)] * 2)[0]
+
+
+def test_no_floor_compares_accuracy_with_the_current_model() -> None:
+    cfg = HealthConfig(accuracy_margin=0.01)
+    no_floor = Floor(accuracy=None)
+    worse = judge(no_floor, Measured(accuracy=0.80, current_accuracy=0.90), cfg)
+    assert not worse.ok and not worse.retry and "current model's 0.9000" in worse.reason
+    assert judge(no_floor, Measured(accuracy=0.895, current_accuracy=0.90), cfg).ok
+    first = judge(no_floor, Measured(accuracy=0.10), cfg)
+    assert first.ok and "no current model" in first.reason
+
+
+def test_only_a_latency_failure_may_be_retried() -> None:
+    slow = judge(Floor(accuracy=0.5), Measured(accuracy=0.9, latency_p50_ms=9.0,
+                                               current_latency_p50_ms=1.0), CFG)
+    assert not slow.ok and slow.retry and "latency" in slow.reason
+    bad = judge(Floor(accuracy=0.95), Measured(accuracy=0.9, latency_p50_ms=9.0,
+                                               current_latency_p50_ms=1.0), CFG)
+    assert not bad.ok and not bad.retry
 
 
 def test_slot_transitions() -> None:
@@ -119,6 +143,10 @@ def test_slot_transitions() -> None:
     assert half.active == "b" and half.manifest("a") is None
     back = rollback(s2)
     assert back.active == "a" and back.probation is None
+    saved = fall_back(s2)                   # b's file is corrupt: serve a, b holds nothing
+    assert (saved.active, saved.manifest("b"), saved.probation) == ("a", None, None)
+    with pytest.raises(VerificationError, match="no previous model"):
+        fall_back(saved)
     assert SlotState.from_bytes(s2.to_bytes()) == s2
     with pytest.raises(VerificationError, match="malformed"):
         SlotState.from_bytes(b'{"active": "c", "slots": [null, null], "probation": null}')

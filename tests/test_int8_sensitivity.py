@@ -162,7 +162,7 @@ def _matmul_chain(width: int, depth: int) -> onnx.ModelProto:
 
 
 def test_interleaved_latency_ranks_a_much_larger_model_slower():
-    from edgeloop.compress.mixed import interleaved_latency
+    from edgeloop.measure import interleaved_latency
 
     small, large = _matmul_chain(256, 1), _matmul_chain(256, 40)   # 40x the work
     data = Dataset({"x": np.ones((4, 256), np.float32)})

@@ -168,20 +168,29 @@ def save_npz(path: str | os.PathLike[str], data: Dataset) -> None:
         np.savez(f, **arrays)
 
 
-def check_against(data: Dataset, specs: Sequence[InputSpec], *, source: str = "data") -> None:
+def check_against(data: Dataset | Mapping[str, np.ndarray], specs: Sequence[InputSpec], *,
+                  source: str = "data") -> None:
     """Raise :class:`DataError` unless ``data`` has every input in ``specs`` with a matching
-    dtype and shape."""
+    dtype and shape.
+
+    A :class:`Dataset` holds any number of samples, so its first axis is not checked; a
+    feed (a mapping of arrays for one inference call) must match every fixed axis.
+    """
+    arrays, first = (data.inputs, 1) if isinstance(data, Dataset) else (data, 0)
     for spec in specs:
-        if spec.name not in data.inputs:
+        if spec.name not in arrays:
             raise DataError(f"{source} has no array {spec.name!r} for the model input of that "
-                            f"name; it has {sorted(data.inputs)}")
-        a = data.inputs[spec.name]
+                            f"name; it has {sorted(arrays)}")
+        a = arrays[spec.name]
+        if not isinstance(a, np.ndarray):
+            raise DataError(f"{source}: {spec.name!r} is a {type(a).__name__}; the model "
+                            "expects a numpy array")
         if a.dtype != spec.dtype:
             raise DataError(f"{source}: array {spec.name!r} is {a.dtype}; the model expects "
                             f"{spec.dtype}")
-        want = spec.shape[1:]
         if len(a.shape) != len(spec.shape) or any(
-            w is not None and w != g for w, g in zip(want, a.shape[1:], strict=True)
+            w is not None and w != g
+            for w, g in zip(spec.shape[first:], a.shape[first:], strict=True)
         ):
             shown = tuple("N" if d is None else d for d in spec.shape)
             raise DataError(f"{source}: array {spec.name!r} has shape {a.shape}; the model "

@@ -8,10 +8,12 @@ however many samples there are; :func:`evaluate` reports the process's peak memo
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,8 @@ __all__ = [
     "evaluate",
     "fidelity",
     "graph_summary",
+    "interleaved_latency",
+    "interleaved_times",
     "latency",
     "peak_rss_mb",
     "predict",
@@ -182,6 +186,48 @@ def latency(sess: ort.InferenceSession, data: Dataset, batch: int,
     return LatencyStats(batch=batch, runs=len(ms), p50_ms=float(np.percentile(ms, 50)),
                         p90_ms=float(np.percentile(ms, 90)), p99_ms=float(np.percentile(ms, 99)),
                         mean_ms=float(ms.mean()))
+
+
+def interleaved_times(calls: Sequence[Callable[[], object]], *, rounds: int = 5,
+                      runs: int = 20, warmup: int = 5) -> list[float]:
+    """Median time (ms) of each of ``calls``, timed in turns.
+
+    Calls take turns, ``runs`` calls each per round, so that load changes on a shared
+    machine hit every one alike; each round starts one call later than the one before,
+    so no call always runs right after the same other one (whose thread pool may still
+    be spinning). The result is the median over rounds of each round's median.
+    """
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    medians: list[list[float]] = [[] for _ in calls]
+    n = len(calls)
+    for r in range(rounds):
+        for i in range(n):
+            k = (r + i) % n
+            call, times = calls[k], []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            medians[k].append(float(np.median(times)))
+    return [float(np.median(m)) * 1e3 for m in medians]
+
+
+def interleaved_latency(
+    models: Sequence[onnx.ModelProto | str | os.PathLike[str] | ort.InferenceSession],
+    data: Dataset, *, batch: int = 1, rounds: int = 5, runs: int = 20, warmup: int = 5,
+    threads: int = 0,
+) -> list[float]:
+    """Median latency (ms) of each model on the first ``batch`` samples of ``data``, the
+    models timed in turns by :func:`interleaved_times`. A model is an ONNX model, a file,
+    or an open session (used as it is; ``threads`` applies to the others)."""
+    sessions = [m if isinstance(m, ort.InferenceSession) else session(m, threads=threads)
+                for m in models]
+    feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
+    calls = [functools.partial(s.run, None, {i.name: feed[i.name] for i in s.get_inputs()})
+             for s in sessions]
+    return interleaved_times(calls, rounds=rounds, runs=runs, warmup=warmup)
 
 
 def graph_summary(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int], int]:

@@ -8,6 +8,10 @@ A device is a state folder::
     STATE/pointer.json      which slot serves and what each holds (see slots.py)
     STATE/history.jsonl     when and why every change happened
     STATE/golden.npz        optional golden set for health checks
+    STATE/lock              flock'ed around every read-modify-write of the pointer
+
+The updater and the runtimes may be different processes: every change to the pointer
+re-reads it under ``STATE/lock``, so no writer reverts another's change.
 
 This module is the thin layer that touches disk and network; the decisions it acts on
 are the pure functions of :mod:`~edgeloop.bundle.manifest`, :mod:`~edgeloop.bundle.health`
@@ -16,20 +20,25 @@ and :mod:`~edgeloop.bundle.slots`.
 Offline devices and expired metadata: serving never consults TUF metadata. The active
 model was verified when it was installed, and every start checks its sha256 against the
 pointer, so a device that cannot reach its repository, or whose metadata has expired,
-keeps serving its current model. An update needs fresh metadata: python-tuf refuses an
-expired timestamp, snapshot, targets or root (whether cached or served), so nothing is
-installed until the repository serves unexpired metadata signed by trusted keys; the
-update fails with a one-line error and the device state is left as it was.
+keeps serving its current model (a start that finds the active file corrupt or missing
+falls back to the other slot if that one verifies). An update needs fresh metadata:
+python-tuf refuses an expired timestamp, snapshot, targets or root (whether cached or
+served), so nothing is installed until the repository serves unexpired metadata signed by
+trusted keys; the update fails with a one-line error and the device state is left as it
+was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -53,28 +62,26 @@ from edgeloop.bundle.slots import (
     SlotState,
     begin_install,
     commit,
+    fall_back,
+    keep_known_good,
     refused,
     rollback,
 )
 from edgeloop.data import Dataset, check_against, load_npz, save_npz
 from edgeloop.errors import (
     DataError,
-    EdgeloopError,
     ModelError,
     TransportError,
     UsageError,
     VerificationError,
 )
-from edgeloop.measure import (
-    LatencyConfig,
-    latency,
-    predict,
-    top1_accuracy,
-)
+from edgeloop.measure import interleaved_latency, predict, top1_accuracy
 
-__all__ = ["Device", "Runtime", "UpdateResult"]
+__all__ = ["Device", "Runtime", "UpdateResult", "boot_id"]
 
 _MARKER = "device.json"
+_LOCK = "lock"
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _TUF_WORDS = {
     tuf_exc.UnsignedMetadataError: "metadata not signed by the trusted keys",
     tuf_exc.BadVersionNumberError: "metadata version rolled back or mixed",
@@ -103,6 +110,19 @@ def _fsync_dir(path: Path) -> None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def boot_id() -> str:
+    """An id of the device's current boot: the same in every process until it reboots.
+
+    Linux gives one (``/proc/sys/kernel/random/boot_id``). Elsewhere it is the boot time
+    (wall clock minus the monotonic clock) to the minute, so a clock step across a minute
+    boundary, or a monotonic clock that stops during sleep, counts as one more boot.
+    """
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return f"booted-at-minute-{round((time.time() - time.monotonic()) / 60)}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,15 @@ class Device:
         write_bytes_atomic(self.dir / "pointer.json", state.to_bytes())
         _fsync_dir(self.dir)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the device lock (flock on ``STATE/lock``, across processes) for a
+        read-modify-write of the pointer. Not re-entrant: never nest two."""
+        self._check()
+        with open(self.dir / _LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield           # closing the file releases the lock
+
     def _record(self, action: str, version: str | None, reason: str) -> None:
         line = json.dumps(asdict(Event(_now(), action, version, reason))) + "\n"
         with open(self.dir / "history.jsonl", "a") as f:
@@ -201,18 +230,24 @@ class Device:
         """Where ``slot``'s model file lives."""
         return self.dir / "slots" / slot / "model.onnx"
 
+    def _verified(self, state: SlotState, slot: str) -> tuple[Path, Manifest]:
+        """``slot``'s model path and manifest; raise :class:`VerificationError` unless the
+        file is there and matches the manifest's sha256 and size."""
+        manifest = state.manifest(slot)
+        if manifest is None:
+            raise VerificationError(f"slot {slot} holds no model")
+        path = self.model_path(slot)
+        if not path.is_file():
+            raise VerificationError(f"model file {str(path)!r} of {manifest.name} "
+                                    f"{manifest.version} is missing")
+        check_model_bytes(manifest, *_sha256(path))
+        return path, manifest
+
     def active(self) -> tuple[Path, Manifest] | None:
         """The active model's path and manifest after checking its sha256, or None when
         nothing is installed. Raises :class:`VerificationError` if the file does not match."""
         state = self.state()
-        manifest = state.current()
-        if manifest is None:
-            return None
-        path = self.model_path(state.active)  # type: ignore[arg-type]
-        if not path.is_file():
-            raise VerificationError(f"active model file {str(path)!r} is missing")
-        check_model_bytes(manifest, *_sha256(path))
-        return path, manifest
+        return None if state.active is None else self._verified(state, state.active)
 
     def status(self) -> dict[str, object]:
         """Both slots (version, sha256, active), probation and the history, as a dict."""
@@ -233,34 +268,34 @@ class Device:
         path = self.dir / "golden.npz"
         return load_npz(path) if path.is_file() else None
 
-    def _latency(self) -> LatencyConfig:
-        c = self.config
-        return LatencyConfig(warmup=3, min_runs=c.latency_runs, max_seconds=c.latency_seconds,
-                             floor_runs=5, threads=1)
-
-    def _run_golden(self, path: Path, golden: Dataset) -> tuple[np.ndarray, float]:
-        sess = session(path, threads=1)
-        check_against(golden, input_specs(sess), source="the device's golden set")
-        return predict(sess, golden), latency(sess, golden, 1, self._latency()).p50_ms
-
     def measure(self, candidate: Path, manifest: Manifest, current: Path | None) -> Measured:
         """Load ``candidate`` in onnxruntime and measure it (and ``current``) on the
-        golden set with :mod:`edgeloop.measure`."""
+        golden set: accuracy (or agreement with the publisher's predictions), and batch-1
+        latency p50 of both models timed in turns
+        (:func:`~edgeloop.measure.interleaved_latency`)."""
         golden = self._golden()
         try:
+            sess = session(candidate, threads=1)
             if golden is None:
-                sess = session(candidate, threads=1)
                 feed = {s.name: np.zeros([1 if d is None else d for d in s.shape], s.dtype)
                         for s in input_specs(sess)}
                 run(sess, feed)
                 return Measured(reference_note="no golden set on this device")
-            outputs, p50 = self._run_golden(candidate, golden)
+            check_against(golden, input_specs(sess), source="the device's golden set")
+            outputs = predict(sess, golden)
         except (ModelError, DataError) as e:
             return Measured(load_error=f"candidate failed on the device: {e}")
-        current_p50 = None
+        sessions, current_accuracy = [sess], None
         if current is not None:
             with contextlib.suppress(ModelError, DataError):
-                current_p50 = self._run_golden(current, golden)[1]
+                cur = session(current, threads=1)
+                check_against(golden, input_specs(cur), source="the device's golden set")
+                if golden.labels is not None:
+                    current_accuracy = top1_accuracy(predict(cur, golden), golden.labels)
+                sessions.append(cur)
+        c = self.config
+        p50 = interleaved_latency(sessions, golden, batch=1, rounds=c.latency_rounds,
+                                  runs=c.latency_runs, warmup=3)
         accuracy = agreement = note = None
         ref = manifest.reference
         if golden.labels is not None:
@@ -272,7 +307,8 @@ class Device:
         else:
             agreement = top1_accuracy(outputs, np.asarray(ref.top1))
         return Measured(accuracy=accuracy, agreement=agreement, reference_note=note,
-                        latency_p50_ms=p50, current_latency_p50_ms=current_p50)
+                        latency_p50_ms=p50[0], current_accuracy=current_accuracy,
+                        current_latency_p50_ms=p50[1] if len(p50) > 1 else None)
 
     # --- update ---------------------------------------------------------------------
 
@@ -297,7 +333,9 @@ class Device:
     def update(self, repo: str, name: str) -> UpdateResult:
         """Fetch, verify, health-check and commit the newest ``name`` from ``repo`` (the
         repository's base URL). Raises :class:`VerificationError` when the update is
-        rejected or fails its health check; the current model keeps serving either way."""
+        rejected or fails its health check, and while the active model is on probation
+        with the last known-good model in the other slot (the slot an install would
+        overwrite); the current model keeps serving either way."""
         state = self.state()
         current = state.current()
         serving = f"{current.name} {current.version}" if current else "nothing (no model yet)"
@@ -328,6 +366,7 @@ class Device:
                 return UpdateResult(False, manifest.version,
                                     f"{manifest.version} was refused on this device at "
                                     f"{seen.time} ({seen.reason}); publish a newer version")
+            keep_known_good(state, f"{name} {manifest.version}")
             model_info = updater.get_targetinfo(manifest.model_target)
             if model_info is None:
                 raise VerificationError(f"manifest names {manifest.model_target!r}, which the "
@@ -354,103 +393,225 @@ class Device:
         verdict = judge(manifest.floor, measured, self.config)
         if not verdict.ok:
             candidate.unlink()
-            self._record("rejected", manifest.version, f"health check failed: {verdict.reason}")
+            # a latency-only failure may be one slow measurement: reject this attempt only
+            action, later = ("deferred", "; a later update tries it again") if verdict.retry \
+                else ("rejected", "")
+            self._record(action, manifest.version, f"health check failed: {verdict.reason}")
             raise VerificationError(f"{name} {manifest.version} failed its health check "
-                                    f"({verdict.reason}); still serving {serving}")
-        state = begin_install(state)
-        self._write_state(state)
-        os.replace(candidate, final)
-        _fsync_dir(final.parent)
-        crash_point("pointer-switch")
-        probation = Probation(remaining=self.config.probation_inferences,
-                              baseline_p50_ms=measured.current_latency_p50_ms)
-        self._write_state(commit(state, manifest, probation))
-        crash_point("committed")
-        self._record("commit", manifest.version, f"health check {verdict.reason}")
+                                    f"({verdict.reason}){later}; still serving {serving}")
+        with self._locked():
+            now = self.state()
+            if (now.active, now.slots) != (state.active, state.slots):
+                candidate.unlink()
+                raise VerificationError(f"the device changed during the update of {name} "
+                                        f"(a rollback or another update); nothing installed")
+            state = begin_install(now)
+            self._write_state(state)
+            os.replace(candidate, final)
+            _fsync_dir(final.parent)
+            crash_point("pointer-switch")
+            probation = Probation(remaining=self.config.probation_inferences,
+                                  baseline_p50_ms=measured.current_latency_p50_ms,
+                                  boot_id=boot_id())
+            self._write_state(commit(state, manifest, probation))
+            crash_point("committed")
+            self._record("commit", manifest.version, f"health check {verdict.reason}")
         return UpdateResult(True, manifest.version, verdict.reason, verdict)
 
     def rollback(self, reason: str = "rolled back by hand") -> Manifest:
         """Serve the other slot's model again; returns its manifest."""
-        state = self.state()
+        with self._locked():
+            return self._rollback(self.state(), reason)
+
+    def _rollback(self, state: SlotState, reason: str) -> Manifest:
+        """:meth:`rollback` from ``state``, read by the caller under the device lock."""
         before = state.current()
         new = rollback(state)
-        path = self.model_path(new.active)  # type: ignore[arg-type]
-        target = new.current()
-        assert target is not None
-        if not path.is_file():
-            raise VerificationError(f"previous model file {str(path)!r} is missing")
-        check_model_bytes(target, *_sha256(path))
+        _, target = self._verified(new, new.active)  # type: ignore[arg-type]
         self._write_state(new)
         self._record("rollback", before.version if before else None,
                      f"{reason}; now serving {target.version}")
         return target
 
+    def _fail(self, state: SlotState, reason: str) -> bool:
+        """Roll back after a failed probation, or keep the model if there is nothing to
+        go back to (the first install); True if it rolled back. Under the device lock."""
+        try:
+            self._rollback(state, f"probation failed: {reason}")
+        except VerificationError as e:
+            self._write_state(replace(state, probation=None))
+            self._record("kept", state.current().version,  # type: ignore[union-attr]
+                         f"probation failed ({reason}) but {e}")
+            return False
+        return True
+
+    def _serve(self) -> tuple[Path, Manifest, _Watch | None]:
+        """What a starting runtime serves, and the watch on it while on probation.
+
+        The start is accounted first, under the device lock: an active file that does
+        not match its manifest falls back to the other slot if that one verifies (the
+        corrupt slot is marked empty and the history says why), and a start in a new
+        device boot counts towards probation, which may roll back. A verified model off
+        probation starts without the lock and without writing.
+        """
+        state = self.state()
+        if state.probation is None and state.active is not None:
+            with contextlib.suppress(VerificationError):
+                return (*self._verified(state, state.active), None)
+        with self._locked():
+            state = self.state()
+            if state.active is None:
+                raise UsageError(f"device {str(self.dir)!r} has no model installed yet; run "
+                                 "`edgeloop device update`")
+            try:
+                path, manifest = self._verified(state, state.active)
+            except VerificationError as e:
+                state, path, manifest = self._fall_back(state, e)
+            if state.probation is not None:
+                p, reason = _step(state.probation, self.config, boot_id=boot_id())
+                if reason:
+                    self._fail(replace(state, probation=p), reason)
+                    state = self.state()
+                    path, manifest = self._verified(state, state.active)  # type: ignore[arg-type]
+                elif p != state.probation:
+                    state = replace(state, probation=p)
+                    self._write_state(state)
+        watch = None if state.probation is None else _Watch(self, state, state.probation)
+        return path, manifest, watch
+
+    def _fall_back(self, state: SlotState, error: VerificationError
+                   ) -> tuple[SlotState, Path, Manifest]:
+        """Serve the other slot instead of the corrupt active one, if it verifies."""
+        bad = state.current()
+        assert bad is not None and state.active is not None
+        try:
+            new = fall_back(state)
+            path, manifest = self._verified(new, new.active)  # type: ignore[arg-type]
+        except VerificationError as e:
+            raise VerificationError(f"{error}; cannot fall back: {e}") from None
+        self._write_state(new)
+        self._record("corrupt", bad.version, f"{error}; slot {state.active} marked empty, "
+                                             f"now serving {manifest.version}")
+        return new, path, manifest
+
     def runtime(self) -> Runtime:
-        """Start serving the active model (one start counts towards probation)."""
+        """Start serving the active model (a start in a new device boot counts towards
+        probation)."""
         return Runtime(self)
 
 
+class _Watch:
+    """The updater's side of one runtime's probation.
+
+    The runtime reports every inference; outcomes wait in memory and are merged into the
+    pointer under the device lock when :class:`HealthConfig`'s ``probation_save_*``
+    count or time is reached, at a model error, when the verdict is due and when the
+    runtime goes away (a process per request still advances probation; a killed process
+    loses at most its unsaved outcomes). The merge re-reads the pointer, so what other
+    processes wrote meanwhile is kept: counts from other runtimes add up, and after an
+    update or a rollback the watch just ends.
+    """
+
+    def __init__(self, device: Device, state: SlotState, probation: Probation) -> None:
+        self.device = device
+        self.slot = state.active
+        self.holds = state.slots                  # whose probation this is
+        self.pending: list[tuple[bool, float, int]] = []   # ok, seconds, samples
+        self.rolled_back = self.over = False
+        self._mutex = threading.Lock()            # a runtime may serve several threads
+        self._schedule(probation.remaining)
+
+    def _schedule(self, remaining: int) -> None:
+        """When the next save is due: after ``limit`` outcomes or at time ``due``."""
+        c = self.device.config
+        self.limit = min(remaining, c.probation_save_inferences)
+        self.due = time.perf_counter() + c.probation_save_seconds
+
+    def report(self, ok: bool, started: float, ended: float, samples: int) -> bool:
+        """Account one inference of ``samples`` run from ``started`` to ``ended``
+        (``time.perf_counter()``; ``ok`` unless the model failed); True when probation is
+        over for this runtime. Kept to an append and three comparisons: it runs on every
+        inference."""
+        self.pending.append((ok, ended - started, samples))   # atomic: no lock needed
+        if ok and len(self.pending) < self.limit and ended < self.due:
+            return False
+        self.flush()
+        return self.over
+
+    def flush(self) -> None:
+        """Save the outcomes not saved yet (also when the runtime goes away)."""
+        with self._mutex:
+            if self.pending and not self.over:
+                self.over = self._save()
+
+    def _save(self) -> bool:
+        dev = self.device
+        with dev._locked():
+            state = dev.state()
+            if state.probation is None or (state.active, state.slots) != (self.slot, self.holds):
+                return True               # decided elsewhere, or another model serves now
+            batch = self.pending[:]
+            del self.pending[:len(batch)]         # what other threads append meanwhile stays
+            p, reason = _step(state.probation, dev.config, inferences=[
+                (ok, sec * 1e3 / max(n, 1) if ok else None) for ok, sec, n in batch])
+            if reason:
+                self.rolled_back = dev._fail(replace(state, probation=p), reason)
+                return True
+            dev._write_state(replace(state, probation=p))
+            if p is None:
+                dev._record("kept", state.current().version,  # type: ignore[union-attr]
+                            "probation passed")
+                return True
+            self._schedule(p.remaining)
+            return False
+
+
 class Runtime:
-    """Serves the active model and watches it while it is on probation."""
+    """Serves the active model. While it is on probation, the runtime only reports how
+    each inference went; the updater's side (:class:`Device`, with
+    :func:`~edgeloop.bundle.health.probation_step`) decides to keep or roll back."""
 
     def __init__(self, device: Device) -> None:
         self.device = device
-        state = device.state()
-        self._watching = state.probation is not None
-        if state.probation is not None:
-            p, reason = _step(state.probation, device.config, boot=True)
-            state = replace(state, probation=p)
-            device._write_state(state)
-            if reason:
-                self._watching = False
-                self._fail(state, reason)
-                return
-        self._load()
+        self._start()
 
-    def _fail(self, state: SlotState, reason: str) -> None:
-        """Roll back after a failed probation, or keep the model if there is nothing to
-        go back to (the first install, or a later install that overwrote the other slot)."""
-        try:
-            self.device.rollback(f"probation failed: {reason}")
-        except VerificationError as e:
-            self.device._write_state(replace(state, probation=None))
-            self.device._record("kept", None, f"probation failed ({reason}) but {e}")
-        self._load()
-
-    def _load(self) -> None:
-        active = self.device.active()
-        if active is None:
-            raise UsageError(f"device {str(self.device.dir)!r} has no model installed yet; run "
-                             "`edgeloop device update`")
-        self.path, self.manifest = active
+    def _start(self) -> None:
+        self.path, self.manifest, self._watch = self.device._serve()
         self.session = session(self.path, threads=1)
+        self._inputs = input_specs(self.session)
+        first = self._inputs[0] if self._inputs else None
+        self._batch_of = first.name if first is not None and first.shape else None
+        if self._watch is not None:
+            weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The model's first output on ``feed``; a failure during probation rolls back."""
+        """The model's first output on ``feed`` (arrays named after the model's inputs).
+
+        The feed is checked against the model's inputs first (names, rank, fixed axes,
+        dtype): a malformed feed raises :class:`DataError`, the caller's mistake, which
+        never counts against the model. Values are not checked: NaN or inf in a
+        well-formed feed is data the model meets in the field, so if onnxruntime fails on
+        it (:class:`ModelError`) that counts as a model error during probation, which
+        may roll back (the runtime then serves the other slot's model).
+        """
+        check_against(feed, self._inputs, source="the feed")
+        watch = self._watch
+        if watch is None:
+            return run(self.session, feed)
+        n = len(feed[self._batch_of]) if self._batch_of else 1
         t0 = time.perf_counter()
         try:
             out = run(self.session, feed)
-        except EdgeloopError:
-            self._watch(ok=False, latency_ms=None)
+        except ModelError:
+            if watch.report(False, t0, t0, n):
+                self._over(watch)
             raise
-        n = len(next(iter(feed.values()))) if feed else 1
-        self._watch(ok=True, latency_ms=(time.perf_counter() - t0) * 1e3 / max(n, 1))
+        if watch.report(True, t0, time.perf_counter(), n):
+            self._over(watch)
         return out
 
-    def _watch(self, *, ok: bool, latency_ms: float | None) -> None:
-        if not self._watching:
-            return
-        state = self.device.state()
-        if state.probation is None:
-            self._watching = False
-            return
-        p, reason = _step(state.probation, self.device.config, ok=ok, latency_ms=latency_ms)
-        if reason:
-            self._watching = False
-            self._fail(state, reason)
-            return
-        if p is None:
-            self._watching = False
-            self.device._record("kept", self.manifest.version, "probation passed")
-        self.device._write_state(replace(state, probation=p))
-
+    def _over(self, watch: _Watch) -> None:
+        """Probation is over for this runtime: serve the other slot if it rolled back."""
+        self._watch = None
+        if watch.rolled_back:
+            self._start()

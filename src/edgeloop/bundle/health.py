@@ -6,10 +6,12 @@ nothing here loads models, reads files or looks at the clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI reads HealthConfig's defaults without loading numpy
+    from collections.abc import Sequence
+
     from edgeloop.bundle.manifest import Floor
 
 __all__ = [
@@ -26,13 +28,19 @@ __all__ = [
 class HealthConfig:
     """How strict the device is with a new model."""
 
+    accuracy_margin: float = 0.01    # with no accuracy floor in the manifest, the candidate's
+    #                                  golden-set accuracy may be at most this far (absolute)
+    #                                  below the current model's
     latency_margin: float = 0.5      # candidate p50 may be at most 50% above the current one
     latency_slack_ms: float = 1.0    # ...plus this many ms (timer noise on tiny models)
-    latency_runs: int = 30           # timed runs per model (batch 1)
-    latency_seconds: float = 0.5     # stop timing a model after this many seconds
+    latency_rounds: int = 5          # interleaved rounds timing candidate and current model
+    latency_runs: int = 10           # timed runs per model and round (batch 1)
     probation_inferences: int = 50   # inferences watched after a commit
-    probation_errors: int = 0        # errors tolerated during probation
-    probation_boots: int = 3         # starts tolerated during probation (crash loop guard)
+    probation_errors: int = 0        # model errors tolerated during probation
+    probation_boots: int = 3         # device boots tolerated during probation (crash loop)
+    probation_save_inferences: int = 1000  # probation counters are written to the pointer
+    probation_save_seconds: float = 60.0   # after this many inferences or seconds (whichever
+    #                                        comes first), at a model error and at the verdict
 
 
 @dataclass(frozen=True)
@@ -49,15 +57,21 @@ class Measured:
     reference_note: str | None = None
     latency_p50_ms: float | None = None
     current_latency_p50_ms: float | None = None
+    current_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of a health check: ``ok`` and why, plus the figures it was based on."""
+    """The outcome of a health check: ``ok`` and why, plus the figures it was based on.
+
+    ``retry`` is set when only latency failed: one slow measurement (a busy or throttled
+    device) rejects this attempt, not the version, which a later update may try again.
+    """
 
     ok: bool
     reason: str
     figures: dict[str, float] = field(default_factory=dict)
+    retry: bool = False
 
 
 def judge(floor: Floor, measured: Measured, config: HealthConfig) -> Verdict:
@@ -67,15 +81,24 @@ def judge(floor: Floor, measured: Measured, config: HealthConfig) -> Verdict:
     figures = {k: v for k, v in (("accuracy", measured.accuracy),
                                  ("agreement", measured.agreement),
                                  ("latency_p50_ms", measured.latency_p50_ms),
-                                 ("current_latency_p50_ms", measured.current_latency_p50_ms))
+                                 ("current_latency_p50_ms", measured.current_latency_p50_ms),
+                                 ("current_accuracy", measured.current_accuracy))
                if v is not None}
     notes = []
     if measured.accuracy is not None:
         if floor.accuracy is not None and measured.accuracy < floor.accuracy:
             return Verdict(False, f"accuracy {measured.accuracy:.4f} on the golden set is "
                                   f"below the floor {floor.accuracy:.4f}", figures)
-        if floor.accuracy is None:
-            notes.append("manifest sets no accuracy floor")
+        cur_acc = measured.current_accuracy
+        if floor.accuracy is None and cur_acc is not None:
+            if measured.accuracy < cur_acc - config.accuracy_margin:
+                return Verdict(False, f"accuracy {measured.accuracy:.4f} on the golden set is "
+                                      f"below the current model's {cur_acc:.4f} - "
+                                      f"{config.accuracy_margin} (the manifest sets no floor)",
+                               figures)
+            notes.append("manifest sets no accuracy floor: compared with the current model")
+        elif floor.accuracy is None:
+            notes.append("manifest sets no accuracy floor and there is no current model")
     elif measured.agreement is not None:
         if measured.agreement < floor.agreement:
             return Verdict(False, f"top-1 agreement {measured.agreement:.4f} with the "
@@ -90,7 +113,7 @@ def judge(floor: Floor, measured: Measured, config: HealthConfig) -> Verdict:
             return Verdict(False, f"latency p50 {new:.3f} ms is above the limit "
                                   f"{limit:.3f} ms (current model {cur:.3f} ms + "
                                   f"{config.latency_margin:.0%} + {config.latency_slack_ms} ms)",
-                           figures)
+                           figures, retry=True)
     else:
         notes.append("latency check skipped: no current model")
     return Verdict(True, "passed" + ("; " + "; ".join(notes) if notes else ""), figures)
@@ -98,32 +121,45 @@ def judge(floor: Floor, measured: Measured, config: HealthConfig) -> Verdict:
 
 @dataclass(frozen=True)
 class Probation:
-    """What has been seen since a commit; persisted in the device state."""
+    """What has been seen since a commit; persisted in the device state.
+
+    ``boot_id`` is the device boot (see :func:`edgeloop.bundle.device.boot_id`) the
+    probation last saw: boots are counted, not process starts.
+    """
 
     remaining: int
     errors: int = 0
     boots: int = 0
     baseline_p50_ms: float | None = None
     latencies_ms: tuple[float, ...] = ()
+    boot_id: str | None = None
 
 
-def probation_step(p: Probation, config: HealthConfig, *, ok: bool | None = None,
-                   latency_ms: float | None = None, boot: bool = False
-                   ) -> tuple[Probation | None, str | None]:
-    """Account one event (an inference with its outcome, or a start of the runtime).
+def probation_step(p: Probation, config: HealthConfig, *,
+                   inferences: Sequence[tuple[bool, float | None]] = (),
+                   boot_id: str | None = None) -> tuple[Probation | None, str | None]:
+    """Account what happened since ``p`` was saved: ``inferences`` as (ok, latency per
+    sample in ms or None) in order, or a start of the runtime during the device boot
+    ``boot_id``.
 
-    Returns the new probation (``None`` when it is over and the model is kept) and a
-    rollback reason (``None`` unless the model must be rolled back).
+    A start counts only when the device has booted since the probation last saw it: a
+    device that keeps rebooting is in a crash loop, a process started per request is not.
+    Only model faults are reported as failed inferences (a caller's malformed input is
+    not the model's fault). Returns the new probation (``None`` when it is over and the
+    model is kept) and a rollback reason (``None`` unless the model must be rolled back).
     """
-    if boot:
-        p = Probation(p.remaining, p.errors, p.boots + 1, p.baseline_p50_ms, p.latencies_ms)
+    if boot_id is not None:
+        if boot_id == p.boot_id:
+            return p, None
+        p = replace(p, boots=p.boots + 1, boot_id=boot_id)
         if p.boots > config.probation_boots:
-            return p, f"runtime restarted {p.boots} times during probation (crash loop)"
+            return p, f"device booted {p.boots} times during probation (crash loop)"
         return p, None
-    lat = p.latencies_ms + ((latency_ms,) if ok and latency_ms is not None else ())
-    p = Probation(p.remaining - 1, p.errors + (0 if ok else 1), p.boots, p.baseline_p50_ms, lat)
+    lat = p.latencies_ms + tuple(ms for ok, ms in inferences if ok and ms is not None)
+    p = replace(p, remaining=p.remaining - len(inferences), latencies_ms=lat,
+                errors=p.errors + sum(not ok for ok, _ in inferences))
     if p.errors > config.probation_errors:
-        return p, f"{p.errors} inference error(s) during probation"
+        return p, f"{p.errors} model error(s) at inference during probation"
     if p.remaining > 0:
         return p, None
     if p.baseline_p50_ms is not None and lat:

@@ -22,6 +22,8 @@ __all__ = [
     "SlotState",
     "begin_install",
     "commit",
+    "fall_back",
+    "keep_known_good",
     "other",
     "refused",
     "rollback",
@@ -113,8 +115,32 @@ def rollback(state: SlotState) -> SlotState:
     return SlotState(active=other(state.active), slots=state.slots, probation=None)
 
 
+def fall_back(state: SlotState) -> SlotState:
+    """Serve the other slot because the active slot's file does not match its manifest: the
+    corrupt slot is marked empty, so nothing trusts its file until an update rewrites it."""
+    back = rollback(state)
+    return replace(back, slots=_with_slot(back, other(back.active), None))  # type: ignore[arg-type]
+
+
+def keep_known_good(state: SlotState, candidate: str) -> None:
+    """Raise :class:`VerificationError` if installing ``candidate`` now would overwrite the
+    last known-good model: while the active model is on probation, the other slot (where
+    an install goes) holds it. With that slot empty (the first install) nothing is lost."""
+    known = state.manifest(state.target_slot())
+    current = state.current()
+    if state.probation is None or known is None or current is None:
+        return
+    raise VerificationError(
+        f"not installing {candidate}: {current.version} is on probation "
+        f"({state.probation.remaining} inferences to go) and the slot an install would "
+        f"overwrite holds the last known-good model, {known.version}; update again after "
+        "probation, or roll back first")
+
+
 def refused(events: list[Event], version: str) -> Event | None:
     """The event that turned ``version`` away on this device (failed health check or
-    rolled back), if any: a device does not install a version it already refused."""
+    rolled back), if any: a device does not install a version it already refused. A
+    version whose file was found corrupt on disk (``corrupt``) or that was only too slow
+    once (``deferred``) may be installed again."""
     return next((e for e in reversed(events)
                  if e.version == version and e.action in ("rejected", "rollback")), None)

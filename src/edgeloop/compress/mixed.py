@@ -74,7 +74,7 @@ from edgeloop.compress.sensitivity import (
 from edgeloop.compress.smooth import smooth
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
-from edgeloop.measure import predict
+from edgeloop.measure import interleaved_latency, predict
 from edgeloop.targets import Target, detect
 
 __all__ = [
@@ -83,7 +83,6 @@ __all__ = [
     "Int8Plan",
     "TransformerFusion",
     "Variant",
-    "interleaved_latency",
     "read_plan",
     "runs_per_round",
 ]
@@ -136,37 +135,6 @@ def read_plan(model: onnx.ModelProto) -> dict[str, object] | None:
         if prop.key == PLAN_KEY:
             return json.loads(prop.value)
     return None
-
-
-def interleaved_latency(models: Sequence[onnx.ModelProto], data: Dataset, *, batch: int = 1,
-                        rounds: int = 5, runs: int = 20, warmup: int = 5,
-                        threads: int = 0) -> list[float]:
-    """Median latency (ms) of each model on the first ``batch`` samples of ``data``.
-
-    Models take turns, ``runs`` calls each per round, so that load changes on a shared
-    machine hit every model alike; each round starts one model later than the one before,
-    so no model always runs right after the same other one (whose thread pool may still
-    be spinning). The result is the median over rounds of each round's median.
-    """
-    sessions = [session(m, threads=threads) for m in models]
-    feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
-    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
-    for s, f in zip(sessions, feeds, strict=True):
-        for _ in range(warmup):
-            s.run(None, f)
-    medians: list[list[float]] = [[] for _ in sessions]
-    n = len(sessions)
-    for r in range(rounds):
-        for i in range(n):
-            k = (r + i) % n
-            s, f, out = sessions[k], feeds[k], medians[k]
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                times.append(time.perf_counter() - t0)
-            out.append(float(np.median(times)))
-    return [float(np.median(m)) * 1e3 for m in medians]
 
 
 def _hidden_size(model: onnx.ModelProto) -> int | None:
@@ -496,9 +464,9 @@ def _dynamic_pays(model: onnx.ModelProto) -> bool:
 
 def runs_per_round(model: onnx.ModelProto, data: Dataset, *, batch: int = 1,
                    seconds: float = 0.1) -> int:
-    """Timed calls per model and round for :func:`interleaved_latency`: about ``seconds``
-    of ``model``'s time at ``batch``, 3 to 20 calls (slow models need fewer to be timed
-    reliably)."""
+    """Timed calls per model and round for :func:`~edgeloop.measure.interleaved_latency`:
+    about ``seconds`` of ``model``'s time at ``batch``, 3 to 20 calls (slow models need
+    fewer to be timed reliably)."""
     sess = session(model)
     feed = {i.name: data.inputs[i.name][:batch] for i in sess.get_inputs()}
     sess.run(None, feed)
