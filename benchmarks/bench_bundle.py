@@ -45,6 +45,7 @@ from edgeloop.bundle import (  # noqa: E402
 )
 from edgeloop.bundle._crash import POINTS  # noqa: E402
 from edgeloop.data import Dataset, save_npz  # noqa: E402
+from edgeloop.device import Runtime  # noqa: E402
 
 _WORKER = """
 import sys
@@ -140,7 +141,7 @@ def serving(setup: Setup, device: Path) -> str:
     if active is None:
         raise AssertionError("device serves nothing")
     version = active[1].version
-    out = dev.runtime().infer({"x": setup.x})
+    out = Runtime(dev).infer({"x": setup.x})
     np.testing.assert_allclose(out, setup.expected[version], rtol=1e-4, atol=1e-4)
     return version
 

@@ -30,6 +30,7 @@ from test_bundle_fixtures import (
 from edgeloop.bundle import Device, HealthConfig, build_manifest, publish_bundle, refresh_repo
 from edgeloop.cli import main
 from edgeloop.data import Dataset, save_npz
+from edgeloop.device import Runtime
 from edgeloop.errors import ModelError, TransportError, UsageError, VerificationError
 
 __all__ = ["repo"]
@@ -69,7 +70,7 @@ def test_probation_rolls_back_on_model_errors_and_crash_loops(repo, monkeypatch)
     pass_probation(dev)
     repo.publish("1.1.0", model=fragile_model(repo.work / "fragile.onnx", W_GOOD * 2))
     assert dev.update(repo.url, "kws").installed
-    rt = dev.runtime()
+    rt = Runtime(dev)
     rt.infer({"x": X[:2]})
     far = X[:2].copy()
     far[0, 0] = 100.0                              # a well-formed feed the model fails on
@@ -86,7 +87,7 @@ def test_probation_rolls_back_on_model_errors_and_crash_loops(repo, monkeypatch)
     assert dev.update(repo.url, "kws").version == "1.2.0"
     for boot in ("boot-1", "boot-2", "boot-3"):    # device reboots that never finish probation
         monkeypatch.setattr("edgeloop.bundle.device.boot_id", lambda boot=boot: boot)
-        Device(dev.dir, config=dev.config).runtime()
+        Runtime(Device(dev.dir, config=dev.config))
     assert dev.active()[1].version == "1.0.0"      # 1.2.0 went into 1.1.0's slot
     assert "crash loop" in dev.history()[-1].reason
 
@@ -96,7 +97,7 @@ def test_probation_passes_and_manual_rollback(repo) -> None:
     dev.update(repo.url, "kws")
     repo.publish("1.1.0", W_GOOD * 2)
     dev.update(repo.url, "kws")
-    rt = dev.runtime()
+    rt = Runtime(dev)
     for _ in range(3):
         rt.infer({"x": X[:4]})
     assert dev.state().probation is None and _actions(dev)[-1] == ("kept", "1.1.0")
@@ -224,7 +225,7 @@ def test_cli_round_trip(tmp_path, capsys) -> None:
         main(["device", "status", str(tmp_path / "dev"), "--json"])
         status = json.loads(capsys.readouterr().out)
         assert status["slots"][0]["version"] == "2.0.0"
-        assert np.isclose(Device(tmp_path / "dev").runtime().infer({"x": X[:1]}),
+        assert np.isclose(Runtime(Device(tmp_path / "dev")).infer({"x": X[:1]}),
                           X[:1] @ W_GOOD, atol=1e-5).all()
     finally:
         server.shutdown()

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeloop.bundle import Device, build_manifest, init_repo, publish_bundle, serve_repo
 from edgeloop.data import Dataset, save_npz
+from edgeloop.device import Runtime
 
 FEATURES, CLASSES = 8, 4
 _RNG = np.random.default_rng(0)
@@ -125,13 +126,13 @@ def assert_serving(dev: Device, version: str, w: np.ndarray = W_GOOD) -> None:
     """The device starts and serves ``version`` (verified sha256), with its outputs."""
     active = dev.active()
     assert active is not None and active[1].version == version
-    out = dev.runtime().infer({"x": X[:16]})
+    out = Runtime(dev).infer({"x": X[:16]})
     np.testing.assert_allclose(out, X[:16] @ w, rtol=1e-5, atol=1e-5)
 
 
 def pass_probation(dev: Device) -> None:
     """Run inferences until the active model's probation is over."""
-    rt = dev.runtime()
+    rt = Runtime(dev)
     while dev.state().probation is not None:
         rt.infer({"x": X[:1]})
 

@@ -26,6 +26,7 @@ from test_bundle_fixtures import (
 
 import edgeloop.bundle.device as device_module
 from edgeloop.bundle import Device, HealthConfig
+from edgeloop.device import Runtime
 from edgeloop.errors import DataError, VerificationError
 from edgeloop.measure import interleaved_times
 
@@ -57,7 +58,7 @@ def test_update_by_another_process_during_probation_is_not_reverted(repo) -> Non
     dev = Device(new_device(repo).dir, config=cfg)
     dev.update(repo.url, "kws")          # the first model: nothing known-good to protect
     repo.publish("1.1.0", W_GOOD * 2)
-    rt = dev.runtime()
+    rt = Runtime(dev)
     updater = subprocess.Popen(
         [sys.executable, "-c", "import sys; from edgeloop.bundle import Device; "
          "Device(sys.argv[1]).update(sys.argv[2], 'kws')", str(dev.dir), repo.url],
@@ -81,9 +82,9 @@ def test_probation_writes_the_pointer_at_a_bounded_rate(repo, monkeypatch) -> No
     dev = Device(new_device(repo).dir, config=cfg)
     dev.update(repo.url, "kws")
     writes = _count_pointer_writes(monkeypatch)
-    rt = dev.runtime()
+    rt = Runtime(dev)
     for _ in range(10):                  # process starts in one boot write nothing
-        Device(dev.dir, config=cfg).runtime()
+        Runtime(Device(dev.dir, config=cfg))
     assert not writes
     for _ in range(99):
         rt.infer({"x": X[:1]})
@@ -97,7 +98,7 @@ def test_probation_writes_the_pointer_at_a_bounded_rate(repo, monkeypatch) -> No
         probation_save_seconds=0.2))
     timed.update(repo.url, "kws")
     writes.clear()
-    rt = timed.runtime()
+    rt = Runtime(timed)
     start = time.monotonic()
     while time.monotonic() - start < 1.0:
         rt.infer({"x": X[:1]})
@@ -109,7 +110,8 @@ def test_a_process_per_request_still_finishes_probation(repo) -> None:
     dev = Device(new_device(repo).dir, config=HealthConfig(probation_inferences=3))
     dev.update(repo.url, "kws")
     code = ("import sys; import numpy as np; from edgeloop.bundle import Device; "
-            "Device(sys.argv[1]).runtime().infer({'x': np.ones((1, 8), np.float32)})")
+            "from edgeloop.device import Runtime; "
+            "Runtime(Device(sys.argv[1])).infer({'x': np.ones((1, 8), np.float32)})")
     for remaining in (2, 1, None):       # each process saves its outcome as it exits
         subprocess.run([sys.executable, "-c", code, str(dev.dir)], check=True,
                        env={"PYTHONPATH": SRC, "EDGELOOP_QUIET": "1"})
@@ -122,7 +124,7 @@ def probation_cost_ratio(dev_probation: Device, dev_after: Device, feed: dict[st
                          *, rounds: int = 15, runs: int = 200) -> float:
     """Median inference time on probation over after it, the two runtimes timed in turns
     (reusable by a benchmark with more rounds)."""
-    on, off = dev_probation.runtime(), dev_after.runtime()
+    on, off = Runtime(dev_probation), Runtime(dev_after)
     assert on._watch is not None and off._watch is None
     t_on, t_off = interleaved_times([lambda: on.infer(feed), lambda: off.infer(feed)],
                                     rounds=rounds, runs=runs, warmup=50)
@@ -147,7 +149,7 @@ def test_bad_input_during_probation_is_the_callers_mistake(repo) -> None:
     pass_probation(dev)
     repo.publish("1.1.0", W_GOOD * 2)
     dev.update(repo.url, "kws")
-    rt = dev.runtime()
+    rt = Runtime(dev)
     bad = [({"y": X[:2]}, "has no array 'x'"),
            ({"x": X[0]}, r"has shape \(8,\); the model expects \('N', 8\)"),
            ({"x": X[:2, :5]}, r"has shape \(2, 5\)"),
@@ -176,15 +178,15 @@ def test_process_starts_are_not_boots_but_reboots_are(repo, monkeypatch) -> None
     repo.publish("1.1.0", W_GOOD * 2)
     dev.update(repo.url, "kws")
     for _ in range(20):                  # a process per request, one device boot
-        Device(dev.dir, config=cfg).runtime().infer({"x": X[:1]})
+        Runtime(Device(dev.dir, config=cfg)).infer({"x": X[:1]})
     assert dev.state().current().version == "1.1.0" and dev.state().probation.boots == 0
     for n, boot in enumerate(("boot-1", "boot-2"), 1):
         monkeypatch.setattr(device_module, "boot_id", lambda boot=boot: boot)
         for _ in range(3):
-            Device(dev.dir, config=cfg).runtime()
+            Runtime(Device(dev.dir, config=cfg))
         assert dev.state().probation.boots == n
     monkeypatch.setattr(device_module, "boot_id", lambda: "boot-3")
-    assert Device(dev.dir, config=cfg).runtime().manifest.version == "1.0.0"
+    assert Runtime(Device(dev.dir, config=cfg)).manifest.version == "1.0.0"
     assert _actions(dev)[-1] == ("rollback", "1.1.0")
     assert "device booted 3 times during probation" in dev.history()[-1].reason
 
@@ -203,7 +205,7 @@ def test_corrupt_active_slot_falls_back_to_the_verified_other_slot(repo, damage)
         path.write_bytes(bytes(data))
     else:
         path.unlink()
-    rt = dev.runtime()
+    rt = Runtime(dev)
     assert rt.manifest.version == "1.0.0"
     np.testing.assert_allclose(rt.infer({"x": X[:4]}), X[:4] @ W_GOOD, rtol=1e-5, atol=1e-5)
     last = dev.history()[-1]
@@ -226,7 +228,7 @@ def test_no_fallback_when_both_slots_are_corrupt(repo) -> None:
     for slot in ("a", "b"):
         dev.model_path(slot).write_bytes(b"not a model")
     with pytest.raises(VerificationError, match="cannot fall back"):
-        dev.runtime()
+        Runtime(dev)
 
 
 def test_update_during_probation_keeps_the_known_good_model(repo) -> None:
@@ -287,7 +289,7 @@ def test_concurrent_writers_in_threads_keep_every_change(repo) -> None:
     cfg = HealthConfig(probation_inferences=10**6, probation_save_inferences=1)
     dev = Device(new_device(repo).dir, config=cfg)
     dev.update(repo.url, "kws")
-    runtimes = [Device(dev.dir, config=cfg).runtime() for _ in range(4)]
+    runtimes = [Runtime(Device(dev.dir, config=cfg)) for _ in range(4)]
 
     def serve(rt) -> None:
         for _ in range(25):

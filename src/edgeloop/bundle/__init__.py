@@ -3,8 +3,9 @@
 Build side (``tuf.api.metadata`` + securesystemslib signers): :func:`init_repo`,
 :func:`build_manifest` + :func:`publish_bundle`, :func:`rotate_key`, :func:`refresh_repo`,
 :func:`serve_repo`. Device side (``tuf.ngclient.Updater``): :class:`Device` (``init``,
-``update``, ``rollback``, ``status``) and its :class:`Runtime`. The pure checks live in
-``manifest``, ``health`` and ``slots``.
+``update``, ``rollback``, ``status``; :meth:`Device.serve` is what a runtime starts from).
+The runtime itself is :class:`edgeloop.device.Runtime`: it only reports to the updater.
+The pure checks live in ``manifest``, ``health`` and ``slots``.
 
 Names are imported on first use, so reading a default such as
 ``HealthConfig.latency_margin`` (the CLI's ``--help``) loads neither TUF nor onnxruntime.
@@ -13,7 +14,7 @@ Names are imported on first use, so reading a default such as
 from edgeloop._lazy import lazy_names
 
 _SOURCES = {
-    "Device": ".device", "Runtime": ".device", "UpdateResult": ".device",
+    "Device": ".device", "UpdateResult": ".device",
     "HealthConfig": ".health", "Measured": ".health", "Probation": ".health",
     "Verdict": ".health", "judge": ".health",
     "Floor": ".manifest", "Manifest": ".manifest", "Reference": ".manifest",
@@ -33,7 +34,6 @@ __all__ = [
     "Probation",
     "Reference",
     "RepoConfig",
-    "Runtime",
     "SlotState",
     "TensorSpec",
     "UpdateResult",

@@ -38,8 +38,7 @@ import os
 import shutil
 import threading
 import time
-import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,7 +76,7 @@ from edgeloop.errors import (
 )
 from edgeloop.measure import interleaved_latency, predict, top1_accuracy
 
-__all__ = ["Device", "Runtime", "UpdateResult", "boot_id"]
+__all__ = ["Device", "UpdateResult", "Watch", "boot_id"]
 
 _MARKER = "device.json"
 _LOCK = "lock"
@@ -445,8 +444,9 @@ class Device:
             return False
         return True
 
-    def _serve(self) -> tuple[Path, Manifest, _Watch | None]:
-        """What a starting runtime serves, and the watch on it while on probation.
+    def serve(self) -> tuple[Path, Manifest, Watch | None]:
+        """What a starting runtime (:class:`edgeloop.device.Runtime`) serves: the active
+        model's path and manifest, and the watch it reports to while on probation.
 
         The start is accounted first, under the device lock: an active file that does
         not match its manifest falls back to the other slot if that one verifies (the
@@ -476,7 +476,7 @@ class Device:
                 elif p != state.probation:
                     state = replace(state, probation=p)
                     self._write_state(state)
-        watch = None if state.probation is None else _Watch(self, state, state.probation)
+        watch = None if state.probation is None else Watch(self, state, state.probation)
         return path, manifest, watch
 
     def _fall_back(self, state: SlotState, error: VerificationError
@@ -494,13 +494,8 @@ class Device:
                                              f"now serving {manifest.version}")
         return new, path, manifest
 
-    def runtime(self) -> Runtime:
-        """Start serving the active model (a start in a new device boot counts towards
-        probation)."""
-        return Runtime(self)
 
-
-class _Watch:
+class Watch:
     """The updater's side of one runtime's probation.
 
     The runtime reports every inference; outcomes wait in memory and are merged into the
@@ -564,54 +559,3 @@ class _Watch:
                 return True
             self._schedule(p.remaining)
             return False
-
-
-class Runtime:
-    """Serves the active model. While it is on probation, the runtime only reports how
-    each inference went; the updater's side (:class:`Device`, with
-    :func:`~edgeloop.bundle.health.probation_step`) decides to keep or roll back."""
-
-    def __init__(self, device: Device) -> None:
-        self.device = device
-        self._start()
-
-    def _start(self) -> None:
-        self.path, self.manifest, self._watch = self.device._serve()
-        self.session = session(self.path, threads=1)
-        self._inputs = input_specs(self.session)
-        first = self._inputs[0] if self._inputs else None
-        self._batch_of = first.name if first is not None and first.shape else None
-        if self._watch is not None:
-            weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
-
-    def infer(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The model's first output on ``feed`` (arrays named after the model's inputs).
-
-        The feed is checked against the model's inputs first (names, rank, fixed axes,
-        dtype): a malformed feed raises :class:`DataError`, the caller's mistake, which
-        never counts against the model. Values are not checked: NaN or inf in a
-        well-formed feed is data the model meets in the field, so if onnxruntime fails on
-        it (:class:`ModelError`) that counts as a model error during probation, which
-        may roll back (the runtime then serves the other slot's model).
-        """
-        check_against(feed, self._inputs, source="the feed")
-        watch = self._watch
-        if watch is None:
-            return run(self.session, feed)
-        n = len(feed[self._batch_of]) if self._batch_of else 1
-        t0 = time.perf_counter()
-        try:
-            out = run(self.session, feed)
-        except ModelError:
-            if watch.report(False, t0, t0, n):
-                self._over(watch)
-            raise
-        if watch.report(True, t0, time.perf_counter(), n):
-            self._over(watch)
-        return out
-
-    def _over(self, watch: _Watch) -> None:
-        """Probation is over for this runtime: serve the other slot if it rolled back."""
-        self._watch = None
-        if watch.rolled_back:
-            self._start()

@@ -1,0 +1,43 @@
+"""The device runtime: serves the active verified model (reporting to the updater while it
+is on probation), or a cascade of models / an early-exit model's segments, under a
+:class:`Policy` loaded from TOML.
+
+:class:`Runtime` serves; :class:`Answer` is one prediction. :func:`build_cascade` runs
+candidate stages on validation data, fits a temperature per stage
+(:class:`TemperatureScaler`) and chooses thresholds (:func:`choose_thresholds`, pure, with
+the accuracy/latency curve); :func:`evaluate_thresholds` scores thresholds on other data.
+
+Names are imported on first use; nothing here imports torch.
+"""
+
+from edgeloop._lazy import lazy_names
+
+_SOURCES = {
+    "Answer": ".runtime", "Runtime": ".runtime",
+    "Policy": ".policy",
+    "Cascade": ".cascade", "CurvePoint": ".cascade", "Stage": ".cascade",
+    "ThresholdChoice": ".cascade", "build_cascade": ".cascade",
+    "choose_thresholds": ".cascade", "evaluate_thresholds": ".cascade",
+    "MEASURES": ".confidence", "TemperatureScaler": ".confidence", "confidence": ".confidence",
+    "softmax": ".confidence",
+}
+
+__all__ = [
+    "MEASURES",
+    "Answer",
+    "Cascade",
+    "CurvePoint",
+    "Policy",
+    "Runtime",
+    "Stage",
+    "TemperatureScaler",
+    "ThresholdChoice",
+    "build_cascade",
+    "choose_thresholds",
+    "confidence",
+    "evaluate_thresholds",
+    "softmax",
+]
+
+
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES)

@@ -1,0 +1,353 @@
+"""A cascade: stages smallest first; a stage answers when its calibrated confidence clears
+its threshold, otherwise the next one runs, and the last always answers.
+
+An early-exit model is the same thing whose stages pass features along: segment ``i``
+takes segment ``i - 1``'s outputs (``features_*``) instead of the data and returns
+``(exit logits, features)``, so a later segment only runs when an earlier exit was unsure
+(a *chained* stage). Both are described by one ``cascade.json``, written by
+:func:`build_cascade` (``edgeloop cascade``)::
+
+    {"format": 1, "measure": "max-softmax", "max_drop": 0.5,
+     "stages": [{"name", "model" (path relative to cascade.json), "sha256", "chained",
+                 "temperature", "threshold" (null: never answers), "latency_ms",
+                 "accuracy" (alone), "nll_before", "nll_after"}, ...],
+     "expected": {"accuracy", "mean_latency_ms", "answered" (fraction per stage),
+                  "reference_accuracy", "reference_latency_ms" (the last stage alone)},
+     "curve": [{"thresholds", "accuracy", "mean_latency_ms", "answered"}, ...]}
+
+The thresholds are chosen by :func:`choose_thresholds`, a pure function of the stages'
+confidences and correctness on validation data and their batch-1 latencies: the lowest
+expected mean latency whose accuracy is within ``max_drop`` points of the last stage
+alone. A stage whose threshold is null never answers; it does not even run unless a
+chained stage after it needs its features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeloop._io import write_text_atomic
+from edgeloop.data import Dataset, InputSpec, check_against
+from edgeloop.device.confidence import MEASURES, TemperatureScaler, confidence, softmax
+from edgeloop.errors import DataError, ModelError, UsageError, one_of
+
+__all__ = [
+    "Cascade",
+    "CurvePoint",
+    "Stage",
+    "ThresholdChoice",
+    "build_cascade",
+    "choose_thresholds",
+    "evaluate_thresholds",
+    "needed_stages",
+]
+
+FORMAT = 1
+_CHUNK = 20_000_000     # booleans per vectorised block of the threshold search
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a cascade (see the module docstring for the fields)."""
+
+    name: str
+    model: str
+    sha256: str = ""
+    chained: bool = False       # takes the previous stage's outputs, not the data
+    temperature: float = 1.0
+    threshold: float | None = None   # answers when confidence >= threshold; None: never
+    latency_ms: float = 0.0     # batch 1, measured when the cascade was built
+    accuracy: float | None = None
+    nll_before: float | None = None
+    nll_after: float | None = None
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Thresholds (one per stage but the last; None = never answers) and what they give."""
+
+    thresholds: tuple[float | None, ...]
+    accuracy: float
+    mean_latency_ms: float
+    answered: tuple[float, ...]     # fraction of samples each stage answers
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """What :func:`choose_thresholds` chose, the reference it was held to, and the
+    accuracy/latency trade-off curve (the Pareto front over every combination tried)."""
+
+    chosen: CurvePoint
+    reference_accuracy: float
+    reference_latency_ms: float
+    curve: tuple[CurvePoint, ...]
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """A cascade file's content; model paths are relative to the file's folder."""
+
+    stages: tuple[Stage, ...]
+    measure: str = "max-softmax"
+    max_drop: float = 0.5           # accuracy points
+    expected: dict[str, object] = field(default_factory=dict)
+    curve: tuple[CurvePoint, ...] = ()
+
+    def thresholds(self) -> tuple[float | None, ...]:
+        """Each stage's threshold but the last's."""
+        return tuple(s.threshold for s in self.stages[:-1])
+
+    def with_thresholds(self, thresholds: Sequence[float | None]) -> Cascade:
+        """This cascade with other thresholds (``inf`` or None: the stage never answers)."""
+        if len(thresholds) != len(self.stages) - 1:
+            raise UsageError(f"`thresholds` must hold {len(self.stages) - 1} value(s), one per "
+                             f"stage but the last; got {len(thresholds)}")
+        t = [None if v is None or v == math.inf else float(v) for v in thresholds]
+        return replace(self, stages=tuple(replace(s, threshold=v) for s, v in
+                                          zip(self.stages, [*t, None], strict=True)))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["format"] = FORMAT
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Cascade:
+        """Read a cascade file; one-line :class:`UsageError` if it is missing or malformed."""
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"cascade file {str(p)!r} does not exist")
+        try:
+            d = json.loads(p.read_text())
+            if d.pop("format") != FORMAT:
+                raise ValueError(f"unknown format (expected {FORMAT})")
+            stages = tuple(Stage(**s) for s in d.pop("stages"))
+            if len(stages) < 2:
+                raise ValueError("a cascade has at least two stages")
+            curve = tuple(CurvePoint(tuple(c["thresholds"]), c["accuracy"],
+                                     c["mean_latency_ms"], tuple(c["answered"]))
+                          for c in d.pop("curve"))
+            c = cls(stages=stages, curve=curve, **d)
+            if c.measure not in MEASURES:
+                raise one_of("measure", MEASURES, c.measure)
+            return c
+        except (ValueError, KeyError, TypeError, AttributeError, UsageError) as e:
+            raise UsageError(f"{str(p)!r} is not a valid cascade file ({e})") from None
+
+
+# --- choosing thresholds (pure) ---------------------------------------------------------
+
+def needed_stages(finite: np.ndarray, chained: Sequence[bool]) -> np.ndarray:
+    """Which stages run (for the samples that reach them), given which thresholds are
+    finite (``... x K-1``): a stage runs if it may answer, if it is the last, or if the
+    next stage runs and takes its features."""
+    k = len(chained)
+    needed = np.ones((*finite.shape[:-1], k), bool)
+    for i in range(k - 2, -1, -1):
+        needed[..., i] = finite[..., i] | (chained[i + 1] & needed[..., i + 1])
+    return needed
+
+
+def _score(t: np.ndarray, conf: np.ndarray, correct: np.ndarray, lat: np.ndarray,
+           chained: Sequence[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, mean latency and answered fractions of each threshold row of ``t``
+    (C x K-1) on samples with confidences ``conf`` (K-1 x n) and ``correct`` (K x n)."""
+    k, n = correct.shape
+    answers = conf[None, :, :] >= t[:, :, None]                  # C x K-1 x n
+    first = np.where(answers.any(1), answers.argmax(1), k - 1)   # C x n
+    accuracy = correct[first, np.arange(n)].mean(1)
+    cum = np.cumsum(needed_stages(np.isfinite(t), chained) * lat, axis=1)
+    latency = np.take_along_axis(cum, first, 1).mean(1)
+    answered = np.stack([(first == i).mean(1) for i in range(k)], axis=1)
+    return accuracy, latency, answered
+
+
+def _inputs(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarray],
+            latencies_ms: Sequence[float], chained: Sequence[bool] | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bool]]:
+    k = len(correct)
+    if k < 2 or len(latencies_ms) != k or len(confidences) not in (k - 1, k):
+        raise UsageError(f"a cascade needs at least two stages, with one latency each and a "
+                         f"confidence for every stage but the last; got {len(confidences)} "
+                         f"confidences, {k} correctness arrays and {len(latencies_ms)} latencies")
+    conf = np.stack([np.asarray(c, np.float64) for c in confidences[:k - 1]])
+    ok = np.stack([np.asarray(c, bool) for c in correct])
+    chain = [False] * k if chained is None else [bool(c) for c in chained]
+    return conf, ok, np.asarray(latencies_ms, np.float64), chain
+
+
+def _point(t: np.ndarray, acc: float, lat: float, answered: np.ndarray) -> CurvePoint:
+    return CurvePoint(tuple(None if not np.isfinite(v) else float(v) for v in t), float(acc),
+                      float(lat), tuple(float(a) for a in answered))
+
+
+def evaluate_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarray],
+                        latencies_ms: Sequence[float], thresholds: Sequence[float | None], *,
+                        chained: Sequence[bool] | None = None) -> CurvePoint:
+    """Accuracy, expected mean latency and answered fractions of a cascade with
+    ``thresholds`` (None or ``inf``: never answers) on samples whose per-stage
+    confidences and correctness are given (e.g. a held-out split)."""
+    conf, ok, lat, chain = _inputs(confidences, correct, latencies_ms, chained)
+    t = np.array([[np.inf if v is None else v for v in thresholds]], np.float64)
+    acc, mean, answered = _score(t, conf, ok, lat, chain)
+    return _point(t[0], acc[0], mean[0], answered[0])
+
+
+def choose_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarray],
+                      latencies_ms: Sequence[float], *, max_drop: float,
+                      chained: Sequence[bool] | None = None,
+                      max_combinations: int = 50_000) -> ThresholdChoice:
+    """The thresholds with the lowest expected mean latency whose accuracy is at most
+    ``max_drop`` points below the last stage's alone (ties: the more accurate).
+
+    ``confidences[i]`` and ``correct[i]`` are stage ``i``'s confidence and whether its
+    answer is right, per validation sample (the last stage's confidence is not needed);
+    ``latencies_ms[i]`` its batch-1 latency; ``chained[i]`` whether it takes the previous
+    stage's features. Every combination of candidate thresholds is scored (quantiles of
+    each stage's confidences, plus "never"), at most ``max_combinations`` of them; the
+    last stage alone is one of them, so a choice always exists.
+    """
+    if not max_drop >= 0:
+        raise UsageError(f"`max_drop` must be >= 0 (accuracy points); got {max_drop}")
+    conf, ok, lat, chain = _inputs(confidences, correct, latencies_ms, chained)
+    k, n = ok.shape
+    per_stage = max(2, int(max_combinations ** (1 / (k - 1))))
+    grids = [np.append(np.unique(np.quantile(c, np.linspace(0, 1, per_stage - 1))), np.inf)
+             for c in conf]
+    mesh = np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, k - 1)
+    chunk = max(1, _CHUNK // max(1, n * (k - 1)))
+    parts = [_score(mesh[i:i + chunk], conf, ok, lat, chain) for i in range(0, len(mesh), chunk)]
+    acc, mean, answered = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    ref = np.full(k - 1, np.inf)
+    ref_acc, ref_lat, _ = _score(ref[None], conf, ok, lat, chain)
+    feasible = acc >= ref_acc[0] - max_drop / 100 - 1e-12
+    order = np.lexsort((-acc, mean))          # by latency, then the more accurate first
+    best = next(i for i in order if feasible[i])
+    curve, top = [], -1.0
+    for i in order:                           # the Pareto front: each point more accurate
+        if acc[i] > top + 1e-12:
+            curve.append(_point(mesh[i], acc[i], mean[i], answered[i]))
+            top = acc[i]
+    return ThresholdChoice(chosen=_point(mesh[best], acc[best], mean[best], answered[best]),
+                           reference_accuracy=float(ref_acc[0]),
+                           reference_latency_ms=float(ref_lat[0]), curve=tuple(curve))
+
+
+# --- building a cascade from models and validation data -------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
+                  max_drop: float = 0.5, measure: str = "max-softmax",
+                  out: str | os.PathLike[str] | None = None,
+                  latency_rounds: int = 5, latency_runs: int = 20) -> Cascade:
+    """Run every stage on ``val`` (labels needed), fit a temperature per stage, time each
+    stage at batch 1 (interleaved, one thread, as the runtime runs them) and choose the
+    thresholds (:func:`choose_thresholds`). Writes ``out`` (cascade.json) atomically when
+    given; nothing is written if anything is wrong."""
+    from edgeloop._onnx import input_specs, session
+    from edgeloop._progress import progress
+    from edgeloop.data import batches
+    from edgeloop.measure import PREDICT_BATCH, interleaved_latency
+
+    if not max_drop >= 0:
+        raise UsageError(f"`max-drop` must be >= 0 (accuracy points); got {max_drop}")
+    if measure not in MEASURES:
+        raise one_of("measure", MEASURES, measure)
+    if len(models) < 2:
+        raise UsageError(f"a cascade needs at least two models, smallest first; got {len(models)}")
+    if val.labels is None:
+        raise DataError("the validation data has no `labels` array; a cascade's thresholds "
+                        "are chosen on labelled data")
+    paths = [Path(m) for m in models]
+    sessions = [session(p, threads=1) for p in paths]
+    chained = [False]
+    first_inputs = input_specs(sessions[0])
+    check_against(val, first_inputs, source=f"validation data for {paths[0].name!r}")
+    for p, prev, s in zip(paths[1:], sessions, sessions[1:], strict=False):
+        names = {i.name for i in s.get_inputs()}
+        if names <= {o.name for o in prev.get_outputs()[1:]}:
+            chained.append(True)
+            continue
+        chained.append(False)
+        specs = input_specs(s)
+        if [(i.name, i.dtype, i.shape[1:]) for i in specs] != \
+                [(i.name, i.dtype, i.shape[1:]) for i in first_inputs]:
+            raise ModelError(f"{p.name!r} takes inputs {_shown(specs)} but {paths[0].name!r} "
+                             f"takes {_shown(first_inputs)}: a cascade's stages take the same "
+                             "inputs (or, early-exit segments, the previous one's outputs)")
+
+    logits: list[list[np.ndarray]] = [[] for _ in paths]
+    first_row: dict[str, np.ndarray] = {k: v[:1] for k, v in val.inputs.items()}
+    steps = progress(batches(val, PREDICT_BATCH), "running the stages on validation data",
+                     total=-(-len(val) // PREDICT_BATCH))
+    for feed in steps:
+        prev: dict[str, np.ndarray] = {}
+        for i, s in enumerate(sessions):
+            f = prev if chained[i] else feed
+            try:
+                outs = s.run(None, {x.name: f[x.name] for x in s.get_inputs()})
+            except Exception as e:
+                raise ModelError(f"{paths[i].name!r} failed on the validation data: "
+                                 f"{str(e).strip().splitlines()[0][:200]}") from None
+            prev = {o.name: v for o, v in zip(s.get_outputs(), outs, strict=True)}
+            logits[i].append(outs[0])
+            for name, v in prev.items():
+                first_row.setdefault(name, v[:1])
+    z = [np.concatenate(parts) for parts in logits]
+    classes = {p.name: a.shape[1:] for p, a in zip(paths, z, strict=True)}
+    if any(a.ndim != 2 for a in z) or len(set(classes.values())) != 1:
+        shown = ", ".join(f"{k} {tuple(v)}" for k, v in classes.items())
+        raise ModelError(f"a cascade's stages must output logits over the same classes "
+                         f"(samples x classes); got {shown}")
+    n_classes = z[0].shape[1]
+    if val.labels.min() < 0 or val.labels.max() >= n_classes:
+        raise DataError(f"validation labels must be class ids in [0, {n_classes}); got "
+                        f"{val.labels.min()}..{val.labels.max()}")
+
+    scalers = [TemperatureScaler().fit(a, val.labels) for a in z]
+    conf = [confidence(softmax(a, s.temperature_), measure)
+            for a, s in zip(z, scalers, strict=True)]
+    correct = [a.argmax(1) == val.labels for a in z]
+    times = interleaved_latency(sessions, Dataset(first_row), batch=1, rounds=latency_rounds,
+                                runs=latency_runs, warmup=5)
+    choice = choose_thresholds(conf, correct, times, max_drop=max_drop, chained=chained)
+
+    home = Path(out).resolve().parent if out is not None else Path.cwd()
+    stages = tuple(
+        Stage(name=p.stem, model=os.path.relpath(p.resolve(), home), sha256=_sha256(p),
+              chained=c, temperature=float(s.temperature_), threshold=t,
+              latency_ms=float(ms), accuracy=float(ok.mean()), nll_before=float(s.nll_before_),
+              nll_after=float(s.nll_after_))
+        for p, c, s, t, ms, ok in zip(paths, chained, scalers, [*choice.chosen.thresholds, None],
+                                      times, correct, strict=True))
+    expected = {"accuracy": choice.chosen.accuracy,
+                "mean_latency_ms": choice.chosen.mean_latency_ms,
+                "answered": list(choice.chosen.answered),
+                "reference_accuracy": choice.reference_accuracy,
+                "reference_latency_ms": choice.reference_latency_ms,
+                "samples": len(val)}
+    cascade = Cascade(stages=stages, measure=measure, max_drop=float(max_drop),
+                      expected=expected, curve=choice.curve)
+    if out is not None:
+        write_text_atomic(out, cascade.to_json())
+    return cascade
+
+
+def _shown(specs: Sequence[InputSpec]) -> str:
+    return ", ".join(f"{s.name} {s.dtype} {tuple('N' if d is None else d for d in s.shape)}"
+                     for s in specs)

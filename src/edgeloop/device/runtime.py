@@ -1,0 +1,204 @@
+"""The device runtime: serves the active verified model, or a cascade, and reports to the
+updater while a new model is on probation.
+
+Serving the device's slot, every inference is reported to the updater's watch
+(:meth:`edgeloop.bundle.Device.serve`); the updater decides to keep or roll back, the
+runtime only reports, and after a rollback it serves the other slot. Serving a cascade
+(a policy's ``cascade``), the stages run smallest first and a later stage only runs for
+the samples no earlier stage was sure about (:mod:`edgeloop.device.cascade`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeloop._onnx import input_specs, run, session
+from edgeloop.bundle.device import Device, Watch
+from edgeloop.data import check_against
+from edgeloop.device.cascade import Cascade, _sha256, needed_stages
+from edgeloop.device.confidence import confidence, softmax
+from edgeloop.device.policy import Policy
+from edgeloop.errors import ModelError, UsageError, VerificationError
+
+__all__ = ["Answer", "Runtime"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One prediction: the answering stage's output, which stage answered (for a batch,
+    the last stage any sample needed), its calibrated confidence (None for a single
+    model), and the wall time of the whole call."""
+
+    output: np.ndarray
+    stage: str
+    latency_ms: float
+    confidence: float | None = None
+    offloaded: bool = False
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str
+    session: object                 # onnxruntime.InferenceSession
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    temperature: float
+    threshold: float                # inf: never answers
+    chained: bool
+    runs: bool                      # False: skipped (never answers, nobody needs it)
+
+
+class Runtime:
+    """Serves a device's active model (``state``: a device folder or a
+    :class:`~edgeloop.bundle.Device`), or the cascade a ``policy`` names (then ``state``
+    is None: a cascade from files is not a verified bundle and has no probation)."""
+
+    def __init__(self, state: str | os.PathLike[str] | Device | None,
+                 policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
+        self.cascade: Cascade | None = None
+        if self.policy.cascade is not None:
+            if state is not None:
+                raise UsageError("the policy names a cascade, served from its files as they "
+                                 "are; a device folder serves its verified slot: give one of "
+                                 "them")
+            self.device = None
+            self._start_cascade(self.policy.cascade)
+            return
+        if state is None:
+            raise UsageError("give a device state folder, or a policy that names a cascade")
+        self.device = state if isinstance(state, Device) else Device(state)
+        self._start()
+
+    # --- serving the device's slot (probation) --------------------------------------
+
+    def _start(self) -> None:
+        assert self.device is not None
+        self.path, self.manifest, self._watch = self.device.serve()
+        self.session = session(self.path, threads=self.policy.threads)
+        self._inputs = input_specs(self.session)
+        first = self._inputs[0] if self._inputs else None
+        self._batch_of = first.name if first is not None and first.shape else None
+        if self._watch is not None:
+            weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The model's first output on ``feed`` (arrays named after the model's inputs);
+        for a cascade, the answering stages' outputs.
+
+        The feed is checked against the model's inputs first (names, rank, fixed axes,
+        dtype): a malformed feed raises :class:`DataError`, the caller's mistake, which
+        never counts against the model. Values are not checked: NaN or inf in a
+        well-formed feed is data the model meets in the field, so if onnxruntime fails on
+        it (:class:`ModelError`) that counts as a model error during probation, which
+        may roll back (the runtime then serves the other slot's model).
+        """
+        if self.cascade is not None:
+            return self.predict(feed).output
+        check_against(feed, self._inputs, source="the feed")
+        watch = self._watch
+        if watch is None:
+            return run(self.session, feed)
+        n = len(feed[self._batch_of]) if self._batch_of else 1
+        t0 = time.perf_counter()
+        try:
+            out = run(self.session, feed)
+        except ModelError:
+            if watch.report(False, t0, t0, n):
+                self._over(watch)
+            raise
+        if watch.report(True, t0, time.perf_counter(), n):
+            self._over(watch)
+        return out
+
+    def _over(self, watch: Watch) -> None:
+        """Probation is over for this runtime: serve the other slot if it rolled back."""
+        self._watch = None
+        if watch.rolled_back:
+            self._start()
+
+    def predict(self, feed: Mapping[str, np.ndarray]) -> Answer:
+        """Run ``feed`` (one sample, or a batch) and say which stage answered."""
+        t0 = time.perf_counter()
+        if self.cascade is None:
+            out = self.infer(feed)
+            return Answer(out, self.manifest.name, (time.perf_counter() - t0) * 1e3)
+        check_against(feed, self._inputs, source="the feed")
+        out, conf, stage = self._cascade_run(feed)
+        return Answer(out, stage, (time.perf_counter() - t0) * 1e3,
+                      confidence=float(conf.min()))
+
+    # --- serving a cascade ----------------------------------------------------------
+
+    def _start_cascade(self, path: Path) -> None:
+        c = Cascade.load(path)
+        if self.policy.thresholds is not None:
+            c = c.with_thresholds(self.policy.thresholds)
+        self.cascade = c
+        finite = np.array([s.threshold is not None for s in c.stages[:-1]])
+        runs = needed_stages(finite, [s.chained for s in c.stages])
+        stages = []
+        for s, r in zip(c.stages, runs, strict=True):
+            model = path.parent / s.model
+            if not model.is_file():
+                raise UsageError(f"cascade {str(path)!r} names {s.model!r}, which does not exist")
+            if s.sha256 and _sha256(model) != s.sha256:
+                raise VerificationError(f"{str(model)!r} is not the model cascade "
+                                        f"{str(path)!r} was built with (sha256 differs)")
+            sess = session(model, threads=self.policy.threads)
+            stages.append(_Stage(
+                s.name, sess, tuple(i.name for i in sess.get_inputs()),
+                tuple(o.name for o in sess.get_outputs()), s.temperature,
+                np.inf if s.threshold is None else s.threshold, s.chained, bool(r)))
+        self._stages = tuple(stages)
+        self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
+        self.path, self.manifest, self._watch = path, None, None
+
+    def _cascade_run(self, feed: Mapping[str, np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Outputs, confidences and the last answering stage's name for ``feed``."""
+        assert self.cascade is not None
+        n = len(next(iter(feed.values())))
+        rows = np.arange(n)
+        out: np.ndarray | None = None
+        conf_all = np.ones(n)
+        prev: dict[str, np.ndarray] = {}
+        last = len(self._stages) - 1
+        measure = self.cascade.measure
+        name = self._stages[-1].name
+        for i, st in enumerate(self._stages):
+            if not st.runs:
+                continue
+            if st.chained:
+                f = {k: prev[k] for k in st.inputs}
+            else:
+                f = {k: feed[k] if len(rows) == n else feed[k][rows] for k in st.inputs}
+            try:
+                outs = st.session.run(None, f)     # type: ignore[attr-defined]
+            except Exception as e:
+                raise ModelError(f"stage {st.name!r} failed: "
+                                 f"{str(e).strip().splitlines()[0][:300]}") from None
+            logits = outs[0]
+            if out is None:
+                out = np.empty((n, *logits.shape[1:]), logits.dtype)
+            c = confidence(softmax(logits, st.temperature), measure)
+            ok = np.ones(len(rows), bool) if i == last else c >= st.threshold
+            if ok.any():
+                out[rows[ok]] = logits[ok]
+                conf_all[rows[ok]] = c[ok]
+                name = st.name
+            if ok.all():
+                break
+            keep = ~ok
+            rows = rows[keep]
+            prev = {k: v[keep] for k, v in zip(st.outputs, outs, strict=True)}
+        assert out is not None
+        return out, conf_all, name
+
