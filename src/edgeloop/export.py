@@ -43,6 +43,7 @@ __all__ = [
     "TFLiteConfig",
     "check_coreml_spec",
     "export_checkpoint",
+    "segments_to_onnx",
     "to_coreml",
     "to_onnx",
     "to_tflite",
@@ -67,6 +68,50 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, out: str | os.PathLike[str],
     with torch.no_grad():
         expected = model(sample).numpy()
     return check_and_save(proto, {input_name: sample.numpy()}, expected, out, atol=atol)
+
+
+def segments_to_onnx(segments: list[nn.Module], sample: torch.Tensor,
+                     out_dir: str | os.PathLike[str], *, stem: str = "segment",
+                     opset: int = 20, atol: float = 1e-4) -> list[Path]:
+    """Export an early-exit model's segments as ``out_dir/{stem}1.onnx``, ... (free batch
+    axis): the first takes ``x``, segment ``i`` takes ``features_{i-1}``; each returns
+    ``logits`` and, but the last, ``features_{i}``. Each file is run in onnxruntime on the
+    previous one's features and compared with PyTorch (every output) before it is
+    written; returns the paths."""
+    out, paths, h = Path(out_dir), [], sample
+    batch = torch.export.Dim("batch", min=1)
+    for i, seg in enumerate(segments, start=1):
+        seg = seg.eval()
+        last = i == len(segments)
+        name_in = INPUT_NAME if i == 1 else f"features_{i - 1}"
+        names_out = [OUTPUT_NAME] if last else [OUTPUT_NAME, f"features_{i}"]
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                proto = torch.onnx.export(
+                    seg, (h,), input_names=[name_in], output_names=names_out,
+                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                    external_data=False).model_proto
+        except Exception as e:
+            raise ModelError(f"torch.onnx.export of segment {i} failed: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+        with torch.no_grad():
+            expected = seg(h)
+        expected = [expected] if last else list(expected)
+        onnx.checker.check_model(proto)
+        got = session(proto).run(None, {name_in: h.numpy()})
+        for name, e, g in zip(names_out, expected, got, strict=True):
+            diff = float(np.max(np.abs(e.numpy() - g)))
+            if diff > atol:
+                raise ModelError(f"segment {i}'s ONNX export differs from PyTorch in "
+                                 f"{name!r} by {diff:.2e} (> {atol:.0e})")
+        path = out / f"{stem}{i}.onnx"
+        with atomic_path(path) as tmp:
+            onnx.save(proto, tmp)
+        paths.append(path)
+        if not last:
+            h = expected[1]
+    return paths
 
 
 def onnx_program(model: nn.Module, sample: torch.Tensor, *, opset: int = 20,

@@ -329,12 +329,13 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
 
     home = Path(out).resolve().parent if out is not None else Path.cwd()
     stages = tuple(
-        Stage(name=p.stem, model=os.path.relpath(p.resolve(), home), sha256=_sha256(p),
+        Stage(name=name, model=os.path.relpath(p.resolve(), home), sha256=_sha256(p),
               chained=c, temperature=float(s.temperature_), threshold=t,
               latency_ms=float(ms), accuracy=float(ok.mean()), nll_before=float(s.nll_before_),
               nll_after=float(s.nll_after_))
-        for p, c, s, t, ms, ok in zip(paths, chained, scalers, [*choice.chosen.thresholds, None],
-                                      times, correct, strict=True))
+        for name, p, c, s, t, ms, ok in zip(_names(paths), paths, chained, scalers,
+                                            [*choice.chosen.thresholds, None], times, correct,
+                                            strict=True))
     expected = {"accuracy": choice.chosen.accuracy,
                 "mean_latency_ms": choice.chosen.mean_latency_ms,
                 "answered": list(choice.chosen.answered),
@@ -346,6 +347,16 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
     if out is not None:
         write_text_atomic(out, cascade.to_json())
     return cascade
+
+
+def _names(paths: Sequence[Path]) -> list[str]:
+    """Stage names: the file stems, or folder/stem where stems repeat (``cnn/model``)."""
+    names = [p.stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.stem}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"stage{i}" for i in range(1, len(paths) + 1)]
+    return names
 
 
 def _shown(specs: Sequence[InputSpec]) -> str:

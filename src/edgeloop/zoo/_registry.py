@@ -20,6 +20,7 @@ from torch import nn
 
 from edgeloop._io import atomic_path
 from edgeloop.errors import ModelError, one_of
+from edgeloop.zoo.exits import MNIST1DCNNExits
 from edgeloop.zoo.mobile import MobileNet1D
 from edgeloop.zoo.models import MNIST1DCNN, MNIST1DMLP, DigitsCNN
 
@@ -40,6 +41,7 @@ ARCHS: dict[str, Arch] = {
     "mnist1d-mlp": Arch(MNIST1DMLP, "mnist1d", (40,)),
     "digits-cnn": Arch(DigitsCNN, "digits", (1, 8, 8)),
     "mnist1d-mobile": Arch(MobileNet1D, "mnist1d", (40,)),
+    "mnist1d-cnn-exits": Arch(MNIST1DCNNExits, "mnist1d", (40,)),
 }
 
 LAYERS = "layers"  # config key for per-layer shapes of a pruned model

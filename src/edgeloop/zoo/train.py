@@ -15,6 +15,7 @@ from edgeloop._progress import progress
 from edgeloop._trainconfig import TrainConfig
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.zoo._registry import ARCHS, build, save_torch
+from edgeloop.zoo.exits import MNIST1DCNNExits, joint_loss
 
 
 def _logits_and_labels(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,16 +39,19 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
           config: TrainConfig | None = None, *,
           loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
           after_step: Callable[[], None] | None = None,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
           description: str = "training") -> nn.Module:
     """Train ``model`` in place with AdamW and a cosine schedule; keep the weights of the
     epoch with the best validation accuracy. Returns the model in eval mode.
 
     ``loss(logits, idx)`` scores one batch, given the indices of its samples in
     ``train_data``; the default is cross-entropy with the labels. ``after_step`` runs after
-    every optimiser step (e.g. to keep pruned weights at zero)."""
+    every optimiser step (e.g. to keep pruned weights at zero). ``forward(x)`` gives what
+    ``loss`` scores (default: the model's output; an early-exit model gives every exit's)."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     x, y = _logits_and_labels(train_data)
+    forward = forward or model
     if loss is None:
         def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return nn.functional.cross_entropy(logits, y[idx])
@@ -60,7 +64,7 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
         model.train()
         for idx in torch.randperm(len(x), generator=gen).split(config.batch_size):
             opt.zero_grad()
-            loss(model(x[idx]), idx).backward()
+            loss(forward(x[idx]), idx).backward()
             opt.step()
             sched.step()
             if after_step is not None:
@@ -75,9 +79,11 @@ def train(model: nn.Module, train_data: Dataset, val_data: Dataset,
 def train_zoo_model(arch: str, out_dir: str | os.PathLike[str], *,
                     config: TrainConfig | None = None, **arch_config: object) -> dict[str, float]:
     """Train zoo model ``arch`` on its built-in data set and write ``out_dir/model.pt`` and
-    ``out_dir/model.onnx``. Returns validation and test accuracy. ``config.seed`` fixes
-    the initial weights as well as the training order: the same seed gives the same model."""
-    from edgeloop.export import to_onnx
+    ``out_dir/model.onnx`` (for an early-exit model also its segments,
+    ``out_dir/exit1.onnx``, ``exit2.onnx``, ...). Returns validation and test accuracy.
+    ``config.seed`` fixes the initial weights as well as the training order: the same seed
+    gives the same model."""
+    from edgeloop.export import segments_to_onnx, to_onnx
 
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
@@ -85,10 +91,17 @@ def train_zoo_model(arch: str, out_dir: str | os.PathLike[str], *,
     entry = ARCHS[arch]
     train_data = load_builtin(entry.dataset, "train")
     val_data = load_builtin(entry.dataset, "val")
-    train(model, train_data, val_data, config, description=f"training {arch}")
+    objective: dict[str, object] = {}
+    if isinstance(model, MNIST1DCNNExits):
+        forward, loss = joint_loss(model, _logits_and_labels(train_data)[1])
+        objective = {"forward": forward, "loss": loss}
+    train(model, train_data, val_data, config, description=f"training {arch}",
+          **objective)  # type: ignore[arg-type]
     out = Path(out_dir)
     save_torch(out / "model.pt", model, arch, arch_config)
     sample = torch.from_numpy(np.ascontiguousarray(train_data.inputs["x"][:2]))
     to_onnx(model, sample, out / "model.onnx")
+    if isinstance(model, MNIST1DCNNExits):
+        segments_to_onnx(model.segments(), sample, out, stem="exit")
     return {"val_accuracy": accuracy(model, val_data),
             "test_accuracy": accuracy(model, load_builtin(entry.dataset, "test"))}
