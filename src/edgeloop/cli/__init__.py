@@ -22,6 +22,7 @@ from edgeloop._progress import quiet_libraries
 from edgeloop.cli import bench as _bench  # noqa: F401  (registers its commands)
 from edgeloop.cli import bundle as _bundle  # noqa: F401  (registers its commands)
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
+from edgeloop.cli import device as _device  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
 from edgeloop.cli import train as _train  # noqa: F401  (registers its commands)
 from edgeloop.cli._app import app, err_console

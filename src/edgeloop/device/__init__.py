@@ -13,7 +13,8 @@ Names are imported on first use; nothing here imports torch.
 from edgeloop._lazy import lazy_names
 
 _SOURCES = {
-    "Answer": ".runtime", "Runtime": ".runtime",
+    "Answer": ".runtime", "RunSummary": ".runtime", "Runtime": ".runtime",
+    "summarize": ".runtime",
     "Policy": ".policy",
     "Cascade": ".cascade", "CurvePoint": ".cascade", "Stage": ".cascade",
     "ThresholdChoice": ".cascade", "build_cascade": ".cascade",
@@ -28,6 +29,7 @@ __all__ = [
     "Cascade",
     "CurvePoint",
     "Policy",
+    "RunSummary",
     "Runtime",
     "Stage",
     "TemperatureScaler",
@@ -37,6 +39,7 @@ __all__ = [
     "confidence",
     "evaluate_thresholds",
     "softmax",
+    "summarize",
 ]
 
 

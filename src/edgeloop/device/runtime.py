@@ -13,21 +13,22 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeloop._onnx import input_specs, run, session
+from edgeloop._progress import progress
 from edgeloop.bundle.device import Device, Watch
-from edgeloop.data import check_against
+from edgeloop.data import Dataset, check_against
 from edgeloop.device.cascade import Cascade, _sha256, needed_stages
 from edgeloop.device.confidence import confidence, softmax
 from edgeloop.device.policy import Policy
 from edgeloop.errors import ModelError, UsageError, VerificationError
 
-__all__ = ["Answer", "Runtime"]
+__all__ = ["Answer", "RunSummary", "Runtime", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,37 @@ class Answer:
     latency_ms: float
     confidence: float | None = None
     offloaded: bool = False
+
+
+@dataclass
+class RunSummary:
+    """What :func:`summarize` counts over many answers."""
+
+    samples: int = 0
+    answered: dict[str, int] = field(default_factory=dict)   # by stage, in serving order
+    offloaded: int = 0
+    mean_latency_ms: float = 0.0
+    p50_latency_ms: float = 0.0
+    p90_latency_ms: float = 0.0
+    accuracy: float | None = None          # when labels were given
+
+
+def summarize(answers: Iterable[Answer], labels: np.ndarray | None = None) -> RunSummary:
+    """Answers per stage, latency and (with ``labels``, one per answer) top-1 accuracy."""
+    s, times, right = RunSummary(), [], 0
+    for i, a in enumerate(answers):
+        s.samples += 1
+        s.answered[a.stage] = s.answered.get(a.stage, 0) + 1
+        s.offloaded += a.offloaded
+        times.append(a.latency_ms)
+        if labels is not None:
+            right += int(np.asarray(a.output).reshape(-1).argmax() == labels[i])
+    if times:
+        t = np.asarray(times)
+        s.mean_latency_ms = float(t.mean())
+        s.p50_latency_ms, s.p90_latency_ms = (float(v) for v in np.percentile(t, [50, 90]))
+        s.accuracy = None if labels is None else right / s.samples
+    return s
 
 
 @dataclass(frozen=True)
@@ -134,6 +166,19 @@ class Runtime:
         out, conf, stage = self._cascade_run(feed)
         return Answer(out, stage, (time.perf_counter() - t0) * 1e3,
                       confidence=float(conf.min()))
+
+    def stages(self) -> tuple[str, ...]:
+        """The names of the stages that may answer, in order."""
+        if self.cascade is None:
+            return (self.manifest.name,)
+        return tuple(st.name for st in self._stages if st.runs)
+
+    def predict_each(self, data: Dataset) -> Iterator[Answer]:
+        """:meth:`predict` on each sample of ``data`` in turn (as a device meets them),
+        with a progress bar."""
+        check_against(data, self._inputs, source="the data")
+        for i in progress(range(len(data)), "predicting", total=len(data)):
+            yield self.predict({k: v[i:i + 1] for k, v in data.inputs.items()})
 
     # --- serving a cascade ----------------------------------------------------------
 

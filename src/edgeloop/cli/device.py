@@ -1,0 +1,83 @@
+"""Commands for the device runtime: `cascade` (build one) and `device run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeloop.cli._app import app, console
+from edgeloop.cli.bundle import device_app
+
+
+@app.command("cascade")
+def cascade_cmd(
+    models: Annotated[list[Path], typer.Argument(
+        help="Stage ONNX models, smallest first (or an early-exit model's segments)")],
+    val: Annotated[Path, typer.Option("--val", help="Validation .npz with labels")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write cascade.json")],
+    max_drop: Annotated[float, typer.Option(
+        help="Accuracy points the cascade may lose against the last stage alone")] = 0.5,
+    measure: Annotated[str, typer.Option(
+        help="Confidence: max-softmax, margin or entropy")] = "max-softmax",
+) -> None:
+    """Calibrate each stage, time it, and choose thresholds: the lowest expected latency
+    within --max-drop of the last stage's accuracy."""
+    from edgeloop.data import load_npz
+    from edgeloop.device import build_cascade
+
+    c = build_cascade(models, load_npz(val), max_drop=max_drop, measure=measure, out=out)
+    e = c.expected
+    t = Table(title=f"{out} ({measure}, max drop {max_drop} points)")
+    for col in ("stage", "input", "temperature", "threshold", "answers", "accuracy alone",
+                "latency ms"):
+        t.add_column(col)
+    for s, share in zip(c.stages, e["answered"], strict=True):  # type: ignore[call-overload]
+        t.add_row(s.name, "features" if s.chained else "data", f"{s.temperature:.3f}",
+                  "never" if s.threshold is None and s is not c.stages[-1]
+                  else "-" if s.threshold is None else f"{s.threshold:.4f}",
+                  f"{share:.1%}", f"{s.accuracy:.2%}", f"{s.latency_ms:.4f}")
+    console.print(t)
+    ratio = e["mean_latency_ms"] / e["reference_latency_ms"]  # type: ignore[operator]
+    console.print(f"expected accuracy {e['accuracy']:.2%} (last stage alone "
+                  f"{e['reference_accuracy']:.2%}), mean latency {e['mean_latency_ms']:.4f} ms "
+                  f"({ratio:.2f}x the last stage alone, {e['reference_latency_ms']:.4f} ms)")
+
+
+@device_app.command("run")
+def device_run(
+    data: Annotated[Path, typer.Option("--data", help=".npz of inputs (labels optional)")],
+    state_dir: Annotated[Path | None, typer.Argument(
+        help="Device state folder (omit when the policy names a cascade)")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Runtime policy TOML")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per sample: answer, stage, latency, offloaded")] = False,
+) -> None:
+    """Run the device runtime on each sample of --data, one at a time."""
+    from edgeloop.data import load_npz
+    from edgeloop.device import Policy, Runtime, summarize
+
+    rt = Runtime(state_dir, Policy.load(policy) if policy is not None else None)
+    ds = load_npz(data)
+    answers = rt.predict_each(ds)
+    if as_json:
+        for a in answers:
+            console.print_json(json.dumps({
+                "answer": int(a.output.reshape(-1).argmax()), "stage": a.stage,
+                "latency_ms": round(a.latency_ms, 6), "confidence": a.confidence,
+                "offloaded": a.offloaded}), indent=None)
+        return
+    s = summarize(answers, ds.labels)
+    t = Table(title=f"{s.samples} samples")
+    t.add_column("stage")
+    t.add_column("answers")
+    for name in rt.stages():
+        n = s.answered.get(name, 0)
+        t.add_row(name, f"{n} ({n / s.samples:.1%})")
+    console.print(t)
+    acc = "" if s.accuracy is None else f", accuracy {s.accuracy:.2%}"
+    console.print(f"latency per sample: mean {s.mean_latency_ms:.4f} ms, p50 "
+                  f"{s.p50_latency_ms:.4f} ms, p90 {s.p90_latency_ms:.4f} ms{acc}")
