@@ -256,12 +256,14 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                   out: str | os.PathLike[str] | None = None,
                   latency_rounds: int = 5, latency_runs: int = 20) -> Cascade:
     """Run every stage on ``val`` (labels needed), fit a temperature per stage, time each
-    stage at batch 1 (interleaved, one thread, as the runtime runs them) and choose the
+    stage at batch 1 (interleaved, one thread, with its confidence computed in the graph:
+    as the runtime runs them) and choose the
     thresholds (:func:`choose_thresholds`). Writes ``out`` (cascade.json) atomically when
     given; nothing is written if anything is wrong."""
-    from edgeloop._onnx import input_specs, session
+    from edgeloop._onnx import input_specs, load_model, session
     from edgeloop._progress import progress
     from edgeloop.data import batches
+    from edgeloop.device._graph import with_confidence
     from edgeloop.measure import PREDICT_BATCH, interleaved_latency
 
     if not max_drop >= 0:
@@ -323,7 +325,11 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
     conf = [confidence(softmax(a, s.temperature_), measure)
             for a, s in zip(z, scalers, strict=True)]
     correct = [a.argmax(1) == val.labels for a in z]
-    times = interleaved_latency(sessions, Dataset(first_row), batch=1, rounds=latency_rounds,
+    # timed as the runtime runs them: with the calibrated confidence in the graph
+    timed = [session(with_confidence(load_model(p), temperature=s.temperature_,
+                                     measure=measure), threads=1)
+             for p, s in zip(paths, scalers, strict=True)]
+    times = interleaved_latency(timed, Dataset(first_row), batch=1, rounds=latency_rounds,
                                 runs=latency_runs, warmup=5)
     choice = choose_thresholds(conf, correct, times, max_drop=max_drop, chained=chained)
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeloop._onnx import input_specs, run, session
+from edgeloop._onnx import input_specs, load_model, run, session
 from edgeloop._progress import progress
 from edgeloop.bundle.device import Device, Watch
 from edgeloop.data import Dataset, check_against
+from edgeloop.device._graph import with_confidence
 from edgeloop.device.cascade import Cascade, _sha256, needed_stages
-from edgeloop.device.confidence import confidence, softmax
 from edgeloop.device.policy import Policy
 from edgeloop.errors import ModelError, UsageError, VerificationError
 
@@ -77,14 +77,15 @@ def summarize(answers: Iterable[Answer], labels: np.ndarray | None = None) -> Ru
 
 @dataclass(frozen=True)
 class _Stage:
+    """A stage that runs (skipped ones are left out), its graph computing its confidence."""
+
     name: str
     session: object                 # onnxruntime.InferenceSession
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    temperature: float
-    threshold: float                # inf: never answers
+    threshold: float                # inf: never answers (the last: -inf, always answers)
     chained: bool
-    runs: bool                      # False: skipped (never answers, nobody needs it)
+    feed_from: tuple[int, ...]      # chained: which previous output feeds each input
 
 
 class Runtime:
@@ -171,7 +172,7 @@ class Runtime:
         """The names of the stages that may answer, in order."""
         if self.cascade is None:
             return (self.manifest.name,)
-        return tuple(st.name for st in self._stages if st.runs)
+        return tuple(st.name for st in self._stages)
 
     def predict_each(self, data: Dataset) -> Iterator[Answer]:
         """:meth:`predict` on each sample of ``data`` in turn (as a device meets them),
@@ -189,7 +190,7 @@ class Runtime:
         self.cascade = c
         finite = np.array([s.threshold is not None for s in c.stages[:-1]])
         runs = needed_stages(finite, [s.chained for s in c.stages])
-        stages = []
+        stages: list[_Stage] = []
         for s, r in zip(c.stages, runs, strict=True):
             model = path.parent / s.model
             if not model.is_file():
@@ -197,53 +198,74 @@ class Runtime:
             if s.sha256 and _sha256(model) != s.sha256:
                 raise VerificationError(f"{str(model)!r} is not the model cascade "
                                         f"{str(path)!r} was built with (sha256 differs)")
-            sess = session(model, threads=self.policy.threads)
+            if not r:
+                continue
+            sess = session(with_confidence(load_model(model), temperature=s.temperature,
+                                           measure=c.measure), threads=self.policy.threads)
+            inputs = tuple(i.name for i in sess.get_inputs())
+            feed_from: tuple[int, ...] = ()
+            if s.chained:
+                prev = stages[-1].outputs
+                missing = [i for i in inputs if i not in prev]
+                if missing:
+                    raise UsageError(f"cascade {str(path)!r}: stage {s.name!r} takes {missing}, "
+                                     f"which stage {stages[-1].name!r} does not output")
+                feed_from = tuple(prev.index(i) for i in inputs)
             stages.append(_Stage(
-                s.name, sess, tuple(i.name for i in sess.get_inputs()),
-                tuple(o.name for o in sess.get_outputs()), s.temperature,
-                np.inf if s.threshold is None else s.threshold, s.chained, bool(r)))
+                s.name, sess, inputs, tuple(o.name for o in sess.get_outputs()),
+                -np.inf if s is c.stages[-1] else np.inf if s.threshold is None else s.threshold,
+                s.chained, feed_from))
         self._stages = tuple(stages)
         self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
         self.path, self.manifest, self._watch = path, None, None
 
     def _cascade_run(self, feed: Mapping[str, np.ndarray]
                      ) -> tuple[np.ndarray, np.ndarray, str]:
-        """Outputs, confidences and the last answering stage's name for ``feed``."""
-        assert self.cascade is not None
+        """Outputs, confidences and the last answering stage's name for ``feed``. Each
+        stage's graph computes its calibrated confidence (``_graph.with_confidence``)."""
         n = len(next(iter(feed.values())))
+        if n == 1:
+            return self._one(feed)
         rows = np.arange(n)
         out: np.ndarray | None = None
-        conf_all = np.ones(n)
-        prev: dict[str, np.ndarray] = {}
-        last = len(self._stages) - 1
-        measure = self.cascade.measure
+        conf_all = np.ones(n, np.float32)
+        outs: list[np.ndarray] = []
         name = self._stages[-1].name
+        last = len(self._stages) - 1
         for i, st in enumerate(self._stages):
-            if not st.runs:
-                continue
-            if st.chained:
-                f = {k: prev[k] for k in st.inputs}
-            else:
-                f = {k: feed[k] if len(rows) == n else feed[k][rows] for k in st.inputs}
-            try:
-                outs = st.session.run(None, f)     # type: ignore[attr-defined]
-            except Exception as e:
-                raise ModelError(f"stage {st.name!r} failed: "
-                                 f"{str(e).strip().splitlines()[0][:300]}") from None
-            logits = outs[0]
+            f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
+                if st.chained else {k: feed[k][rows] for k in st.inputs}
+            outs = self._run(st, f)
+            logits, conf = outs[0], outs[-1]
             if out is None:
                 out = np.empty((n, *logits.shape[1:]), logits.dtype)
-            c = confidence(softmax(logits, st.temperature), measure)
-            ok = np.ones(len(rows), bool) if i == last else c >= st.threshold
+            ok = np.ones(len(rows), bool) if i == last else conf >= st.threshold
             if ok.any():
                 out[rows[ok]] = logits[ok]
-                conf_all[rows[ok]] = c[ok]
+                conf_all[rows[ok]] = conf[ok]
                 name = st.name
             if ok.all():
                 break
-            keep = ~ok
-            rows = rows[keep]
-            prev = {k: v[keep] for k, v in zip(st.outputs, outs, strict=True)}
+            rows = rows[~ok]
+            outs = [v[~ok] for v in outs]
         assert out is not None
         return out, conf_all, name
 
+    def _one(self, feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, str]:
+        """:meth:`_cascade_run` for one sample, with as little Python as possible."""
+        outs: list[np.ndarray] = []
+        for st in self._stages:
+            f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
+                if st.chained else {k: feed[k] for k in st.inputs}
+            outs = self._run(st, f)
+            if outs[-1][0] >= st.threshold:
+                break
+        return outs[0], outs[-1], st.name
+
+    @staticmethod
+    def _run(st: _Stage, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return st.session.run(None, feed)     # type: ignore[attr-defined,no-any-return]
+        except Exception as e:
+            raise ModelError(f"stage {st.name!r} failed: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from None
