@@ -19,8 +19,8 @@ _SOURCES = {
     "Cascade": ".cascade", "CurvePoint": ".cascade", "Stage": ".cascade",
     "ThresholdChoice": ".cascade", "build_cascade": ".cascade",
     "choose_thresholds": ".cascade", "evaluate_thresholds": ".cascade",
-    "MEASURES": ".confidence", "TemperatureScaler": ".confidence", "confidence": ".confidence",
-    "softmax": ".confidence",
+    "MEASURES": ".calibration", "TemperatureScaler": ".calibration", "confidence": ".calibration",
+    "softmax": ".calibration",
 }
 
 __all__ = [

@@ -4,7 +4,7 @@ On a device, the decision "answer or go on" must cost less than the stage it may
 Computing it in numpy after the run costs several microseconds of Python per stage (as
 much as a small model); appended to the graph, onnxruntime computes it in the same run
 for about one. The graph gains one output, :data:`CONFIDENCE`, of shape (samples,): the
-same numbers :func:`edgeloop.device.confidence.confidence` gives on
+same numbers :func:`edgeloop.device.calibration.confidence` gives on
 ``softmax(logits / T)``.
 """
 
@@ -39,7 +39,7 @@ def with_confidence(model: onnx.ModelProto, *, temperature: float,
                     measure: str = "max-softmax") -> onnx.ModelProto:
     """A copy of ``model`` whose last output is the calibrated confidence of its first
     output (logits, samples x classes) under ``measure``."""
-    from edgeloop.device.confidence import MEASURES
+    from edgeloop.device.calibration import MEASURES
 
     if measure not in MEASURES:
         raise one_of("measure", MEASURES, measure)

@@ -36,7 +36,7 @@ import numpy as np
 
 from edgeloop._io import write_text_atomic
 from edgeloop.data import Dataset, InputSpec, check_against
-from edgeloop.device.confidence import MEASURES, TemperatureScaler, confidence, softmax
+from edgeloop.device.calibration import MEASURES, TemperatureScaler, confidence, softmax
 from edgeloop.errors import DataError, ModelError, UsageError, one_of
 
 __all__ = [
