@@ -276,7 +276,7 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
         raise DataError("the validation data has no `labels` array; a cascade's thresholds "
                         "are chosen on labelled data")
     paths = [Path(m) for m in models]
-    sessions = [session(p, threads=1) for p in paths]
+    sessions = [session(load_model(p), threads=1) for p in paths]
     chained = [False]
     first_inputs = input_specs(sessions[0])
     check_against(val, first_inputs, source=f"validation data for {paths[0].name!r}")
