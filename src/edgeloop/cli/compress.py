@@ -33,7 +33,7 @@ def data_cmd(
 @zoo_app.command("train")
 def zoo_train(
     arch: Annotated[str, typer.Argument(
-        help="mnist1d-cnn, mnist1d-mlp, mnist1d-mobile or digits-cnn")],
+        help="mnist1d-cnn, mnist1d-cnn-exits, mnist1d-mlp, mnist1d-mobile or digits-cnn")],
     out: Annotated[Path, typer.Option(help="Folder for model.onnx and model.pt")],
     epochs: Annotated[int, typer.Option(min=1)] = TrainConfig.epochs,
     seed: int = 0,
