@@ -80,7 +80,8 @@ def test_importing_the_cli_loads_nothing_heavy() -> None:
 
 @pytest.mark.parametrize("args", [[], ["device"], ["device", "status"], ["device", "update"],
                                   ["device", "rollback"], ["bench"], ["repo"], ["publish"],
-                                  ["zoo", "train"], ["quantize"], ["optimize"], ["prune"]])
+                                  ["zoo", "train"], ["quantize"], ["optimize"], ["prune"],
+                                  ["cascade"], ["device", "run"]])
 def test_help_needs_no_heavy_library(args: list[str]) -> None:
     code, out, err, imports = run(*args, "--help")
     assert code == 0, err
@@ -158,3 +159,19 @@ def test_a_training_command_without_torch_names_the_extra(tmp_path: Path) -> Non
         "error: this command needs `torch`, which is not installed; install it with pip "
         "install 'edgeloop[train]'"]
     assert not (tmp_path / "out").exists()
+
+
+def test_cascade_and_device_run_without_torch(tmp_path: Path) -> None:
+    small = matmul_model(tmp_path / "small.onnx", W_GOOD * 0.5 + 0.3)
+    large = matmul_model(tmp_path / "large.onnx", W_GOOD)
+    save_npz(tmp_path / "val.npz", GOLDEN)
+    code, out, err, imports = run("cascade", small, large, "--val", tmp_path / "val.npz",
+                                  "--max-drop", 5, "--out", tmp_path / "cascade.json")
+    assert code == 0, err
+    assert imports["refused"] == [] and "torch" not in imports["loaded"]
+    (tmp_path / "policy.toml").write_text('cascade = "cascade.json"\n')
+    code, out, err, imports = run("device", "run", "--data", tmp_path / "val.npz",
+                                  "--policy", tmp_path / "policy.toml")
+    assert code == 0, err
+    assert imports["refused"] == [] and "torch" not in imports["loaded"]
+    assert "300 samples" in out

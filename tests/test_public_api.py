@@ -19,3 +19,12 @@ def test_every_public_name_is_documented() -> None:
         obj = getattr(edgeloop, name)
         if callable(obj):
             assert obj.__doc__, name
+
+
+def test_device_public_names_are_exactly_these() -> None:
+    import edgeloop.device as device
+
+    assert sorted(device.__all__) == sorted(n for n in dir(device) if not n.startswith("_"))
+    for name in device.__all__:
+        obj = getattr(device, name)
+        assert not callable(obj) or obj.__doc__, name
