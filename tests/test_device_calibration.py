@@ -146,3 +146,20 @@ def test_zero_budget_and_skipped_stages() -> None:
     assert evaluate_thresholds(conf[:2], correct[:2], lat, [0.0]).answered == (1.0, 0.0)
     with pytest.raises(UsageError, match="must be >= 0"):
         choose_thresholds(conf[:2], correct[:2], lat, max_drop=-1)
+
+
+def test_safety_keeps_standard_errors_from_the_budget() -> None:
+    conf, correct = _stages(2000)
+    lat = [1.0, 5.0]
+    plain = choose_thresholds(conf[:2], correct[:2], lat, max_drop=3.0)
+    safe = choose_thresholds(conf[:2], correct[:2], lat, max_drop=3.0, safety=2.0)
+    assert safe.chosen.mean_latency_ms >= plain.chosen.mean_latency_ms
+    assert safe.chosen.accuracy >= plain.chosen.accuracy
+    # the chosen point's own paired standard error fits inside the budget
+    t = safe.chosen.thresholds[0]
+    answered = conf[0] >= (np.inf if t is None else t)
+    right = np.where(answered, correct[0], correct[1])
+    d = correct[1].astype(float) - right
+    assert d.mean() + 2.0 * d.std() / np.sqrt(len(d)) <= 0.03 + 1e-12
+    with pytest.raises(UsageError, match="`safety` must be >= 0"):
+        choose_thresholds(conf[:2], correct[:2], lat, max_drop=1.0, safety=-1)

@@ -58,9 +58,10 @@ def built(narrow_dir: Path, big_dir: Path, splits: dict[str, Path],
     """cascade.json written by `edgeloop cascade`."""
     out = tmp_path_factory.mktemp("cascade") / "cascade.json"
     code, stdout, stderr = cli("cascade", narrow_dir / "model.onnx", big_dir / "model.onnx",
-                               "--val", splits["val"], "--max-drop", MAX_DROP, "--out", out)
+                               "--val", splits["val"], "--max-drop", MAX_DROP, "--safety", 1,
+                               "--out", out)
     assert code == 0, stderr
-    assert "expected accuracy" in stdout
+    assert "expected on 500 validation samples: accuracy" in stdout
     return out
 
 
@@ -72,6 +73,7 @@ def test_cascade_file_records_the_choice(built: Path) -> None:
     c = Cascade.load(built)
     d = json.loads(built.read_text())
     assert d["format"] == 1 and d["measure"] == "max-softmax" and d["max_drop"] == MAX_DROP
+    assert d["safety"] == 1.0
     assert [s.name for s in c.stages] == ["narrow*/model", "cnn*/model"] or len(c.stages) == 2
     small, large = c.stages
     assert not small.chained and not large.chained and large.threshold is None

@@ -7,7 +7,7 @@ takes segment ``i - 1``'s outputs (``features_*``) instead of the data and retur
 (a *chained* stage). Both are described by one ``cascade.json``, written by
 :func:`build_cascade` (``edgeloop cascade``)::
 
-    {"format": 1, "measure": "max-softmax", "max_drop": 0.5,
+    {"format": 1, "measure": "max-softmax", "max_drop": 0.5, "safety": 0.0,
      "stages": [{"name", "model" (path relative to cascade.json), "sha256", "chained",
                  "temperature", "threshold" (null: never answers), "latency_ms",
                  "accuracy" (alone), "nll_before", "nll_after"}, ...],
@@ -98,6 +98,7 @@ class Cascade:
     stages: tuple[Stage, ...]
     measure: str = "max-softmax"
     max_drop: float = 0.5           # accuracy points
+    safety: float = 0.0             # standard errors kept from the budget
     expected: dict[str, object] = field(default_factory=dict)
     curve: tuple[CurvePoint, ...] = ()
 
@@ -157,17 +158,21 @@ def needed_stages(finite: np.ndarray, chained: Sequence[bool]) -> np.ndarray:
 
 
 def _score(t: np.ndarray, conf: np.ndarray, correct: np.ndarray, lat: np.ndarray,
-           chained: Sequence[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy, mean latency and answered fractions of each threshold row of ``t``
+           chained: Sequence[bool]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, mean latency, answered fractions, and the share of samples on which the
+    cascade and the last stage differ in being right, of each threshold row of ``t``
     (C x K-1) on samples with confidences ``conf`` (K-1 x n) and ``correct`` (K x n)."""
     k, n = correct.shape
     answers = conf[None, :, :] >= t[:, :, None]                  # C x K-1 x n
     first = np.where(answers.any(1), answers.argmax(1), k - 1)   # C x n
-    accuracy = correct[first, np.arange(n)].mean(1)
+    right = correct[first, np.arange(n)]
+    accuracy = right.mean(1)
+    differ = (right != correct[k - 1][None]).mean(1)
     cum = np.cumsum(needed_stages(np.isfinite(t), chained) * lat, axis=1)
     latency = np.take_along_axis(cum, first, 1).mean(1)
     answered = np.stack([(first == i).mean(1) for i in range(k)], axis=1)
-    return accuracy, latency, answered
+    return accuracy, latency, answered, differ
 
 
 def _inputs(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarray],
@@ -197,13 +202,13 @@ def evaluate_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.
     confidences and correctness are given (e.g. a held-out split)."""
     conf, ok, lat, chain = _inputs(confidences, correct, latencies_ms, chained)
     t = np.array([[np.inf if v is None else v for v in thresholds]], np.float64)
-    acc, mean, answered = _score(t, conf, ok, lat, chain)
+    acc, mean, answered, _ = _score(t, conf, ok, lat, chain)
     return _point(t[0], acc[0], mean[0], answered[0])
 
 
 def choose_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarray],
                       latencies_ms: Sequence[float], *, max_drop: float,
-                      chained: Sequence[bool] | None = None,
+                      chained: Sequence[bool] | None = None, safety: float = 0.0,
                       max_combinations: int = 50_000) -> ThresholdChoice:
     """The thresholds with the lowest expected mean latency whose accuracy is at most
     ``max_drop`` points below the last stage's alone (ties: the more accurate).
@@ -214,9 +219,17 @@ def choose_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.nd
     stage's features. Every combination of candidate thresholds is scored (quantiles of
     each stage's confidences, plus "never"), at most ``max_combinations`` of them; the
     last stage alone is one of them, so a choice always exists.
+
+    ``safety`` standard errors of the paired accuracy difference (cascade vs last stage,
+    sample by sample) are kept between the validation estimate and the budget, so that
+    the budget also holds on data the thresholds were not chosen on: 0 trusts the
+    validation set; 1.64 holds the budget with about 95% confidence (normal approximation)
+    but needs a large validation set to leave the small stages any work.
     """
     if not max_drop >= 0:
         raise UsageError(f"`max_drop` must be >= 0 (accuracy points); got {max_drop}")
+    if not safety >= 0:
+        raise UsageError(f"`safety` must be >= 0 (standard errors); got {safety}")
     conf, ok, lat, chain = _inputs(confidences, correct, latencies_ms, chained)
     k, n = ok.shape
     per_stage = max(2, int(max_combinations ** (1 / (k - 1))))
@@ -225,10 +238,12 @@ def choose_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.nd
     mesh = np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, k - 1)
     chunk = max(1, _CHUNK // max(1, n * (k - 1)))
     parts = [_score(mesh[i:i + chunk], conf, ok, lat, chain) for i in range(0, len(mesh), chunk)]
-    acc, mean, answered = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    acc, mean, answered, differ = (np.concatenate([p[j] for p in parts]) for j in range(4))
     ref = np.full(k - 1, np.inf)
-    ref_acc, ref_lat, _ = _score(ref[None], conf, ok, lat, chain)
-    feasible = acc >= ref_acc[0] - max_drop / 100 - 1e-12
+    ref_acc, ref_lat, _, _ = _score(ref[None], conf, ok, lat, chain)
+    drop = ref_acc[0] - acc
+    se = np.sqrt(np.maximum(differ - drop**2, 0) / n)
+    feasible = drop + safety * se <= max_drop / 100 + 1e-12
     order = np.lexsort((-acc, mean))          # by latency, then the more accurate first
     best = next(i for i in order if feasible[i])
     curve, top = [], -1.0
@@ -252,7 +267,7 @@ def _sha256(path: Path) -> str:
 
 
 def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
-                  max_drop: float = 0.5, measure: str = "max-softmax",
+                  max_drop: float = 0.5, measure: str = "max-softmax", safety: float = 0.0,
                   out: str | os.PathLike[str] | None = None,
                   latency_rounds: int = 5, latency_runs: int = 20) -> Cascade:
     """Run every stage on ``val`` (labels needed), fit a temperature per stage, time each
@@ -268,6 +283,8 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
 
     if not max_drop >= 0:
         raise UsageError(f"`max-drop` must be >= 0 (accuracy points); got {max_drop}")
+    if not safety >= 0:
+        raise UsageError(f"`safety` must be >= 0 (standard errors); got {safety}")
     if measure not in MEASURES:
         raise one_of("measure", MEASURES, measure)
     if len(models) < 2:
@@ -331,7 +348,8 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
              for p, s in zip(paths, scalers, strict=True)]
     times = interleaved_latency(timed, Dataset(first_row), batch=1, rounds=latency_rounds,
                                 runs=latency_runs, warmup=5)
-    choice = choose_thresholds(conf, correct, times, max_drop=max_drop, chained=chained)
+    choice = choose_thresholds(conf, correct, times, max_drop=max_drop, chained=chained,
+                               safety=safety)
 
     home = Path(out).resolve().parent if out is not None else Path.cwd()
     stages = tuple(
@@ -349,6 +367,7 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                 "reference_latency_ms": choice.reference_latency_ms,
                 "samples": len(val)}
     cascade = Cascade(stages=stages, measure=measure, max_drop=float(max_drop),
+                      safety=float(safety),
                       expected=expected, curve=choice.curve)
     if out is not None:
         write_text_atomic(out, cascade.to_json())
