@@ -17,7 +17,8 @@ _SOURCES = {
     "Device": ".device", "UpdateResult": ".device",
     "HealthConfig": ".health", "Measured": ".health", "Probation": ".health",
     "Verdict": ".health", "judge": ".health",
-    "Floor": ".manifest", "Manifest": ".manifest", "Reference": ".manifest",
+    "BundleFile": ".manifest", "Floor": ".manifest", "Manifest": ".manifest",
+    "Reference": ".manifest",
     "TensorSpec": ".manifest",
     "build_manifest": ".publish",
     "RepoConfig": ".repository", "init_repo": ".repository", "publish_bundle": ".repository",
@@ -26,6 +27,7 @@ _SOURCES = {
 }
 
 __all__ = [
+    "BundleFile",
     "Device",
     "Floor",
     "HealthConfig",

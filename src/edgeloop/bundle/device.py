@@ -53,7 +53,14 @@ from edgeloop._onnx import input_specs, run, session
 from edgeloop.bundle._crash import crash_point
 from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
 from edgeloop.bundle.health import probation_step as _step
-from edgeloop.bundle.manifest import Manifest, check_model_bytes, check_newer, golden_digest
+from edgeloop.bundle.manifest import (
+    BundleFile,
+    Manifest,
+    check_file_bytes,
+    check_model_bytes,
+    check_newer,
+    golden_digest,
+)
 from edgeloop.bundle.repository import manifest_target
 from edgeloop.bundle.slots import (
     SLOTS,
@@ -231,7 +238,8 @@ class Device:
 
     def _verified(self, state: SlotState, slot: str) -> tuple[Path, Manifest]:
         """``slot``'s model path and manifest; raise :class:`VerificationError` unless the
-        file is there and matches the manifest's sha256 and size."""
+        model file and the bundle's other files are there and match the manifest's sha256
+        and size."""
         manifest = state.manifest(slot)
         if manifest is None:
             raise VerificationError(f"slot {slot} holds no model")
@@ -240,6 +248,12 @@ class Device:
             raise VerificationError(f"model file {str(path)!r} of {manifest.name} "
                                     f"{manifest.version} is missing")
         check_model_bytes(manifest, *_sha256(path))
+        for f in manifest.files:
+            fp = path.with_name(f.name)
+            if not fp.is_file():
+                raise VerificationError(f"file {str(fp)!r} of {manifest.name} "
+                                        f"{manifest.version} is missing")
+            check_file_bytes(manifest, f, *_sha256(fp))
         return path, manifest
 
     def active(self) -> tuple[Path, Manifest] | None:
@@ -381,17 +395,22 @@ class Device:
             candidate.unlink(missing_ok=True)     # left by an update that was cut short
             crash_point("slot-write")
             updater.download_target(model_info, filepath=str(part))
+            extra = self._download_files(updater, manifest, final.parent)
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         crash_point("slot-written")
         os.replace(part, candidate)
         crash_point("verify")
         check_model_bytes(manifest, *_sha256(candidate))
+        for f, cand in extra:
+            check_file_bytes(manifest, f, *_sha256(cand))
         cur_path = self.model_path(state.active) if current else None
         measured = self.measure(candidate, manifest, cur_path)
         verdict = judge(manifest.floor, measured, self.config)
         if not verdict.ok:
             candidate.unlink()
+            for _, cand in extra:
+                cand.unlink(missing_ok=True)
             # a latency-only failure may be one slow measurement: reject this attempt only
             action, later = ("deferred", "; a later update tries it again") if verdict.retry \
                 else ("rejected", "")
@@ -402,11 +421,15 @@ class Device:
             now = self.state()
             if (now.active, now.slots) != (state.active, state.slots):
                 candidate.unlink()
+                for _, cand in extra:
+                    cand.unlink(missing_ok=True)
                 raise VerificationError(f"the device changed during the update of {name} "
                                         f"(a rollback or another update); nothing installed")
             state = begin_install(now)
             self._write_state(state)
             os.replace(candidate, final)
+            for f, cand in extra:
+                os.replace(cand, final.with_name(f.name))
             _fsync_dir(final.parent)
             crash_point("pointer-switch")
             probation = Probation(remaining=self.config.probation_inferences,
@@ -416,6 +439,28 @@ class Device:
             crash_point("committed")
             self._record("commit", manifest.version, f"health check {verdict.reason}")
         return UpdateResult(True, manifest.version, verdict.reason, verdict)
+
+    def _download_files(self, updater: Updater, manifest: Manifest, slot_dir: Path
+                        ) -> list[tuple[BundleFile, Path]]:
+        """Download the bundle's other files beside the inactive slot's, as
+        ``candidate.NAME`` (fsync'ed); the slot's current files stay intact until the
+        commit replaces them."""
+        out = []
+        for f in manifest.files:
+            info = updater.get_targetinfo(f.target)
+            if info is None:
+                raise VerificationError(f"manifest names {f.target!r}, which the signed "
+                                        "targets metadata does not list")
+            check_file_bytes(manifest, f, info.hashes.get("sha256", ""), info.length)
+            cand = slot_dir / f"candidate.{f.name}"
+            part = slot_dir / f".candidate.{f.name}.part"
+            cand.unlink(missing_ok=True)
+            updater.download_target(info, filepath=str(part))
+            with open(part, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(part, cand)
+            out.append((f, cand))
+        return out
 
     def rollback(self, reason: str = "rolled back by hand") -> Manifest:
         """Serve the other slot's model again; returns its manifest."""

@@ -18,10 +18,12 @@ from edgeloop.data import Dataset
 from edgeloop.errors import UsageError, VerificationError
 
 __all__ = [
+    "BundleFile",
     "Floor",
     "Manifest",
     "Reference",
     "TensorSpec",
+    "check_file_bytes",
     "check_model_bytes",
     "check_newer",
     "golden_digest",
@@ -73,6 +75,28 @@ class Reference:
 
 
 @dataclass(frozen=True)
+class BundleFile:
+    """A file that ships beside the model in the same slot (a cascade's other stages and
+    its cascade.json): its name in the slot, TUF target path, sha256 and size."""
+
+    name: str
+    target: str
+    sha256: str
+    size_bytes: int
+
+
+_RESERVED = ("model.onnx", "candidate.onnx")
+
+
+def check_file_name(name: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` can be a file of a bundle's slot."""
+    if (not name or "/" in name or "\\" in name or name.startswith(".") or name in _RESERVED
+            or name.startswith("candidate.")):
+        raise UsageError(f"a bundle file needs a plain name other than model.onnx, not "
+                         f"starting with '.' or 'candidate.'; got {name!r}")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a device learns about a bundle before it trusts the model file."""
 
@@ -86,10 +110,14 @@ class Manifest:
     figures: dict[str, float] = field(default_factory=dict)
     floor: Floor = field(default_factory=Floor)
     reference: Reference | None = None
+    files: tuple[BundleFile, ...] = ()     # installed beside the model, verified alike
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys) of the manifest."""
+        """Canonical JSON (sorted keys) of the manifest (``files`` only when there are
+        any, so devices from before bundles had files still read one-model bundles)."""
         d = asdict(self)
+        if not self.files:
+            del d["files"]
         d["format"] = FORMAT
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
@@ -102,7 +130,11 @@ class Manifest:
                 raise ValueError("unknown format")
             parse_version(d["version"])
             ref = d.pop("reference")
+            files = tuple(BundleFile(**f) for f in d.pop("files", []))
+            for f in files:
+                check_file_name(f.name)
             return cls(
+                files=files,
                 inputs=tuple(TensorSpec(s["name"], s["type"], tuple(s["shape"]))
                              for s in d.pop("inputs")),
                 outputs=tuple(TensorSpec(s["name"], s["type"], tuple(s["shape"]))
@@ -134,6 +166,15 @@ def check_model_bytes(manifest: Manifest, digest: str, size: int) -> None:
             f"model file of {manifest.name} {manifest.version} does not match its manifest "
             f"(sha256 {digest[:12]}..., {size} bytes; expected {manifest.sha256[:12]}..., "
             f"{manifest.size_bytes} bytes)")
+
+
+def check_file_bytes(manifest: Manifest, file: BundleFile, digest: str, size: int) -> None:
+    """Raise unless a bundle file's sha256 ``digest`` and ``size`` are the manifest's."""
+    if digest != file.sha256 or size != file.size_bytes:
+        raise VerificationError(
+            f"file {file.name} of {manifest.name} {manifest.version} does not match its "
+            f"manifest (sha256 {digest[:12]}..., {size} bytes; expected {file.sha256[:12]}..., "
+            f"{file.size_bytes} bytes)")
 
 
 def golden_digest(data: Dataset) -> str:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from edgeloop._onnx import load_model, session
 from edgeloop.bundle.manifest import (
+    BundleFile,
     Floor,
     Manifest,
     Reference,
     TensorSpec,
+    check_file_name,
     golden_digest,
     parse_version,
 )
@@ -35,13 +38,15 @@ def _sha256(path: Path) -> str:
 
 def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
                    golden: Dataset | None = None, min_metric: float | None = None,
-                   min_agreement: float = 0.99, accuracy_slack: float = 0.02) -> Manifest:
+                   min_agreement: float = 0.99, accuracy_slack: float = 0.02,
+                   files: Mapping[str, str | os.PathLike[str]] | None = None) -> Manifest:
     """The manifest for ``model`` published as ``name`` ``version``.
 
     With a ``golden`` set, the figures of :func:`edgeloop.measure.evaluate` on it are
     recorded with the model's own top-1 predictions (the reference a device without labels
     compares against). The accuracy floor is ``min_metric``, or the measured accuracy minus
-    ``accuracy_slack`` when not given.
+    ``accuracy_slack`` when not given. ``files`` (name in the slot -> path) ship beside
+    the model, signed and verified alike (a cascade's other stages and its cascade.json).
     """
     path = Path(model)
     if not name or "/" in name or name.startswith("."):
@@ -67,7 +72,16 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
                 accuracy_floor = max(0.0, report.accuracy - accuracy_slack)
         reference = Reference(golden_sha256=golden_digest(golden),
                               top1=predict(sess, golden).argmax(-1).tolist())
+    extra = []
+    for fname, fpath in (files or {}).items():
+        check_file_name(fname)
+        fp = Path(fpath)
+        if not fp.is_file():
+            raise UsageError(f"bundle file {str(fp)!r} does not exist")
+        extra.append(BundleFile(fname, f"{name}/{version}.{fname}", _sha256(fp),
+                                fp.stat().st_size))
     manifest = Manifest(
+        files=tuple(extra),
         name=name, version=version, model_target=f"{name}/{version}.onnx",
         sha256=_sha256(path), size_bytes=path.stat().st_size, inputs=inputs, outputs=outputs,
         figures=figures, floor=Floor(accuracy=accuracy_floor, agreement=min_agreement),

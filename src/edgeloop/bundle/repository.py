@@ -21,6 +21,7 @@ import copy
 import os
 import shutil
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -247,14 +248,20 @@ def _current_manifest(r: _Repo, name: str) -> Manifest | None:
 
 def publish_bundle(repo: str | os.PathLike[str], model: str | os.PathLike[str], *,
                    keys: str | os.PathLike[str], manifest: Manifest,
-                   passphrase: str | None = None, config: RepoConfig | None = None) -> Manifest:
+                   passphrase: str | None = None, config: RepoConfig | None = None,
+                   files: Mapping[str, str | os.PathLike[str]] | None = None) -> Manifest:
     """Add ``model`` with ``manifest`` (see :func:`edgeloop.bundle.build_manifest`) as the
-    newest bundle of ``manifest.name``; re-sign targets, snapshot and timestamp."""
+    newest bundle of ``manifest.name``, with the manifest's ``files`` from ``files``
+    (name -> path); re-sign targets, snapshot and timestamp."""
     r = _Repo.open(Path(repo), Path(keys), _passphrase(passphrase), config or RepoConfig())
     current = _current_manifest(r, manifest.name)
     if current is not None and parse_version(manifest.version) <= parse_version(current.version):
         raise UsageError(f"version {manifest.version} is not greater than the published "
                          f"{current.version}")
+    given = dict(files or {})
+    if set(given) != {f.name for f in manifest.files}:
+        raise UsageError(f"the manifest lists files {sorted(f.name for f in manifest.files)}; "
+                         f"got {sorted(given)}")
     tdir = r.dir / "targets" / manifest.name
     tdir.mkdir(parents=True, exist_ok=True)
     model_info = TargetFile.from_file(manifest.model_target, str(model))
@@ -263,6 +270,15 @@ def publish_bundle(repo: str | os.PathLike[str], model: str | os.PathLike[str], 
     dest = tdir / f"{manifest.sha256}.{manifest.model_target.rsplit('/', 1)[1]}"
     shutil.copyfile(model, dest.with_suffix(".part"))
     os.replace(dest.with_suffix(".part"), dest)
+    for f in manifest.files:
+        info = TargetFile.from_file(f.target, str(given[f.name]))
+        if info.hashes["sha256"] != f.sha256:
+            raise UsageError(f"manifest sha256 of {f.name} does not match "
+                             f"{str(given[f.name])!r}")
+        fdest = tdir / f"{f.sha256}.{f.target.rsplit('/', 1)[1]}"
+        shutil.copyfile(given[f.name], fdest.with_name(fdest.name + ".part"))
+        os.replace(fdest.with_name(fdest.name + ".part"), fdest)
+        r.targets.signed.targets[info.path] = info
     data = manifest.to_bytes()
     man_info = TargetFile.from_data(manifest_target(manifest.name), data)
     write_bytes_atomic(tdir / f"{man_info.hashes['sha256']}.manifest.json", data)

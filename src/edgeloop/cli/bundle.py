@@ -101,7 +101,8 @@ def repo_serve(
 
 @app.command("publish")
 def publish_cmd(
-    model: Annotated[Path, typer.Argument(help="The ONNX model file")],
+    model: Annotated[Path, typer.Argument(
+        help="The ONNX model file, or a cascade.json (every stage ships in the bundle)")],
     repo: Annotated[Path, typer.Option("--repo", help="Repository folder")],
     name: Annotated[str, typer.Option(help="Bundle name devices ask for")],
     version: Annotated[str, typer.Option(help="X.Y.Z, greater than the published one")],
@@ -112,15 +113,23 @@ def publish_cmd(
     keys: KeysOpt = None,
     passphrase_env: PassEnvOpt = _PASS_ENV,
 ) -> None:
-    """Sign and publish a model bundle (model + manifest) into a repository."""
+    """Sign and publish a model bundle (model + manifest, or a whole cascade) into a
+    repository."""
     from edgeloop.bundle import build_manifest, publish_bundle
     from edgeloop.data import load_npz
 
     data = load_npz(golden) if golden is not None else None
-    manifest = build_manifest(model, name=name, version=version, golden=data,
-                              min_metric=min_metric)
-    publish_bundle(repo, model, keys=_keys(repo, keys), manifest=manifest,
-                   passphrase=os.environ.get(passphrase_env))
+    if model.suffix == ".json":
+        from edgeloop.device import publish_cascade
+
+        manifest = publish_cascade(model, repo, keys=_keys(repo, keys), name=name,
+                                   version=version, golden=data, min_metric=min_metric,
+                                   passphrase=os.environ.get(passphrase_env))
+    else:
+        manifest = build_manifest(model, name=name, version=version, golden=data,
+                                  min_metric=min_metric)
+        publish_bundle(repo, model, keys=_keys(repo, keys), manifest=manifest,
+                       passphrase=os.environ.get(passphrase_env))
     floor = manifest.floor.accuracy
     console.print(f"published {name} {version} ({manifest.size_bytes:,} bytes, sha256 "
                   f"{manifest.sha256[:16]}..., accuracy floor "

@@ -6,6 +6,8 @@ is on probation), or a cascade of models / an early-exit model's segments, under
 candidate stages on validation data, fits a temperature per stage
 (:class:`TemperatureScaler`) and chooses thresholds (:func:`choose_thresholds`, pure, with
 the accuracy/latency curve); :func:`evaluate_thresholds` scores thresholds on other data.
+:func:`publish_cascade` signs a cascade (every stage and its cascade.json) as one bundle,
+which a device installs and its runtime serves with probation like a single model.
 
 Names are imported on first use; nothing here imports torch.
 """
@@ -21,6 +23,7 @@ _SOURCES = {
     "choose_thresholds": ".cascade", "evaluate_thresholds": ".cascade",
     "MEASURES": ".calibration", "TemperatureScaler": ".calibration", "confidence": ".calibration",
     "softmax": ".calibration",
+    "publish_cascade": ".bundle",
 }
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "choose_thresholds",
     "confidence",
     "evaluate_thresholds",
+    "publish_cascade",
     "softmax",
     "summarize",
 ]

@@ -40,6 +40,7 @@ from edgeloop.device.calibration import MEASURES, TemperatureScaler, confidence,
 from edgeloop.errors import DataError, ModelError, UsageError, one_of
 
 __all__ = [
+    "CASCADE_FILE",
     "Cascade",
     "CurvePoint",
     "Stage",
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 FORMAT = 1
+CASCADE_FILE = "cascade.json"     # its name in a device slot
 _CHUNK = 20_000_000     # booleans per vectorised block of the threshold search
 
 

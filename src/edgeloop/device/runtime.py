@@ -1,10 +1,11 @@
-"""The device runtime: serves the active verified model, or a cascade, and reports to the
-updater while a new model is on probation.
+"""The device runtime: serves the active verified model or cascade, and reports to the
+updater while a new one is on probation.
 
 Serving the device's slot, every inference is reported to the updater's watch
 (:meth:`edgeloop.bundle.Device.serve`); the updater decides to keep or roll back, the
 runtime only reports, and after a rollback it serves the other slot. Serving a cascade
-(a policy's ``cascade``), the stages run smallest first and a later stage only runs for
+(a cascade bundle in the slot, or a policy's ``cascade`` from files, which is unsigned and
+has no probation), the stages run smallest first and a later stage only runs for
 the samples no earlier stage was sure about (:mod:`edgeloop.device.cascade`).
 """
 
@@ -24,7 +25,7 @@ from edgeloop._progress import progress
 from edgeloop.bundle.device import Device, Watch
 from edgeloop.data import Dataset, check_against
 from edgeloop.device._graph import with_confidence
-from edgeloop.device.cascade import Cascade, _sha256, needed_stages
+from edgeloop.device.cascade import CASCADE_FILE, Cascade, _sha256, needed_stages
 from edgeloop.device.policy import Policy
 from edgeloop.errors import ModelError, UsageError, VerificationError
 
@@ -103,7 +104,9 @@ class Runtime:
                                  "are; a device folder serves its verified slot: give one of "
                                  "them")
             self.device = None
+            self.path, self.manifest, self._watch = self.policy.cascade, None, None
             self._start_cascade(self.policy.cascade)
+            self._batch_of = self._inputs[0].name if self._inputs[0].shape else None
             return
         if state is None:
             raise UsageError("give a device state folder, or a policy that names a cascade")
@@ -113,10 +116,16 @@ class Runtime:
     # --- serving the device's slot (probation) --------------------------------------
 
     def _start(self) -> None:
+        """Serve the active slot: its model, or the cascade its bundle ships
+        (``cascade.json`` beside the model, see :mod:`edgeloop.device.bundle`)."""
         assert self.device is not None
         self.path, self.manifest, self._watch = self.device.serve()
-        self.session = session(self.path, threads=self.policy.threads)
-        self._inputs = input_specs(self.session)
+        if any(f.name == CASCADE_FILE for f in self.manifest.files):
+            self._start_cascade(self.path.with_name(CASCADE_FILE))
+        else:
+            self.cascade = None
+            self.session = session(self.path, threads=self.policy.threads)
+            self._inputs = input_specs(self.session)
         first = self._inputs[0] if self._inputs else None
         self._batch_of = first.name if first is not None and first.shape else None
         if self._watch is not None:
@@ -162,15 +171,29 @@ class Runtime:
         t0 = time.perf_counter()
         if self.cascade is None:
             out = self.infer(feed)
+            assert self.manifest is not None
             return Answer(out, self.manifest.name, (time.perf_counter() - t0) * 1e3)
         check_against(feed, self._inputs, source="the feed")
-        out, conf, stage = self._cascade_run(feed)
+        watch = self._watch
+        if watch is None:
+            out, conf, stage = self._cascade_run(feed)
+        else:                       # a cascade bundle on probation: report, as infer does
+            n = len(feed[self._batch_of]) if self._batch_of else 1
+            try:
+                out, conf, stage = self._cascade_run(feed)
+            except ModelError:
+                if watch.report(False, t0, t0, n):
+                    self._over(watch)
+                raise
+            if watch.report(True, t0, time.perf_counter(), n):
+                self._over(watch)
         return Answer(out, stage, (time.perf_counter() - t0) * 1e3,
                       confidence=float(conf.min()))
 
     def stages(self) -> tuple[str, ...]:
         """The names of the stages that may answer, in order."""
         if self.cascade is None:
+            assert self.manifest is not None
             return (self.manifest.name,)
         return tuple(st.name for st in self._stages)
 
@@ -217,7 +240,6 @@ class Runtime:
                 s.chained, feed_from))
         self._stages = tuple(stages)
         self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
-        self.path, self.manifest, self._watch = path, None, None
 
     def _cascade_run(self, feed: Mapping[str, np.ndarray]
                      ) -> tuple[np.ndarray, np.ndarray, str]:

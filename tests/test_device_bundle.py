@@ -1,0 +1,82 @@
+"""A cascade shipped as one signed bundle: published by the CLI into a real TUF repository
+served on 127.0.0.1, installed by a device, served by the runtime with probation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_bundle_fixtures import GOLDEN, W_GOOD, X, matmul_model, new_device, repo
+from test_cli import cli
+
+from edgeloop.bundle import Device, HealthConfig, Manifest
+from edgeloop.data import save_npz
+from edgeloop.device import Runtime, build_cascade
+from edgeloop.errors import VerificationError
+
+__all__ = ["repo"]
+
+W_SMALL = W_GOOD * 0.5 + 0.3      # right on most of the golden set, less sure
+
+
+@pytest.fixture
+def cascade_file(tmp_path: Path) -> Path:
+    small = matmul_model(tmp_path / "small.onnx", W_SMALL)
+    large = matmul_model(tmp_path / "large.onnx", W_GOOD)
+    out = tmp_path / "c" / "cascade.json"
+    build_cascade([small, large], GOLDEN, max_drop=5.0, out=out, latency_rounds=2,
+                  latency_runs=5)
+    return out
+
+
+def test_cascade_bundle_installs_and_serves_with_probation(repo, cascade_file: Path,
+                                                           tmp_path: Path) -> None:
+    save_npz(tmp_path / "golden.npz", GOLDEN)
+    code, _, err = cli("publish", cascade_file, "--repo", repo.dir, "--keys", repo.keys,
+                         "--name", "casc", "--version", "1.0.0", "--golden",
+                         tmp_path / "golden.npz")
+    assert code == 0, err
+    dev = Device(new_device(repo).dir, config=HealthConfig(probation_inferences=5,
+                                                           probation_save_inferences=1))
+    result = dev.update(repo.url, "casc")
+    assert result.installed
+    slot = dev.dir / "slots" / dev.state().active
+    assert sorted(p.name for p in slot.iterdir()) == ["cascade.json", "model.onnx",
+                                                      "stage1.onnx"]
+    manifest = dev.state().current()
+    assert [f.name for f in manifest.files] == ["stage1.onnx", "cascade.json"]
+    assert [s["model"] for s in json.loads((slot / "cascade.json").read_text())["stages"]] \
+        == ["stage1.onnx", "model.onnx"]
+
+    rt = Runtime(dev)
+    assert rt.cascade is not None and rt.stages() == ("small", "large")
+    answers = [rt.predict({"x": X[i:i + 1]}) for i in range(5)]
+    for i, a in enumerate(answers):
+        w = W_SMALL if a.stage == "small" else W_GOOD
+        np.testing.assert_allclose(a.output, X[i:i + 1] @ w, rtol=1e-5, atol=1e-5)
+    assert dev.state().probation is None                     # five good answers: kept
+    assert dev.history()[-1].action == "kept"
+
+
+def test_a_tampered_stage_is_refused_at_start(repo, cascade_file: Path) -> None:
+    from edgeloop.device import publish_cascade
+
+    publish_cascade(cascade_file, repo.dir, keys=repo.keys, name="casc", version="1.0.0",
+                    golden=GOLDEN)
+    dev = new_device(repo)
+    dev.update(repo.url, "casc")
+    stage = dev.dir / "slots" / dev.state().active / "stage1.onnx"
+    stage.write_bytes(stage.read_bytes()[:-1] + b"\0")
+    with pytest.raises(VerificationError, match=r"file stage1\.onnx of casc 1\.0\.0 does not "
+                                                "match its manifest"):
+        Runtime(dev)
+
+
+def test_one_model_manifests_are_unchanged(tmp_path: Path) -> None:
+    from edgeloop.bundle import build_manifest
+
+    m = build_manifest(matmul_model(tmp_path / "m.onnx", W_GOOD), name="kws", version="1.0.0")
+    assert b"files" not in m.to_bytes()
+    assert Manifest.from_bytes(m.to_bytes()) == m
