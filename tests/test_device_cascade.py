@@ -69,6 +69,7 @@ def _direct(model: Path, x: np.ndarray) -> np.ndarray:
     return session(model, threads=1).run(None, {"x": x})[0]
 
 
+@pytest.mark.slow   # trains two CNNs once per session (~30 s alone, more on a busy machine)
 def test_cascade_file_records_the_choice(built: Path) -> None:
     c = Cascade.load(built)
     d = json.loads(built.read_text())
@@ -89,6 +90,7 @@ def test_cascade_file_records_the_choice(built: Path) -> None:
     assert [p.mean_latency_ms for p in c.curve] == sorted(p.mean_latency_ms for p in c.curve)
 
 
+@pytest.mark.slow   # trains two CNNs once per session (~30 s alone, more on a busy machine)
 def test_runtime_meets_the_budget_on_held_out_data(built: Path, narrow_dir: Path,
                                                    big_dir: Path) -> None:
     test = load_builtin("mnist1d", "test")
@@ -123,6 +125,7 @@ def test_runtime_meets_the_budget_on_held_out_data(built: Path, narrow_dir: Path
     assert point.answered[0] == pytest.approx(first.mean(), abs=0.002)
 
 
+@pytest.mark.slow   # trains two CNNs once per session (~30 s alone, more on a busy machine)
 def test_thresholds_zero_and_never(built: Path, narrow_dir: Path, big_dir: Path) -> None:
     x = load_builtin("mnist1d", "test").inputs["x"][:50]
     only_small = Runtime(None, Policy(cascade=built, thresholds=(0.0,)))
@@ -136,6 +139,7 @@ def test_thresholds_zero_and_never(built: Path, narrow_dir: Path, big_dir: Path)
                                _direct(big_dir / "model.onnx", x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow   # trains two CNNs once per session (~30 s alone, more on a busy machine)
 def test_policy_toml(built: Path, tmp_path: Path) -> None:
     p = tmp_path / "policy.toml"
     rel = Path("..") / built.parent.name / built.name
@@ -200,6 +204,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(big_dir: Path, splits: dict[s
         assert not out.exists()
 
 
+@pytest.mark.slow   # trains two CNNs once per session (~30 s alone, more on a busy machine)
 def test_device_run_cli(built: Path, splits: dict[str, Path], tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(f'cascade = "{built}"\n')
