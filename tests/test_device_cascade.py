@@ -177,9 +177,9 @@ def _classifier(path: Path, features: int, classes: int) -> Path:
     return path
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(big_dir: Path, splits: dict[str, Path],
+def test_bad_inputs_are_one_line_and_write_nothing(splits: dict[str, Path],
                                                    tmp_path: Path) -> None:
-    big = big_dir / "model.onnx"
+    big = _classifier(tmp_path / "ten.onnx", 40, 10)
     four = _classifier(tmp_path / "four.onnx", 40, 4)
     other_input = _classifier(tmp_path / "eight.onnx", 8, 10)
     out = tmp_path / "cascade.json"
