@@ -32,7 +32,8 @@ def exits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def exits_cascade(exits_dir: Path) -> Path:
     out = exits_dir / "cascade.json"
     build_cascade([exits_dir / s for s in SEGMENTS], load_builtin("mnist1d", "val"),
-                  max_drop=1.0, out=out, latency_rounds=2, latency_runs=10)
+                  max_drop=1.0, out=out, latency_rounds=2, latency_runs=10,
+                  baseline=exits_dir / "model.onnx")
     return out
 
 
@@ -89,6 +90,10 @@ def test_runtime_takes_the_first_sure_exit(exits_cascade: Path, oracle) -> None:
     rt = Runtime(None, Policy(cascade=exits_cascade))
     c = rt.cascade
     assert [s.chained for s in c.stages] == [False, True, True]
+    base = c.expected["baseline"]
+    # the whole model in one piece is exactly the final exit: same validation accuracy
+    assert base["model"] == "model.onnx" and base["latency_ms"] > 0
+    assert base["accuracy"] == pytest.approx(c.stages[-1].accuracy)
     conf = [confidence(softmax(e, s.temperature), c.measure) for e, s in zip(exits, c.stages,
                                                                               strict=True)]
     t = [np.inf if v is None else v for v in c.thresholds()]

@@ -26,6 +26,9 @@ def cascade_cmd(
     safety: Annotated[float, typer.Option(
         help="Standard errors of the accuracy difference kept from the budget (0 trusts "
              "the validation set; 1.64: about 95% confidence on new data)")] = 0.0,
+    baseline: Annotated[Path | None, typer.Option(
+        help="A model to compare with, measured alike (e.g. an early-exit model in one "
+             "piece, model.onnx)")] = None,
 ) -> None:
     """Calibrate each stage, time it, and choose thresholds: the lowest expected latency
     within --max-drop of the last stage's accuracy."""
@@ -33,7 +36,7 @@ def cascade_cmd(
     from edgeloop.device import build_cascade
 
     c = build_cascade(models, load_npz(val), max_drop=max_drop, measure=measure,
-                      safety=safety, out=out)
+                      safety=safety, out=out, baseline=baseline)
     e = c.expected
     t = Table(title=f"{out} ({measure}, max drop {max_drop} points)")
     for col in ("stage", "input", "temperature", "threshold", "answers", "accuracy alone",
@@ -50,6 +53,11 @@ def cascade_cmd(
                   f"{e['accuracy']:.2%}, mean latency {e['mean_latency_ms']:.4f} ms; the last "
                   f"stage answering everything: {e['reference_accuracy']:.2%}, "
                   f"{e['reference_latency_ms']:.4f} ms (latency ratio {ratio:.2f})")
+    if "baseline" in e:
+        b = e["baseline"]
+        console.print(f"baseline {b['model']}: accuracy {b['accuracy']:.2%}, "  # type: ignore[index]
+                      f"{b['latency_ms']:.4f} ms (latency ratio "  # type: ignore[index]
+                      f"{e['mean_latency_ms'] / b['latency_ms']:.2f})")  # type: ignore[index,operator]
 
 
 @device_app.command("run")

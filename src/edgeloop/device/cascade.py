@@ -12,7 +12,8 @@ takes segment ``i - 1``'s outputs (``features_*``) instead of the data and retur
                  "temperature", "threshold" (null: never answers), "latency_ms",
                  "accuracy" (alone), "nll_before", "nll_after"}, ...],
      "expected": {"accuracy", "mean_latency_ms", "answered" (fraction per stage),
-                  "reference_accuracy", "reference_latency_ms" (the last stage alone)},
+                  "reference_accuracy", "reference_latency_ms" (the last stage alone),
+                  optional "baseline": {"model", "accuracy", "latency_ms"}},
      "curve": [{"thresholds", "accuracy", "mean_latency_ms", "answered"}, ...]}
 
 The thresholds are chosen by :func:`choose_thresholds`, a pure function of the stages'
@@ -271,17 +272,21 @@ def _sha256(path: Path) -> str:
 def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                   max_drop: float = 0.5, measure: str = "max-softmax", safety: float = 0.0,
                   out: str | os.PathLike[str] | None = None,
+                  baseline: str | os.PathLike[str] | None = None,
                   latency_rounds: int = 5, latency_runs: int = 20) -> Cascade:
     """Run every stage on ``val`` (labels needed), fit a temperature per stage, time each
     stage at batch 1 (interleaved, one thread, with its confidence computed in the graph:
-    as the runtime runs them) and choose the
-    thresholds (:func:`choose_thresholds`). Writes ``out`` (cascade.json) atomically when
-    given; nothing is written if anything is wrong."""
+    as the runtime runs them) and choose the thresholds (:func:`choose_thresholds`).
+
+    ``baseline``, a model over the same inputs (e.g. an early-exit model in one piece,
+    ``model.onnx``), is measured beside them for comparison (``expected["baseline"]``:
+    accuracy and batch-1 latency, timed in the same turns). Writes ``out``
+    (cascade.json) atomically when given; nothing is written if anything is wrong."""
     from edgeloop._onnx import input_specs, load_model, session
     from edgeloop._progress import progress
     from edgeloop.data import batches
     from edgeloop.device._graph import with_confidence
-    from edgeloop.measure import PREDICT_BATCH, interleaved_latency
+    from edgeloop.measure import PREDICT_BATCH, interleaved_latency, predict
 
     if not max_drop >= 0:
         raise UsageError(f"`max-drop` must be >= 0 (accuracy points); got {max_drop}")
@@ -348,8 +353,19 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
     timed = [session(with_confidence(load_model(p), temperature=s.temperature_,
                                      measure=measure), threads=1)
              for p, s in zip(paths, scalers, strict=True)]
+    base = None
+    if baseline is not None:
+        base = session(load_model(baseline), threads=1)
+        check_against(val, input_specs(base), source=f"validation data for "
+                                                     f"{Path(baseline).name!r}")
+        base_out = predict(base, val)
+        if base_out.shape[1:] != z[0].shape[1:]:
+            raise ModelError(f"baseline {Path(baseline).name!r} outputs {base_out.shape[1:]}; "
+                             f"the stages output {z[0].shape[1:]}")
+        timed.append(base)
     times = interleaved_latency(timed, Dataset(first_row), batch=1, rounds=latency_rounds,
                                 runs=latency_runs, warmup=5)
+    base_ms = times.pop() if base is not None else None
     choice = choose_thresholds(conf, correct, times, max_drop=max_drop, chained=chained,
                                safety=safety)
 
@@ -368,6 +384,11 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                 "reference_accuracy": choice.reference_accuracy,
                 "reference_latency_ms": choice.reference_latency_ms,
                 "samples": len(val)}
+    if base is not None:
+        expected["baseline"] = {
+            "model": os.path.relpath(Path(baseline).resolve(), home),  # type: ignore[arg-type]
+            "accuracy": float((base_out.argmax(1) == val.labels).mean()),
+            "latency_ms": base_ms}
     cascade = Cascade(stages=stages, measure=measure, max_drop=float(max_drop),
                       safety=float(safety),
                       expected=expected, curve=choice.curve)
