@@ -80,3 +80,47 @@ def test_one_model_manifests_are_unchanged(tmp_path: Path) -> None:
     m = build_manifest(matmul_model(tmp_path / "m.onnx", W_GOOD), name="kws", version="1.0.0")
     assert b"files" not in m.to_bytes()
     assert Manifest.from_bytes(m.to_bytes()) == m
+
+
+@pytest.mark.parametrize(("point", "serving"), [("verify", "1.0.0"),
+                                                ("pointer-switch", "1.0.0"),
+                                                ("committed", "1.1.0")])
+def test_power_loss_during_a_cascade_update(repo, tmp_path: Path, point: str,
+                                            serving: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from edgeloop.device import publish_cascade
+
+    def cascade(tag: str, w_small: np.ndarray) -> Path:
+        d = tmp_path / tag
+        d.mkdir()
+        small = matmul_model(d / "small.onnx", w_small)
+        large = matmul_model(d / "large.onnx", W_GOOD)
+        build_cascade([small, large], GOLDEN, max_drop=5.0, out=d / "cascade.json",
+                      latency_rounds=1, latency_runs=3)
+        return d / "cascade.json"
+
+    w_new = W_GOOD * 0.4 - 0.2
+    publish_cascade(cascade("v1", W_SMALL), repo.dir, keys=repo.keys, name="casc",
+                    version="1.0.0", golden=GOLDEN)
+    dev = new_device(repo)
+    dev.update(repo.url, "casc")
+    Runtime(Device(dev.dir, config=HealthConfig(probation_inferences=1))).predict(
+        {"x": X[:1]})                                   # 1.0.0 passes probation
+    publish_cascade(cascade("v2", w_new), repo.dir, keys=repo.keys, name="casc",
+                    version="1.1.0", golden=GOLDEN)
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from edgeloop.bundle import Device; "
+         "Device(sys.argv[1]).update(sys.argv[2], 'casc')", str(dev.dir), repo.url],
+        env={**os.environ, "PYTHONPATH": src, "EDGELOOP_CRASH_AT": point}, check=False)
+    assert proc.returncode == -9                        # killed at the point, as on power loss
+    rt = Runtime(dev)
+    assert rt.manifest.version == serving
+    w_small = W_SMALL if serving == "1.0.0" else w_new
+    for i in range(20):
+        a = rt.predict({"x": X[i:i + 1]})
+        w = w_small if a.stage == "small" else W_GOOD
+        np.testing.assert_allclose(a.output, X[i:i + 1] @ w, rtol=1e-5, atol=1e-5)
