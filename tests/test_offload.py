@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeloop.cli import main
 from edgeloop.device.offload import OffloadClient, OffloadPolicy
-from edgeloop.errors import UsageError
+from edgeloop.errors import DataError, UsageError
 from edgeloop.serve.loadgen import ServerProcess, drive
 from edgeloop.serve.offload import OffloadServer, ServerConfig, running
 
@@ -441,3 +441,13 @@ def test_cli_errors_are_one_line(tmp_path: Path, model: Path, capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1:" in err and err.count("\n") == 1
+
+
+def test_a_feed_that_is_not_numbers_raises_and_leaves_the_circuit_usable(server) -> None:
+    url, _ = server
+    now = [0.0]
+    with OffloadClient(OffloadPolicy(url=url, failures_to_open=1), clock=lambda: now[0]) as c:
+        with pytest.raises(DataError, match="input 'x' is <U1, not numbers"):
+            c.predict({"x": np.array([["a"] * 8]), "mask": np.ones((1, 8), np.int64)},
+                      "public")
+        assert not c.circuit_open and c.predict(feed(4), "public").offloaded

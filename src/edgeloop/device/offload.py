@@ -16,7 +16,9 @@ only when all of these hold, checked in this order:
 waits beyond ``timeout_s`` per phase: it returns an :class:`OffloadResult` whose
 ``reason`` says why it did not offload ("privacy", "budget", "circuit open", "timeout",
 "unreachable: ...", "server error 503: ...", "rejected 422: ..."), so the runtime answers
-locally and marks its answer as local.
+locally and marks its answer as local. Only a feed that is not arrays of numbers raises
+(:class:`~edgeloop.errors.DataError`): that is the caller's mistake, and it would fail
+locally as well.
 
 What leaves the device is the model input and nothing else: the request carries only
 the headers HTTP needs (``Host``, ``Content-Type``, ``Content-Length``): no user agent,
@@ -40,7 +42,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from edgeloop.errors import UsageError, one_of
+from edgeloop.errors import DataError, UsageError, one_of
 
 __all__ = ["ENCODINGS", "OffloadClient", "OffloadPolicy", "OffloadResult"]
 
@@ -208,21 +210,24 @@ class OffloadClient:
             if not self._circuit.allow(now):
                 return refused("circuit open")
             self._sent.append(now)
-        content, ctype = _encode(feed, self.policy.encoding)
-        outcome, result = self._send(content, ctype, feed)
-        with self._lock:
-            if outcome == "ok":
-                self._circuit.success()
-            elif outcome == "failure":
-                self._circuit.failure(self._clock())
-            else:
-                self._circuit.release()
+        outcome: str = "rejected"     # if encoding raises: the caller's feed, not the server
+        try:
+            content, ctype = _encode(feed, self.policy.encoding)
+            outcome, result = self._send(content, ctype)
+        finally:
+            with self._lock:
+                if outcome == "ok":
+                    self._circuit.success()
+                elif outcome == "failure":
+                    self._circuit.failure(self._clock())
+                else:
+                    self._circuit.release()
         if isinstance(result, str):
             return refused(result)
         outputs, batch_size = result
         return OffloadResult(outputs, None, (time.perf_counter() - started) * 1e3, batch_size)
 
-    def _send(self, content: bytes, ctype: str, feed: Mapping[str, np.ndarray],
+    def _send(self, content: bytes, ctype: str,
               ) -> tuple[str, str | tuple[list[np.ndarray], int]]:
         """("ok" | "failure" | "rejected", outputs or the reason)."""
         try:
@@ -243,18 +248,18 @@ class OffloadClient:
             batch_size = int(doc["batch_size"])
         except (ValueError, KeyError, TypeError):
             return "failure", "server error: malformed answer"
-        rows = {len(a) for a in feed.values() if np.ndim(a)}
-        if outputs and rows and any(o.ndim == 0 or len(o) not in rows for o in outputs):
-            return "failure", "server error: answer does not match the request"
         return "ok", (outputs, batch_size)
 
 
 def _encode(feed: Mapping[str, np.ndarray], encoding: str) -> tuple[bytes, str]:
+    arrays = {k: np.asarray(v) for k, v in feed.items()}
+    if bad := [k for k, a in arrays.items() if a.dtype.kind not in "biuf"]:
+        raise DataError(f"offload: input {bad[0]!r} is {arrays[bad[0]].dtype}, not numbers")
     if encoding == "npz":
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in feed.items()})
+        np.savez(buf, **arrays)
         return buf.getvalue(), "application/x-npz"
-    body = {"inputs": {k: np.asarray(v).tolist() for k, v in feed.items()}}
+    body = {"inputs": {k: a.tolist() for k, a in arrays.items()}}
     return json.dumps(body, separators=(",", ":")).encode(), "application/json"
 
 

@@ -364,7 +364,8 @@ def running(server: OffloadServer, *, host: str = "127.0.0.1",
             if not thread.is_alive():
                 raise TransportError("the offload server stopped while starting")
             time.sleep(0.01)
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        shown = f"[{host}]" if ":" in host else host
+        yield f"http://{shown}:{sock.getsockname()[1]}"
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
