@@ -451,3 +451,71 @@ def test_a_feed_that_is_not_numbers_raises_and_leaves_the_circuit_usable(server)
             c.predict({"x": np.array([["a"] * 8]), "mask": np.ones((1, 8), np.int64)},
                       "public")
         assert not c.circuit_open and c.predict(feed(4), "public").offloaded
+
+
+def lookup_model(path: Path, *, batch: int | str = "N") -> Path:
+    """``y = table[idx]``: onnxruntime fails on an index past the table's 10 rows, an
+    input the server cannot validate (a model error, not a malformed request)."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"])], "g",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [batch])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        [numpy_helper.from_array(table, "table")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    onnx.save(m, path)
+    return path
+
+
+def _at_once(url: str, bodies: list[dict[str, object]]) -> list[httpx.Response]:
+    barrier = threading.Barrier(len(bodies))
+    out: list[httpx.Response | None] = [None] * len(bodies)
+
+    def one(i: int) -> None:
+        with httpx.Client(timeout=10) as c:
+            barrier.wait()
+            out[i] = c.post(f"{url}/v1/predict", json={"inputs": bodies[i]})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return out
+
+
+def test_a_request_that_breaks_its_batch_is_refused_alone(tmp_path: Path) -> None:
+    srv = OffloadServer(lookup_model(tmp_path / "lookup.onnx"),
+                        config=ServerConfig(max_batch=32, max_queue_delay_ms=100))
+    idx = [[3], [7], [50], [1], [9], [0]]              # 50 is past the table
+    with running(srv) as url:
+        answers = _at_once(url, [{"idx": i} for i in idx])
+        stats = httpx.get(f"{url}/v1/stats").json()
+        assert httpx.post(f"{url}/v1/predict", json={"inputs": {"idx": [2]}}).status_code == 200
+    for i, r in zip(idx, answers, strict=True):
+        if i == [50]:
+            assert r.status_code == 422 and r.json()["error"].startswith("inference failed")
+        else:
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0] == [[4.0 * i[0] + k for k in range(4)]]
+    assert stats["errors"] == 1 and stats["requests"] == 5
+
+
+def test_a_model_without_a_free_batch_axis_is_never_batched(tmp_path: Path) -> None:
+    srv = OffloadServer(lookup_model(tmp_path / "fixed.onnx", batch=1),
+                        config=ServerConfig(max_batch=32, max_queue_delay_ms=50))
+    with running(srv) as url:
+        assert httpx.get(f"{url}/v1/health").json()["max_batch"] == 1
+        answers = _at_once(url, [{"idx": [i]} for i in range(6)])
+        assert all(r.status_code == 200 and r.json()["batch_size"] == 1 for r in answers)
+        two = httpx.post(f"{url}/v1/predict", json={"inputs": {"idx": [1, 2]}})
+    assert two.status_code == 422 and "expects (1,)" in two.json()["error"]
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(server, oracle) -> None:
+    url, _ = server
+    chunks = (b" " * 10_000 for _ in range(100))           # no Content-Length: chunked
+    r = httpx.post(f"{url}/v1/predict", content=chunks, headers=JSON)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+    assert_serves(url, oracle)
