@@ -5,6 +5,7 @@ circuit breaker, a server killed and restarted, and bad requests answered 4xx.""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -519,3 +520,37 @@ def test_a_chunked_body_is_cut_off_at_the_limit(server, oracle) -> None:
     r = httpx.post(f"{url}/v1/predict", content=chunks, headers=JSON)
     assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
     assert_serves(url, oracle)
+
+
+_WITHOUT_SERVE = """
+import sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in ("fastapi", "uvicorn", "starlette"):
+            raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+        return None
+
+sys.meta_path.insert(0, Refuse())
+from edgeloop.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_without_the_serve_extra_the_command_names_it(model: Path) -> None:
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    help_ = subprocess.run([sys.executable, "-c", _WITHOUT_SERVE, "offload-server", "--help"],
+                           capture_output=True, text=True, timeout=60, check=False,
+                           env={"PYTHONPATH": str(src), "COLUMNS": "100"})
+    assert help_.returncode == 0 and "--max-queue-delay-ms" in help_.stdout
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_SERVE, "offload-server", str(model),
+                           "--port", "0"], capture_output=True, text=True, timeout=60,
+                          check=False, env={"PYTHONPATH": str(src), "COLUMNS": "200"})
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: this command needs `(fastapi|uvicorn)`, which is not "
+                        r"installed; install it with pip install 'edgeloop\[serve\]'", line)
