@@ -554,3 +554,15 @@ def test_without_the_serve_extra_the_command_names_it(model: Path) -> None:
     [line] = proc.stderr.strip().splitlines()
     assert re.fullmatch(r"error: this command needs `(fastapi|uvicorn)`, which is not "
                         r"installed; install it with pip install 'edgeloop\[serve\]'", line)
+
+
+def test_a_full_queue_answers_503_and_the_server_recovers(model) -> None:
+    srv = OffloadServer(model, config=ServerConfig(max_batch=32, max_queue_delay_ms=300,
+                                                   max_queue=2))
+    body = {k: v.tolist() for k, v in feed(1).items()}
+    with running(srv) as url:
+        codes = sorted(r.status_code for r in _at_once(url, [body] * 4))
+        assert codes == [200, 200, 503, 503]
+        r = httpx.post(f"{url}/v1/predict", json={"inputs": body})
+        assert r.status_code == 200
+    assert srv.stats.rejected == 2

@@ -33,7 +33,7 @@ import os
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,7 @@ class _Batcher:
         self.max_batch = config.max_batch if can_batch else 1
         self.names = [i.name for i in sess.get_inputs()]
         self.pending: deque[_Pending] = deque()
+        self.waiting: Counter[tuple[tuple[int, ...], ...]] = Counter()   # rows per shape
         self.arrived = asyncio.Event()
 
     async def submit(self, feed: Feed) -> tuple[list[np.ndarray], int]:
@@ -132,11 +133,9 @@ class _Batcher:
         future: asyncio.Future[tuple[list[np.ndarray], int]] = (
             asyncio.get_running_loop().create_future())
         self.pending.append(_Pending(feed, future, time.perf_counter()))
+        self.waiting[feed.sample_shape] += feed.rows
         self.arrived.set()
         return await future
-
-    def _ready(self, shape: tuple[tuple[int, ...], ...]) -> int:
-        return sum(p.feed.rows for p in self.pending if p.feed.sample_shape == shape)
 
     async def run_forever(self) -> None:
         delay = self.config.max_queue_delay_ms / 1e3
@@ -147,7 +146,7 @@ class _Batcher:
             oldest = self.pending[0]
             shape = oldest.feed.sample_shape
             deadline = oldest.queued + delay
-            while self._ready(shape) < self.max_batch:
+            while self.waiting[shape] < self.max_batch:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -155,7 +154,12 @@ class _Batcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.arrived.wait(), left)
             batch = self._take(shape)
-            await self._run(batch)
+            try:
+                await self._run(batch)
+            except Exception as e:  # a bug here must fail this batch, not stall the queue
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
 
     def _take(self, shape: tuple[tuple[int, ...], ...]) -> list[_Pending]:
         """The oldest requests of ``shape`` up to ``max_batch`` samples (always at least
@@ -175,6 +179,9 @@ class _Batcher:
                 break
         keep.extend(self.pending)
         self.pending = keep
+        self.waiting[shape] -= rows
+        if not self.waiting[shape]:
+            del self.waiting[shape]
         return batch
 
     async def _run(self, batch: list[_Pending]) -> None:
