@@ -566,3 +566,18 @@ def test_a_full_queue_answers_503_and_the_server_recovers(model) -> None:
         r = httpx.post(f"{url}/v1/predict", json={"inputs": body})
         assert r.status_code == 200
     assert srv.stats.rejected == 2
+
+
+def test_half_open_lets_exactly_one_probe_through() -> None:
+    from edgeloop.device.offload import _Circuit
+
+    c = _Circuit(OffloadPolicy(url="http://h", failures_to_open=1, backoff_s=1.0))
+    assert c.allow(0.0)
+    c.failure(0.0)                      # opens until t=1
+    assert not c.allow(0.5)
+    assert c.allow(1.0)                 # the probe
+    assert not c.allow(1.0) and not c.allow(5.0)   # others wait while it is out
+    c.release()                         # the probe's input was refused: no verdict
+    assert c.allow(5.0)
+    c.success()
+    assert c.allow(5.0) and c.allow(5.0) and c.open_until is None
