@@ -1,0 +1,1 @@
+"""The device runtime's parts: see the modules (``offload``: the offload client)."""
