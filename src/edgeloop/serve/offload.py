@@ -39,14 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from edgeloop._onnx import input_specs, load_model
-from edgeloop.errors import ModelError, TransportError, UsageError
+from edgeloop._onnx import input_specs, load_model, session
+from edgeloop.errors import TransportError, UsageError
 from edgeloop.serve._request import BadRequest, Feed, batchable, decode
 
 __all__ = ["OffloadServer", "ServerConfig", "ServerStats", "create_app", "listen", "running",
@@ -233,29 +232,14 @@ class OffloadServer:
                  config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.model = Path(model)
-        self.sess = _serving_session(load_model(self.model), self.config.threads)
+        # spinning off: the pool otherwise spins between the server's many small runs on
+        # cores the event loop needs (1.3 ms of CPU per request on mnist1d-cnn at 500/s)
+        self.sess = session(load_model(self.model), threads=self.config.threads, spin=False)
         self.specs = input_specs(self.sess)
         self.can_batch = batchable(self.specs)
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.stats = ServerStats()
         self.app = create_app(self)
-
-
-def _serving_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    """Like :func:`edgeloop._onnx.session`, with the intra-op pool's spin-waiting off: the
-    pool otherwise spins between the server's many small runs on cores the event loop
-    needs (it cost 1.3 ms of CPU per request on mnist1d-cnn at 500 requests/s)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
 
 
 def create_app(server: OffloadServer) -> FastAPI:
