@@ -45,19 +45,23 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            optimized_path: str | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session; ``threads=0`` lets onnxruntime choose."""
+            optimized_path: str | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``threads=0`` lets onnxruntime choose. ``spin=False``
+    turns the intra-op pool's spin-waiting off, for servers that run many small requests
+    on cores their event loop needs."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
-        first = str(e).strip().splitlines()[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
 
 

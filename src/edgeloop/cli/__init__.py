@@ -24,6 +24,7 @@ from edgeloop.cli import bundle as _bundle  # noqa: F401  (registers its command
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
 from edgeloop.cli import device as _device  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
+from edgeloop.cli import serve as _serve  # noqa: F401  (registers its commands)
 from edgeloop.cli import train as _train  # noqa: F401  (registers its commands)
 from edgeloop.cli._app import app, err_console
 from edgeloop.errors import EdgeloopError
@@ -35,7 +36,8 @@ __all__ = ["OPTIONAL", "app", "main"]
 # evaluate and optimize on ONNX models.
 OPTIONAL = {"torch": "train", "onnxscript": "train", "sklearn": "train",
             "transformers": "transformers",
-            "litert_torch": "tflite", "ai_edge_litert": "tflite", "coremltools": "coreml"}
+            "litert_torch": "tflite", "ai_edge_litert": "tflite", "coremltools": "coreml",
+            "fastapi": "serve", "uvicorn": "serve", "starlette": "serve"}
 
 
 def _fail(message: str) -> NoReturn:

@@ -61,7 +61,7 @@ class StructuredPrune(TorchPass):
     batch_size: int = 128       # fine-tuning batch (samples)
     min_channels: int = 2       # never prune a group below this many channels
     round_to: int = 8           # a layer whose width is a multiple of this stays one
-    distill_alpha: float = 0.7  # weight of the teacher's softened outputs; 0: labels only
+    distill_alpha: float = 0.3  # weight of the teacher's softened outputs; 0: labels only
     temperature: float = 4.0
     taylor_batches: int = 8     # batches of 64 samples whose gradients score channels
     seed: int = 0

@@ -8,6 +8,7 @@ candidate stages on validation data, fits a temperature per stage
 the accuracy/latency curve); :func:`evaluate_thresholds` scores thresholds on other data.
 :func:`publish_cascade` signs a cascade (every stage and its cascade.json) as one bundle,
 which a device installs and its runtime serves with probation like a single model.
+The offload client is :mod:`edgeloop.device.offload` (``OffloadClient``, ``OffloadPolicy``).
 
 Names are imported on first use; nothing here imports torch.
 """
