@@ -9,7 +9,8 @@ Devices send a model input they chose not to run themselves (see
     GET  /v1/health -> {"status": "ok", "model": ..., "inputs": [...], "max_batch": ...}
     GET  /v1/stats  -> requests, batches, mean batch size, queue delay p50/p99, errors
 
-Dynamic batching works like Triton's ``max_queue_delay_microseconds``: requests wait in
+Dynamic batching (:mod:`edgeloop._batching`, shared with the device runtime) works like
+Triton's ``max_queue_delay_microseconds``: requests wait in
 a queue; one worker takes the oldest and, until ``max_batch`` samples of the same sample
 shape are waiting or the oldest has waited ``max_queue_delay_ms``, lets more arrive; then
 it runs one onnxruntime call on the stacked inputs, in a thread so the event loop keeps
@@ -18,7 +19,7 @@ off. A request of more samples than ``max_batch`` runs as a batch of its own; a 
 whose inputs have no free first axis is never batched.
 
 A request that does not fit the model is answered 4xx with one line (see
-:mod:`edgeloop.serve._request`) and touches nothing else; if a batch fails in
+:mod:`edgeloop._request`) and touches nothing else; if a batch fails in
 onnxruntime, its requests are rerun one by one so only the request that causes the
 failure is refused. The server holds no state about its callers: it is stateless behind
 any load balancer.
@@ -33,25 +34,22 @@ import os
 import socket
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from edgeloop._batching import Batcher, BatchStats
 from edgeloop._onnx import input_specs, load_model, session
+from edgeloop._request import BadRequest, batchable, decode
 from edgeloop.errors import TransportError, UsageError
-from edgeloop.serve._request import BadRequest, Feed, batchable, decode
 
 __all__ = ["OffloadServer", "ServerConfig", "ServerStats", "create_app", "listen", "running",
            "serve"]
 
-_DELAYS_KEPT = 10_000      # queue delays remembered for the percentiles in /v1/stats
 _DECODE_IN_THREAD = 1 << 16   # bodies larger than this are decoded off the event loop
 
 
@@ -76,153 +74,16 @@ class ServerConfig:
 
 
 @dataclass
-class ServerStats:
-    """Counters behind ``GET /v1/stats``."""
+class ServerStats(BatchStats):
+    """Counters behind ``GET /v1/stats`` (the batcher's, plus requests answered)."""
 
     requests: int = 0        # answered 200
     rejected: int = 0        # answered 4xx (bad input) or 503 (queue full)
-    errors: int = 0          # requests onnxruntime failed on (answered 422)
-    batches: int = 0
-    samples: int = 0
-    batched_requests: int = 0
-    queue_delays_s: deque[float] = field(default_factory=lambda: deque(maxlen=_DELAYS_KEPT))
-    run_s: deque[float] = field(default_factory=lambda: deque(maxlen=_DELAYS_KEPT))
 
     def to_dict(self) -> dict[str, object]:
         """The JSON ``/v1/stats`` answers with (times in milliseconds)."""
-        def pct(xs: deque[float], q: float) -> float | None:
-            return float(np.percentile(np.asarray(xs), q) * 1e3) if xs else None
-
-        return {
-            "requests": self.requests, "rejected": self.rejected, "errors": self.errors,
-            "batches": self.batches, "samples": self.samples,
-            "mean_batch_size": self.samples / self.batches if self.batches else None,
-            "mean_requests_per_batch": (self.batched_requests / self.batches
-                                        if self.batches else None),
-            "queue_delay_p50_ms": pct(self.queue_delays_s, 50),
-            "queue_delay_p99_ms": pct(self.queue_delays_s, 99),
-            "run_p50_ms": pct(self.run_s, 50),
-        }
-
-
-@dataclass
-class _Pending:
-    feed: Feed
-    future: asyncio.Future[tuple[list[np.ndarray], int]]
-    queued: float
-
-
-class _Batcher:
-    """The queue and its single worker (runs on the server's event loop)."""
-
-    def __init__(self, sess: ort.InferenceSession, config: ServerConfig, stats: ServerStats,
-                 *, can_batch: bool) -> None:
-        self.sess = sess
-        self.config = config
-        self.stats = stats
-        self.max_batch = config.max_batch if can_batch else 1
-        self.names = [i.name for i in sess.get_inputs()]
-        self.pending: deque[_Pending] = deque()
-        self.waiting: Counter[tuple[tuple[int, ...], ...]] = Counter()   # rows per shape
-        self.arrived = asyncio.Event()
-
-    async def submit(self, feed: Feed) -> tuple[list[np.ndarray], int]:
-        if len(self.pending) >= self.config.max_queue:
-            raise BadRequest(503, f"server busy: {len(self.pending)} requests queued")
-        future: asyncio.Future[tuple[list[np.ndarray], int]] = (
-            asyncio.get_running_loop().create_future())
-        self.pending.append(_Pending(feed, future, time.perf_counter()))
-        self.waiting[feed.sample_shape] += feed.rows
-        self.arrived.set()
-        return await future
-
-    async def run_forever(self) -> None:
-        delay = self.config.max_queue_delay_ms / 1e3
-        while True:
-            while not self.pending:
-                self.arrived.clear()
-                await self.arrived.wait()
-            oldest = self.pending[0]
-            shape = oldest.feed.sample_shape
-            deadline = oldest.queued + delay
-            while self.waiting[shape] < self.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self.arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.arrived.wait(), left)
-            batch = self._take(shape)
-            try:
-                await self._run(batch)
-            except Exception as e:  # a bug here must fail this batch, not stall the queue
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-
-    def _take(self, shape: tuple[tuple[int, ...], ...]) -> list[_Pending]:
-        """The oldest requests of ``shape`` up to ``max_batch`` samples (always at least
-        the oldest one), removed from the queue."""
-        batch: list[_Pending] = []
-        rows = 0
-        keep: deque[_Pending] = deque()
-        while self.pending:
-            p = self.pending.popleft()
-            if (p.feed.sample_shape == shape and (not batch or rows + p.feed.rows
-                                                  <= self.max_batch)):
-                batch.append(p)
-                rows += p.feed.rows
-            else:
-                keep.append(p)
-            if rows >= self.max_batch:
-                break
-        keep.extend(self.pending)
-        self.pending = keep
-        self.waiting[shape] -= rows
-        if not self.waiting[shape]:
-            del self.waiting[shape]
-        return batch
-
-    async def _run(self, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
-        live = [p for p in batch if not p.future.done()]   # callers that went away
-        if not live:
-            return
-        for p in live:
-            self.stats.queue_delays_s.append(started - p.queued)
-        try:
-            outs = await asyncio.to_thread(self._infer, [p.feed for p in live])
-        except Exception as e:   # onnxruntime refused the stacked batch
-            if len(live) > 1:
-                for p in live:       # find the request that causes it; the rest succeed
-                    await self._run([p])
-                return
-            self.stats.errors += 1
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            live[0].future.set_exception(BadRequest(422, f"inference failed: {first}"))
-            return
-        self.stats.run_s.append(time.perf_counter() - started)
-        total = sum(p.feed.rows for p in live)
-        self.stats.batches += 1
-        self.stats.samples += total
-        self.stats.batched_requests += len(live)
-        start = 0
-        for p in live:
-            mine = [o[start:start + p.feed.rows] for o in outs] if len(live) > 1 else outs
-            start += p.feed.rows
-            if not p.future.done():
-                p.future.set_result((mine, total))
-
-    def _infer(self, feeds: list[Feed]) -> list[np.ndarray]:
-        if len(feeds) == 1:
-            stacked = feeds[0].arrays
-        else:
-            stacked = {n: np.concatenate([f.arrays[n] for f in feeds]) for n in self.names}
-        outs = self.sess.run(None, stacked)
-        total = sum(f.rows for f in feeds)
-        if len(feeds) > 1 and any(o.ndim == 0 or o.shape[0] != total for o in outs):
-            raise ValueError("outputs do not follow the sample axis")   # rerun one by one
-        return outs
+        return {"requests": self.requests, "rejected": self.rejected, "errors": self.errors,
+                **self.batch_dict()}
 
 
 class OffloadServer:
@@ -245,11 +106,15 @@ class OffloadServer:
 def create_app(server: OffloadServer) -> FastAPI:
     """The FastAPI app of ``server`` (its batcher starts and stops with the app)."""
     config = server.config
-    holder: dict[str, _Batcher] = {}
+    holder: dict[str, Batcher] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = _Batcher(server.sess, config, server.stats, can_batch=server.can_batch)
+        batcher = Batcher(lambda feed: server.sess.run(None, feed),
+                          [s.name for s in server.specs],
+                          max_batch=config.max_batch if server.can_batch else 1,
+                          max_delay_ms=config.max_queue_delay_ms, max_queue=config.max_queue,
+                          stats=server.stats)
         holder["batcher"] = batcher
         worker = asyncio.create_task(batcher.run_forever())
         try:
@@ -279,6 +144,9 @@ def create_app(server: OffloadServer) -> FastAPI:
             outs, batch_size = await holder["batcher"].submit(feed)
         except BadRequest as e:
             return refuse(e)
+        except Exception as e:   # onnxruntime failed on this request alone (counted)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            return JSONResponse({"error": f"inference failed: {first}"}, status_code=422)
         server.stats.requests += 1
         payload = {"outputs": [o.tolist() for o in outs], "names": server.output_names,
                    "dtypes": [str(o.dtype) for o in outs], "batch_size": batch_size}

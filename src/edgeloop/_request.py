@@ -1,6 +1,9 @@
 """Turning a request body into a validated feed for the model, without any I/O.
 
-The offload server hands every ``POST /v1/predict`` body to :func:`decode`, which either
+Shared by the two HTTP servers edgeloop runs: the offload server
+(:mod:`edgeloop.serve.offload`) and the device's local API (:mod:`edgeloop.device.http`);
+it sits below both (device and serve are peers and never import each other). Each hands
+every ``POST /v1/predict`` body to :func:`decode`, which either
 returns arrays of exactly the model's dtypes and shapes or raises :class:`BadRequest`
 with an HTTP status and one line saying what was wrong. Nothing a client sends reaches
 onnxruntime unchecked: names, rank, fixed dimensions, element type (cast only where no
