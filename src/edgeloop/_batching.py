@@ -75,10 +75,9 @@ class Batcher:
     loop. ``infer`` takes arrays named after the model's inputs and returns outputs whose
     first axis follows the samples (checked when requests were stacked)."""
 
-    def __init__(self, infer: Infer, names: Sequence[str], *, max_batch: int,
-                 max_delay_ms: float, max_queue: int, stats: BatchStats) -> None:
+    def __init__(self, infer: Infer, *, max_batch: int, max_delay_ms: float, max_queue: int,
+                 stats: BatchStats) -> None:
         self.infer = infer
-        self.names = list(names)
         self.max_batch = max_batch
         self.delay_s = max_delay_ms / 1e3
         self.max_queue = max_queue
@@ -176,7 +175,7 @@ class Batcher:
     def _stacked(self, feeds: list[Feed]) -> list[np.ndarray]:
         if len(feeds) == 1:
             return list(self.infer(feeds[0].arrays))
-        stacked = {n: np.concatenate([f.arrays[n] for f in feeds]) for n in self.names}
+        stacked = {n: np.concatenate([f.arrays[n] for f in feeds]) for n in feeds[0].arrays}
         outs = list(self.infer(stacked))
         total = sum(f.rows for f in feeds)
         if any(o.ndim == 0 or o.shape[0] != total for o in outs):
@@ -188,8 +187,8 @@ class BatchThread:
     """A :class:`Batcher` on an event loop of its own (a daemon thread), for callers in
     threads: :meth:`submit` blocks until this caller's rows are back."""
 
-    def __init__(self, infer: Infer, names: Sequence[str], *, max_batch: int,
-                 max_delay_ms: float, max_queue: int = 4096) -> None:
+    def __init__(self, infer: Infer, *, max_batch: int, max_delay_ms: float,
+                 max_queue: int = 4096) -> None:
         self.stats = BatchStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -197,7 +196,7 @@ class BatchThread:
         self._thread.start()
 
         async def start() -> tuple[Batcher, asyncio.Task[None]]:
-            b = Batcher(infer, names, max_batch=max_batch, max_delay_ms=max_delay_ms,
+            b = Batcher(infer, max_batch=max_batch, max_delay_ms=max_delay_ms,
                         max_queue=max_queue, stats=self.stats)
             return b, asyncio.create_task(b.run_forever())
 

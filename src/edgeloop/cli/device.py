@@ -1,4 +1,4 @@
-"""Commands for the device runtime: `cascade` (build one) and `device run`."""
+"""Commands for the device runtime: `cascade` (build one), `device run` and `device serve`."""
 
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def device_run(
         help="Device state folder (omit when the policy names a cascade)")] = None,
     policy: Annotated[Path | None, typer.Option(help="Runtime policy TOML")] = None,
     as_json: Annotated[bool, typer.Option(
-        "--json", help="One JSON line per sample: answer, stage, latency, offloaded")] = False,
+        "--json", help="One JSON line per sample: answer, stage, latency, offloaded, "
+                       "offload_reason")] = False,
 ) -> None:
     """Run the device runtime on each sample of --data, one at a time."""
     from edgeloop.data import load_npz
@@ -81,16 +82,48 @@ def device_run(
             console.print_json(json.dumps({
                 "answer": int(a.output.reshape(-1).argmax()), "stage": a.stage,
                 "latency_ms": round(a.latency_ms, 6), "confidence": a.confidence,
-                "offloaded": a.offloaded}), indent=None)
+                "offloaded": a.offloaded, "offload_reason": a.offload_reason}), indent=None)
         return
     s = summarize(answers, ds.labels)
     t = Table(title=f"{s.samples} samples")
     t.add_column("stage")
     t.add_column("answers")
-    for name in rt.stages():
+    offload = rt.policy.offload
+    for name in (*rt.stages(), "offload") if offload is not None else rt.stages():
         n = s.answered.get(name, 0)
         t.add_row(name, f"{n} ({n / s.samples:.1%})")
     console.print(t)
+    if offload is not None and (kept := rt.stats.kept_local):
+        console.print("offload wanted, answered locally: " + ", ".join(
+            f"{why} {n}" for why, n in sorted(kept.items())), highlight=False)
     acc = "" if s.accuracy is None else f", accuracy {s.accuracy:.2%}"
     console.print(f"latency per sample: mean {s.mean_latency_ms:.4f} ms, p50 "
                   f"{s.p50_latency_ms:.4f} ms, p90 {s.p90_latency_ms:.4f} ms{acc}")
+
+
+@device_app.command("serve")
+def device_serve(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port; 0 = any free one")],
+    state_dir: Annotated[Path | None, typer.Argument(
+        help="Device state folder (omit when the policy names a cascade)")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Runtime policy TOML")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+) -> None:
+    """Serve the device runtime to apps on the device: POST /v1/predict, GET /v1/health,
+    GET /v1/stats."""
+    import sys
+
+    from edgeloop.device import Policy, Runtime
+    from edgeloop.device.http import listen, serve
+
+    rt = Runtime(state_dir, Policy.load(policy) if policy is not None else None)
+    with rt:
+        sock = listen(host, port)
+        shown = f"[{host}]" if ":" in host else host
+        h = rt.health()
+        what = h.get("cascade") or f"{h['name']} {h['version']}"
+        console.print(f"serving {what} on http://{shown}:{sock.getsockname()[1]} (offload "
+                      f"{h['offload']}, max batch {h['max_batch']})", highlight=False,
+                      soft_wrap=True)
+        sys.stdout.flush()
+        serve(rt, sock)

@@ -8,7 +8,9 @@ candidate stages on validation data, fits a temperature per stage
 the accuracy/latency curve); :func:`evaluate_thresholds` scores thresholds on other data.
 :func:`publish_cascade` signs a cascade (every stage and its cascade.json) as one bundle,
 which a device installs and its runtime serves with probation like a single model.
-The offload client is :mod:`edgeloop.device.offload` (``OffloadClient``, ``OffloadPolicy``).
+The offload client is :mod:`edgeloop.device.offload` (``OffloadClient``, ``OffloadPolicy``);
+a policy's ``[offload]`` table (:class:`OffloadRule`) wires it into the runtime. The
+device's local HTTP API is :mod:`edgeloop.device.http` (needs the ``[serve]`` extra).
 
 Names are imported on first use; nothing here imports torch.
 """
@@ -17,8 +19,8 @@ from edgeloop._lazy import lazy_names
 
 _SOURCES = {
     "Answer": ".runtime", "RunSummary": ".runtime", "Runtime": ".runtime",
-    "summarize": ".runtime",
-    "Policy": ".policy",
+    "summarize": ".runtime", "RuntimeStats": ".runtime",
+    "OffloadRule": ".policy", "Policy": ".policy",
     "Cascade": ".cascade", "CurvePoint": ".cascade", "Stage": ".cascade",
     "ThresholdChoice": ".cascade", "build_cascade": ".cascade",
     "choose_thresholds": ".cascade", "evaluate_thresholds": ".cascade",
@@ -32,9 +34,11 @@ __all__ = [
     "Answer",
     "Cascade",
     "CurvePoint",
+    "OffloadRule",
     "Policy",
     "RunSummary",
     "Runtime",
+    "RuntimeStats",
     "Stage",
     "TemperatureScaler",
     "ThresholdChoice",

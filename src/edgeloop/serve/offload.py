@@ -32,20 +32,18 @@ import contextlib
 import json
 import os
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from edgeloop._batching import Batcher, BatchStats
+from edgeloop._http import listen, read_body, running_app, serve_app
 from edgeloop._onnx import input_specs, load_model, session
 from edgeloop._request import BadRequest, batchable, decode
-from edgeloop.errors import TransportError, UsageError
+from edgeloop.errors import UsageError
 
 __all__ = ["OffloadServer", "ServerConfig", "ServerStats", "create_app", "listen", "running",
            "serve"]
@@ -111,7 +109,6 @@ def create_app(server: OffloadServer) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = Batcher(lambda feed: server.sess.run(None, feed),
-                          [s.name for s in server.specs],
                           max_batch=config.max_batch if server.can_batch else 1,
                           max_delay_ms=config.max_queue_delay_ms, max_queue=config.max_queue,
                           stats=server.stats)
@@ -134,7 +131,7 @@ def create_app(server: OffloadServer) -> FastAPI:
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         try:
-            body = await _read_body(request, config.max_body_bytes)
+            body = await read_body(request, config.max_body_bytes)
             ctype = request.headers.get("content-type")
             if len(body) > _DECODE_IN_THREAD:
                 feed = await asyncio.to_thread(decode, body, ctype, server.specs,
@@ -169,44 +166,9 @@ def create_app(server: OffloadServer) -> FastAPI:
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, f"body of {declared} bytes exceeds the limit of {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: any free one), or a one-line error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise TransportError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-def _uvicorn(server: OffloadServer) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(server.app, log_level="warning", access_log=False,
-                                         timeout_keep_alive=30, lifespan="on",
-                                         timeout_graceful_shutdown=5))
-
-
 def serve(server: OffloadServer, sock: socket.socket) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM stop it gracefully)."""
-    _uvicorn(server).run(sockets=[sock])
+    serve_app(server.app, sock)
 
 
 @contextlib.contextmanager
@@ -214,19 +176,5 @@ def running(server: OffloadServer, *, host: str = "127.0.0.1",
             port: int = 0) -> Iterator[str]:
     """Serve ``server`` from a thread of this process; yields its base URL and stops it
     on exit (for tests and benchmarks)."""
-    sock = listen(host, port)
-    uv = _uvicorn(server)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not uv.started:
-            if not thread.is_alive():
-                raise TransportError("the offload server stopped while starting")
-            time.sleep(0.01)
-        shown = f"[{host}]" if ":" in host else host
-        yield f"http://{shown}:{sock.getsockname()[1]}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
+    with running_app(server.app, host=host, port=port) as url:
+        yield url

@@ -1,0 +1,213 @@
+"""The runtime with offload and micro-batching: a cascade of two tiny classifiers served
+from files, a real offload server (uvicorn on 127.0.0.1) running a third model, and the
+models run directly in onnxruntime as the oracles."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from test_bundle_fixtures import CLASSES, FEATURES, X, matmul_model
+
+from edgeloop.device import Cascade, OffloadRule, Policy, Runtime, Stage
+from edgeloop.device.calibration import confidence, softmax
+from edgeloop.device.offload import OffloadPolicy
+from edgeloop.errors import UsageError
+from edgeloop.serve.offload import OffloadServer, ServerConfig, running
+
+_RNG = np.random.default_rng(7)
+W = {name: _RNG.normal(size=(FEATURES, CLASSES)).astype(np.float32)
+     for name in ("small", "large", "server")}
+N = 40
+
+
+def _direct(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """small/large (the cascade, its threshold the median confidence of the small model
+    on X[:N], so about half the samples reach the large one), server, and cascade.json."""
+    root = tmp_path_factory.mktemp("offload-cascade")
+    paths = {name: matmul_model(root / f"{name}.onnx", w) for name, w in W.items()}
+    conf = confidence(softmax(_direct(paths["small"], X[:N]), 1.0), "max-softmax")
+    stages = (Stage(name="small", model="small.onnx", threshold=float(np.median(conf))),
+              Stage(name="large", model="large.onnx"))
+    paths["cascade"] = root / "cascade.json"
+    paths["cascade"].write_text(Cascade(stages=stages).to_json())
+    paths["three"] = matmul_model(root / "three.onnx", W["server"][:, :3])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, Path]) -> Iterator[tuple[str, OffloadServer]]:
+    srv = OffloadServer(models["server"], config=ServerConfig(max_batch=1))
+    with running(srv) as url:
+        yield url, srv
+
+
+def _rule(url: str, **kw: object) -> dict[str, object]:
+    return {"url": url, "privacy_class": "public", **kw}
+
+
+def _local_cascade(models: dict[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """What the cascade answers locally for X[:N], sample by sample: output, stage index."""
+    rt = Runtime(None, Policy(cascade=models["cascade"]))
+    answers = [rt.predict({"x": X[i:i + 1]}) for i in range(N)]
+    return (np.concatenate([a.output for a in answers]),
+            np.array([rt.stages().index(a.stage) for a in answers]))
+
+
+def test_when_unsure_offloads_what_would_reach_the_last_stage(models, server) -> None:
+    url, _ = server
+    want_server = _direct(models["server"], X[:N])
+    small = _direct(models["small"], X[:N])
+    _, stage = _local_cascade(models)
+    unsure = stage == 1
+    assert 5 < unsure.sum() < N - 5
+    with Runtime(None, Policy(cascade=models["cascade"], offload=_rule(url))) as rt:
+        answers = [rt.predict({"x": X[i:i + 1]}) for i in range(N)]
+        for a, u, srv_out, small_out in zip(answers, unsure, want_server, small, strict=True):
+            assert a.offloaded == u and a.offload_reason is None
+            if u:     # the server model's own output, exactly
+                assert a.stage == "offload" and a.confidence is None
+                np.testing.assert_array_equal(a.output[0], srv_out)
+            else:
+                assert a.stage == "small"
+                np.testing.assert_allclose(a.output[0], small_out, rtol=1e-6, atol=1e-6)
+        # a batch: only its unsure rows go out, in one request
+        b = rt.predict({"x": X[:N]})
+        assert b.offloaded and b.stage == "offload"
+        np.testing.assert_array_equal(b.output[unsure], want_server[unsure])
+        np.testing.assert_allclose(b.output[~unsure], small[~unsure], rtol=1e-6, atol=1e-6)
+        s = rt.stats.to_dict()
+        assert s["offloaded"] == unsure.sum() + 1 and s["errors"] == 0
+        assert s["answered"] == {"offload": unsure.sum() + 1, "small": N - unsure.sum()}
+    # min_confidence: only last-stage answers below it go out (0: none)
+    with Runtime(None, Policy(cascade=models["cascade"],
+                              offload=_rule(url, min_confidence=0.0))) as rt:
+        a = rt.predict({"x": X[int(np.argmax(unsure)):][:1]})
+        assert a.stage == "large" and not a.offloaded and a.offload_reason is None
+
+
+def test_always_offloads_and_answers_the_server_models_output(models, server) -> None:
+    url, _ = server
+    want = _direct(models["server"], X[:N])
+    with Runtime(None, Policy(cascade=models["cascade"], offload=_rule(url, mode="always"))
+                 ) as rt:
+        for i in range(0, N, 4):
+            a = rt.predict({"x": X[i:i + 4]})
+            assert a.offloaded and a.stage == "offload" and a.confidence is None
+            np.testing.assert_array_equal(a.output, want[i:i + 4])
+
+
+def test_with_the_server_stopped_every_call_answers_locally(models) -> None:
+    srv = OffloadServer(models["server"], config=ServerConfig(max_batch=1))
+    with running(srv) as url:
+        pass                                   # started, then stopped: nothing listens
+    local, _ = _local_cascade(models)
+    rule = _rule(url, mode="always", timeout_s=0.5, failures_to_open=2, backoff_s=60.0)
+    reasons = []
+    with Runtime(None, Policy(cascade=models["cascade"], offload=rule)) as rt:
+        for i in range(N):                     # any exception here fails the test
+            a = rt.predict({"x": X[i:i + 1]})
+            assert not a.offloaded and a.stage in ("small", "large")
+            np.testing.assert_allclose(a.output[0], local[i], rtol=1e-6, atol=1e-6)
+            reasons.append(a.offload_reason)
+        assert rt.stats.to_dict()["kept_local"] == {"unreachable": 2, "circuit open": N - 2}
+    assert all(r.startswith("unreachable") for r in reasons[:2])
+    assert set(reasons[2:]) == {"circuit open"}
+
+
+def test_a_refused_privacy_class_stays_local(models, server) -> None:
+    url, srv = server
+    before = srv.stats.requests + srv.stats.rejected
+    rule = {"url": url, "mode": "always"}                 # default class: private
+    with Runtime(None, Policy(cascade=models["cascade"], offload=rule)) as rt:
+        a = rt.predict({"x": X[:1]})
+        assert not a.offloaded and a.offload_reason == "privacy"
+        assert srv.stats.requests + srv.stats.rejected == before
+        assert rt.predict({"x": X[:1]}, privacy_class="public").offloaded
+        assert rt.predict({"x": X[:1]}, privacy_class="secret").offload_reason == "privacy"
+    assert srv.stats.requests + srv.stats.rejected == before + 1
+
+
+def test_a_server_answer_that_does_not_fit_is_refused(models) -> None:
+    srv = OffloadServer(models["three"], config=ServerConfig(max_batch=1))   # 3 classes
+    local, _ = _local_cascade(models)
+    with running(srv) as url, Runtime(None, Policy(
+            cascade=models["cascade"], offload=_rule(url))) as rt:
+        for i in range(N):
+            a = rt.predict({"x": X[i:i + 1]})
+            assert not a.offloaded
+            np.testing.assert_allclose(a.output[0], local[i], rtol=1e-6, atol=1e-6)
+            if a.stage == "large":
+                assert "the local model's is float32 (1, 4)" in a.offload_reason
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_micro_batching_answers_each_caller_its_own(models, server, offload: bool) -> None:
+    """16 callers at once: each gets what it gets alone, and calls shared batches."""
+    url, _ = server
+    n = 16
+    want, stage = _local_cascade(models)
+    if offload:
+        want = np.where((stage == 1)[:, None], _direct(models["server"], X[:N]), want)
+    policy = Policy(cascade=models["cascade"], max_batch=n, max_delay_ms=200,
+                    offload=_rule(url) if offload else None)
+    answers: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        answers[i] = rt.predict({"x": X[i:i + 1]})
+
+    with Runtime(None, policy) as rt:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        b = rt.batch_stats()
+    for i, a in enumerate(answers):
+        assert a is not None
+        np.testing.assert_allclose(a.output[0], want[i], rtol=1e-6, atol=1e-6)
+        assert a.offloaded == (offload and stage[i] == 1)
+    assert b is not None and b["samples"] == n and b["batches"] < n
+    assert b["mean_batch_size"] > 1
+
+
+def test_offload_policy_in_toml(models, tmp_path: Path) -> None:
+    p = tmp_path / "policy.toml"
+    p.write_text(f'cascade = "{models["cascade"]}"\nmax_batch = 8\nmax_delay_ms = 1.5\n'
+                 '[offload]\nmode = "when-unsure"\nmin_confidence = 0.9\n'
+                 'privacy_class = "public"\nurl = "http://10.0.0.2:8080"\ntimeout_s = 0.25\n')
+    policy = Policy.load(p)
+    assert policy.max_batch == 8 and policy.max_delay_ms == 1.5
+    assert policy.offload == OffloadRule(
+        client=OffloadPolicy(url="http://10.0.0.2:8080", timeout_s=0.25), mode="when-unsure",
+        min_confidence=0.9, privacy_class="public")
+    for text, words in [
+        ('[offload]\nurl = "http://a"\ntimeout = 1\n', "[offload] has no key 'timeout'; "
+                                                       "keys: mode, min_confidence"),
+        ('[offload]\nurl = "http://a"\nmode = "sometimes"\n',
+         "`offload.mode` must be one of never, when-unsure, always; got 'sometimes'"),
+        ('[offload]\nmode = "always"\n', "offload policy: `url` is required"),
+        ('[offload]\nurl = "http://a"\nmode = "always"\nmin_confidence = 0.5\n',
+         "`offload.min_confidence` applies to mode `when-unsure` only"),
+        ('[offload]\nurl = "ftp://a"\n', "`url` must start with http:// or https://"),
+        ('offload = "always"\n', "`offload` must be a table of keys; got str"),
+        ("max_batch = 0\n", "`max_batch` must be an integer >= 1; got 0"),
+        ("max_delay_ms = -1\n", "`max_delay_ms` must be a number >= 0"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("(", r"\(")
+                           .replace(")", r"\)")) as e:
+            Policy.load(p)
+        assert str(p) in str(e.value) and "\n" not in str(e.value)
