@@ -84,7 +84,9 @@ def serve(runtime: Runtime, sock: socket.socket) -> None:
 
 
 @contextmanager
-def running(runtime: Runtime, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def running(runtime: Runtime, *, host: str = "127.0.0.1", port: int = 0,
+            max_body_bytes: int = MAX_BODY_BYTES) -> Iterator[str]:
     """Serve ``runtime`` from a thread of this process; yields the base URL (for tests)."""
-    with running_app(create_app(runtime), host=host, port=port) as url:
+    app = create_app(runtime, max_body_bytes=max_body_bytes)
+    with running_app(app, host=host, port=port) as url:
         yield url
