@@ -141,9 +141,9 @@ def create_app(server: OffloadServer) -> FastAPI:
             outs, batch_size = await holder["batcher"].submit(feed)
         except BadRequest as e:
             return refuse(e)
-        except Exception as e:   # onnxruntime failed on this request alone (counted)
+        except Exception as e:   # onnxruntime failed on this request alone (in `errors`)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            return JSONResponse({"error": f"inference failed: {first}"}, status_code=422)
+            return refuse(BadRequest(422, f"inference failed: {first}"))
         server.stats.requests += 1
         payload = {"outputs": [o.tolist() for o in outs], "names": server.output_names,
                    "dtypes": [str(o.dtype) for o in outs], "batch_size": batch_size}
