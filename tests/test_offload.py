@@ -95,6 +95,21 @@ def test_outputs_equal_the_local_model(server, oracle, encoding: str) -> None:
         "name": "mask", "dtype": "int64", "shape": ["N", 8]}
 
 
+def test_an_answer_is_not_held_back_by_nagle(server) -> None:
+    """A response's head and body are written separately; without TCP_NODELAY the body
+    waited for the client's delayed ACK (40 ms on Linux loopback)."""
+    import time
+
+    url, _ = server
+    with httpx.Client() as c:
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            assert c.get(f"{url}/v1/health").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert np.median(times) < 0.02, times
+
+
 def _concurrent(url: str, n: int, oracle: ort.InferenceSession) -> list[int]:
     """``n`` devices (own client each) send distinct inputs at once; every answer must be
     the oracle's for that device's own input. Returns the batch sizes reported."""
