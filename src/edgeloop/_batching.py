@@ -21,7 +21,7 @@ import contextlib
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -46,6 +46,20 @@ class BatchStats:
     errors: int = 0          # requests ``infer`` failed on, alone
     queue_delays_s: deque[float] = field(default_factory=lambda: deque(maxlen=_KEPT))
     run_s: deque[float] = field(default_factory=lambda: deque(maxlen=_KEPT))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, requests: int, samples: int, queued_s: list[float], run_s: float) -> None:
+        """Count one batch (callers in other threads count theirs too: hence the lock)."""
+        with self.lock:
+            self.batches += 1
+            self.samples += samples
+            self.batched_requests += requests
+            self.queue_delays_s.extend(queued_s)
+            self.run_s.append(run_s)
+
+    def error(self) -> None:
+        with self.lock:
+            self.errors += 1
 
     def batch_dict(self) -> dict[str, object]:
         """Batch counts, mean sizes and percentiles, in milliseconds."""
@@ -76,8 +90,11 @@ class Batcher:
     first axis follows the samples (checked when requests were stacked)."""
 
     def __init__(self, infer: Infer, *, max_batch: int, max_delay_ms: float, max_queue: int,
-                 stats: BatchStats) -> None:
+                 stats: BatchStats, callers: Callable[[], int] | None = None,
+                 in_thread: bool = True) -> None:
         self.infer = infer
+        self.callers = callers      # requests in flight, when known: none else can join
+        self.in_thread = in_thread  # run infer off the loop (a server's loop keeps serving)
         self.max_batch = max_batch
         self.delay_s = max_delay_ms / 1e3
         self.max_queue = max_queue
@@ -106,6 +123,8 @@ class Batcher:
             shape = oldest.feed.sample_shape
             deadline = oldest.queued + self.delay_s
             while self.waiting[shape] < self.max_batch:
+                if self.callers is not None and len(self.pending) >= self.callers():
+                    break              # every caller in flight is queued: nobody to wait for
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -148,23 +167,22 @@ class Batcher:
         live = [p for p in batch if not p.future.done()]   # callers that went away
         if not live:
             return
-        for p in live:
-            self.stats.queue_delays_s.append(started - p.queued)
         try:
-            outs = await asyncio.to_thread(self._stacked, [p.feed for p in live])
+            feeds = [p.feed for p in live]
+            outs = (await asyncio.to_thread(self._stacked, feeds) if self.in_thread
+                    else self._stacked(feeds))
         except Exception as e:   # the stacked batch failed
             if len(live) > 1:
                 for p in live:       # find the request that causes it; the rest succeed
                     await self._run([p])
                 return
-            self.stats.errors += 1
+            self.stats.error()
             live[0].future.set_exception(e)
             return
-        self.stats.run_s.append(time.perf_counter() - started)
         total = sum(p.feed.rows for p in live)
-        self.stats.batches += 1
-        self.stats.samples += total
-        self.stats.batched_requests += len(live)
+        self.stats.add(requests=len(live), samples=total,
+                       queued_s=[started - p.queued for p in live],
+                       run_s=time.perf_counter() - started)
         start = 0
         for p in live:
             mine = [o[start:start + p.feed.rows] for o in outs] if len(live) > 1 else outs
@@ -185,11 +203,20 @@ class Batcher:
 
 class BatchThread:
     """A :class:`Batcher` on an event loop of its own (a daemon thread), for callers in
-    threads: :meth:`submit` blocks until this caller's rows are back."""
+    threads: :meth:`submit` blocks until this caller's rows are back.
+
+    Here the batcher knows how many callers are in flight (in :meth:`submit`, or
+    :meth:`announced` by a server that is reading their requests), so it never waits for
+    company that cannot come: a lone caller runs at once, in its own thread, and a batch
+    runs as soon as every caller in flight has joined it (or ``max_delay_ms`` has passed).
+    ``infer`` runs on the loop's thread: nothing else needs that loop meanwhile."""
 
     def __init__(self, infer: Infer, *, max_batch: int, max_delay_ms: float,
                  max_queue: int = 4096) -> None:
         self.stats = BatchStats()
+        self._inside = 0                 # callers in submit()
+        self._announced = 0              # callers on their way (e.g. HTTP requests)
+        self._count = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                          name="edgeloop-batcher")
@@ -197,9 +224,11 @@ class BatchThread:
 
         async def start() -> tuple[Batcher, asyncio.Task[None]]:
             b = Batcher(infer, max_batch=max_batch, max_delay_ms=max_delay_ms,
-                        max_queue=max_queue, stats=self.stats)
+                        max_queue=max_queue, stats=self.stats, callers=self._callers,
+                        in_thread=False)
             return b, asyncio.create_task(b.run_forever())
 
+        self.infer = infer
         self._batcher, self._worker = asyncio.run_coroutine_threadsafe(
             start(), self._loop).result()
 
@@ -208,9 +237,44 @@ class BatchThread:
         failed on this feed alone."""
         if self._loop.is_closed():
             raise RuntimeError("the batcher is closed")
-        f: Future[tuple[list[np.ndarray], int]] = asyncio.run_coroutine_threadsafe(
-            self._batcher.submit(feed), self._loop)
-        return f.result()
+        with self._count:
+            self._inside += 1
+            alone = self._inside == 1 and self._announced <= 1
+        try:
+            if alone:         # nobody to batch with: skip the two hops to the loop and back
+                return self._alone(feed)
+            f: Future[tuple[list[np.ndarray], int]] = asyncio.run_coroutine_threadsafe(
+                self._batcher.submit(feed), self._loop)
+            return f.result()
+        finally:
+            with self._count:
+                self._inside -= 1
+
+    def _callers(self) -> int:
+        return max(self._inside, self._announced)
+
+    @contextlib.contextmanager
+    def announced(self) -> Iterator[None]:
+        """Count a caller that will submit (a request being read): until it does, others
+        wait for it (up to ``max_delay_ms``) rather than run without it."""
+        with self._count:
+            self._announced += 1
+        try:
+            yield
+        finally:
+            with self._count:
+                self._announced -= 1
+
+    def _alone(self, feed: Feed) -> tuple[list[np.ndarray], int]:
+        t0 = time.perf_counter()
+        try:
+            outs = list(self.infer(feed.arrays))
+        except Exception:
+            self.stats.error()
+            raise
+        self.stats.add(requests=1, samples=feed.rows, queued_s=[0.0],
+                       run_s=time.perf_counter() - t0)
+        return outs, feed.rows
 
     def close(self) -> None:
         """Stop the worker and its thread (pending callers get an error)."""

@@ -51,10 +51,12 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = MAX_BODY_BYTES) -> Fas
     async def predict(request: Request) -> Response:
         privacy = request.query_params.get("privacy_class")
         try:
-            body = await read_body(request, max_body_bytes)
-            feed = decode(body, request.headers.get("content-type"), runtime.inputs,
-                          max_bytes=max_body_bytes)
-            a = await asyncio.to_thread(runtime.predict, feed.arrays, privacy_class=privacy)
+            with runtime.arriving():     # micro-batching waits for requests being read
+                body = await read_body(request, max_body_bytes)
+                feed = decode(body, request.headers.get("content-type"), runtime.inputs,
+                              max_bytes=max_body_bytes)
+                a = await asyncio.to_thread(runtime.predict, feed.arrays,
+                                            privacy_class=privacy)
         except BadRequest as e:
             return refuse(e.status, str(e))
         except DataError as e:           # the caller's input; never the model's fault

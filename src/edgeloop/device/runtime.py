@@ -19,6 +19,7 @@ each caller gets its own rows, and probation is reported per caller as without b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -225,6 +226,11 @@ class Runtime:
                 "probation": probation,
                 "offload": rule.mode if rule is not None else "never",
                 "max_batch": self.policy.max_batch if self._batcher is not None else 1}
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Around a request that will call :meth:`predict` (a server reading its body):
+        micro-batching then waits for it rather than run the others without it."""
+        return contextlib.nullcontext() if self._batcher is None else self._batcher.announced()
 
     def batch_stats(self) -> dict[str, object] | None:
         """Micro-batching counts (batches, mean batch size, ...), None when it is off."""
