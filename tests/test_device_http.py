@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_bundle_fixtures import GOLDEN, W_GOOD, X, repo
+from test_bundle_fixtures import (GOLDEN, W_GOOD, X, fragile_model, new_device,
+                                 pass_probation, repo)
 from test_cli import cli
 
 from edgeloop.bundle import Device
@@ -26,7 +27,7 @@ from edgeloop.bundle.health import HealthConfig
 from edgeloop.data import Dataset, save_npz
 from edgeloop.device import Policy, Runtime
 from edgeloop.device.http import running
-from edgeloop.errors import UsageError
+from edgeloop.errors import ModelError, UsageError
 
 __all__ = ["repo"]
 
@@ -102,6 +103,45 @@ def test_device_api_answers_and_batches_concurrent_callers(device: Device) -> No
                                    "boots": health["probation"]["boots"]}
     assert health["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 8]}]
     assert health["offload"] == "never" and health["max_batch"] == n
+
+
+def test_a_model_error_in_a_micro_batch_is_one_callers_and_rolls_back(repo) -> None:
+    """8 callers share a batch on a model on probation; one input makes onnxruntime fail:
+    only that caller gets the ModelError, the probation counts one error and rolls back,
+    and the others get their answers (from the candidate, or after the switch, from the
+    model rolled back to)."""
+    dev = Device(new_device(repo).dir, config=HealthConfig(probation_inferences=50))
+    dev.update(repo.url, "kws")
+    repo.publish("1.1.0", model=fragile_model(repo.work / "fragile.onnx", W_GOOD * 2))
+    pass_probation(dev)
+    assert dev.update(repo.url, "kws").installed and dev.state().probation is not None
+    n, bad = 8, 3
+    far = X[:n].copy()
+    far[bad, 0] = 100.0                  # well-formed, but out of the fragile model's table
+    got: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            got[i] = rt.predict({"x": far[i:i + 1]}).output
+        except ModelError as e:
+            got[i] = e
+
+    with Runtime(dev, Policy(max_batch=n, max_delay_ms=200)) as rt:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert isinstance(got[bad], ModelError)
+        for i in set(range(n)) - {bad}:
+            assert any(np.allclose(got[i], X[i:i + 1] @ w, rtol=1e-5, atol=1e-5)
+                       for w in (W_GOOD * 2, W_GOOD)), i
+        assert rt.manifest.version == "1.0.0" and rt.stats.errors == 1
+        assert rt.batch_stats()["batches"] < n
+    assert dev.active()[1].version == "1.0.0"
+    assert "1 model error(s)" in dev.history()[-1].reason
 
 
 BAD = {
