@@ -18,8 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_bundle_fixtures import (GOLDEN, W_GOOD, X, fragile_model, new_device,
-                                 pass_probation, repo)
+from test_bundle_fixtures import GOLDEN, W_GOOD, X, fragile_model, new_device, pass_probation, repo
 from test_cli import cli
 
 from edgeloop.bundle import Device
