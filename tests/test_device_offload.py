@@ -133,7 +133,9 @@ def test_a_refused_privacy_class_stays_local(models, server) -> None:
         a = rt.predict({"x": X[:1]})
         assert not a.offloaded and a.offload_reason == "privacy"
         assert srv.stats.requests + srv.stats.rejected == before
-        assert rt.predict({"x": X[:1]}, privacy_class="public").offloaded
+        # only the model input leaves (the server refuses unexpected inputs with a 422)
+        a = rt.predict({"x": X[:1], "user_id": np.array([42])}, privacy_class="public")
+        assert a.offloaded, a.offload_reason
         assert rt.predict({"x": X[:1]}, privacy_class="secret").offload_reason == "privacy"
     assert srv.stats.requests + srv.stats.rejected == before + 1
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeloop._request import BadRequest, Feed
+from edgeloop.errors import UsageError
 
 __all__ = ["BatchStats", "BatchThread", "Batcher"]
 
@@ -236,7 +237,7 @@ class BatchThread:
         """``feed``'s outputs and its batch's sample count; ``infer``'s exception if it
         failed on this feed alone."""
         if self._loop.is_closed():
-            raise RuntimeError("the batcher is closed")
+            raise UsageError("micro-batching was closed (the runtime was closed)")
         with self._count:
             self._inside += 1
             alone = self._inside == 1 and self._announced <= 1

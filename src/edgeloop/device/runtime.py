@@ -324,6 +324,7 @@ class Runtime:
         or failed offload is answered locally, with ``offload_reason``."""
         t0 = time.perf_counter()
         check_against(feed, self._inputs, source="the feed")
+        feed = {i.name: feed[i.name] for i in self._inputs}    # all that may leave
         rule, reason = self.policy.offload, None
         cls = privacy_class if privacy_class is not None else \
             rule.privacy_class if rule is not None else ""
