@@ -109,8 +109,7 @@ def device_serve(
     policy: Annotated[Path | None, typer.Option(help="Runtime policy TOML")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
 ) -> None:
-    """Serve the device runtime to apps on the device: POST /v1/predict, GET /v1/health,
-    GET /v1/stats."""
+    """Serve the runtime over HTTP to apps on the device: /v1/predict, /v1/health, /v1/stats."""
     import sys
 
     from edgeloop.device import Policy, Runtime
