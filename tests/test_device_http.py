@@ -294,3 +294,21 @@ def test_device_serve_cli(device: Device, tmp_path: Path) -> None:
     code, stdout, _ = cli("device", "run", device.dir, "--data", tmp_path / "x.npz", "--json")
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert code == 0 and [r["offload_reason"] for r in rows] == [None] * 3
+
+
+def test_device_serve_without_the_serve_extra_names_it(device: Device) -> None:
+    """A device installed without FastAPI still runs `device run`; `device serve` says
+    which extra it needs, in one line."""
+    import re
+
+    from test_offload import _WITHOUT_SERVE
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_SERVE, "device", "serve",
+                           str(device.dir), "--port", "0"], capture_output=True, text=True,
+                          timeout=60, check=False, env={"PYTHONPATH": str(src),
+                                                        "COLUMNS": "200"})
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: this command needs `(fastapi|uvicorn|starlette)`, which is "
+                        r"not installed; install it with pip install 'edgeloop\[serve\]'", line)

@@ -12,7 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from test_bundle_fixtures import CLASSES, FEATURES, X, matmul_model
+from test_cli import cli
 
+from edgeloop.data import Dataset, save_npz
 from edgeloop.device import Cascade, OffloadRule, Policy, Runtime, Stage
 from edgeloop.device.calibration import confidence, softmax
 from edgeloop.device.offload import OffloadPolicy
@@ -213,3 +215,22 @@ def test_offload_policy_in_toml(models, tmp_path: Path) -> None:
                            .replace(")", r"\)")) as e:
             Policy.load(p)
         assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_device_run_with_offload(models, tmp_path: Path) -> None:
+    data = tmp_path / "x.npz"
+    save_npz(data, Dataset({"x": X[:N]}))
+    _, stage = _local_cascade(models)
+    policy = tmp_path / "policy.toml"
+    srv = OffloadServer(models["server"], config=ServerConfig(max_batch=1))
+    with running(srv) as url:
+        policy.write_text(f'cascade = "{models["cascade"]}"\n[offload]\nurl = "{url}"\n'
+                          'privacy_class = "public"\n')
+        code, stdout, stderr = cli("device", "run", "--data", data, "--policy", policy)
+        assert code == 0, stderr
+        assert f"offload │ {(stage == 1).sum()} " in stdout, stdout
+    # the server is gone: the same inputs are answered locally, and the summary says why
+    code, stdout, stderr = cli("device", "run", "--data", data, "--policy", policy)
+    assert code == 0, stderr
+    assert "offload │ 0 " in stdout
+    assert "offload wanted, answered locally: circuit open" in stdout
