@@ -5,6 +5,7 @@ models run directly in onnxruntime as the oracles."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,6 +174,16 @@ def test_micro_batching_answers_each_caller_its_own(models, server, offload: boo
         answers[i] = rt.predict({"x": X[i:i + 1]})
 
     with Runtime(None, policy) as rt:
+        # The first caller finds nobody in flight and runs alone; make that run slow, as
+        # a larger model's would be, so the other callers are surely in flight meanwhile
+        # however loaded the machine (else each may finish before the next arrives).
+        alone = rt._batcher.infer
+
+        def slow_alone(arrays: object) -> object:
+            time.sleep(0.3)
+            return alone(arrays)
+
+        rt._batcher.infer = slow_alone
         threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
