@@ -4,6 +4,7 @@ one, never half of one), and the scratch folder third-party tools run in."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -76,3 +77,9 @@ def scratch_dir(prefix: str = "edgeloop-") -> Iterator[Path]:
         tempfile.tempdir = old_tempdir
         os.chdir(old_cwd)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
-from edgeloop._io import write_bytes_atomic
+from edgeloop._io import sha256_file, write_bytes_atomic
 from edgeloop._onnx import input_specs, run, session
 from edgeloop.bundle._crash import crash_point
 from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
@@ -95,15 +94,6 @@ _TUF_WORDS = {
     tuf_exc.LengthOrHashMismatchError: "a file does not match its signed length or hash",
     tuf_exc.DownloadLengthMismatchError: "a file is longer than its signed length",
 }
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
 
 
 def _fsync_dir(path: Path) -> None:
@@ -247,13 +237,13 @@ class Device:
         if not path.is_file():
             raise VerificationError(f"model file {str(path)!r} of {manifest.name} "
                                     f"{manifest.version} is missing")
-        check_model_bytes(manifest, *_sha256(path))
+        check_model_bytes(manifest, sha256_file(path), path.stat().st_size)
         for f in manifest.files:
             fp = path.with_name(f.name)
             if not fp.is_file():
                 raise VerificationError(f"file {str(fp)!r} of {manifest.name} "
                                         f"{manifest.version} is missing")
-            check_file_bytes(manifest, f, *_sha256(fp))
+            check_file_bytes(manifest, f, sha256_file(fp), fp.stat().st_size)
         return path, manifest
 
     def active(self) -> tuple[Path, Manifest] | None:
@@ -401,9 +391,9 @@ class Device:
         crash_point("slot-written")
         os.replace(part, candidate)
         crash_point("verify")
-        check_model_bytes(manifest, *_sha256(candidate))
+        check_model_bytes(manifest, sha256_file(candidate), candidate.stat().st_size)
         for f, cand in extra:
-            check_file_bytes(manifest, f, *_sha256(cand))
+            check_file_bytes(manifest, f, sha256_file(cand), cand.stat().st_size)
         cur_path = self.model_path(state.active) if current else None
         measured = self.measure(candidate, manifest, cur_path)
         verdict = judge(manifest.floor, measured, self.config)

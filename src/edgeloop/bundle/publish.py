@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgeloop._io import sha256_file
 from edgeloop._onnx import load_model, session
 from edgeloop.bundle.manifest import (
     BundleFile,
@@ -26,14 +26,6 @@ __all__ = ["build_manifest"]
 
 # publish measures latency briefly: the figure is informative, devices time for themselves
 _PUBLISH_LATENCY = LatencyConfig(warmup=3, min_runs=30, max_seconds=1.0, floor_runs=5)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
@@ -78,12 +70,12 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
         fp = Path(fpath)
         if not fp.is_file():
             raise UsageError(f"bundle file {str(fp)!r} does not exist")
-        extra.append(BundleFile(fname, f"{name}/{version}.{fname}", _sha256(fp),
+        extra.append(BundleFile(fname, f"{name}/{version}.{fname}", sha256_file(fp),
                                 fp.stat().st_size))
     manifest = Manifest(
         files=tuple(extra),
         name=name, version=version, model_target=f"{name}/{version}.onnx",
-        sha256=_sha256(path), size_bytes=path.stat().st_size, inputs=inputs, outputs=outputs,
+        sha256=sha256_file(path), size_bytes=path.stat().st_size, inputs=inputs, outputs=outputs,
         figures=figures, floor=Floor(accuracy=accuracy_floor, agreement=min_agreement),
         reference=reference)
     return manifest

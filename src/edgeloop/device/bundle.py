@@ -16,9 +16,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from edgeloop._io import sha256_file
 from edgeloop.bundle import Manifest, build_manifest, publish_bundle
 from edgeloop.data import Dataset
-from edgeloop.device.cascade import CASCADE_FILE, Cascade, _sha256
+from edgeloop.device.cascade import CASCADE_FILE, Cascade
 from edgeloop.errors import VerificationError
 
 __all__ = ["publish_cascade"]
@@ -37,7 +38,7 @@ def publish_cascade(cascade: str | os.PathLike[str], repo: str | os.PathLike[str
         if not src.is_file():
             raise VerificationError(f"cascade {str(path)!r} names {s.model!r}, which does not "
                                     "exist")
-        if s.sha256 and _sha256(src) != s.sha256:
+        if s.sha256 and sha256_file(src) != s.sha256:
             raise VerificationError(f"{str(src)!r} is not the model cascade {str(path)!r} "
                                     "was built with (sha256 differs)")
     names = [f"stage{i}.onnx" for i in range(1, len(sources))] + ["model.onnx"]

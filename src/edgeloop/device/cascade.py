@@ -25,7 +25,6 @@ chained stage after it needs its features.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeloop._io import write_text_atomic
+from edgeloop._io import sha256_file, write_text_atomic
 from edgeloop.data import Dataset, InputSpec, check_against
 from edgeloop.device.calibration import MEASURES, TemperatureScaler, confidence, softmax
 from edgeloop.errors import DataError, ModelError, UsageError, one_of
@@ -261,14 +260,6 @@ def choose_thresholds(confidences: Sequence[np.ndarray], correct: Sequence[np.nd
 
 # --- building a cascade from models and validation data -------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                   max_drop: float = 0.5, measure: str = "max-softmax", safety: float = 0.0,
                   out: str | os.PathLike[str] | None = None,
@@ -371,7 +362,7 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
 
     home = Path(out).resolve().parent if out is not None else Path.cwd()
     stages = tuple(
-        Stage(name=name, model=os.path.relpath(p.resolve(), home), sha256=_sha256(p),
+        Stage(name=name, model=os.path.relpath(p.resolve(), home), sha256=sha256_file(p),
               chained=c, temperature=float(s.temperature_), threshold=t,
               latency_ms=float(ms), accuracy=float(ok.mean()), nll_before=float(s.nll_before_),
               nll_after=float(s.nll_after_))

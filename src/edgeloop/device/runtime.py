@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeloop._batching import BatchThread
+from edgeloop._io import sha256_file
 from edgeloop._onnx import input_specs, load_model, run, session
 from edgeloop._progress import progress
 from edgeloop._request import Feed, batchable
 from edgeloop.bundle.device import Device, Watch
 from edgeloop.data import Dataset, InputSpec, check_against
 from edgeloop.device._graph import with_confidence
-from edgeloop.device.cascade import CASCADE_FILE, Cascade, _sha256, needed_stages
+from edgeloop.device.cascade import CASCADE_FILE, Cascade, needed_stages
 from edgeloop.device.offload import OffloadClient
 from edgeloop.device.policy import Policy
 from edgeloop.errors import ModelError, UsageError, VerificationError
@@ -404,7 +405,7 @@ class Runtime:
             model = path.parent / s.model
             if not model.is_file():
                 raise UsageError(f"cascade {str(path)!r} names {s.model!r}, which does not exist")
-            if s.sha256 and _sha256(model) != s.sha256:
+            if s.sha256 and sha256_file(model) != s.sha256:
                 raise VerificationError(f"{str(model)!r} is not the model cascade "
                                         f"{str(path)!r} was built with (sha256 differs)")
             if not r:
