@@ -7,9 +7,10 @@ Each base model is trained in fp32 with seeds 0..SEEDS-1 (the seed fixes the ini
 and the data order); PTQ is ``quantize_export`` (``prepare_pt2e``, min/max calibration on
 256 training samples, ``convert_pt2e``); QAT is ``QAT(bits, target, seed).apply`` with its
 defaults (mobilenet_v2: 2 epochs), which keeps the fine-tuned graph only if it beats PTQ on
-validation loss by more than chance. Accuracy and top-1 agreement with fp32 are on each
-data set's test split, run by onnxruntime. The profile decides the grid (7-bit weights for
-x86-avx2), not the CPU the models run on, so both profiles are measured on this machine.
+validation accuracy and on validation loss by more than chance. Accuracy and top-1
+agreement with fp32 are on each data set's test split, run by onnxruntime. The profile
+decides the grid (7-bit weights for x86-avx2), not the CPU the models run on, so both
+profiles are measured on this machine.
 
     python benchmarks/bench_qat_real.py            # the full run
     python benchmarks/bench_qat_real.py --models mnist1d-cnn,digits-cnn
@@ -187,7 +188,8 @@ def main() -> None:
         "quantizer (`edgeloop.compress.qdq_quantizer`): Q/DQ where onnxruntime fuses them "
         "into QLinearConv/QGemm/QLinearAdd, weights per channel, 8-bit activations, int32 "
         "biases. QAT fine-tunes the exported graph itself (distilling from fp32) and keeps "
-        "the result only if its validation loss beats PTQ's by more than chance.",
+        "the result only if it answers more validation samples correctly than PTQ and its "
+        "validation loss beats PTQ's by more than chance.",
         "" if not args.quick else "\n**Quick run** (`--quick`): 1 seed, 2 fp32 epochs, 1 QAT "
         "epoch, 1000 training samples — a check that the benchmark runs, not a result.",
         "", *table(rows, seeds), "", *claims_table({

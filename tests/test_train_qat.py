@@ -239,16 +239,19 @@ def test_distillation_weight_must_lie_in_0_1() -> None:
         QAT(distill=1.5)
 
 
-def test_a_loss_gain_must_beat_chance_to_count() -> None:
+def test_fine_tuning_must_win_on_accuracy_and_beat_chance_on_loss() -> None:
     from edgeloop.compress.qat import ExportedScore
 
     base = ExportedScore(0.9, np.full(100, 0.5))
     rng = np.random.default_rng(0)
     noise = rng.normal(0.0, 0.2, 100)
     noisy = ExportedScore(0.9, 0.5 - 0.01 + noise - noise.mean())   # gain 0.01 +- 0.02
-    clear = ExportedScore(0.9, np.full(100, 0.4) + rng.normal(0.0, 0.01, 100))
+    noisy = ExportedScore(0.91, noisy.losses)
+    clear = ExportedScore(0.91, np.full(100, 0.4) + rng.normal(0.0, 0.01, 100))
+    tie = ExportedScore(0.9, clear.losses)   # a clear loss gain at equal accuracy
     worse_acc = ExportedScore(0.89, clear.losses)
     assert noisy.loss < base.loss and not noisy.beats(base)
     assert clear.beats(base)
+    assert not tie.beats(base)
     assert not worse_acc.beats(base)
     assert not base.beats(base)

@@ -24,9 +24,12 @@ trains is the graph that ships, for any model ``torch.export`` captures.
 :func:`quantize_export` on a float module is the matching post-training baseline (PTQ):
 the same quantizer through ``prepare_pt2e``, min/max calibration, ``convert_pt2e``. QAT
 keeps the fine-tuned graph only if, exported and run by onnxruntime on validation data, it
-lowers the loss significantly — a one-sided paired test on the per-sample cross-entropy at
-level ``significance`` — with no lower accuracy; otherwise it returns the PTQ model. At 8
-bits PTQ often loses nothing measurable, and fine-tuning then only moves the model by noise.
+answers more samples correctly *and* lowers the loss significantly — a one-sided paired test
+on the per-sample cross-entropy at level ``significance``; otherwise it returns the PTQ
+model. At 8 bits PTQ often loses nothing measurable, and fine-tuning then only moves the
+model by noise. A tie in accuracy keeps PTQ: on a small validation set (scikit-learn's
+digits, 180 samples) a loss gain alone did not carry over to top-1 — fine-tuning kept on it
+scored 0.1-0.2 points below PTQ on the test split (benchmarks/bench_qat_real.py).
 
 Why PT2E and not NNCF: both insert fake quantization into a captured graph and export QDQ
 ONNX. NNCF (OpenVINO's toolkit) has onnxruntime-oriented presets and its own BN and bias
@@ -273,10 +276,10 @@ class ExportedScore:
         return float(self.losses.mean())
 
     def beats(self, other: ExportedScore, *, significance: float = 0.05) -> bool:
-        """No lower accuracy, and a loss lower than ``other``'s on the same samples by more
+        """A higher accuracy, and a loss lower than ``other``'s on the same samples by more
         than chance: the mean per-sample improvement exceeds its standard error times the
         normal quantile of ``1 - significance`` (a one-sided paired z-test)."""
-        if self.accuracy < other.accuracy or len(self.losses) < 2:
+        if self.accuracy <= other.accuracy or len(self.losses) < 2:
             return False
         gain = other.losses.astype(np.float64) - self.losses
         z = statistics.NormalDist().inv_cdf(1.0 - significance)
