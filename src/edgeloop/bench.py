@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgeloop._energy import Energy, RaplCounter, estimate_energy, rapl_domains, read_number
 from edgeloop._io import atomic_path, scratch_dir
 from edgeloop._onnx import input_specs, load_model, session
 from edgeloop._progress import status
@@ -54,7 +55,6 @@ __all__ = [
     "top_operators",
 ]
 
-_RAPL_ROOT = Path("/sys/class/powercap")
 _CPU_ROOT = Path("/sys/devices/system/cpu")
 _THERMAL_ROOT = Path("/sys/class/thermal")
 
@@ -96,16 +96,6 @@ class Throttling:
     last_ms: float
     slowdown: float    # last / first - 1
     throttled: bool    # slowdown >= the threshold
-
-
-@dataclass(frozen=True)
-class Energy:
-    """Energy spent during a timed run."""
-
-    joules: float
-    per_inference_mj: float   # millijoules per batch run
-    source: str               # "rapl" (measured) or "estimate" (CPU time x profile watts)
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -255,49 +245,17 @@ def top_operators(events: Iterable[Mapping[str, object]], *, n: int = 10,
             for op, ms in ranked]
 
 
-def estimate_energy(cpu_seconds: float, *, watts: float, cores: int) -> float:
-    """Joules for ``cpu_seconds`` of CPU time when ``watts`` is the package power with all
-    ``cores`` busy: each core-second costs ``watts / cores`` joules."""
-    return cpu_seconds * watts / max(cores, 1)
-
-
-# ---- /sys readers --------------------------------------------------------------------------
-
-def _read_number(path: Path) -> float | None:
-    try:
-        return float(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _rapl_domains() -> list[Path]:
-    """Top-level RAPL package domains (``intel-rapl:N``, not their ``:N:M`` subzones)."""
-    if not _RAPL_ROOT.is_dir():
-        return []
-    return sorted(p for p in _RAPL_ROOT.glob("intel-rapl:*")
-                  if p.name.count(":") == 1 and _read_number(p / "energy_uj") is not None)
-
-
-def _rapl_joules(domains: Sequence[Path], before: Sequence[float],
-                 after: Sequence[float]) -> float:
-    total = 0.0
-    for d, a, b in zip(domains, before, after, strict=True):
-        delta = b - a
-        if delta < 0:  # the counter wrapped around
-            delta += _read_number(d / "max_energy_range_uj") or 0.0
-        total += delta
-    return total / 1e6
-
+# ---- /sys readers (RAPL: edgeloop._energy, shared with the device runtime) ---------------
 
 def _cpu_mhz() -> float | None:
     values = [v for p in _CPU_ROOT.glob("cpu[0-9]*/cpufreq/scaling_cur_freq")
-              if (v := _read_number(p)) is not None]
+              if (v := read_number(p)) is not None]
     return sum(values) / len(values) / 1e3 if values else None  # kHz -> MHz
 
 
 def _temperature_c() -> float | None:
     values = [v for p in _THERMAL_ROOT.glob("thermal_zone*/temp")
-              if (v := _read_number(p)) is not None]
+              if (v := read_number(p)) is not None]
     return max(values) / 1e3 if values else None  # millidegrees -> °C
 
 
@@ -337,8 +295,7 @@ def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], batch: i
     while time.perf_counter() < warm_end:
         run(None, feed)
 
-    domains = _rapl_domains()
-    rapl_before = [_read_number(d / "energy_uj") or 0.0 for d in domains]
+    rapl = RaplCounter()
     cpu_before = time.process_time()
     starts: list[float] = []
     lats: list[float] = []
@@ -365,9 +322,8 @@ def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], batch: i
     wall = perf() - begin
     cpu = time.process_time() - cpu_before
 
-    if domains:
-        rapl_after = [_read_number(d / "energy_uj") or 0.0 for d in domains]
-        joules = _rapl_joules(domains, rapl_before, rapl_after)
+    if rapl.readable:
+        joules = rapl.joules()
         energy = Energy(joules=joules, per_inference_mj=joules / len(lats) * 1e3, source="rapl",
                         note="RAPL package counters; whole-package energy, other load included")
     else:
@@ -443,7 +399,7 @@ def bench(model_path: str | os.PathLike[str], *, config: BenchConfig | None = No
         target=target.name, threads=config.threads, onnxruntime=ort.__version__,
         load_ms=load_ms, peak_rss_mb=peak, results=results, operators=operators,
         profiled_batch=profiled,
-        sensors={"rapl": bool(_rapl_domains()), "cpufreq": _cpu_mhz() is not None,
+        sensors={"rapl": bool(rapl_domains()), "cpufreq": _cpu_mhz() is not None,
                  "thermal": _temperature_c() is not None})
 
 
