@@ -11,6 +11,9 @@ which a device installs and its runtime serves with probation like a single mode
 The offload client is :mod:`edgeloop.device.offload` (``OffloadClient``, ``OffloadPolicy``);
 a policy's ``[offload]`` table (:class:`OffloadRule`) wires it into the runtime. The
 device's local HTTP API is :mod:`edgeloop.device.http` (needs the ``[serve]`` extra).
+Each answer carries its energy (:class:`EnergyMeter`, :mod:`edgeloop.device.energy`);
+:meth:`Runtime.predict_stream` thins a stream of windows under a policy's ``[stream]``
+table (:class:`StreamRule`, :mod:`edgeloop.device.stream`).
 
 Names are imported on first use; nothing here imports torch.
 """
@@ -20,7 +23,8 @@ from edgeloop._lazy import lazy_names
 _SOURCES = {
     "Answer": ".runtime", "RunSummary": ".runtime", "Runtime": ".runtime",
     "summarize": ".runtime", "RuntimeStats": ".runtime",
-    "OffloadRule": ".policy", "Policy": ".policy",
+    "OffloadRule": ".policy", "Policy": ".policy", "StreamRule": ".policy",
+    "EnergyMeter": ".energy",
     "Cascade": ".cascade", "CurvePoint": ".cascade", "Stage": ".cascade",
     "ThresholdChoice": ".cascade", "build_cascade": ".cascade",
     "choose_thresholds": ".cascade", "evaluate_thresholds": ".cascade",
@@ -34,12 +38,14 @@ __all__ = [
     "Answer",
     "Cascade",
     "CurvePoint",
+    "EnergyMeter",
     "OffloadRule",
     "Policy",
     "RunSummary",
     "Runtime",
     "RuntimeStats",
     "Stage",
+    "StreamRule",
     "TemperatureScaler",
     "ThresholdChoice",
     "build_cascade",

@@ -10,6 +10,7 @@ A policy file (every key optional)::
     max_batch = 1              # micro-batching: samples per onnxruntime call gathered from
                                # concurrent callers; 1 = off
     max_delay_ms = 2.0         # longest the first caller waits for others to join
+    target = "auto"            # the profile whose package watts feed the energy estimate
 
     [offload]                  # send inputs to an offload server (see OffloadRule)
     mode = "when-unsure"       # never | when-unsure | always
@@ -18,6 +19,13 @@ A policy file (every key optional)::
     privacy_class = "private"  # the class of an input whose caller names none
     url = "http://10.0.0.2:8080"   # and the other OffloadPolicy keys: timeout_s,
                                    # privacy_classes, budget_per_hour, ...
+
+    [stream]                   # consecutive windows of a sensor (see StreamRule)
+    min_change = 0.05          # skip a window whose relative change from the last
+                               # processed one is below this (0: skip none)
+    energy_budget_mw = 50.0    # average power inference may use; omit: no budget
+    period_ms = 20.0           # time between windows; omit: the wall clock between them
+    burst_s = 1.0              # budget saved while idle, at most this many seconds' worth
 
 A wrong key or value is one line naming it and what was expected.
 """
@@ -34,8 +42,9 @@ from typing import Any
 
 from edgeloop.device.offload import OffloadPolicy
 from edgeloop.errors import UsageError, one_of
+from edgeloop.targets import get_target
 
-__all__ = ["OFFLOAD_MODES", "OffloadRule", "Policy"]
+__all__ = ["OFFLOAD_MODES", "OffloadRule", "Policy", "StreamRule"]
 
 OFFLOAD_MODES = ("never", "when-unsure", "always")
 
@@ -86,6 +95,62 @@ class OffloadRule:
         return cls(client=client, **{k: v for k, v in d.items() if k in own})
 
 
+def _number(key: str, v: object, *, low: float, strict: bool, unit: str = "") -> float:
+    """``v`` as a float, or the one-line error naming ``key``: a number > (or >=) ``low``."""
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (
+        v > low if strict else v >= low)
+    if not ok:
+        raise UsageError(f"`{key}` must be a number {'>' if strict else '>='} {low:g}"
+                         f"{f' ({unit})' if unit else ''}; got {v!r}")
+    return float(v)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class StreamRule:
+    """How the runtime thins a stream of windows (:meth:`Runtime.predict_stream`).
+
+    A window is skipped, and answered with the last processed window's answer, when its
+    change from the last *processed* window is below ``min_change``; the change is the
+    relative L2 distance over all its inputs, ``||x - x_last|| / ||x_last||``
+    (:func:`edgeloop.device.stream.relative_change`). With ``energy_budget_mw`` the
+    runtime also skips windows while inference would use more than that average power:
+    credit accrues at the budget over stream time (``period_ms`` per window, or the wall
+    clock between arrivals) up to ``burst_s`` seconds' worth, and a window runs when the
+    credit covers the last processed window's energy
+    (:class:`~edgeloop.device.stream.EnergyBudget`).
+    """
+
+    min_change: float = 0.0                 # relative L2 change below which a window is skipped
+    energy_budget_mw: float | None = None   # average inference power allowed (mW); None: none
+    period_ms: float | None = None          # stream time per window (ms); None: wall clock
+    burst_s: float = 1.0                    # seconds of budget that may be saved up
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_change",
+                           _number("stream.min_change", self.min_change, low=0, strict=False,
+                                   unit="relative L2 change, 0 = skip none"))
+        if self.energy_budget_mw is not None:
+            object.__setattr__(self, "energy_budget_mw", _number(
+                "stream.energy_budget_mw", self.energy_budget_mw, low=0, strict=True,
+                unit="milliwatts"))
+        if self.period_ms is not None:
+            object.__setattr__(self, "period_ms", _number(
+                "stream.period_ms", self.period_ms, low=0, strict=True, unit="milliseconds"))
+        object.__setattr__(self, "burst_s", _number("stream.burst_s", self.burst_s, low=0,
+                                                    strict=False, unit="seconds"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StreamRule:
+        """From the policy's ``[stream]`` table."""
+        if not isinstance(d, Mapping):
+            raise UsageError(f"`stream` must be a table of keys; got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UsageError(f"[stream] has no key {unknown[0]!r}; keys: {', '.join(known)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class Policy:
     """The runtime's policy (see the module docstring for the TOML keys)."""
@@ -96,6 +161,8 @@ class Policy:
     max_batch: int = 1              # samples per call from concurrent callers; 1 = off
     max_delay_ms: float = 2.0       # longest the first caller waits for company
     offload: OffloadRule | None = None   # None: never offload
+    stream: StreamRule | None = None     # None: every window of a stream runs
+    target: str = "auto"            # profile whose package watts feed the energy estimate
 
     def __post_init__(self) -> None:
         for name in ("threads", "max_batch"):
@@ -107,6 +174,12 @@ class Policy:
             raise UsageError(f"`max_delay_ms` must be a number >= 0 (milliseconds); got {d!r}")
         if self.offload is not None and not isinstance(self.offload, OffloadRule):
             object.__setattr__(self, "offload", OffloadRule.from_dict(self.offload))
+        if self.stream is not None and not isinstance(self.stream, StreamRule):
+            object.__setattr__(self, "stream", StreamRule.from_dict(self.stream))
+        if not isinstance(self.target, str):
+            raise UsageError(f"`target` must be a target profile's name; got {self.target!r}")
+        if self.target != "auto":
+            get_target(self.target)     # a one-line error for an unknown profile
         if self.thresholds is not None:
             t = self.thresholds
             if not isinstance(t, (list, tuple)) or not t or not all(

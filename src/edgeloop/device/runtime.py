@@ -15,6 +15,11 @@ the inputs the rule picks; on any refusal or failure it answers locally, and the
 input leaves the device. With ``max_batch > 1`` concurrent callers' inputs are stacked
 into one onnxruntime call (:mod:`edgeloop._batching`, the offload server's batcher);
 each caller gets its own rows, and probation is reported per caller as without batching.
+
+Every answer carries the energy of its local inference (:mod:`edgeloop.device.energy`:
+an estimate from CPU time, labelled); :class:`RuntimeStats` adds RAPL over the runtime's
+life where it is readable. :meth:`Runtime.predict_stream` thins a stream of windows under
+the policy's ``[stream]`` rule (:mod:`edgeloop.device.stream`).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeloop._batching import BatchThread
+from edgeloop._energy import Energy, RaplCounter
 from edgeloop._io import sha256_file
 from edgeloop._onnx import input_specs, load_model, run, session
 from edgeloop._progress import progress
@@ -39,8 +45,10 @@ from edgeloop.bundle.device import Device, Watch
 from edgeloop.data import Dataset, InputSpec, check_against
 from edgeloop.device._graph import with_confidence
 from edgeloop.device.cascade import CASCADE_FILE, Cascade, needed_stages
+from edgeloop.device.energy import EnergyMeter
 from edgeloop.device.offload import OffloadClient
-from edgeloop.device.policy import Policy
+from edgeloop.device.policy import Policy, StreamRule
+from edgeloop.device.stream import SKIP_BUDGET, SKIP_UNCHANGED, EnergyBudget, relative_change
 from edgeloop.errors import ModelError, UsageError, VerificationError
 
 __all__ = ["OFFLOAD_STAGE", "Answer", "RunSummary", "Runtime", "RuntimeStats", "summarize"]
@@ -55,7 +63,15 @@ class Answer:
     calibrated confidence (None for a single model, or when every sample was offloaded),
     the wall time of the whole call, whether the offload server answered, and when an
     input the policy would offload was answered locally, why (``offload_reason``:
-    "privacy", "budget", "circuit open", "timeout", "unreachable: ...", ...)."""
+    "privacy", "budget", "circuit open", "timeout", "unreachable: ...", ...).
+
+    ``energy_mj`` is the local inference's energy and ``energy_source`` says what the
+    figure is (``"estimate"``: CPU time x profile watts / cores, see
+    :mod:`edgeloop.device.energy`); an offloaded answer carries only the local energy
+    spent on it (the radio is not counted). In a stream, a window the runtime skipped
+    has ``skipped`` set to why (``"unchanged"``, ``"energy budget"``) and the last
+    processed window's output, stage, confidence and offloaded (where that answer came
+    from), with its own latency (the change test) and no energy."""
 
     output: np.ndarray
     stage: str
@@ -63,36 +79,59 @@ class Answer:
     confidence: float | None = None
     offloaded: bool = False
     offload_reason: str | None = None
+    energy_mj: float = 0.0
+    energy_source: str = "estimate"
+    skipped: str | None = None
 
 
 @dataclass
 class RunSummary:
     """What :func:`summarize` counts over many answers."""
 
-    samples: int = 0
-    answered: dict[str, int] = field(default_factory=dict)   # by stage, in serving order
+    samples: int = 0                       # answers, skipped stream windows included
+    answered: dict[str, int] = field(default_factory=dict)   # processed, by stage
     offloaded: int = 0
-    mean_latency_ms: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)    # stream windows, by reason
+    mean_latency_ms: float = 0.0           # latencies of the processed answers
     p50_latency_ms: float = 0.0
     p90_latency_ms: float = 0.0
-    accuracy: float | None = None          # when labels were given
+    accuracy: float | None = None          # when labels were given (every answer)
+    energy: Energy | None = None           # of the processed answers (None: no answers)
+    energy_every_window_j: float | None = None   # estimate had no window been skipped
+
+    @property
+    def processed(self) -> int:
+        """Answers that ran (were not a skipped window's)."""
+        return self.samples - sum(self.skipped.values())
 
 
 def summarize(answers: Iterable[Answer], labels: np.ndarray | None = None) -> RunSummary:
-    """Answers per stage, latency and (with ``labels``, one per answer) top-1 accuracy."""
-    s, times, right = RunSummary(), [], 0
+    """Answers per stage (and skipped stream windows per reason), latency of the
+    processed answers, their energy (the answers' own figures, labelled by their source)
+    and, with ``labels`` (one per answer), top-1 accuracy of every answer. The energy had
+    every window run is the mean per processed answer times all of them."""
+    s, times, right, mj, sources = RunSummary(), [], 0, 0.0, set()
     for i, a in enumerate(answers):
         s.samples += 1
+        if labels is not None:
+            right += int(np.asarray(a.output).reshape(-1).argmax() == labels[i])
+        if a.skipped is not None:
+            s.skipped[a.skipped] = s.skipped.get(a.skipped, 0) + 1
+            continue
         s.answered[a.stage] = s.answered.get(a.stage, 0) + 1
         s.offloaded += a.offloaded
         times.append(a.latency_ms)
-        if labels is not None:
-            right += int(np.asarray(a.output).reshape(-1).argmax() == labels[i])
+        mj += a.energy_mj
+        sources.add(a.energy_source)
+    if s.samples:
+        s.accuracy = None if labels is None else right / s.samples
     if times:
         t = np.asarray(times)
         s.mean_latency_ms = float(t.mean())
         s.p50_latency_ms, s.p90_latency_ms = (float(v) for v in np.percentile(t, [50, 90]))
-        s.accuracy = None if labels is None else right / s.samples
+        per = mj / len(times)
+        s.energy = Energy(mj / 1e3, per, " + ".join(sorted(sources)))
+        s.energy_every_window_j = per * s.samples / 1e3
     return s
 
 
@@ -110,20 +149,36 @@ class _Stage:
 
 
 class RuntimeStats:
-    """What a runtime has answered (``GET /v1/stats`` of the device API); thread-safe."""
+    """What a runtime has answered (``GET /v1/stats`` of the device API); thread-safe.
 
-    def __init__(self) -> None:
+    Energy: the answers' own figures (``meter`` labels them), or where RAPL is readable
+    (``rapl``, default this machine's counters) the packages' energy since the stats were
+    made, polled at most once a second so no counter wrap goes unseen."""
+
+    RAPL_POLL_S = 1.0
+
+    def __init__(self, *, meter: EnergyMeter | None = None,
+                 rapl: RaplCounter | None = None) -> None:
         self._lock = threading.Lock()
         self.calls = 0
         self.samples = 0
         self.answered: dict[str, int] = {}        # calls by answering stage
         self.offloaded = 0
         self.kept_local: dict[str, int] = {}      # wanted offload, answered locally: why
+        self.skipped: dict[str, int] = {}         # stream windows not run, by reason
         self.errors = 0                           # model errors (ModelError)
         self.latency_ms_total = 0.0
+        self.energy_mj_total = 0.0                # the answers' energy_mj
+        self._meter = meter
+        self._rapl = rapl if rapl is not None else RaplCounter()
+        self._polled = time.monotonic()
 
     def add(self, a: Answer, samples: int) -> None:
+        """Count one answer of ``samples`` samples (a skipped window: by its reason)."""
         with self._lock:
+            if a.skipped is not None:
+                self.skipped[a.skipped] = self.skipped.get(a.skipped, 0) + 1
+                return
             self.calls += 1
             self.samples += samples
             self.answered[a.stage] = self.answered.get(a.stage, 0) + 1
@@ -132,18 +187,43 @@ class RuntimeStats:
                 why = a.offload_reason.split(":")[0]
                 self.kept_local[why] = self.kept_local.get(why, 0) + 1
             self.latency_ms_total += a.latency_ms
+            self.energy_mj_total += a.energy_mj
+            if self._rapl.readable and time.monotonic() - self._polled >= self.RAPL_POLL_S:
+                self._rapl.joules()
+                self._polled = time.monotonic()
 
     def error(self) -> None:
+        """Count one model error."""
         with self._lock:
             self.errors += 1
 
+    def energy(self) -> Energy:
+        """Energy so far: RAPL where readable (whole packages since the stats were made,
+        idle time and other load included), otherwise the answers' estimates."""
+        with self._lock:
+            n = self.calls
+            if self._rapl.readable:
+                j = self._rapl.joules()
+                self._polled = time.monotonic()
+                return Energy(j, j * 1e3 / n if n else 0.0, "rapl",
+                              "RAPL package counters since the runtime started; idle time "
+                              "and other load included; the answers' own estimate: "
+                              f"{self.energy_mj_total / 1e3:.6g} J")
+            return Energy(self.energy_mj_total / 1e3, self.energy_mj_total / n if n else 0.0,
+                          self._meter.source if self._meter is not None else "estimate",
+                          self._meter.describe() if self._meter is not None else "")
+
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready counts, mean latency and :meth:`energy`."""
+        energy = self.energy()
         with self._lock:
             return {"answers": self.calls, "samples": self.samples,
                     "answered": dict(self.answered), "offloaded": self.offloaded,
-                    "kept_local": dict(self.kept_local), "errors": self.errors,
+                    "kept_local": dict(self.kept_local), "skipped": dict(self.skipped),
+                    "errors": self.errors,
                     "mean_latency_ms": (self.latency_ms_total / self.calls
-                                        if self.calls else None)}
+                                        if self.calls else None),
+                    "energy": asdict(energy)}
 
 
 class Runtime:
@@ -151,14 +231,19 @@ class Runtime:
     :class:`~edgeloop.bundle.Device`), or the cascade a ``policy`` names (then ``state``
     is None: a cascade from files is not a verified bundle and has no probation).
 
+    ``meter`` puts energy on each local inference (default: the estimate for the
+    policy's ``target`` profile, :meth:`EnergyMeter.for_target`).
+
     Safe to call from many threads. :meth:`close` (or ``with``) stops the micro-batching
     thread and the offload client's connections."""
 
     def __init__(self, state: str | os.PathLike[str] | Device | None,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, *, meter: EnergyMeter | None = None) -> None:
         self.policy = policy or Policy()
         self.cascade: Cascade | None = None
-        self.stats = RuntimeStats()
+        self.meter = meter or EnergyMeter.for_target(self.policy.target,
+                                                     threads=self.policy.threads)
+        self.stats = RuntimeStats(meter=self.meter)
         self._lock = threading.Lock()
         self._batcher: BatchThread | None = None
         self._client: OffloadClient | None = None
@@ -282,10 +367,11 @@ class Runtime:
                 self._start()
 
     def _local(self, feed: Mapping[str, np.ndarray]
-               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Output, calibrated confidences (a cascade) and the answering stage's index per
-        sample, computed here (micro-batched with other callers' when that is on), and
-        reported to probation as this caller's own inference."""
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float]:
+        """Output, calibrated confidences (a cascade), the answering stage's index per
+        sample and this caller's CPU seconds, computed here (micro-batched with other
+        callers' when that is on), and reported to probation as this caller's own
+        inference."""
         watch = self._watch
         t0 = time.perf_counter()
         try:
@@ -307,16 +393,25 @@ class Runtime:
             n = len(feed[self._batch_of]) if self._batch_of else 1
             if watch.report(True, t0, time.perf_counter(), n):
                 self._over(watch)
+        *outs, cpu = outs
+        cpu_s = float(np.sum(cpu))
         if len(outs) == 1:
-            return outs[0], None, np.zeros(len(outs[0]) if outs[0].ndim else 1, np.intp)
-        return outs[0], outs[1], outs[2]
+            return (outs[0], None, np.zeros(len(outs[0]) if outs[0].ndim else 1, np.intp),
+                    cpu_s)
+        return outs[0], outs[1], outs[2], cpu_s
 
     def _run_local(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One local run (also the micro-batcher's): [output] for a model, [output,
-        confidences, stage indices] for a cascade."""
-        if self.cascade is None:
-            return [run(self.session, feed)]
-        return list(self._cascade_run(feed))
+        confidences, stage indices] for a cascade, then the run's CPU seconds (the
+        meter's clock on the thread that runs it) spread over its rows, so that
+        micro-batching hands each caller its share."""
+        clock = self.meter.cpu_clock
+        c0 = clock()
+        outs = [run(self.session, feed)] if self.cascade is None else \
+            list(self._cascade_run(feed))
+        cpu = clock() - c0
+        rows = len(feed[self._batch_of]) if self._batch_of else 1
+        return [*outs, np.full(rows, cpu / rows)]
 
     def predict(self, feed: Mapping[str, np.ndarray], *,
                 privacy_class: str | None = None) -> Answer:
@@ -333,8 +428,9 @@ class Runtime:
         if self._client is not None and rule is not None and rule.mode == "always":
             outs, reason = self._offload(feed, cls)
             if outs is not None:
-                return self._answer(Answer(outs, OFFLOAD_STAGE, _ms(t0), None, True), feed)
-        out, conf, idx = self._local(feed)
+                return self._answer(Answer(outs, OFFLOAD_STAGE, _ms(t0), None, True,
+                                           energy_source=self.meter.source), feed)
+        out, conf, idx, cpu_s = self._local(feed)
         names = self.stages()
         stage = names[int(idx.max())] if len(idx) else names[-1]
         offloaded = False
@@ -352,7 +448,8 @@ class Runtime:
                     offloaded, stage = True, OFFLOAD_STAGE
                     conf = conf[~unsure]
         shown = None if conf is None or not len(conf) else float(conf.min())
-        return self._answer(Answer(out, stage, _ms(t0), shown, offloaded, reason), feed)
+        return self._answer(Answer(out, stage, _ms(t0), shown, offloaded, reason,
+                                   self.meter.millijoules(cpu_s), self.meter.source), feed)
 
     def _answer(self, a: Answer, feed: Mapping[str, np.ndarray]) -> Answer:
         self.stats.add(a, len(feed[self._batch_of]) if self._batch_of else 1)
@@ -385,12 +482,69 @@ class Runtime:
             return (self.manifest.name,)
         return tuple(st.name for st in self._stages)
 
-    def predict_each(self, data: Dataset) -> Iterator[Answer]:
+    def predict_each(self, data: Dataset, *, stream: bool = False) -> Iterator[Answer]:
         """:meth:`predict` on each sample of ``data`` in turn (as a device meets them),
-        with a progress bar."""
+        with a progress bar; with ``stream``, the samples are consecutive windows of one
+        stream (:meth:`predict_stream`)."""
         check_against(data, self._inputs, source="the data")
-        for i in progress(range(len(data)), "predicting", total=len(data)):
-            yield self.predict({k: v[i:i + 1] for k, v in data.inputs.items()})
+        rows = ({k: v[i:i + 1] for k, v in data.inputs.items()}
+                for i in progress(range(len(data)), "predicting", total=len(data)))
+        yield from self.predict_stream(rows) if stream else map(self.predict, rows)
+
+    def predict_stream(self, windows: Iterable[Mapping[str, np.ndarray] | np.ndarray], *,
+                       clock: Callable[[], float] = time.monotonic) -> Iterator[Answer]:
+        """:meth:`predict` on a stream of consecutive windows (one sample each: a feed,
+        or for a one-input model its array, with or without the batch axis), thinned by
+        the policy's ``[stream]`` rule (:class:`~edgeloop.device.policy.StreamRule`; none:
+        every window runs). Yields one answer per window, as each arrives; a skipped
+        window's answer is the last processed one's, with ``skipped`` saying why.
+
+        Stream time is ``period_ms`` per window, or ``clock()`` (seconds) at each arrival.
+        Windows are read one at a time, never gathered.
+        """
+        rule = self.policy.stream or StreamRule()
+        budget = (EnergyBudget(rule.energy_budget_mw, burst_s=rule.burst_s)
+                  if rule.energy_budget_mw is not None else None)
+        last_feed: dict[str, np.ndarray] | None = None
+        last: Answer | None = None
+        for i, window in enumerate(windows):
+            t0 = time.perf_counter()
+            feed = self._window(window)
+            now = i * rule.period_ms / 1e3 if rule.period_ms is not None else clock()
+            allowed = budget is None or budget.allows(now)
+            reason = None
+            if last is not None and last_feed is not None:
+                if relative_change(feed, last_feed) < rule.min_change:
+                    reason = SKIP_UNCHANGED
+                elif not allowed:
+                    reason = SKIP_BUDGET
+            if reason is not None and last is not None:
+                a = Answer(last.output, last.stage, _ms(t0), last.confidence, last.offloaded,
+                           energy_source=last.energy_source, skipped=reason)
+                self.stats.add(a, 1)
+                yield a
+                continue
+            last = self.predict(feed)
+            last_feed = {k: v.copy() for k, v in feed.items()}   # callers may reuse buffers
+            if budget is not None:
+                budget.spend(last.energy_mj)
+            yield last
+
+    def _window(self, window: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """One stream window as a checked feed of the model's inputs."""
+        if isinstance(window, Mapping):
+            feed = dict(window)
+        else:
+            if len(self._inputs) != 1:
+                raise UsageError(f"a window as one array needs a model of one input; this "
+                                 f"one takes {[s.name for s in self._inputs]}: give a "
+                                 "mapping of arrays")
+            spec, arr = self._inputs[0], np.asarray(window)
+            if spec.shape and arr.ndim == len(spec.shape) - 1:
+                arr = arr[None]
+            feed = {spec.name: arr}
+        check_against(feed, self._inputs, source="the window")
+        return {s.name: feed[s.name] for s in self._inputs}
 
     # --- serving a cascade ----------------------------------------------------------
 
