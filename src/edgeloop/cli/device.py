@@ -66,9 +66,12 @@ def device_run(
     state_dir: Annotated[Path | None, typer.Argument(
         help="Device state folder (omit when the policy names a cascade)")] = None,
     policy: Annotated[Path | None, typer.Option(help="Runtime policy TOML")] = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="The rows are consecutive windows of one stream, thinned by the "
+                         "policy's [stream] table (on whenever the policy has one)")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON line per sample: answer, stage, latency, offloaded, "
-                       "offload_reason")] = False,
+                       "offload_reason, energy_mj, energy_source, skipped")] = False,
 ) -> None:
     """Run the device runtime on each sample of --data, one at a time."""
     from edgeloop.data import load_npz
@@ -76,29 +79,47 @@ def device_run(
 
     rt = Runtime(state_dir, Policy.load(policy) if policy is not None else None)
     ds = load_npz(data)
-    answers = rt.predict_each(ds)
+    streaming = stream or rt.policy.stream is not None
+    answers = rt.predict_each(ds, stream=streaming)
     if as_json:
         for a in answers:
             console.print_json(json.dumps({
                 "answer": int(a.output.reshape(-1).argmax()), "stage": a.stage,
                 "latency_ms": round(a.latency_ms, 6), "confidence": a.confidence,
-                "offloaded": a.offloaded, "offload_reason": a.offload_reason}), indent=None)
+                "offloaded": a.offloaded, "offload_reason": a.offload_reason,
+                "energy_mj": a.energy_mj, "energy_source": a.energy_source,
+                "skipped": a.skipped}), indent=None)
         return
     s = summarize(answers, ds.labels)
-    t = Table(title=f"{s.samples} samples")
+    t = Table(title=f"{s.samples} {'windows' if streaming else 'samples'}")
     t.add_column("stage")
     t.add_column("answers")
     offload = rt.policy.offload
-    for name in (*rt.stages(), "offload") if offload is not None else rt.stages():
-        n = s.answered.get(name, 0)
+    rows = [(name, s.answered.get(name, 0)) for name in
+            ((*rt.stages(), "offload") if offload is not None else rt.stages())]
+    rows += [(f"skipped: {why}", n) for why, n in sorted(s.skipped.items())]
+    for name, n in rows:
         t.add_row(name, f"{n} ({n / s.samples:.1%})")
     console.print(t)
     if offload is not None and (kept := rt.stats.kept_local):
         console.print("offload wanted, answered locally: " + ", ".join(
             f"{why} {n}" for why, n in sorted(kept.items())), highlight=False)
     acc = "" if s.accuracy is None else f", accuracy {s.accuracy:.2%}"
-    console.print(f"latency per sample: mean {s.mean_latency_ms:.4f} ms, p50 "
-                  f"{s.p50_latency_ms:.4f} ms, p90 {s.p90_latency_ms:.4f} ms{acc}")
+    console.print(f"latency per {'processed window' if streaming else 'sample'}: mean "
+                  f"{s.mean_latency_ms:.4f} ms, p50 {s.p50_latency_ms:.4f} ms, p90 "
+                  f"{s.p90_latency_ms:.4f} ms{acc}", highlight=False)
+    e, every = s.energy, s.energy_every_window_j
+    if e is not None:
+        console.print(f"energy: {e.joules:.4g} J, {e.per_inference_mj:.4g} mJ per inference "
+                      f"({rt.meter.describe()})", highlight=False)
+    if streaming:
+        saved = (f"; {e.joules:.4g} J against {every:.4g} J had every window run "
+                 f"({1 - e.joules / every:.0%} saved)") if e is not None and every else ""
+        console.print(f"stream: {s.processed} of {s.samples} windows processed{saved}",
+                      highlight=False)
+    measured = rt.stats.energy()
+    if measured.source == "rapl":
+        console.print(f"measured: {measured.joules:.4g} J ({measured.note})", highlight=False)
 
 
 @device_app.command("serve")
