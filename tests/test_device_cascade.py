@@ -219,7 +219,7 @@ def test_device_run_cli(built: Path, splits: dict[str, Path], tmp_path: Path) ->
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert len(rows) == 500
     assert set(rows[0]) == {"answer", "stage", "latency_ms", "confidence", "offloaded",
-                            "offload_reason"}
+                            "offload_reason", "energy_mj", "energy_source", "skipped"}
     assert all(0 <= r["answer"] < 10 and r["offloaded"] is False for r in rows)
     # errors: one line, exit 2
     policy.write_text('cascade = "c.json"\nthreads = 0\n')

@@ -71,6 +71,7 @@ def test_device_api_answers_and_batches_concurrent_callers(device: Device) -> No
         assert r.status_code == 200, r.text
         a = r.json()
         assert a["stage"] == "kws" and a["offloaded"] is False and a["offload_reason"] is None
+        assert a["energy_source"] == "estimate" and a["energy_mj"] >= 0
         assert a["dtype"] == "float32" and a["latency_ms"] > 0
         np.testing.assert_allclose(a["output"], X[:1] @ W_GOOD, rtol=1e-5, atol=1e-5)
         r = _post(url, _npz(x=X[:5]), NPZ)
@@ -93,7 +94,9 @@ def test_device_api_answers_and_batches_concurrent_callers(device: Device) -> No
         stats = httpx.get(f"{url}/v1/stats").json()
         assert stats["answers"] == n + 2 and stats["answered"] == {"kws": n + 2}
         assert stats["errors"] == 0 and stats["rejected"] == 0 and stats["offloaded"] == 0
-        assert stats["mean_latency_ms"] > 0
+        assert stats["mean_latency_ms"] > 0 and stats["skipped"] == {}
+        assert stats["energy"]["source"] in ("estimate", "rapl")
+        assert stats["energy"]["joules"] > 0 and stats["energy"]["per_inference_mj"] > 0
         assert stats["batching"]["batches"] < n + 2
         assert stats["batching"]["mean_requests_per_batch"] > 1
         health = httpx.get(f"{url}/v1/health").json()

@@ -4,11 +4,13 @@
 
     POST /v1/predict[?privacy_class=public]   {"inputs": {name: nested list}}  (or .npz)
                     -> {"output": nested list, "dtype", "stage", "latency_ms", "confidence",
-                        "offloaded", "offload_reason"}
+                        "offloaded", "offload_reason", "energy_mj", "energy_source"}
     GET  /v1/health -> what serves (name, version or cascade), its stages and inputs,
                        probation (remaining inferences, errors) or null, offload mode
-    GET  /v1/stats  -> answers per stage, offloaded, kept local (by reason), mean latency,
-                       model errors, rejected requests, micro-batching counts
+    GET  /v1/stats  -> answers per stage, offloaded, kept local (by reason), skipped
+                       stream windows (by reason), mean latency, energy (joules, mJ per
+                       inference, source "rapl" or "estimate"), model errors, rejected
+                       requests, micro-batching counts
 
 Request bodies are decoded and checked exactly as the offload server does
 (:mod:`edgeloop._request`, shared by both): a request that does not fit the model is
@@ -65,7 +67,8 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = MAX_BODY_BYTES) -> Fas
             return JSONResponse({"error": str(e)}, status_code=500)
         payload = {"output": a.output.tolist(), "dtype": str(a.output.dtype),
                    "stage": a.stage, "latency_ms": a.latency_ms, "confidence": a.confidence,
-                   "offloaded": a.offloaded, "offload_reason": a.offload_reason}
+                   "offloaded": a.offloaded, "offload_reason": a.offload_reason,
+                   "energy_mj": a.energy_mj, "energy_source": a.energy_source}
         return Response(json.dumps(payload), media_type="application/json")
 
     @app.get("/v1/health")
