@@ -32,7 +32,7 @@ from edgeloop.targets import get_target
 __all__ = ["EnergyMeter"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EnergyMeter:
     """Puts millijoules on CPU seconds: ``cpu_seconds x watts / cores``.
 

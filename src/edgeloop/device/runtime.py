@@ -511,19 +511,17 @@ class Runtime:
             t0 = time.perf_counter()
             feed = self._window(window)
             now = i * rule.period_ms / 1e3 if rule.period_ms is not None else clock()
-            allowed = budget is None or budget.allows(now)
-            reason = None
+            allowed = budget is None or budget.allows(now)   # accrues credit every window
             if last is not None and last_feed is not None:
-                if relative_change(feed, last_feed) < rule.min_change:
-                    reason = SKIP_UNCHANGED
-                elif not allowed:
-                    reason = SKIP_BUDGET
-            if reason is not None and last is not None:
-                a = Answer(last.output, last.stage, _ms(t0), last.confidence, last.offloaded,
-                           energy_source=last.energy_source, skipped=reason)
-                self.stats.add(a, 1)
-                yield a
-                continue
+                reason = (SKIP_UNCHANGED if relative_change(feed, last_feed) < rule.min_change
+                          else None if allowed else SKIP_BUDGET)
+                if reason is not None:
+                    a = Answer(last.output, last.stage, _ms(t0), last.confidence,
+                               last.offloaded, energy_source=last.energy_source,
+                               skipped=reason)
+                    self.stats.add(a, 1)
+                    yield a
+                    continue
             last = self.predict(feed)
             last_feed = {k: v.copy() for k, v in feed.items()}   # callers may reuse buffers
             if budget is not None:
