@@ -68,7 +68,7 @@ def device_run(
     policy: Annotated[Path | None, typer.Option(help="Runtime policy TOML")] = None,
     stream: Annotated[bool, typer.Option(
         "--stream", help="The rows are consecutive windows of one stream, thinned by the "
-                         "policy's [stream] table (on whenever the policy has one)")] = False,
+                         "policy's \\[stream] table (on whenever the policy has one)")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON line per sample: answer, stage, latency, offloaded, "
                        "offload_reason, energy_mj, energy_source, skipped")] = False,
