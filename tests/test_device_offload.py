@@ -177,13 +177,14 @@ def test_micro_batching_answers_each_caller_its_own(models, server, offload: boo
         # The first caller finds nobody in flight and runs alone; make that run slow, as
         # a larger model's would be, so the other callers are surely in flight meanwhile
         # however loaded the machine (else each may finish before the next arrives).
-        alone = rt._batcher.infer
+        first = rt._batchers["head" if offload else "all"]   # what every caller runs first
+        alone = first.infer
 
         def slow_alone(arrays: object) -> object:
             time.sleep(0.3)
             return alone(arrays)
 
-        rt._batcher.infer = slow_alone
+        first.infer = slow_alone
         threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
