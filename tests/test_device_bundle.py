@@ -4,6 +4,7 @@ served on 127.0.0.1, installed by a device, served by the runtime with probation
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,34 @@ def test_power_loss_during_a_cascade_update(repo, tmp_path: Path, point: str,
         a = rt.predict({"x": X[i:i + 1]})
         w = w_small if a.stage == "small" else W_GOOD
         np.testing.assert_allclose(a.output, X[i:i + 1] @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_when_unsure_offload_reports_one_inference_per_call(repo, cascade_file: Path) -> None:
+    """Probation counts calls whose stages ran here, once each, whether the server or the
+    last stage (after the small one) answered them."""
+    from edgeloop.device import Cascade, Policy, confidence, publish_cascade, softmax
+    from edgeloop.serve.offload import OffloadServer, ServerConfig, running
+
+    conf = confidence(softmax(X[:40] @ W_SMALL, 1.0), "max-softmax")
+    threshold = float(np.median(conf))                  # half of them reach the large stage
+    c = Cascade.load(cascade_file)
+    c = replace(c, stages=tuple(replace(st, temperature=1.0) for st in c.stages))
+    cascade_file.write_text(c.with_thresholds([threshold]).to_json())
+    picked = [*np.flatnonzero(conf < threshold)[:2], int(np.argmax(conf))]   # 2 unsure, 1 sure
+    publish_cascade(cascade_file, repo.dir, keys=repo.keys, name="casc", version="1.0.0",
+                    golden=GOLDEN)
+    dev = Device(new_device(repo).dir, config=HealthConfig(probation_inferences=6,
+                                                           probation_save_inferences=1))
+    dev.update(repo.url, "casc")
+    server = OffloadServer(cascade_file.parent.parent / "large.onnx",
+                           config=ServerConfig(max_batch=1))
+    with running(server) as url:
+        rule = {"url": url, "privacy_class": "public", "timeout_s": 0.5}
+        with Runtime(dev, Policy(offload=rule)) as rt:
+            up = [rt.predict({"x": X[i:i + 1]}) for i in picked]
+    assert [a.stage for a in up] == ["offload", "offload", "small"]
+    assert dev.state().probation.remaining == 3
+    with Runtime(dev, Policy(offload=rule)) as rt:                # the server is gone
+        down = [rt.predict({"x": X[i:i + 1]}) for i in picked]
+    assert [a.stage for a in down] == ["large", "large", "small"]
+    assert dev.state().probation is None and dev.history()[-1].action == "kept"
