@@ -7,7 +7,13 @@
    post-training schemes and, from the torch model and its training data, structured
    pruning and quantization-aware training;
 4. ship it: a signed TUF repository served on 127.0.0.1, a device that verifies,
-   health-checks and installs it, then refuses a tampered copy.
+   health-checks and installs it, then refuses a tampered copy;
+5. serve it with a cascade and an offload server: a small MLP in front of the shipped
+   model, thresholds chosen on the validation split, published as one signed cascade
+   bundle and installed on the device (its health check measures the whole cascade);
+   the runtime then answers the test split, once on its own and once offloading what
+   the MLP is unsure of to an offload server on 127.0.0.1 running the fp32 CNN, and
+   prints how many inputs each stage answered.
 
 Everything it writes lands in ``demo-out/`` (or the folder given as the first argument);
 each step prints the CLI command that does the same.
@@ -30,6 +36,7 @@ from edgeloop.measure import LatencyConfig, evaluate
 from edgeloop.zoo import train_zoo_model
 
 console = Console()
+_MLP_EPOCHS = 10      # the cascade's small model: a brief training is enough
 
 
 def _step(title: str, command: str) -> None:
@@ -121,6 +128,61 @@ def _ship(out: Path, best: Path) -> None:
         server.shutdown()
 
 
+def _serve(out: Path, best: Path, fp32: Path) -> None:
+    from edgeloop._trainconfig import TrainConfig
+    from edgeloop.bundle import Device, serve_repo
+    from edgeloop.device import (
+        OffloadRule,
+        Policy,
+        Runtime,
+        build_cascade,
+        publish_cascade,
+        summarize,
+    )
+    from edgeloop.device.offload import OffloadPolicy
+    from edgeloop.serve.loadgen import ServerProcess
+
+    small = out / "mlp"
+    result = train_zoo_model("mnist1d-mlp", small, config=TrainConfig(epochs=_MLP_EPOCHS))
+    console.print(f"   small model: mnist1d-mlp, test accuracy {result['test_accuracy']:.2%}")
+    val = load_builtin("mnist1d", "val")
+    path = out / "cascade" / "cascade.json"
+    c = build_cascade([small / "model.onnx", best], val, max_drop=0.5, out=path)
+    e = c.expected
+    console.print(f"   thresholds on the validation split: the small model answers "
+                  f"{e['answered'][0]:.0%}, expected accuracy {e['accuracy']:.2%} "  # type: ignore[index]
+                  f"(the shipped model alone: {e['reference_accuracy']:.2%})")
+    publish_cascade(path, out / "repo", keys=out / "keys", name="mnist1d", version="2.0.0",
+                    golden=val)
+    repo, _ = serve_repo(out / "repo", port=0)
+    try:
+        device = Device(out / "device")
+        installed = device.update(f"http://127.0.0.1:{repo.server_address[1]}", "mnist1d")
+        console.print(f"   device update: installed={installed.installed} "
+                      f"version={installed.version} ({installed.reason})")
+    finally:
+        repo.shutdown()
+
+    test = load_builtin("mnist1d", "test")
+    table = Table(title=f"the device answering the {len(test)} test inputs one at a time")
+    for col in ("runtime", "small", "large", "offload", "accuracy", "mean latency"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    with ServerProcess(fp32, max_batch=1) as server:      # stopped on leaving, error or not
+        (out / "policy.toml").write_text(
+            f'[offload]\nmode = "when-unsure"\nurl = "{server.url}"\n'
+            'privacy_class = "public"\n')
+        rule = OffloadRule(client=OffloadPolicy(url=server.url), mode="when-unsure",
+                           privacy_class="public")
+        for name, policy in (("cascade", Policy()),
+                             ("cascade + offload when unsure", Policy(offload=rule))):
+            with Runtime(device, policy) as rt:
+                first, last = rt.stages()[0], rt.stages()[-1]
+                s = summarize(rt.predict_each(test), test.labels)
+            table.add_row(name, *(str(s.answered.get(k, 0)) for k in (first, last, "offload")),
+                          f"{s.accuracy:.2%}", f"{s.mean_latency_ms:.3f} ms")
+    console.print(table)
+
+
 def main(out_dir: str = "demo-out") -> None:
     """Run the demo, writing into ``out_dir``."""
     quiet_libraries()
@@ -149,6 +211,17 @@ def main(out_dir: str = "demo-out") -> None:
           f"--repo {out}/repo --name mnist1d --version 1.0.0 --golden {out}/val.npz; "
           f"edgeloop device update {out}/device --repo URL --name mnist1d")
     _ship(out, best)
+
+    _step("5. serve it: a cascade (a small MLP first) and an offload server for what it is "
+          "unsure of",
+          f"edgeloop zoo train mnist1d-mlp --out {out}/mlp --epochs {_MLP_EPOCHS}; "
+          f"edgeloop cascade {out}/mlp/model.onnx {best} --val {out}/val.npz "
+          f"--out {out}/cascade/cascade.json; edgeloop publish {out}/cascade/cascade.json "
+          f"--repo {out}/repo --name mnist1d --version 2.0.0 --golden {out}/val.npz; "
+          f"edgeloop device update {out}/device --repo URL --name mnist1d; "
+          f"edgeloop offload-server {fp32} --port PORT & edgeloop device run {out}/device "
+          f"--data {out}/test.npz [--policy {out}/policy.toml]")
+    _serve(out, best, fp32)
     console.rule("[bold]done")
     console.print(f"Everything is in {out}/. Next: `edgeloop evaluate MODEL --data "
                   f"{out}/test.npz --reference {fp32}`, `edgeloop bench MODEL`.")
