@@ -4,6 +4,7 @@ models run directly in onnxruntime as the oracles."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -309,6 +310,25 @@ def test_when_unsure_the_last_stage_runs_only_without_an_answer(models, server,
     assert stage_runs == {"small": 2 * N, "large": 2 * unsure.sum()}
     assert {a.offload_reason.split(":")[0] for a in answers if a.offload_reason} == \
         {"unreachable", "circuit open"}
+
+
+def test_when_unsure_with_no_stage_before_the_last_offloads_first(models, server,
+                                                                  stage_runs) -> None:
+    """Thresholds that leave the last stage alone: every input is one no earlier stage
+    was sure about, so it goes out before anything runs here."""
+    url, _ = server
+    policy = Policy(cascade=models["cascade"], thresholds=[math.inf], offload=_rule(url))
+    with Runtime(None, policy) as rt:
+        a = rt.predict({"x": X[:N]})
+    assert a.offloaded and a.stage == "offload" and stage_runs == {}
+    np.testing.assert_array_equal(a.output, _direct(models["server"], X[:N]))
+    rule = _rule(_stopped_url(models["server"]), timeout_s=0.5)
+    with Runtime(None, Policy(cascade=models["cascade"], thresholds=[math.inf],
+                              offload=rule)) as rt:
+        a = rt.predict({"x": X[:N]})
+    assert not a.offloaded and a.stage == "large" and stage_runs == {"large": N}
+    np.testing.assert_allclose(a.output, _direct(models["large"], X[:N]), rtol=1e-6,
+                               atol=1e-6)
 
 
 def _segment(path: Path, w: np.ndarray, *, features: np.ndarray | None,
