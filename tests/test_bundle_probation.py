@@ -269,13 +269,13 @@ def test_slow_candidate_is_rejected_now_and_tried_again_later(repo, monkeypatch)
     pass_probation(dev)
     repo.publish("1.1.0", W_GOOD * 2)
     timed: list[int] = []
-    real = device_module.interleaved_latency
+    real = device_module.served_latency
 
-    def spy(models, data, **kw):
-        timed.append(len(models))
-        return real(models, data, **kw)
+    def spy(bundles, data, **kw):
+        timed.append(len(bundles))
+        return real(bundles, data, **kw)
 
-    monkeypatch.setattr(device_module, "interleaved_latency", spy)
+    monkeypatch.setattr(device_module, "served_latency", spy)
     strict = Device(dev.dir, config=HealthConfig(latency_margin=-0.99, latency_slack_ms=0))
     with pytest.raises(VerificationError, match=r"latency p50 .* a later update tries it again"):
         strict.update(repo.url, "kws")

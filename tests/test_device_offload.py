@@ -4,6 +4,7 @@ models run directly in onnxruntime as the oracles."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -177,13 +178,14 @@ def test_micro_batching_answers_each_caller_its_own(models, server, offload: boo
         # The first caller finds nobody in flight and runs alone; make that run slow, as
         # a larger model's would be, so the other callers are surely in flight meanwhile
         # however loaded the machine (else each may finish before the next arrives).
-        alone = rt._batcher.infer
+        first = rt._batchers["head" if offload else "all"]   # what every caller runs first
+        alone = first.infer
 
         def slow_alone(arrays: object) -> object:
             time.sleep(0.3)
             return alone(arrays)
 
-        rt._batcher.infer = slow_alone
+        first.infer = slow_alone
         threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
@@ -245,3 +247,135 @@ def test_device_run_with_offload(models, tmp_path: Path) -> None:
     assert code == 0, stderr
     assert "offload │ 0 " in stdout
     assert "offload wanted, answered locally: circuit open" in stdout
+
+
+# --- when-unsure: the last stage waits for the server --------------------------------
+
+@pytest.fixture
+def stage_runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Samples each cascade stage ran on (by stage name), counted around the runtime's
+    one call into onnxruntime per stage."""
+    runs: dict[str, int] = {}
+    real = Runtime._run
+
+    def counting(st: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        runs[st.name] = runs.get(st.name, 0) + len(next(iter(feed.values())))
+        return real(st, feed)
+
+    monkeypatch.setattr(Runtime, "_run", staticmethod(counting))
+    return runs
+
+
+def _stopped_url(model: Path) -> str:
+    with running(OffloadServer(model, config=ServerConfig(max_batch=1))) as url:
+        return url                             # started, then stopped: nothing listens
+
+
+def test_when_unsure_the_last_stage_runs_only_without_an_answer(models, server,
+                                                                stage_runs) -> None:
+    """Server up: the large stage never runs, and exactly the unsure inputs go out.
+    Server down (unreachable, then the circuit open): each unsure input runs the large
+    stage once, after the small one, and gets its output (onnxruntime as the oracle)."""
+    url, srv = server
+    _, stage = _local_cascade(models)
+    unsure = stage == 1
+    small, large = _direct(models["small"], X[:N]), _direct(models["large"], X[:N])
+    want_server = _direct(models["server"], X[:N])
+    stage_runs.clear()
+    sent = srv.stats.requests
+    with Runtime(None, Policy(cascade=models["cascade"], offload=_rule(url))) as rt:
+        for i in range(N):
+            a = rt.predict({"x": X[i:i + 1]})
+            assert a.offloaded == unsure[i]
+            np.testing.assert_allclose(a.output[0], want_server[i] if unsure[i] else small[i],
+                                       rtol=1e-6, atol=1e-6)
+        b = rt.predict({"x": X[:N]})
+        np.testing.assert_allclose(b.output, np.where(unsure[:, None], want_server, small),
+                                   rtol=1e-6, atol=1e-6)
+    assert stage_runs == {"small": 2 * N}
+    assert srv.stats.requests - sent == unsure.sum() + 1
+
+    stage_runs.clear()
+    rule = _rule(_stopped_url(models["server"]), timeout_s=0.5, failures_to_open=2, backoff_s=60.0)
+    with Runtime(None, Policy(cascade=models["cascade"], offload=rule)) as rt:
+        answers = [rt.predict({"x": X[i:i + 1]}) for i in range(N)]
+        b = rt.predict({"x": X[:N]})
+    want = np.where(unsure[:, None], large, small)
+    for a, u, w in zip(answers, unsure, want, strict=True):
+        assert not a.offloaded and a.stage == ("large" if u else "small")
+        assert (a.offload_reason is not None) == u
+        np.testing.assert_allclose(a.output[0], w, rtol=1e-6, atol=1e-6)
+    assert b.stage == "large" and b.offload_reason == "circuit open"
+    np.testing.assert_allclose(b.output, want, rtol=1e-6, atol=1e-6)
+    assert stage_runs == {"small": 2 * N, "large": 2 * unsure.sum()}
+    assert {a.offload_reason.split(":")[0] for a in answers if a.offload_reason} == \
+        {"unreachable", "circuit open"}
+
+
+def test_when_unsure_with_no_stage_before_the_last_offloads_first(models, server,
+                                                                  stage_runs) -> None:
+    """Thresholds that leave the last stage alone: every input is one no earlier stage
+    was sure about, so it goes out before anything runs here."""
+    url, _ = server
+    policy = Policy(cascade=models["cascade"], thresholds=[math.inf], offload=_rule(url))
+    with Runtime(None, policy) as rt:
+        a = rt.predict({"x": X[:N]})
+    assert a.offloaded and a.stage == "offload" and stage_runs == {}
+    np.testing.assert_array_equal(a.output, _direct(models["server"], X[:N]))
+    rule = _rule(_stopped_url(models["server"]), timeout_s=0.5)
+    with Runtime(None, Policy(cascade=models["cascade"], thresholds=[math.inf],
+                              offload=rule)) as rt:
+        a = rt.predict({"x": X[:N]})
+    assert not a.offloaded and a.stage == "large" and stage_runs == {"large": N}
+    np.testing.assert_allclose(a.output, _direct(models["large"], X[:N]), rtol=1e-6,
+                               atol=1e-6)
+
+
+def _segment(path: Path, w: np.ndarray, *, features: np.ndarray | None,
+             inputs: str = "x") -> Path:
+    """An early-exit segment: ``logits = inp @ w`` and, with ``features``, also
+    ``feat = inp @ features`` for the next segment."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    width = w.shape[0]
+    nodes = [helper.make_node("MatMul", [inputs, "w"], ["logits"])]
+    inits = [numpy_helper.from_array(w, "w")]
+    outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])]
+    if features is not None:
+        nodes.append(helper.make_node("MatMul", [inputs, "f"], ["feat"]))
+        inits.append(numpy_helper.from_array(features, "f"))
+        outs.append(helper.make_tensor_value_info("feat", TensorProto.FLOAT,
+                                                  ["N", features.shape[1]]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        inputs, TensorProto.FLOAT, ["N", width])], outs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    save(m, path)
+    return path
+
+
+def test_when_unsure_a_chained_last_stage_gets_its_features_on_fallback(
+        tmp_path: Path, stage_runs) -> None:
+    """An early-exit cascade: the last segment takes the first one's features, which
+    wait beside the input while it is offloaded; with the server down it runs on them."""
+    rng = np.random.default_rng(3)
+    feat, w1, w2 = (rng.normal(size=s).astype(np.float32)
+                    for s in ((FEATURES, 6), (FEATURES, CLASSES), (6, CLASSES)))
+    _segment(tmp_path / "seg1.onnx", w1, features=feat)
+    _segment(tmp_path / "seg2.onnx", w2, features=None, inputs="feat")
+    conf = confidence(softmax(X[:N] @ w1, 1.0), "max-softmax")
+    threshold = float(np.median(conf))
+    (tmp_path / "cascade.json").write_text(Cascade(stages=(
+        Stage(name="exit1", model="seg1.onnx", threshold=threshold),
+        Stage(name="exit2", model="seg2.onnx", chained=True))).to_json())
+    unsure = conf < threshold
+    want = np.where(unsure[:, None], (X[:N] @ feat) @ w2, X[:N] @ w1)
+    rule = _rule(_stopped_url(tmp_path / "seg2.onnx"), timeout_s=0.5, failures_to_open=1,
+                 backoff_s=60.0)
+    with Runtime(None, Policy(cascade=tmp_path / "cascade.json", offload=rule)) as rt:
+        b = rt.predict({"x": X[:N]})
+        ones = [rt.predict({"x": X[i:i + 1]}) for i in range(N)]
+    np.testing.assert_allclose(b.output, want, rtol=1e-5, atol=1e-5)
+    for a, w in zip(ones, want, strict=True):
+        np.testing.assert_allclose(a.output[0], w, rtol=1e-5, atol=1e-5)
+    assert stage_runs == {"exit1": 2 * N, "exit2": 2 * unsure.sum()}

@@ -155,25 +155,26 @@ class FakeCpu:
         return self.t
 
 
-def test_energy_per_answer_is_cpu_seconds_times_watts_over_cores(models) -> None:
-    meter = EnergyMeter(watts=10.0, cores=4, cpu_clock=FakeCpu(0.004), profile="fake")
+def test_energy_per_answer_is_busy_seconds_times_watts_over_cores(models) -> None:
+    meter = EnergyMeter(watts=10.0, cores=4, clock=FakeCpu(0.004), profile="fake")
     rt = Runtime(None, _policy(models), meter=meter)
     answers = [rt.predict({"x": X[i:i + 1]}) for i in range(5)]
     assert [a.energy_mj for a in answers] == pytest.approx([0.004 * 10 / 4 * 1e3] * 5)
-    # a run's CPU time is spread over its rows, so micro-batched callers get their share
-    assert rt._run_local({"x": X[:4]})[-1] == pytest.approx([0.001] * 4)
+    # a run's busy time is spread over its rows, so micro-batched callers get their share
+    assert rt._run_local("all", {"x": X[:4]})[0] == pytest.approx([0.001] * 4)
     e = RuntimeStats(meter=meter, rapl=RaplCounter(Path("/nonexistent")))
     for a in answers:
         e.add(a, 1)
     assert e.energy().joules == pytest.approx(0.05)
     assert e.energy().per_inference_mj == pytest.approx(10.0)
     assert e.energy().source == "estimate" and "10 W (fake) / 4 cores" in e.energy().note
-    # the default meter: this machine's profile, one thread's own CPU time with one thread
+    # the default meter: this machine's profile, wall time x one busy core per thread
     default = Runtime(None, _policy(models)).meter
     assert (default.watts, default.cores) == (get_target("auto").watts, os.cpu_count())
-    assert default.cpu_clock is time.thread_time
+    assert default.clock is time.perf_counter and default.threads == 1
     two = Runtime(None, Policy(cascade=models["cascade"], threads=2)).meter
-    assert two.cpu_clock is time.process_time
+    assert two.threads == 2
+    assert two.millijoules(0.5) == pytest.approx(2 * default.millijoules(0.5))
     real = [Runtime(None, _policy(models)).predict({"x": X[:64]}) for _ in range(3)]
     assert all(a.energy_mj > 0 for a in real)
 
@@ -184,7 +185,7 @@ def test_energy_budget_lowers_the_rate_and_raises_it_again(models, timing: str) 
     window ran) under a 50 mW budget; then inference gets 8x cheaper."""
     n, period = 400, 0.01
     cpu = FakeCpu(0.002)     # x 1 W / 1 core = 2 mJ
-    meter = EnergyMeter(watts=1.0, cores=1, cpu_clock=cpu)
+    meter = EnergyMeter(watts=1.0, cores=1, clock=cpu)
     windows = np.random.default_rng(5).standard_normal((2 * n, FEATURES)).astype(np.float32)
     t = [0.0]
 
@@ -215,7 +216,7 @@ def test_energy_budget_lowers_the_rate_and_raises_it_again(models, timing: str) 
     # the second phase: cheaper windows fit the budget, so the rate rises to every window
     assert ran[n + warm:].all()
     unbudgeted = Runtime(None, _policy(models), meter=EnergyMeter(
-        watts=1.0, cores=1, cpu_clock=FakeCpu(0.002)))
+        watts=1.0, cores=1, clock=FakeCpu(0.002)))
     assert all(a.skipped is None for a in unbudgeted.predict_stream(iter(windows[:n])))
 
 
@@ -325,7 +326,7 @@ def test_device_run_stream_json_end_to_end(models, tmp_path: Path) -> None:
     assert f"{len(windows)} windows" in stdout
     assert f"skipped: unchanged │ {skipped} " in stdout, stdout
     assert f"stream: {len(processed)} of {len(windows)} windows processed;" in stdout
-    assert "mJ per inference (estimate: CPU time x" in stdout and "saved)" in stdout
+    assert "mJ per inference (estimate: inference time x" in stdout and "saved)" in stdout
     # --stream without a [stream] table: every window runs
     policy.write_text(f'cascade = "{models["cascade"]}"\nthresholds = [inf]\n')
     code, stdout, stderr = cli("device", "run", "--data", data, "--policy", policy, "--stream")

@@ -4,7 +4,17 @@ The public API is what ``__all__`` lists; everything else is internal. Names are
 on first use, so a device that only needs ``edgeloop.bundle`` never imports torch.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from edgeloop._lazy import lazy_names
+from edgeloop.bundle.served import register as _register_loader
+
+if _TYPE_CHECKING:
+    from pathlib import Path
+
+    from edgeloop.bundle.served import Served
 
 __version__ = "0.1.0"
 
@@ -63,3 +73,14 @@ __all__ = [
 
 
 __getattr__, __dir__ = lazy_names(__name__, _SOURCES)
+
+
+def _served_cascade(model: Path) -> Served:
+    from edgeloop.device.bundle import served_cascade
+
+    return served_cascade(model)
+
+
+# The composition root: the bundle layer measures a cascade bundle with the device
+# package's runner without importing it (edgeloop.bundle.served explains why here).
+_register_loader("cascade.json", _served_cascade)

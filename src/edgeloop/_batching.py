@@ -213,8 +213,8 @@ class BatchThread:
     ``infer`` runs on the loop's thread: nothing else needs that loop meanwhile."""
 
     def __init__(self, infer: Infer, *, max_batch: int, max_delay_ms: float,
-                 max_queue: int = 4096) -> None:
-        self.stats = BatchStats()
+                 max_queue: int = 4096, stats: BatchStats | None = None) -> None:
+        self.stats = stats if stats is not None else BatchStats()   # may be shared
         self._inside = 0                 # callers in submit()
         self._announced = 0              # callers on their way (e.g. HTTP requests)
         self._count = threading.Lock()

@@ -7,7 +7,14 @@
    post-training schemes and, from the torch model and its training data, structured
    pruning and quantization-aware training;
 4. ship it: a signed TUF repository served on 127.0.0.1, a device that verifies,
-   health-checks and installs it, then refuses a tampered copy.
+   health-checks and installs it, then refuses a tampered copy;
+5. serve it with a cascade and an offload server: a narrow CNN (8 channels, trained
+   briefly) in front of the shipped model, thresholds chosen on the validation split,
+   published as one signed cascade bundle and installed on the device (its health
+   check measures the whole cascade); the runtime answers the test split with it, then
+   again from the cascade's files with an offload server on 127.0.0.1 (the fp32 CNN)
+   taking what the small model is unsure of, and prints how many inputs each stage
+   answered.
 
 Everything it writes lands in ``demo-out/`` (or the folder given as the first argument);
 each step prints the CLI command that does the same.
@@ -18,18 +25,24 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from edgeloop._progress import quiet_libraries
 from edgeloop.compress import SCHEMES, make_scheme, run_pass
-from edgeloop.data import load_builtin, save_npz
+from edgeloop.data import Dataset, load_builtin, save_npz
 from edgeloop.errors import EdgeloopError
 from edgeloop.measure import LatencyConfig, evaluate
 from edgeloop.zoo import train_zoo_model
 
+if TYPE_CHECKING:
+    from edgeloop.device import Cascade
+
 console = Console()
+_SMALL_WIDTH, _SMALL_EPOCHS = 8, 10    # the cascade's small model, trained briefly
 
 
 def _step(title: str, command: str) -> None:
@@ -121,6 +134,94 @@ def _ship(out: Path, best: Path) -> None:
         server.shutdown()
 
 
+def _offload_threshold(cascade: Cascade, small: Path, server_model: Path, val: Dataset,
+                       round_trip_ms: float) -> float | None:
+    """The small stage's threshold when what it is unsure of goes to the server: chosen
+    on ``val`` as the shipped one was, with the server's round trip as the cost of the
+    last stage and the server model's answers as its accuracy."""
+    from edgeloop._onnx import session
+    from edgeloop.device import choose_thresholds, confidence, softmax
+    from edgeloop.measure import predict
+
+    first = cascade.stages[0]
+    logits = predict(session(small), val)
+    correct = [logits.argmax(1) == val.labels,
+               predict(session(server_model), val).argmax(1) == val.labels]
+    conf = confidence(softmax(logits, first.temperature), cascade.measure)
+    choice = choose_thresholds([conf], correct, [first.latency_ms, round_trip_ms],
+                               max_drop=cascade.max_drop)
+    return choice.chosen.thresholds[0]
+
+
+def _round_trip_ms(url: str, data: Dataset, n: int = 50) -> float:
+    """Median time of one offloaded sample (batch 1) to the server at ``url``."""
+    from edgeloop.device.offload import OffloadClient, OffloadPolicy
+
+    with OffloadClient(OffloadPolicy(url=url)) as client:
+        return float(np.median([client.predict({k: v[i:i + 1] for k, v in data.inputs.items()},
+                                               "public").latency_ms for i in range(n)]))
+
+
+def _serve(out: Path, best: Path, fp32: Path) -> None:
+    from edgeloop._trainconfig import TrainConfig
+    from edgeloop.bundle import Device, serve_repo
+    from edgeloop.device import (
+        Policy,
+        Runtime,
+        build_cascade,
+        publish_cascade,
+        summarize,
+    )
+    from edgeloop.serve.loadgen import ServerProcess
+
+    small = out / "small"
+    result = train_zoo_model("mnist1d-cnn", small, config=TrainConfig(epochs=_SMALL_EPOCHS),
+                             width=_SMALL_WIDTH)
+    console.print(f"   small model: mnist1d-cnn of width {_SMALL_WIDTH}, test accuracy "
+                  f"{result['test_accuracy']:.2%}")
+    val = load_builtin("mnist1d", "val")
+    path = out / "cascade" / "cascade.json"
+    c = build_cascade([small / "model.onnx", best], val, max_drop=0.5, out=path)
+    console.print(f"   batch-1 latency: small {c.stages[0].latency_ms:.3f} ms, large "
+                  f"{c.stages[-1].latency_ms:.3f} ms; thresholds on the validation split let "
+                  f"the small model answer {c.expected['answered'][0]:.0%}")  # type: ignore[index]
+    publish_cascade(path, out / "repo", keys=out / "keys", name="mnist1d", version="2.0.0",
+                    golden=val)
+    repo, _ = serve_repo(out / "repo", port=0)
+    try:
+        device = Device(out / "device")
+        installed = device.update(f"http://127.0.0.1:{repo.server_address[1]}", "mnist1d")
+        console.print(f"   device update: installed={installed.installed} "
+                      f"version={installed.version} ({installed.reason})")
+    finally:
+        repo.shutdown()
+
+    test = load_builtin("mnist1d", "test")
+    table = Table(title=f"the device answering the {len(test)} test inputs one at a time")
+    for col in ("runtime", "small", "large", "offload", "accuracy", "mean latency"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    with ServerProcess(fp32, max_batch=1) as server:      # stopped on leaving, error or not
+        rtt = _round_trip_ms(server.url, val)
+        t = _offload_threshold(c, small / "model.onnx", fp32, val, rtt)
+        console.print(f"   offload round trip {rtt:.2f} ms: with the server as the last "
+                      f"stage, the small model's threshold on the validation split is "
+                      f"{'never' if t is None else f'{t:.3f}'}")
+        thresholds = f"[{'inf' if t is None else t}]"
+        (out / "policy.toml").write_text(
+            f'cascade = "cascade/cascade.json"\nthresholds = {thresholds}\n[offload]\n'
+            f'mode = "when-unsure"\nurl = "{server.url}"\nprivacy_class = "public"\n')
+        runs = (("the device's cascade bundle", device, Policy()),
+                ("its files, thresholds for offloading, offload when unsure", None,
+                 Policy.load(out / "policy.toml")))
+        for name, state, policy in runs:
+            with Runtime(state, policy) as rt:
+                s = summarize(rt.predict_each(test), test.labels)
+            table.add_row(name, *(str(s.answered.get(k, 0)) for k in
+                                  (c.stages[0].name, c.stages[-1].name, "offload")),
+                          f"{s.accuracy:.2%}", f"{s.mean_latency_ms:.3f} ms")
+    console.print(table)
+
+
 def main(out_dir: str = "demo-out") -> None:
     """Run the demo, writing into ``out_dir``."""
     quiet_libraries()
@@ -149,6 +250,19 @@ def main(out_dir: str = "demo-out") -> None:
           f"--repo {out}/repo --name mnist1d --version 1.0.0 --golden {out}/val.npz; "
           f"edgeloop device update {out}/device --repo URL --name mnist1d")
     _ship(out, best)
+
+    _step("5. serve it: a cascade (a narrow CNN first) and an offload server for what it is "
+          "unsure of",
+          f"edgeloop zoo train mnist1d-cnn --width {_SMALL_WIDTH} --epochs {_SMALL_EPOCHS} "
+          f"--out {out}/small; "
+          f"edgeloop cascade {out}/small/model.onnx {best} --val {out}/val.npz "
+          f"--out {out}/cascade/cascade.json; edgeloop publish {out}/cascade/cascade.json "
+          f"--repo {out}/repo --name mnist1d --version 2.0.0 --golden {out}/val.npz; "
+          f"edgeloop device update {out}/device --repo URL --name mnist1d; "
+          f"edgeloop device run {out}/device --data {out}/test.npz; "
+          f"edgeloop offload-server {fp32} --port PORT & edgeloop device run "
+          f"--data {out}/test.npz --policy {out}/policy.toml")
+    _serve(out, best, fp32)
     console.rule("[bold]done")
     console.print(f"Everything is in {out}/. Next: `edgeloop evaluate MODEL --data "
                   f"{out}/test.npz --reference {fp32}`, `edgeloop bench MODEL`.")

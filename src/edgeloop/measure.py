@@ -13,7 +13,7 @@ import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,14 +114,16 @@ class EvalReport:
         return asdict(self)
 
 
-def predict(sess: ort.InferenceSession, data: Dataset,
-            batch_size: int = PREDICT_BATCH) -> np.ndarray:
-    """The first output of ``sess`` on every sample of ``data``, run ``batch_size``
-    samples at a time into one preallocated array."""
+def predict(sess: ort.InferenceSession | Callable[[Mapping[str, np.ndarray]], np.ndarray],
+            data: Dataset, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """The first output of ``sess`` (a session, or any function from a batch to its
+    first output, such as a served bundle's) on every sample of ``data``, run
+    ``batch_size`` samples at a time into one preallocated array."""
+    answer = sess if callable(sess) else functools.partial(run, sess)
     out: np.ndarray | None = None
     for start, feed in zip(range(0, len(data), batch_size), batches(data, batch_size),
                            strict=True):
-        y = run(sess, feed)
+        y = answer(feed)
         if out is None:
             out = np.empty((len(data), *y.shape[1:]), y.dtype)
         out[start:start + len(y)] = y

@@ -5,7 +5,9 @@ Build side (``tuf.api.metadata`` + securesystemslib signers): :func:`init_repo`,
 :func:`serve_repo`. Device side (``tuf.ngclient.Updater``): :class:`Device` (``init``,
 ``update``, ``rollback``, ``status``; :meth:`Device.serve` is what a runtime starts from).
 The runtime itself is :class:`edgeloop.device.Runtime`: it only reports to the updater.
-The pure checks live in ``manifest``, ``health`` and ``slots``.
+The pure checks live in ``manifest``, ``health`` and ``slots``; ``served`` is how the
+health check and the publisher run a bundle as a device serves it (a cascade bundle
+as a whole, through the runner the device package provides).
 
 Names are imported on first use, so reading a default such as
 ``HealthConfig.latency_margin`` (the CLI's ``--help``) loads neither TUF nor onnxruntime.

@@ -37,7 +37,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +48,6 @@ from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
 from edgeloop._io import sha256_file, write_bytes_atomic
-from edgeloop._onnx import input_specs, run, session
 from edgeloop.bundle._crash import crash_point
 from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
 from edgeloop.bundle.health import probation_step as _step
@@ -61,6 +60,7 @@ from edgeloop.bundle.manifest import (
     golden_digest,
 )
 from edgeloop.bundle.repository import manifest_target
+from edgeloop.bundle.served import served, served_latency
 from edgeloop.bundle.slots import (
     SLOTS,
     Event,
@@ -74,13 +74,12 @@ from edgeloop.bundle.slots import (
 )
 from edgeloop.data import Dataset, check_against, load_npz, save_npz
 from edgeloop.errors import (
-    DataError,
-    ModelError,
+    EdgeloopError,
     TransportError,
     UsageError,
     VerificationError,
 )
-from edgeloop.measure import interleaved_latency, predict, top1_accuracy
+from edgeloop.measure import predict, top1_accuracy
 
 __all__ = ["Device", "UpdateResult", "Watch", "boot_id"]
 
@@ -271,34 +270,43 @@ class Device:
         path = self.dir / "golden.npz"
         return load_npz(path) if path.is_file() else None
 
-    def measure(self, candidate: Path, manifest: Manifest, current: Path | None) -> Measured:
-        """Load ``candidate`` in onnxruntime and measure it (and ``current``) on the
-        golden set: accuracy (or agreement with the publisher's predictions), and batch-1
-        latency p50 of both models timed in turns
-        (:func:`~edgeloop.measure.interleaved_latency`)."""
+    def measure(self, candidate: Path, manifest: Manifest,
+                current: tuple[Path, Manifest] | None, *,
+                files: Mapping[str, Path] | None = None) -> Measured:
+        """Measure the candidate bundle (model ``candidate``, its other ``files`` by slot
+        name) and the ``current`` one (its model path and manifest) on the golden set, as
+        each is served (:func:`~edgeloop.bundle.served.served`: a cascade as a cascade):
+        accuracy (or agreement with the publisher's predictions), and batch-1 latency p50
+        of both, timed in turns over the same samples
+        (:func:`~edgeloop.bundle.served.served_latency`)."""
         golden = self._golden()
-        try:
-            sess = session(candidate, threads=1)
-            if golden is None:
-                feed = {s.name: np.zeros([1 if d is None else d for d in s.shape], s.dtype)
-                        for s in input_specs(sess)}
-                run(sess, feed)
-                return Measured(reference_note="no golden set on this device")
-            check_against(golden, input_specs(sess), source="the device's golden set")
-            outputs = predict(sess, golden)
-        except (ModelError, DataError) as e:
-            return Measured(load_error=f"candidate failed on the device: {e}")
-        sessions, current_accuracy = [sess], None
-        if current is not None:
-            with contextlib.suppress(ModelError, DataError):
-                cur = session(current, threads=1)
-                check_against(golden, input_specs(cur), source="the device's golden set")
-                if golden.labels is not None:
-                    current_accuracy = top1_accuracy(predict(cur, golden), golden.labels)
-                sessions.append(cur)
-        c = self.config
-        p50 = interleaved_latency(sessions, golden, batch=1, rounds=c.latency_rounds,
-                                  runs=c.latency_runs, warmup=3)
+        work = self.dir / "download"        # the links of bundles being measured
+        work.mkdir(exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            try:
+                cand = stack.enter_context(served(candidate, files or {}, workdir=work))
+                if golden is None:
+                    cand.answer({s.name: np.zeros([1 if d is None else d for d in s.shape],
+                                                  s.dtype) for s in cand.inputs})
+                    return Measured(reference_note="no golden set on this device")
+                check_against(golden, cand.inputs, source="the device's golden set")
+                outputs = predict(cand.answer, golden)
+            except EdgeloopError as e:
+                return Measured(load_error=f"candidate failed on the device: {e}")
+            bundles, current_accuracy = [cand], None
+            if current is not None:
+                path, m = current
+                with contextlib.suppress(EdgeloopError):
+                    cur = stack.enter_context(served(
+                        path, {f.name: path.with_name(f.name) for f in m.files}, workdir=work))
+                    check_against(golden, cur.inputs, source="the device's golden set")
+                    if golden.labels is not None:
+                        current_accuracy = top1_accuracy(predict(cur.answer, golden),
+                                                         golden.labels)
+                    bundles.append(cur)
+            c = self.config
+            p50 = served_latency(bundles, golden, rounds=c.latency_rounds,
+                                 runs=c.latency_runs, warmup=3)
         accuracy = agreement = note = None
         ref = manifest.reference
         if golden.labels is not None:
@@ -394,8 +402,10 @@ class Device:
         check_model_bytes(manifest, sha256_file(candidate), candidate.stat().st_size)
         for f, cand in extra:
             check_file_bytes(manifest, f, sha256_file(cand), cand.stat().st_size)
-        cur_path = self.model_path(state.active) if current else None
-        measured = self.measure(candidate, manifest, cur_path)
+        serving_now = (self.model_path(state.active), current) \
+            if current is not None and state.active is not None else None
+        measured = self.measure(candidate, manifest, serving_now,
+                                files={f.name: cand for f, cand in extra})
         verdict = judge(manifest.floor, measured, self.config)
         if not verdict.ok:
             candidate.unlink()

@@ -18,14 +18,12 @@ from edgeloop.bundle.manifest import (
     golden_digest,
     parse_version,
 )
-from edgeloop.data import Dataset
+from edgeloop.bundle.served import served, served_latency
+from edgeloop.data import Dataset, check_against
 from edgeloop.errors import UsageError
-from edgeloop.measure import LatencyConfig, evaluate, predict
+from edgeloop.measure import predict, top1_accuracy
 
 __all__ = ["build_manifest"]
-
-# publish measures latency briefly: the figure is informative, devices time for themselves
-_PUBLISH_LATENCY = LatencyConfig(warmup=3, min_runs=30, max_seconds=1.0, floor_runs=5)
 
 
 def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
@@ -34,10 +32,13 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
                    files: Mapping[str, str | os.PathLike[str]] | None = None) -> Manifest:
     """The manifest for ``model`` published as ``name`` ``version``.
 
-    With a ``golden`` set, the figures of :func:`edgeloop.measure.evaluate` on it are
-    recorded with the model's own top-1 predictions (the reference a device without labels
-    compares against). The accuracy floor is ``min_metric``, or the measured accuracy minus
-    ``accuracy_slack`` when not given. ``files`` (name in the slot -> path) ship beside
+    With a ``golden`` set, the bundle's accuracy and batch-1 latency on it are recorded
+    with its own top-1 predictions (the reference a device without labels compares
+    against), all measured as a device serves the bundle
+    (:func:`~edgeloop.bundle.served.served`: a cascade as a cascade; publish latency is
+    measured briefly, as a figure to read: devices time for themselves). The accuracy
+    floor is ``min_metric``, or the measured accuracy minus ``accuracy_slack`` when not
+    given. ``files`` (name in the slot -> path) ship beside
     the model, signed and verified alike (a cascade's other stages and its cascade.json).
     """
     path = Path(model)
@@ -51,19 +52,6 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
     outputs = tuple(TensorSpec(o.name, o.type, tuple(d if isinstance(d, int) else None
                                                      for d in o.shape))
                     for o in sess.get_outputs())
-    figures: dict[str, float] = {}
-    reference = None
-    accuracy_floor = min_metric
-    if golden is not None:
-        report = evaluate(path, golden, batches_to_time=(1,), latency_config=_PUBLISH_LATENCY)
-        figures["latency_p50_ms"] = report.latency[0].p50_ms
-        figures["samples"] = float(report.samples)
-        if report.accuracy is not None:
-            figures["accuracy"] = report.accuracy
-            if accuracy_floor is None:
-                accuracy_floor = max(0.0, report.accuracy - accuracy_slack)
-        reference = Reference(golden_sha256=golden_digest(golden),
-                              top1=predict(sess, golden).argmax(-1).tolist())
     extra = []
     for fname, fpath in (files or {}).items():
         check_file_name(fname)
@@ -72,6 +60,22 @@ def build_manifest(model: str | os.PathLike[str], *, name: str, version: str,
             raise UsageError(f"bundle file {str(fp)!r} does not exist")
         extra.append(BundleFile(fname, f"{name}/{version}.{fname}", sha256_file(fp),
                                 fp.stat().st_size))
+    figures: dict[str, float] = {}
+    reference = None
+    accuracy_floor = min_metric
+    if golden is not None:
+        with served(path, files or {}) as bundle:      # as a device will serve it
+            check_against(golden, bundle.inputs, source="the golden set")
+            answers = predict(bundle.answer, golden)
+            figures["latency_p50_ms"] = served_latency([bundle], golden, rounds=3, runs=10,
+                                                       warmup=3)[0]
+        figures["samples"] = float(len(golden))
+        if golden.labels is not None:
+            figures["accuracy"] = top1_accuracy(answers, golden.labels)
+            if accuracy_floor is None:
+                accuracy_floor = max(0.0, figures["accuracy"] - accuracy_slack)
+        reference = Reference(golden_sha256=golden_digest(golden),
+                              top1=answers.argmax(-1).tolist())
     manifest = Manifest(
         files=tuple(extra),
         name=name, version=version, model_target=f"{name}/{version}.onnx",

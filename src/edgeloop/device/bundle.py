@@ -1,12 +1,16 @@
 """A cascade as one signed bundle: every stage model and its cascade.json, published,
 verified and installed together.
 
-The bundle's model (``model.onnx`` in the slot, the one the device's health check
-measures on its golden set) is the cascade's last stage, the one that answers whatever the
-others are unsure of; the other stages ship beside it as ``stage1.onnx``, ... and
-``cascade.json`` is rewritten to name them so. The device verifies each file against the
-signed manifest at install and at every start, and the runtime serves the cascade from
-the slot, reporting to probation as for a single model.
+The bundle's model (``model.onnx`` in the slot) is the cascade's last stage, the one that
+answers whatever the others are unsure of; the other stages ship beside it as
+``stage1.onnx``, ... and ``cascade.json`` is rewritten to name them so. The device
+verifies each file against the signed manifest at install and at every start, and the
+runtime serves the cascade from the slot, reporting to probation as for a single model.
+
+The publisher's figures and reference predictions, and the device's health check, are
+the whole cascade's as the runtime serves it (:func:`served_cascade`, registered for
+bundles that ship ``cascade.json``; see :mod:`edgeloop.bundle.served`): a broken small
+stage answers most inputs, so a check of the last stage alone would pass it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from pathlib import Path
 
 from edgeloop._io import sha256_file
 from edgeloop.bundle import Manifest, build_manifest, publish_bundle
+from edgeloop.bundle.served import Served
 from edgeloop.data import Dataset
 from edgeloop.device.cascade import CASCADE_FILE, Cascade
 from edgeloop.errors import VerificationError
 
-__all__ = ["publish_cascade"]
+__all__ = ["publish_cascade", "served_cascade"]
 
 
 def publish_cascade(cascade: str | os.PathLike[str], repo: str | os.PathLike[str], *,
@@ -56,3 +61,13 @@ def publish_cascade(cascade: str | os.PathLike[str], repo: str | os.PathLike[str
         publish_bundle(repo, sources[-1], keys=keys, manifest=manifest, passphrase=passphrase,
                        files=files)
     return manifest
+
+
+def served_cascade(model: Path) -> Served:
+    """The cascade whose last stage is ``model`` (its ``cascade.json`` beside it) as the
+    runtime serves it: the answers a health check or a publisher measures."""
+    from edgeloop.device.policy import Policy
+    from edgeloop.device.runtime import Runtime
+
+    runtime = Runtime(None, Policy(cascade=model.with_name(CASCADE_FILE)))
+    return Served(runtime.inputs, runtime.infer)

@@ -14,8 +14,9 @@ A policy file (every key optional)::
 
     [offload]                  # send inputs to an offload server (see OffloadRule)
     mode = "when-unsure"       # never | when-unsure | always
-    min_confidence = 0.9       # when-unsure: offload what the last stage answers below
-                               # this (default: everything that reaches the last stage)
+    min_confidence = 0.9       # when-unsure: run the last stage and offload what it
+                               # answers below this (default: offload everything that
+                               # would reach the last stage, without running it)
     privacy_class = "private"  # the class of an input whose caller names none
     url = "http://10.0.0.2:8080"   # and the other OffloadPolicy keys: timeout_s,
                                    # privacy_classes, budget_per_hour, ...
@@ -56,9 +57,11 @@ class OffloadRule:
     ``never``: every input runs locally. ``always``: every input goes to the server first,
     and runs locally only when it cannot go or the server gives no answer.
     ``when-unsure`` (a cascade only: a single model has no calibrated confidence): the
-    cascade runs locally, and an input that no stage before the last was sure about (and,
-    with ``min_confidence``, that the last stage answers below it) goes to the server;
-    the local answer is already there if the server gives none.
+    stages before the last run locally, and an input none of them was sure about goes to
+    the server *instead of* the last stage (the large model is what offloading saves);
+    the last stage runs for it only if the server gives no answer. With
+    ``min_confidence`` the last stage runs first, and what it answers below that goes
+    to the server (its local answer is kept if the server gives none).
     """
 
     client: OffloadPolicy

@@ -12,19 +12,25 @@ With an ``[offload]`` rule in the policy (:class:`~edgeloop.device.policy.Offloa
 the runtime asks an offload server (:class:`~edgeloop.device.offload.OffloadClient`) for
 the inputs the rule picks; on any refusal or failure it answers locally, and the
 :class:`Answer` says so (``offloaded=False``) and why (``offload_reason``). Only the model
-input leaves the device. With ``max_batch > 1`` concurrent callers' inputs are stacked
-into one onnxruntime call (:mod:`edgeloop._batching`, the offload server's batcher);
-each caller gets its own rows, and probation is reported per caller as without batching.
+input leaves the device. ``when-unsure`` sends the inputs no stage before the last was
+sure about *instead of* running the last stage, the large model offloading saves; the
+last stage runs for them only when the server gives no answer (with ``min_confidence``
+the last stage runs first: its confidence picks what goes out). With ``max_batch > 1``
+concurrent callers' inputs are stacked into one onnxruntime call
+(:mod:`edgeloop._batching`, the offload server's batcher); each caller gets its own rows,
+and probation is reported per call as without batching (one inference, whichever stages
+ran for it).
 
-Every answer carries the energy of its local inference (:mod:`edgeloop.device.energy`:
-an estimate from CPU time, labelled); :class:`RuntimeStats` adds RAPL over the runtime's
-life where it is readable. :meth:`Runtime.predict_stream` thins a stream of windows under
-the policy's ``[stream]`` rule (:mod:`edgeloop.device.stream`).
+Every answer carries the energy of its local inference (:mod:`edgeloop.device.energy`: an
+estimate from the inference's busy time, labelled); :class:`RuntimeStats` adds RAPL over
+the runtime's life where it is readable. :meth:`Runtime.predict_stream` thins a stream of
+windows under the policy's ``[stream]`` rule (:mod:`edgeloop.device.stream`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeloop._batching import BatchThread
+from edgeloop._batching import BatchStats, BatchThread
 from edgeloop._energy import Energy, RaplCounter
 from edgeloop._io import sha256_file
 from edgeloop._onnx import input_specs, load_model, run, session
@@ -55,6 +61,10 @@ __all__ = ["OFFLOAD_STAGE", "Answer", "RunSummary", "Runtime", "RuntimeStats", "
 
 OFFLOAD_STAGE = "offload"     # Answer.stage when the offload server answered
 
+# Which stages one local run covers: all of them; all but the last (when-unsure offload
+# runs the last only for what the server does not answer); or the last alone.
+_ALL, _HEAD, _TAIL = "all", "head", "tail"
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -66,7 +76,7 @@ class Answer:
     "privacy", "budget", "circuit open", "timeout", "unreachable: ...", ...).
 
     ``energy_mj`` is the local inference's energy and ``energy_source`` says what the
-    figure is (``"estimate"``: CPU time x profile watts / cores, see
+    figure is (``"estimate"``: busy time x profile watts / cores, see
     :mod:`edgeloop.device.energy`); an offloaded answer carries only the local energy
     spent on it (the radio is not counted). In a stream, a window the runtime skipped
     has ``skipped`` set to why (``"unchanged"``, ``"energy budget"``) and the last
@@ -226,6 +236,21 @@ class RuntimeStats:
                     "energy": asdict(energy)}
 
 
+@dataclass
+class _Spent:
+    """What one call's local runs took: wall seconds (probation's latency) and the
+    seconds they kept the session busy, this call's rows' share (energy)."""
+
+    runs: int = 0
+    wall_s: float = 0.0
+    busy_s: float = 0.0
+
+    def add(self, wall_s: float, busy_s: float) -> None:
+        self.runs += 1
+        self.wall_s += wall_s
+        self.busy_s += busy_s
+
+
 class Runtime:
     """Serves a device's active model (``state``: a device folder or a
     :class:`~edgeloop.bundle.Device`), or the cascade a ``policy`` names (then ``state``
@@ -245,8 +270,12 @@ class Runtime:
                                                      threads=self.policy.threads)
         self.stats = RuntimeStats(meter=self.meter)
         self._lock = threading.Lock()
-        self._batcher: BatchThread | None = None
+        self._batchers: dict[str, BatchThread] = {}    # by part (_ALL, _HEAD, _TAIL)
         self._client: OffloadClient | None = None
+        rule = self.policy.offload
+        # when-unsure without min_confidence: the last stage waits for the server's answer
+        self._defer = rule is not None and rule.mode == "when-unsure" and \
+            rule.min_confidence is None
         if self.policy.cascade is not None:
             if state is not None:
                 raise UsageError("the policy names a cascade, served from its files as they "
@@ -262,20 +291,22 @@ class Runtime:
                                  "cascade")
             self.device = state if isinstance(state, Device) else Device(state)
             self._start()
-        rule = self.policy.offload
         if rule is not None and rule.mode == "when-unsure" and self.cascade is None:
             raise UsageError("offload mode `when-unsure` needs a cascade (a single model has "
                              "no calibrated confidence); use `always` or `never`")
         if self.policy.max_batch > 1 and batchable(self._inputs):
-            self._batcher = BatchThread(self._run_local, max_batch=self.policy.max_batch,
-                                        max_delay_ms=self.policy.max_delay_ms)
+            shared = BatchStats()     # one set of counts whichever part a batch ran
+            for part in (_ALL, _HEAD, _TAIL) if self._defer else (_ALL,):
+                self._batchers[part] = BatchThread(
+                    functools.partial(self._run_local, part), max_batch=self.policy.max_batch,
+                    max_delay_ms=self.policy.max_delay_ms, stats=shared)
         if rule is not None and rule.mode != "never":
             self._client = OffloadClient(rule.client)
 
     def close(self) -> None:
         """Stop micro-batching and close the offload client (probation is saved too)."""
-        if self._batcher is not None:
-            self._batcher.close()
+        for batcher in self._batchers.values():
+            batcher.close()
         if self._client is not None:
             self._client.close()
         if self._watch is not None:
@@ -311,16 +342,18 @@ class Runtime:
                            for s in self._inputs],
                 "probation": probation,
                 "offload": rule.mode if rule is not None else "never",
-                "max_batch": self.policy.max_batch if self._batcher is not None else 1}
+                "max_batch": self.policy.max_batch if self._batchers else 1}
 
     def arriving(self) -> contextlib.AbstractContextManager[None]:
         """Around a request that will call :meth:`predict` (a server reading its body):
         micro-batching then waits for it rather than run the others without it."""
-        return contextlib.nullcontext() if self._batcher is None else self._batcher.announced()
+        first = self._batchers.get(_HEAD if self._defers() else _ALL)
+        return contextlib.nullcontext() if first is None else first.announced()
 
     def batch_stats(self) -> dict[str, object] | None:
         """Micro-batching counts (batches, mean batch size, ...), None when it is off."""
-        return None if self._batcher is None else self._batcher.stats.batch_dict()
+        first = self._batchers.get(_ALL)
+        return None if first is None else first.stats.batch_dict()
 
     # --- serving the device's slot (probation) --------------------------------------
 
@@ -355,7 +388,9 @@ class Runtime:
         if self.cascade is not None:
             return self.predict(feed).output
         check_against(feed, self._inputs, source="the feed")
-        return self._local(feed)[0]
+        feed = {i.name: feed[i.name] for i in self._inputs}
+        with self._probation(feed) as spent:
+            return self._local(feed, _ALL, spent)[0]
 
     def _over(self, watch: Watch) -> None:
         """Probation is over for this runtime: serve the other slot if it rolled back."""
@@ -366,52 +401,72 @@ class Runtime:
             if watch.rolled_back:
                 self._start()
 
-    def _local(self, feed: Mapping[str, np.ndarray]
-               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float]:
-        """Output, calibrated confidences (a cascade), the answering stage's index per
-        sample and this caller's CPU seconds, computed here (micro-batched with other
-        callers' when that is on), and reported to probation as this caller's own
-        inference."""
+    @contextlib.contextmanager
+    def _probation(self, feed: Mapping[str, np.ndarray]) -> Iterator[_Spent]:
+        """Around one call: its local runs (each adds what it took to the :class:`_Spent`
+        yielded) are reported to probation as one inference of the call's samples, failed
+        if a run raised :class:`ModelError`. A call answered without running anything
+        here (the server answered) is not reported: probation watches the local model."""
         watch = self._watch
-        t0 = time.perf_counter()
+        n = len(feed[self._batch_of]) if self._batch_of else 1
+        spent = _Spent()
         try:
-            if self._batcher is not None:
-                arrays = {i.name: feed[i.name] for i in self._inputs}
-                rows = len(feed[self._batch_of]) if self._batch_of else 1
-                outs, _ = self._batcher.submit(Feed(
-                    arrays, rows, tuple(v.shape[1:] for v in arrays.values())))
-            else:
-                outs = self._run_local(feed)
+            yield spent
         except ModelError:
             self.stats.error()
             if watch is not None:
-                n = len(feed[self._batch_of]) if self._batch_of else 1
-                if watch.report(False, t0, t0, n):
+                now = time.perf_counter()
+                if watch.report(False, now, now, n):
                     self._over(watch)
             raise
-        if watch is not None:
-            n = len(feed[self._batch_of]) if self._batch_of else 1
-            if watch.report(True, t0, time.perf_counter(), n):
+        if watch is not None and spent.runs:
+            now = time.perf_counter()
+            if watch.report(True, now - spent.wall_s, now, n):
                 self._over(watch)
-        *outs, cpu = outs
-        cpu_s = float(np.sum(cpu))
-        if len(outs) == 1:
-            return (outs[0], None, np.zeros(len(outs[0]) if outs[0].ndim else 1, np.intp),
-                    cpu_s)
-        return outs[0], outs[1], outs[2], cpu_s
 
-    def _run_local(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """One local run (also the micro-batcher's): [output] for a model, [output,
-        confidences, stage indices] for a cascade, then the run's CPU seconds (the
-        meter's clock on the thread that runs it) spread over its rows, so that
-        micro-batching hands each caller its share."""
-        clock = self.meter.cpu_clock
+    def _local(self, feed: Mapping[str, np.ndarray], part: str, spent: _Spent
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
+        """Output, calibrated confidences (a cascade), the answering stage's index and the
+        carry (:meth:`_cascade_run`) per sample, from the stages ``part`` covers, run here
+        (micro-batched with other callers' when that is on); adds what it took to
+        ``spent``."""
+        t0 = time.perf_counter()
+        batcher = self._batchers.get(part)
+        if batcher is not None:
+            rows = len(next(iter(feed.values())))
+            outs, _ = batcher.submit(Feed(dict(feed), rows,
+                                          tuple(v.shape[1:] for v in feed.values())))
+        else:
+            outs = self._run_local(part, feed)
+        busy, *outs = outs
+        spent.add(time.perf_counter() - t0, float(np.sum(busy)))
+        if len(outs) == 1:
+            return outs[0], None, np.zeros(len(outs[0]) if outs[0].ndim else 1, np.intp), {}
+        carry = dict(zip(self._stages[-1].inputs, outs[3:], strict=False)) if outs[3:] else {}
+        return outs[0], outs[1], outs[2], carry
+
+    def _run_local(self, part: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """One local run (also the micro-batcher's): the seconds it kept the session busy
+        (the meter's clock) spread over its rows, so that micro-batching hands each caller
+        its share; then [output] for a model, [output, confidences, stage indices, *carry]
+        for the stages of a cascade ``part`` covers."""
+        clock = self.meter.clock
         c0 = clock()
-        outs = [run(self.session, feed)] if self.cascade is None else \
-            list(self._cascade_run(feed))
-        cpu = clock() - c0
+        if self.cascade is None:
+            outs = [run(self.session, feed)]
+        else:
+            k = len(self._stages)
+            start, stop = {_ALL: (0, k), _HEAD: (0, k - 1), _TAIL: (k - 1, k)}[part]
+            out, conf, idx, carry = self._cascade_run(feed, start, stop)
+            outs = [out, conf, idx, *carry]
+        busy = clock() - c0
         rows = len(feed[self._batch_of]) if self._batch_of else 1
-        return [*outs, np.full(rows, cpu / rows)]
+        return [np.full(rows, busy / rows), *outs]
+
+    def _defers(self) -> bool:
+        """Whether the last stage waits for the offload server (when-unsure, no
+        ``min_confidence``, serving a cascade)."""
+        return self._defer and self._client is not None and self.cascade is not None
 
     def predict(self, feed: Mapping[str, np.ndarray], *,
                 privacy_class: str | None = None) -> Answer:
@@ -425,31 +480,42 @@ class Runtime:
         rule, reason = self.policy.offload, None
         cls = privacy_class if privacy_class is not None else \
             rule.privacy_class if rule is not None else ""
-        if self._client is not None and rule is not None and rule.mode == "always":
-            outs, reason = self._offload(feed, cls)
-            if outs is not None:
-                return self._answer(Answer(outs, OFFLOAD_STAGE, _ms(t0), None, True,
-                                           energy_source=self.meter.source), feed)
-        out, conf, idx, cpu_s = self._local(feed)
-        names = self.stages()
-        stage = names[int(idx.max())] if len(idx) else names[-1]
-        offloaded = False
-        if self._client is not None and rule is not None and rule.mode == "when-unsure":
-            assert conf is not None
-            unsure = idx == len(names) - 1
-            if rule.min_confidence is not None:
-                unsure &= conf < rule.min_confidence
-            if unsure.any():
-                part = feed if unsure.all() else {k: v[unsure] for k, v in feed.items()}
-                outs, reason = self._offload(part, cls, like=out[unsure])
+        defer = self._defers()
+        # offload before running anything: always, or when no stage before the last runs
+        first = rule is not None and (rule.mode == "always"
+                                      or (defer and len(self._stages) == 1))
+        with self._probation(feed) as spent:
+            if self._client is not None and first:
+                outs, reason = self._offload(feed, cls)
                 if outs is not None:
-                    out = out.copy()
-                    out[unsure] = outs
-                    offloaded, stage = True, OFFLOAD_STAGE
-                    conf = conf[~unsure]
+                    return self._answer(Answer(outs, OFFLOAD_STAGE, _ms(t0), None, True,
+                                               energy_source=self.meter.source), feed)
+            out, conf, idx, carry = self._local(feed, _HEAD if defer and not first else _ALL,
+                                                spent)
+            names = self.stages()
+            stage = names[int(idx.max())] if len(idx) else names[-1]
+            offloaded = False
+            if (self._client is not None and rule is not None and rule.mode == "when-unsure"
+                    and not first and conf is not None):
+                unsure = idx == len(names) - 1
+                if rule.min_confidence is not None:
+                    unsure &= conf < rule.min_confidence
+                if unsure.any():
+                    part = feed if unsure.all() else {k: v[unsure] for k, v in feed.items()}
+                    outs, reason = self._offload(part, cls, like=out[unsure])
+                    out, conf = out.copy(), conf.copy()
+                    if outs is not None:
+                        out[unsure] = outs
+                        offloaded, stage = True, OFFLOAD_STAGE
+                        conf = conf[~unsure]
+                    elif defer:       # no answer from the server: the last stage after all
+                        rest = {k: v[unsure] for k, v in carry.items()} if carry else part
+                        last_out, last_conf, _, _ = self._local(rest, _TAIL, spent)
+                        out[unsure], conf[unsure] = last_out, last_conf
         shown = None if conf is None or not len(conf) else float(conf.min())
         return self._answer(Answer(out, stage, _ms(t0), shown, offloaded, reason,
-                                   self.meter.millijoules(cpu_s), self.meter.source), feed)
+                                   self.meter.millijoules(spent.busy_s), self.meter.source),
+                            feed)
 
     def _answer(self, a: Answer, feed: Mapping[str, np.ndarray]) -> Answer:
         self.stats.add(a, len(feed[self._batch_of]) if self._batch_of else 1)
@@ -581,51 +647,63 @@ class Runtime:
         self._stages = tuple(stages)
         self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
 
-    def _cascade_run(self, feed: Mapping[str, np.ndarray]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Outputs, confidences and the answering stage's index, per sample of ``feed``.
-        Each stage's graph computes its calibrated confidence
-        (``_graph.with_confidence``)."""
+    def _cascade_run(self, feed: Mapping[str, np.ndarray], start: int, stop: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Outputs, confidences and the answering stage's index, per sample of ``feed``,
+        from stages ``start`` to ``stop - 1`` (``feed`` holds the inputs of stage
+        ``start``). Each stage's graph computes its calibrated confidence
+        (``_graph.with_confidence``).
+
+        When ``stop`` is before the last stage (the head of a when-unsure offload), a
+        sample no stage answered gets index ``stop``, a zero output and its last unsure
+        confidence, and when stage ``stop`` is chained the carry holds its inputs (the
+        features it takes, zero on the rows already answered) so it can run later."""
         n = len(next(iter(feed.values())))
         if n == 1:
-            return self._one(feed)
+            return self._one(feed, start, stop)
         rows = np.arange(n)
         out: np.ndarray | None = None
         conf_all = np.ones(n, np.float32)
-        idx = np.zeros(n, np.intp)
+        idx = np.full(n, stop, np.intp)
         outs: list[np.ndarray] = []
         last = len(self._stages) - 1
-        for i, st in enumerate(self._stages):
+        for i in range(start, stop):
+            st = self._stages[i]
             f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
-                if st.chained else {k: feed[k][rows] for k in st.inputs}
+                if st.chained and i > start else {k: feed[k][rows] for k in st.inputs}
             outs = self._run(st, f)
             logits, conf = outs[0], outs[-1]
             if out is None:
-                out = np.empty((n, *logits.shape[1:]), logits.dtype)
+                out = np.zeros((n, *logits.shape[1:]), logits.dtype)
             ok = np.ones(len(rows), bool) if i == last else conf >= st.threshold
-            if ok.any():
-                out[rows[ok]] = logits[ok]
-                conf_all[rows[ok]] = conf[ok]
-                idx[rows[ok]] = i
-            if ok.all():
+            out[rows[ok]] = logits[ok]
+            conf_all[rows] = conf
+            idx[rows[ok]] = i
+            rows, outs = rows[~ok], [v[~ok] for v in outs]
+            if not len(rows):
                 break
-            rows = rows[~ok]
-            outs = [v[~ok] for v in outs]
         assert out is not None
-        return out, conf_all, idx
+        carry: list[np.ndarray] = []
+        if stop <= last and self._stages[stop].chained:
+            for j in self._stages[stop].feed_from:
+                carry.append(np.zeros((n, *outs[j].shape[1:]), outs[j].dtype))
+                carry[-1][rows] = outs[j]
+        return out, conf_all, idx, carry
 
-    def _one(self, feed: Mapping[str, np.ndarray]
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _one(self, feed: Mapping[str, np.ndarray], start: int, stop: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
         """:meth:`_cascade_run` for one sample, with as little Python as possible."""
         outs: list[np.ndarray] = []
-        for i in range(len(self._stages)):
+        for i in range(start, stop):
             st = self._stages[i]
             f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
-                if st.chained else {k: feed[k] for k in st.inputs}
+                if st.chained and i > start else {k: feed[k] for k in st.inputs}
             outs = self._run(st, f)
             if outs[-1][0] >= st.threshold:
-                break
-        return outs[0], outs[-1], np.array([i], np.intp)
+                return outs[0], outs[-1], np.array([i], np.intp), []
+        nxt = self._stages[stop]        # no stage answered: stop is before the last
+        carry = [outs[j] for j in nxt.feed_from] if nxt.chained else []
+        return np.zeros_like(outs[0]), outs[-1], np.array([stop], np.intp), carry
 
     @staticmethod
     def _run(st: _Stage, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
