@@ -11,6 +11,8 @@ which a device installs and its runtime serves with probation like a single mode
 The offload client is :mod:`edgeloop.device.offload` (``OffloadClient``, ``OffloadPolicy``);
 a policy's ``[offload]`` table (:class:`OffloadRule`) wires it into the runtime. The
 device's local HTTP API is :mod:`edgeloop.device.http` (needs the ``[serve]`` extra).
+:func:`probation_cost_ratio` and :func:`bad_input_calls` measure probation (what it costs
+an inference; that malformed input never counts against the model).
 
 Names are imported on first use; nothing here imports torch.
 """
@@ -27,6 +29,8 @@ _SOURCES = {
     "MEASURES": ".calibration", "TemperatureScaler": ".calibration", "confidence": ".calibration",
     "softmax": ".calibration",
     "publish_cascade": ".bundle",
+    "bad_input_calls": ".probation", "malformed_feeds": ".probation",
+    "probation_cost_ratio": ".probation",
 }
 
 __all__ = [
@@ -42,10 +46,13 @@ __all__ = [
     "Stage",
     "TemperatureScaler",
     "ThresholdChoice",
+    "bad_input_calls",
     "build_cascade",
     "choose_thresholds",
     "confidence",
     "evaluate_thresholds",
+    "malformed_feeds",
+    "probation_cost_ratio",
     "publish_cascade",
     "softmax",
     "summarize",

@@ -32,7 +32,7 @@ import numpy as np
 
 from edgeloop._batching import BatchThread
 from edgeloop._io import sha256_file
-from edgeloop._onnx import input_specs, load_model, run, session
+from edgeloop._onnx import input_specs, load_model, session
 from edgeloop._progress import progress
 from edgeloop._request import Feed, batchable
 from edgeloop.bundle.device import Device, Watch
@@ -251,6 +251,7 @@ class Runtime:
             self.cascade = None
             self.session = session(self.path, threads=self.policy.threads)
             self._inputs = input_specs(self.session)
+            self._names = (self.manifest.name,)
         first = self._inputs[0] if self._inputs else None
         self._batch_of = first.name if first is not None and first.shape else None
         if self._watch is not None:
@@ -308,14 +309,20 @@ class Runtime:
             if watch.report(True, t0, time.perf_counter(), n):
                 self._over(watch)
         if len(outs) == 1:
-            return outs[0], None, np.zeros(len(outs[0]) if outs[0].ndim else 1, np.intp)
+            n = len(outs[0]) if outs[0].ndim else 1
+            return outs[0], None, _FIRST if n == 1 else np.zeros(n, np.intp)
         return outs[0], outs[1], outs[2]
 
     def _run_local(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One local run (also the micro-batcher's): [output] for a model, [output,
         confidences, stage indices] for a cascade."""
         if self.cascade is None:
-            return [run(self.session, feed)]
+            try:
+                return self.session.run(  # type: ignore[attr-defined,no-any-return]
+                    None, {s.name: feed[s.name] for s in self._inputs})[:1]
+            except Exception as e:
+                raise ModelError(f"inference failed: "
+                                 f"{str(e).strip().splitlines()[0][:300]}") from None
         return list(self._cascade_run(feed))
 
     def predict(self, feed: Mapping[str, np.ndarray], *,
@@ -335,8 +342,9 @@ class Runtime:
             if outs is not None:
                 return self._answer(Answer(outs, OFFLOAD_STAGE, _ms(t0), None, True), feed)
         out, conf, idx = self._local(feed)
-        names = self.stages()
-        stage = names[int(idx.max())] if len(idx) else names[-1]
+        names = self._names
+        # one sample (the device case): no numpy reductions, each costs 2 us
+        stage = names[int(idx[0]) if len(idx) == 1 else int(idx.max()) if len(idx) else -1]
         offloaded = False
         if self._client is not None and rule is not None and rule.mode == "when-unsure":
             assert conf is not None
@@ -351,7 +359,8 @@ class Runtime:
                     out[unsure] = outs
                     offloaded, stage = True, OFFLOAD_STAGE
                     conf = conf[~unsure]
-        shown = None if conf is None or not len(conf) else float(conf.min())
+        shown = None if conf is None or not len(conf) else \
+            float(conf[0]) if len(conf) == 1 else float(conf.min())
         return self._answer(Answer(out, stage, _ms(t0), shown, offloaded, reason), feed)
 
     def _answer(self, a: Answer, feed: Mapping[str, np.ndarray]) -> Answer:
@@ -380,10 +389,7 @@ class Runtime:
 
     def stages(self) -> tuple[str, ...]:
         """The names of the stages that may answer, in order."""
-        if self.cascade is None:
-            assert self.manifest is not None
-            return (self.manifest.name,)
-        return tuple(st.name for st in self._stages)
+        return self._names
 
     def predict_each(self, data: Dataset) -> Iterator[Answer]:
         """:meth:`predict` on each sample of ``data`` in turn (as a device meets them),
@@ -427,6 +433,11 @@ class Runtime:
                 -np.inf if s is c.stages[-1] else np.inf if s.threshold is None else s.threshold,
                 s.chained, feed_from))
         self._stages = tuple(stages)
+        self._names = tuple(st.name for st in stages)
+        # the answering stage's index for one sample, made once (read-only: shared)
+        self._index = tuple(np.full(1, i, np.intp) for i in range(len(stages)))
+        for a in self._index:
+            a.flags.writeable = False
         self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
 
     def _cascade_run(self, feed: Mapping[str, np.ndarray]
@@ -473,7 +484,7 @@ class Runtime:
             outs = self._run(st, f)
             if outs[-1][0] >= st.threshold:
                 break
-        return outs[0], outs[-1], np.array([i], np.intp)
+        return outs[0], outs[-1], self._index[i]
 
     @staticmethod
     def _run(st: _Stage, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -482,6 +493,10 @@ class Runtime:
         except Exception as e:
             raise ModelError(f"stage {st.name!r} failed: "
                              f"{str(e).strip().splitlines()[0][:300]}") from None
+
+
+_FIRST = np.zeros(1, np.intp)     # one sample answered by the first (only) stage
+_FIRST.flags.writeable = False
 
 
 def _ms(t0: float) -> float:
