@@ -102,6 +102,7 @@ class CascadeRun:
     test_accuracy: float
     answered: dict[str, int]
     same_in_batches: bool      # batch-32 answers equal one-by-one answers
+    floor: Runtime             # the same stages, the first answering every sample
 
 
 def _test_points(cascade: Cascade, home: Path, test: Dataset
@@ -167,9 +168,11 @@ def cascades(work: Path, plan: Plan, large_device: Device, large_model: Path
             answered: dict[str, int] = {}
             for a in answers:
                 answered[a.stage] = answered.get(a.stage, 0) + 1
+            floor = Runtime(None, Policy(cascade=out, threads=1,
+                                         thresholds=(0.0,) * (len(models) - 1)))
             runs.append(CascadeRun(name, batch, c, rt, reference,
                                    float((one_by_one == test.labels).mean()), answered,
-                                   bool(np.array_equal(one_by_one, in_batches))))
+                                   bool(np.array_equal(one_by_one, in_batches)), floor))
 
     large_rt = Runtime(large_device)     # the large model alone, served the same way
 
@@ -188,6 +191,7 @@ def cascades(work: Path, plan: Plan, large_device: Device, large_model: Path
         for i, r in enumerate(runs):
             if r.batch == batch:
                 calls[str(i)] = each(r.runtime.predict, feeds)
+                calls[f"floor{i}"] = each(r.floor.predict, feeds)
         timing[batch] = _per_sample(calls, n, plan.rounds)
 
     lines = [
@@ -203,7 +207,9 @@ def cascades(work: Path, plan: Plan, large_device: Device, large_model: Path
         f"costs per sample timed at batch 1 or 32), then accuracy and latency are measured "
         f"on {n} test samples through `Runtime.predict` (one onnxruntime thread per stage). "
         f"Latency: microseconds per sample, median of {plan.rounds} interleaved rounds, each "
-        f"call serving the whole test set one sample per call (batch 1) or 32 per call.",
+        f"call serving the whole test set one sample per call (batch 1) or 32 per call. "
+        f"A *lower bound* row serves the same stages with every threshold 0 (the first "
+        f"stage answers every sample): no thresholds can cost less.",
         "",
         "| serving | batch | test accuracy | drop (points) | answered per stage | "
         "us/sample | vs large via runtime | vs large bare |",
@@ -227,6 +233,11 @@ def cascades(work: Path, plan: Plan, large_device: Device, large_model: Path
             if r.batch == batch:
                 shares = ", ".join(f"{k} {_pct(v / n)}" for k, v in sorted(r.answered.items()))
                 lines.append(row(r.name, batch, r.test_accuracy, r.reference, shares, str(i)))
+                first = r.cascade.stages[0].name
+                lines.append(f"| ... lower bound: {first} answers every sample | {batch} | - | "
+                             f"- | {first} 100% | {timing[batch][f'floor{i}']:.1f} | "
+                             f"{timing[batch][f'floor{i}'] / timing[batch]['large']:.2f}x | "
+                             f"{timing[batch][f'floor{i}'] / timing[batch]['bare']:.2f}x |")
     lines += ["", "Thresholds chosen (validation), and what validation promised:", ""]
     for r in runs:
         e = r.cascade.expected
