@@ -6,6 +6,7 @@ model. Real files, real onnxruntime, a real repository over HTTP."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -26,9 +27,8 @@ from test_bundle_fixtures import (
 
 import edgeloop.bundle.device as device_module
 from edgeloop.bundle import Device, HealthConfig
-from edgeloop.device import Runtime
+from edgeloop.device import Runtime, bad_input_calls, malformed_feeds, probation_cost_ratio
 from edgeloop.errors import DataError, VerificationError
-from edgeloop.measure import interleaved_times
 
 __all__ = ["repo"]
 
@@ -120,17 +120,6 @@ def test_a_process_per_request_still_finishes_probation(repo) -> None:
     assert _actions(dev)[-1] == ("kept", "1.0.0")
 
 
-def probation_cost_ratio(dev_probation: Device, dev_after: Device, feed: dict[str, np.ndarray],
-                         *, rounds: int = 15, runs: int = 200) -> float:
-    """Median inference time on probation over after it, the two runtimes timed in turns
-    (reusable by a benchmark with more rounds)."""
-    on, off = Runtime(dev_probation), Runtime(dev_after)
-    assert on._watch is not None and off._watch is None
-    t_on, t_off = interleaved_times([lambda: on.infer(feed), lambda: off.infer(feed)],
-                                    rounds=rounds, runs=runs, warmup=50)
-    return t_on / t_off
-
-
 def test_inference_cost_during_probation_is_that_after_it(repo) -> None:
     on = Device(new_device(repo).dir, config=HealthConfig(probation_inferences=10**9))
     on.update(repo.url, "kws")
@@ -150,15 +139,14 @@ def test_bad_input_during_probation_is_the_callers_mistake(repo) -> None:
     repo.publish("1.1.0", W_GOOD * 2)
     dev.update(repo.url, "kws")
     rt = Runtime(dev)
-    bad = [({"y": X[:2]}, "has no array 'x'"),
-           ({"x": X[0]}, r"has shape \(8,\); the model expects \('N', 8\)"),
-           ({"x": X[:2, :5]}, r"has shape \(2, 5\)"),
-           ({"x": X[:2].astype(np.float64)}, "is float64; the model expects float32"),
-           ({"x": X[:2].tolist()}, "is a list; the model expects a numpy array")]
-    for i in range(1000):
-        feed, words = bad[i % len(bad)]
-        with pytest.raises(DataError, match=words):
+    bad = malformed_feeds({"x": X[:2]}, rt.inputs)
+    assert [words for _, words in bad] == [
+        "has no array 'x'", "has shape (8,)", "has shape (2, 7)",
+        "is float64; the model expects float32", "is a list; the model expects a numpy array"]
+    for feed, words in bad:
+        with pytest.raises(DataError, match=re.escape(words)):
             rt.infer(feed)
+    assert bad_input_calls(rt, {"x": X[:2]}, calls=1000) == 1000
     state = dev.state()
     assert state.current().version == "1.1.0" and rt.manifest.version == "1.1.0"
     assert state.probation.errors == 0

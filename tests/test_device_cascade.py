@@ -15,7 +15,14 @@ from test_cli import cli
 
 from edgeloop._onnx import session
 from edgeloop.data import Dataset, load_builtin, save_npz
-from edgeloop.device import Cascade, Policy, Runtime, evaluate_thresholds, summarize
+from edgeloop.device import (
+    Cascade,
+    Policy,
+    Runtime,
+    build_cascade,
+    evaluate_thresholds,
+    summarize,
+)
 from edgeloop.errors import DataError, UsageError
 from edgeloop.zoo import TrainConfig, train_zoo_model
 
@@ -202,6 +209,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(splits: dict[str, Path],
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, stderr)
         assert not out.exists()
+
+
+def test_latency_batch_times_the_stages_per_sample_at_that_batch(tmp_path: Path) -> None:
+    a = _classifier(tmp_path / "a.onnx", 40, 10)
+    b = _classifier(tmp_path / "b.onnx", 40, 10)
+    val = load_builtin("mnist1d", "val")
+    out = tmp_path / "cascade.json"
+    c = build_cascade([a, b], val, out=out, latency_batch=32, latency_rounds=1,
+                      latency_runs=5)
+    assert c.latency_batch == 32 and Cascade.load(out).latency_batch == 32
+    assert all(s.latency_ms > 0 for s in c.stages)
+    for bad in (0, 33, 1.5, True):
+        with pytest.raises(UsageError, match=r"`latency_batch` must be an integer in 1\.\.32"):
+            build_cascade([a, b], val, latency_batch=bad)
 
 
 @pytest.mark.slow   # trains two CNNs once per session (~30 s alone, more on a busy machine)

@@ -379,3 +379,24 @@ def test_when_unsure_a_chained_last_stage_gets_its_features_on_fallback(
     for a, w in zip(ones, want, strict=True):
         np.testing.assert_allclose(a.output[0], w, rtol=1e-5, atol=1e-5)
     assert stage_runs == {"exit1": 2 * N, "exit2": 2 * unsure.sum()}
+
+
+def test_device_runtimes_under_load_fall_back_when_the_server_is_killed(models) -> None:
+    """loadgen.drive(devices=): 6 device runtimes offloading `always`; the server is
+    SIGKILLed and restarted mid-run; no request fails and offload resumes."""
+    from edgeloop.serve.loadgen import ServerProcess, drive
+
+    with ServerProcess(models["server"], max_queue_delay_ms=1) as proc:
+        client = OffloadPolicy(url=proc.url, timeout_s=2, failures_to_open=1, backoff_s=0.1,
+                               max_backoff_s=0.2)
+        policy = Policy(cascade=models["cascade"],
+                        offload=OffloadRule(client=client, mode="always",
+                                            privacy_class="public"))
+        report = drive(client, [{"x": X[i:i + 1]} for i in range(N)], clients=6,
+                       seconds=2.5, devices=lambda: Runtime(None, policy),
+                       events=[(0.8, proc.kill), (1.2, proc.start)],
+                       until_after_events_s=1.0)
+    assert report.failed == 0 and report.local > 0
+    back = report.events[1][1]
+    assert report.offloaded_between(0, 0.8) > 0 and report.offloaded_between(back, 1e9) > 0
+    assert set(report.reasons) <= {"unreachable", "timeout", "circuit open"}

@@ -29,6 +29,9 @@ def cascade_cmd(
     baseline: Annotated[Path | None, typer.Option(
         help="A model to compare with, measured alike (e.g. an early-exit model in one "
              "piece, model.onnx)")] = None,
+    latency_batch: Annotated[int, typer.Option(
+        help="Samples per call the stages are timed at: the batch size the device runs "
+             "(latencies are then per sample)")] = 1,
 ) -> None:
     """Calibrate each stage, time it, and choose thresholds: the lowest expected latency
     within --max-drop of the last stage's accuracy."""
@@ -36,11 +39,12 @@ def cascade_cmd(
     from edgeloop.device import build_cascade
 
     c = build_cascade(models, load_npz(val), max_drop=max_drop, measure=measure,
-                      safety=safety, out=out, baseline=baseline)
+                      safety=safety, out=out, baseline=baseline,
+                      latency_batch=latency_batch)
     e = c.expected
     t = Table(title=f"{out} ({measure}, max drop {max_drop} points)")
     for col in ("stage", "input", "temperature", "threshold", "answers", "accuracy alone",
-                "latency ms"):
+                "latency ms" if latency_batch == 1 else f"ms/sample at batch {latency_batch}"):
         t.add_column(col)
     for s, share in zip(c.stages, e["answered"], strict=True):  # type: ignore[call-overload]
         t.add_row(s.name, "features" if s.chained else "data", f"{s.temperature:.3f}",

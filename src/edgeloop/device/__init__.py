@@ -14,6 +14,8 @@ device's local HTTP API is :mod:`edgeloop.device.http` (needs the ``[serve]`` ex
 Each answer carries its energy (:class:`EnergyMeter`, :mod:`edgeloop.device.energy`);
 :meth:`Runtime.predict_stream` thins a stream of windows under a policy's ``[stream]``
 table (:class:`StreamRule`, :mod:`edgeloop.device.stream`).
+:func:`probation_cost_ratio` and :func:`bad_input_calls` measure probation (what it costs
+an inference; that malformed input never counts against the model).
 
 Names are imported on first use; nothing here imports torch.
 """
@@ -31,6 +33,8 @@ _SOURCES = {
     "MEASURES": ".calibration", "TemperatureScaler": ".calibration", "confidence": ".calibration",
     "softmax": ".calibration",
     "publish_cascade": ".bundle",
+    "bad_input_calls": ".probation", "malformed_feeds": ".probation",
+    "probation_cost_ratio": ".probation",
 }
 
 __all__ = [
@@ -48,10 +52,13 @@ __all__ = [
     "StreamRule",
     "TemperatureScaler",
     "ThresholdChoice",
+    "bad_input_calls",
     "build_cascade",
     "choose_thresholds",
     "confidence",
     "evaluate_thresholds",
+    "malformed_feeds",
+    "probation_cost_ratio",
     "publish_cascade",
     "softmax",
     "summarize",

@@ -8,8 +8,10 @@ takes segment ``i - 1``'s outputs (``features_*``) instead of the data and retur
 :func:`build_cascade` (``edgeloop cascade``)::
 
     {"format": 1, "measure": "max-softmax", "max_drop": 0.5, "safety": 0.0,
+     "latency_batch": 1,
      "stages": [{"name", "model" (path relative to cascade.json), "sha256", "chained",
-                 "temperature", "threshold" (null: never answers), "latency_ms",
+                 "temperature", "threshold" (null: never answers), "latency_ms" (per
+                 sample, timed in calls of latency_batch samples),
                  "accuracy" (alone), "nll_before", "nll_after"}, ...],
      "expected": {"accuracy", "mean_latency_ms", "answered" (fraction per stage),
                   "reference_accuracy", "reference_latency_ms" (the last stage alone),
@@ -66,7 +68,7 @@ class Stage:
     chained: bool = False       # takes the previous stage's outputs, not the data
     temperature: float = 1.0
     threshold: float | None = None   # answers when confidence >= threshold; None: never
-    latency_ms: float = 0.0     # batch 1, measured when the cascade was built
+    latency_ms: float = 0.0     # per sample at latency_batch, measured at build time
     accuracy: float | None = None
     nll_before: float | None = None
     nll_after: float | None = None
@@ -101,6 +103,7 @@ class Cascade:
     measure: str = "max-softmax"
     max_drop: float = 0.5           # accuracy points
     safety: float = 0.0             # standard errors kept from the budget
+    latency_batch: int = 1          # samples per call the stages were timed at
     expected: dict[str, object] = field(default_factory=dict)
     curve: tuple[CurvePoint, ...] = ()
 
@@ -264,10 +267,17 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                   max_drop: float = 0.5, measure: str = "max-softmax", safety: float = 0.0,
                   out: str | os.PathLike[str] | None = None,
                   baseline: str | os.PathLike[str] | None = None,
-                  latency_rounds: int = 5, latency_runs: int = 20) -> Cascade:
+                  latency_rounds: int = 5, latency_runs: int = 20,
+                  latency_batch: int = 1) -> Cascade:
     """Run every stage on ``val`` (labels needed), fit a temperature per stage, time each
-    stage at batch 1 (interleaved, one thread, with its confidence computed in the graph:
-    as the runtime runs them) and choose the thresholds (:func:`choose_thresholds`).
+    stage (interleaved, one thread, with its confidence computed in the graph: as the
+    runtime runs them) and choose the thresholds (:func:`choose_thresholds`).
+
+    Stages are timed in calls of ``latency_batch`` samples, the batch size the device
+    will run at, and their cost per sample enters the choice: at batch 1 a small stage
+    costs mostly onnxruntime's fixed cost per call, so it saves less than its size
+    suggests; in batches that cost is shared and a later stage runs only on the rows
+    no earlier stage was sure about.
 
     ``baseline``, a model over the same inputs (e.g. an early-exit model in one piece,
     ``model.onnx``), is measured beside them for comparison (``expected["baseline"]``:
@@ -287,6 +297,10 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
         raise one_of("measure", MEASURES, measure)
     if len(models) < 2:
         raise UsageError(f"a cascade needs at least two models, smallest first; got {len(models)}")
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or not (
+            1 <= latency_batch <= min(PREDICT_BATCH, len(val))):
+        raise UsageError(f"`latency_batch` must be an integer in 1..{min(PREDICT_BATCH, len(val))}"
+                         f" (samples per timed call); got {latency_batch!r}")
     if val.labels is None:
         raise DataError("the validation data has no `labels` array; a cascade's thresholds "
                         "are chosen on labelled data")
@@ -309,7 +323,7 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
                              "inputs (or, early-exit segments, the previous one's outputs)")
 
     logits: list[list[np.ndarray]] = [[] for _ in paths]
-    first_row: dict[str, np.ndarray] = {k: v[:1] for k, v in val.inputs.items()}
+    first_row: dict[str, np.ndarray] = {k: v[:latency_batch] for k, v in val.inputs.items()}
     steps = progress(batches(val, PREDICT_BATCH), "running the stages on validation data",
                      total=-(-len(val) // PREDICT_BATCH))
     for feed in steps:
@@ -324,7 +338,7 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
             prev = {o.name: v for o, v in zip(s.get_outputs(), outs, strict=True)}
             logits[i].append(outs[0])
             for name, v in prev.items():
-                first_row.setdefault(name, v[:1])
+                first_row.setdefault(name, v[:latency_batch])
     z = [np.concatenate(parts) for parts in logits]
     classes = {p.name: a.shape[1:] for p, a in zip(paths, z, strict=True)}
     if any(a.ndim != 2 for a in z) or len(set(classes.values())) != 1:
@@ -354,8 +368,9 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
             raise ModelError(f"baseline {Path(baseline).name!r} outputs {base_out.shape[1:]}; "
                              f"the stages output {z[0].shape[1:]}")
         timed.append(base)
-    times = interleaved_latency(timed, Dataset(first_row), batch=1, rounds=latency_rounds,
-                                runs=latency_runs, warmup=5)
+    times = [t / latency_batch for t in interleaved_latency(
+        timed, Dataset(first_row), batch=latency_batch, rounds=latency_rounds,
+        runs=latency_runs, warmup=5)]
     base_ms = times.pop() if base is not None else None
     choice = choose_thresholds(conf, correct, times, max_drop=max_drop, chained=chained,
                                safety=safety)
@@ -381,7 +396,7 @@ def build_cascade(models: Sequence[str | os.PathLike[str]], val: Dataset, *,
             "accuracy": float((base_out.argmax(1) == val.labels).mean()),
             "latency_ms": base_ms}
     cascade = Cascade(stages=stages, measure=measure, max_drop=float(max_drop),
-                      safety=float(safety),
+                      safety=float(safety), latency_batch=latency_batch,
                       expected=expected, curve=choice.curve)
     if out is not None:
         write_text_atomic(out, cascade.to_json())

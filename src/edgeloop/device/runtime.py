@@ -44,7 +44,7 @@ import numpy as np
 from edgeloop._batching import BatchStats, BatchThread
 from edgeloop._energy import Energy, RaplCounter
 from edgeloop._io import sha256_file
-from edgeloop._onnx import input_specs, load_model, run, session
+from edgeloop._onnx import input_specs, load_model, session
 from edgeloop._progress import progress
 from edgeloop._request import Feed, batchable
 from edgeloop.bundle.device import Device, Watch
@@ -369,6 +369,7 @@ class Runtime:
             self.cascade = None
             self.session = session(self.path, threads=self.policy.threads)
             self._inputs = input_specs(self.session)
+            self._names = (self.manifest.name,)
         first = self._inputs[0] if self._inputs else None
         self._batch_of = first.name if first is not None and first.shape else None
         if self._watch is not None:
@@ -441,7 +442,8 @@ class Runtime:
         busy, *outs = outs
         spent.add(time.perf_counter() - t0, float(np.sum(busy)))
         if len(outs) == 1:
-            return outs[0], None, np.zeros(len(outs[0]) if outs[0].ndim else 1, np.intp), {}
+            n = len(outs[0]) if outs[0].ndim else 1
+            return outs[0], None, _FIRST if n == 1 else np.zeros(n, np.intp), {}
         carry = dict(zip(self._stages[-1].inputs, outs[3:], strict=False)) if outs[3:] else {}
         return outs[0], outs[1], outs[2], carry
 
@@ -453,14 +455,14 @@ class Runtime:
         clock = self.meter.clock
         c0 = clock()
         if self.cascade is None:
-            outs = [run(self.session, feed)]
+            outs = _session_run(self.session, feed, "inference")[:1]
         else:
             k = len(self._stages)
             start, stop = {_ALL: (0, k), _HEAD: (0, k - 1), _TAIL: (k - 1, k)}[part]
             out, conf, idx, carry = self._cascade_run(feed, start, stop)
             outs = [out, conf, idx, *carry]
         busy = clock() - c0
-        rows = len(feed[self._batch_of]) if self._batch_of else 1
+        rows = len(outs[0]) if self._batch_of else 1    # a tail's feed is carried features
         return [np.full(rows, busy / rows), *outs]
 
     def _defers(self) -> bool:
@@ -492,8 +494,9 @@ class Runtime:
                                                energy_source=self.meter.source), feed)
             out, conf, idx, carry = self._local(feed, _HEAD if defer and not first else _ALL,
                                                 spent)
-            names = self.stages()
-            stage = names[int(idx.max())] if len(idx) else names[-1]
+            names = self._names
+            # one sample (the device case): no numpy reductions, each costs 2 us
+            stage = names[int(idx[0]) if len(idx) == 1 else int(idx.max()) if len(idx) else -1]
             offloaded = False
             if (self._client is not None and rule is not None and rule.mode == "when-unsure"
                     and not first and conf is not None):
@@ -512,7 +515,8 @@ class Runtime:
                         rest = {k: v[unsure] for k, v in carry.items()} if carry else part
                         last_out, last_conf, _, _ = self._local(rest, _TAIL, spent)
                         out[unsure], conf[unsure] = last_out, last_conf
-        shown = None if conf is None or not len(conf) else float(conf.min())
+        shown = None if conf is None or not len(conf) else \
+            float(conf[0]) if len(conf) == 1 else float(conf.min())
         return self._answer(Answer(out, stage, _ms(t0), shown, offloaded, reason,
                                    self.meter.millijoules(spent.busy_s), self.meter.source),
                             feed)
@@ -543,10 +547,7 @@ class Runtime:
 
     def stages(self) -> tuple[str, ...]:
         """The names of the stages that may answer, in order."""
-        if self.cascade is None:
-            assert self.manifest is not None
-            return (self.manifest.name,)
-        return tuple(st.name for st in self._stages)
+        return self._names
 
     def predict_each(self, data: Dataset, *, stream: bool = False) -> Iterator[Answer]:
         """:meth:`predict` on each sample of ``data`` in turn (as a device meets them),
@@ -645,6 +646,11 @@ class Runtime:
                 -np.inf if s is c.stages[-1] else np.inf if s.threshold is None else s.threshold,
                 s.chained, feed_from))
         self._stages = tuple(stages)
+        self._names = tuple(st.name for st in stages)
+        # the answering stage's index for one sample, made once (read-only: shared)
+        self._index = tuple(np.full(1, i, np.intp) for i in range(len(stages)))
+        for a in self._index:
+            a.flags.writeable = False
         self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
 
     def _cascade_run(self, feed: Mapping[str, np.ndarray], start: int, stop: int
@@ -700,18 +706,29 @@ class Runtime:
                 if st.chained and i > start else {k: feed[k] for k in st.inputs}
             outs = self._run(st, f)
             if outs[-1][0] >= st.threshold:
-                return outs[0], outs[-1], np.array([i], np.intp), []
+                return outs[0], outs[-1], self._index[i], []
         nxt = self._stages[stop]        # no stage answered: stop is before the last
         carry = [outs[j] for j in nxt.feed_from] if nxt.chained else []
-        return np.zeros_like(outs[0]), outs[-1], np.array([stop], np.intp), carry
+        return np.zeros_like(outs[0]), outs[-1], self._index[stop], carry
 
     @staticmethod
     def _run(st: _Stage, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            return st.session.run(None, feed)     # type: ignore[attr-defined,no-any-return]
-        except Exception as e:
-            raise ModelError(f"stage {st.name!r} failed: "
-                             f"{str(e).strip().splitlines()[0][:300]}") from None
+        return _session_run(st.session, feed, f"stage {st.name!r}")
+
+
+def _session_run(sess: object, feed: Mapping[str, np.ndarray], what: str
+                 ) -> list[np.ndarray]:
+    """Every output of onnxruntime session ``sess`` on ``feed`` (exactly its inputs: not
+    looked up per call, which costs microseconds a small model does not have); a failure
+    is a :class:`ModelError` naming ``what`` failed."""
+    try:
+        return sess.run(None, feed)     # type: ignore[attr-defined,no-any-return]
+    except Exception as e:
+        raise ModelError(f"{what} failed: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+_FIRST = np.zeros(1, np.intp)     # one sample answered by the first (only) stage
+_FIRST.flags.writeable = False
 
 
 def _ms(t0: float) -> float:

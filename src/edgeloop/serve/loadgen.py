@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import numpy as np
@@ -80,11 +80,17 @@ def drive(policy: OffloadPolicy, feeds: Sequence[Mapping[str, np.ndarray]], *,
           local: Callable[[Mapping[str, np.ndarray]], object] | None = None,
           privacy_class: str = "public",
           events: Sequence[tuple[float, Callable[[], object]]] = (),
-          until_after_events_s: float = 0.0) -> LoadReport:
+          until_after_events_s: float = 0.0,
+          devices: Callable[[], Any] | None = None) -> LoadReport:
     """Run ``clients`` device clients against ``policy.url`` for ``seconds``; client ``i``
     sends ``feeds[i % len(feeds)]``, ``feeds[(i + clients) % len(feeds)]``, ... .
 
-    ``local`` answers what was not offloaded (without it such requests count as failed);
+    ``local`` answers what was not offloaded (without it such requests count as failed).
+    With ``devices``, each client calls it once for a device runtime of its own (an
+    :class:`edgeloop.device.Runtime` whose policy offloads to ``policy.url``: anything
+    with ``predict(feed, privacy_class=...)`` returning an answer with ``offloaded`` and
+    ``offload_reason``, and ``close()``) and sends its inputs through it instead of a
+    bare client, so the device's own fallback answers what the server does not;
     each of ``events`` is ``(seconds after start, callable)``, run in order from the
     calling thread; the run goes on for at least ``until_after_events_s`` after the last
     event has finished (a restarted server takes a while to come up). The run is
@@ -102,18 +108,38 @@ def drive(policy: OffloadPolicy, feeds: Sequence[Mapping[str, np.ndarray]], *,
     deadline = [math.inf if events else begin + seconds]   # final once events are done
 
     def device(i: int) -> None:
-        with OffloadClient(policy) as client:
+        ask: Callable[[Mapping[str, np.ndarray]], tuple[bool, str | None]]
+        if devices is not None:
+            try:
+                runtime = devices()
+            except Exception:          # a device that cannot start answers nothing
+                with lock:
+                    failed[0] += 1
+                return
+            close = runtime.close
+
+            def ask(feed: Mapping[str, np.ndarray]) -> tuple[bool, str | None]:
+                a = runtime.predict(feed, privacy_class=privacy_class)
+                return a.offloaded, a.offload_reason
+        else:
+            client = OffloadClient(policy)
+            close = client.close
+
+            def ask(feed: Mapping[str, np.ndarray]) -> tuple[bool, str | None]:
+                res = client.predict(feed, privacy_class)
+                if not res.offloaded:
+                    if local is None:
+                        raise RuntimeError(res.reason)
+                    local(feed)
+                return res.offloaded, res.reason
+        try:
             k = i
             while time.perf_counter() < deadline[0]:
                 feed = feeds[k % len(feeds)]
                 k += clients
                 t0 = time.perf_counter()
                 try:
-                    res = client.predict(feed, privacy_class)
-                    if not res.offloaded:
-                        if local is None:
-                            raise RuntimeError(res.reason)
-                        local(feed)
+                    offloaded, reason = ask(feed)
                 except Exception:
                     with lock:
                         failed[0] += 1
@@ -121,11 +147,13 @@ def drive(policy: OffloadPolicy, feeds: Sequence[Mapping[str, np.ndarray]], *,
                 t1 = time.perf_counter()
                 with lock:
                     lat.append(t1 - t0)
-                    timeline.append((t1 - begin, res.offloaded))
-                    if res.offloaded:
+                    timeline.append((t1 - begin, offloaded))
+                    if offloaded:
                         off_lat.append(t1 - t0)
                     else:
-                        reasons[_reason_kind(res.reason)] += 1
+                        reasons[_reason_kind(reason)] += 1
+        finally:
+            close()
 
     threads = [threading.Thread(target=device, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
