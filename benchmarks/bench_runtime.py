@@ -80,10 +80,11 @@ class Plan:
     kill_at: float = 3.0
     restart_at: float = 5.0
     probation_rounds: int = 15
+    save_block: int = HealthConfig().probation_save_inferences   # calls per timed block
 
 
 QUICK = Plan(epochs=1, small_epochs=1, test_samples=200, rounds=2, load_seconds=2.0,
-             kill_at=0.7, restart_at=1.2, probation_rounds=3)
+             kill_at=0.7, restart_at=1.2, probation_rounds=3, save_block=2000)
 
 
 def _pct(x: float) -> str:
@@ -467,9 +468,11 @@ def probation(plan: Plan, f: Fleet, model: Path) -> tuple[list[str], dict[str, b
     on = f.device("on", HealthConfig(probation_inferences=10**9))
     off = past_probation(f.device("off", HealthConfig(probation_inferences=1)), {"x": x[:1]})
     cases = {"batch 1, per call": (1, 1, 200), "batch 32, per call": (32, 1, 20),
-             "batch 1, blocks of 2000 calls (pointer saves included)": (1, 2000, 1)}
+             f"batch 1, blocks of {plan.save_block} calls (pointer saves included)":
+                 (1, plan.save_block, 1)}
     ratios = {label: probation_cost_ratio(on, off, {"x": np.ascontiguousarray(x[:b])},
-                                          rounds=plan.probation_rounds, runs=runs, block=block)
+                                          rounds=plan.probation_rounds if block == 1
+                                          else plan.rounds, runs=runs, block=block)
               for label, (b, block, runs) in cases.items()}
     # 1000 malformed calls while 1.1.0 is on probation (default config: 0 model errors)
     dev = past_probation(f.device("bad"), {"x": x[:1]})

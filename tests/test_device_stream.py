@@ -161,7 +161,7 @@ def test_energy_per_answer_is_busy_seconds_times_watts_over_cores(models) -> Non
     answers = [rt.predict({"x": X[i:i + 1]}) for i in range(5)]
     assert [a.energy_mj for a in answers] == pytest.approx([0.004 * 10 / 4 * 1e3] * 5)
     # a run's busy time is spread over its rows, so micro-batched callers get their share
-    assert rt._run_local("all", {"x": X[:4]})[0] == pytest.approx([0.001] * 4)
+    assert rt._run_rows("all", {"x": X[:4]})[0] == pytest.approx([0.001] * 4)
     e = RuntimeStats(meter=meter, rapl=RaplCounter(Path("/nonexistent")))
     for a in answers:
         e.add(a, 1)

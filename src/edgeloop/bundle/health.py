@@ -38,9 +38,12 @@ class HealthConfig:
     probation_inferences: int = 50   # inferences watched after a commit
     probation_errors: int = 0        # model errors tolerated during probation
     probation_boots: int = 3         # device boots tolerated during probation (crash loop)
-    probation_save_inferences: int = 1000  # probation counters are written to the pointer
-    probation_save_seconds: float = 60.0   # after this many inferences or seconds (whichever
-    #                                        comes first), at a model error and at the verdict
+    # probation counters are written to the pointer after this many inferences or seconds
+    # (whichever comes first), at a model error and at the verdict. A write costs ~12 ms
+    # (two fsyncs); every 1000 inferences that more than doubled a 26 us model's cost
+    # (benchmarks/bench_runtime.py), every 100,000 it is under 0.5% at any model speed
+    probation_save_inferences: int = 100_000
+    probation_save_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

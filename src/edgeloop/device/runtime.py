@@ -66,8 +66,8 @@ OFFLOAD_STAGE = "offload"     # Answer.stage when the offload server answered
 _ALL, _HEAD, _TAIL = "all", "head", "tail"
 
 
-@dataclass(frozen=True)
-class Answer:
+@dataclass(slots=True)     # not frozen: a frozen dataclass costs ~1 us more to build,
+class Answer:              # 4% of a small model's whole run; read-only by convention
     """One prediction: the answering stage's output, which stage answered (for a batch,
     the last stage any sample needed; ``"offload"`` when the server answered), its
     calibrated confidence (None for a single model, or when every sample was offloaded),
@@ -236,19 +236,42 @@ class RuntimeStats:
                     "energy": asdict(energy)}
 
 
-@dataclass
-class _Spent:
-    """What one call's local runs took: wall seconds (probation's latency) and the
-    seconds they kept the session busy, this call's rows' share (energy)."""
+class _Call:
+    """Probation around one call (``with``; a plain class: a generator-based context
+    manager costs microseconds a small model does not have). Its local runs add what
+    they took (:meth:`add`); on leaving, the call is reported to probation as one
+    inference of its ``samples``, failed if a run raised :class:`ModelError`. A call
+    answered without running anything here (the server answered) is not reported:
+    probation watches the local model."""
 
-    runs: int = 0
-    wall_s: float = 0.0
-    busy_s: float = 0.0
+    __slots__ = ("busy_s", "rt", "runs", "samples", "wall_s", "watch")
+
+    def __init__(self, rt: Runtime, samples: int) -> None:
+        self.rt, self.watch, self.samples = rt, rt._watch, samples
+        self.runs, self.wall_s, self.busy_s = 0, 0.0, 0.0
 
     def add(self, wall_s: float, busy_s: float) -> None:
+        """One local run: its wall seconds (probation's latency) and the seconds it kept
+        the session busy, this call's rows' share (energy)."""
         self.runs += 1
         self.wall_s += wall_s
         self.busy_s += busy_s
+
+    def __enter__(self) -> _Call:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        watch = self.watch
+        if kind is not None and issubclass(kind, ModelError):
+            self.rt.stats.error()
+            if watch is not None:
+                now = time.perf_counter()
+                if watch.report(False, now, now, self.samples):
+                    self.rt._over(watch)
+        elif kind is None and watch is not None and self.runs:
+            now = time.perf_counter()
+            if watch.report(True, now - self.wall_s, now, self.samples):
+                self.rt._over(watch)
 
 
 class Runtime:
@@ -298,7 +321,7 @@ class Runtime:
             shared = BatchStats()     # one set of counts whichever part a batch ran
             for part in (_ALL, _HEAD, _TAIL) if self._defer else (_ALL,):
                 self._batchers[part] = BatchThread(
-                    functools.partial(self._run_local, part), max_batch=self.policy.max_batch,
+                    functools.partial(self._run_rows, part), max_batch=self.policy.max_batch,
                     max_delay_ms=self.policy.max_delay_ms, stats=shared)
         if rule is not None and rule.mode != "never":
             self._client = OffloadClient(rule.client)
@@ -402,30 +425,11 @@ class Runtime:
             if watch.rolled_back:
                 self._start()
 
-    @contextlib.contextmanager
-    def _probation(self, feed: Mapping[str, np.ndarray]) -> Iterator[_Spent]:
-        """Around one call: its local runs (each adds what it took to the :class:`_Spent`
-        yielded) are reported to probation as one inference of the call's samples, failed
-        if a run raised :class:`ModelError`. A call answered without running anything
-        here (the server answered) is not reported: probation watches the local model."""
-        watch = self._watch
-        n = len(feed[self._batch_of]) if self._batch_of else 1
-        spent = _Spent()
-        try:
-            yield spent
-        except ModelError:
-            self.stats.error()
-            if watch is not None:
-                now = time.perf_counter()
-                if watch.report(False, now, now, n):
-                    self._over(watch)
-            raise
-        if watch is not None and spent.runs:
-            now = time.perf_counter()
-            if watch.report(True, now - spent.wall_s, now, n):
-                self._over(watch)
+    def _probation(self, feed: Mapping[str, np.ndarray]) -> _Call:
+        """Probation around one call on ``feed`` (:class:`_Call`)."""
+        return _Call(self, len(feed[self._batch_of]) if self._batch_of else 1)
 
-    def _local(self, feed: Mapping[str, np.ndarray], part: str, spent: _Spent
+    def _local(self, feed: Mapping[str, np.ndarray], part: str, spent: _Call
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
         """Output, calibrated confidences (a cascade), the answering stage's index and the
         carry (:meth:`_cascade_run`) per sample, from the stages ``part`` covers, run here
@@ -435,23 +439,30 @@ class Runtime:
         batcher = self._batchers.get(part)
         if batcher is not None:
             rows = len(next(iter(feed.values())))
-            outs, _ = batcher.submit(Feed(dict(feed), rows,
-                                          tuple(v.shape[1:] for v in feed.values())))
+            shares, *outs = batcher.submit(Feed(dict(feed), rows,
+                                                tuple(v.shape[1:] for v in feed.values())))[0]
+            busy = float(shares[0]) * len(shares)     # this caller's rows' equal shares
         else:
-            outs = self._run_local(part, feed)
-        busy, *outs = outs
-        spent.add(time.perf_counter() - t0, float(np.sum(busy)))
+            busy, outs = self._run_local(part, feed)
+        spent.add(time.perf_counter() - t0, busy)
         if len(outs) == 1:
             n = len(outs[0]) if outs[0].ndim else 1
             return outs[0], None, _FIRST if n == 1 else np.zeros(n, np.intp), {}
         carry = dict(zip(self._stages[-1].inputs, outs[3:], strict=False)) if outs[3:] else {}
         return outs[0], outs[1], outs[2], carry
 
-    def _run_local(self, part: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """One local run (also the micro-batcher's): the seconds it kept the session busy
-        (the meter's clock) spread over its rows, so that micro-batching hands each caller
-        its share; then [output] for a model, [output, confidences, stage indices, *carry]
-        for the stages of a cascade ``part`` covers."""
+    def _run_rows(self, part: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The micro-batcher's run: :meth:`_run_local`, its busy seconds spread over the
+        rows first, so that each caller gets its share with its rows."""
+        busy, outs = self._run_local(part, feed)
+        rows = len(outs[0]) if self._batch_of else 1    # a tail's feed is carried features
+        return [np.full(rows, busy / rows), *outs]
+
+    def _run_local(self, part: str, feed: Mapping[str, np.ndarray]
+                   ) -> tuple[float, list[np.ndarray]]:
+        """One local run: the seconds it kept the session busy (the meter's clock), and
+        [output] for a model, [output, confidences, stage indices, *carry] for the stages
+        of a cascade ``part`` covers."""
         clock = self.meter.clock
         c0 = clock()
         if self.cascade is None:
@@ -461,9 +472,7 @@ class Runtime:
             start, stop = {_ALL: (0, k), _HEAD: (0, k - 1), _TAIL: (k - 1, k)}[part]
             out, conf, idx, carry = self._cascade_run(feed, start, stop)
             outs = [out, conf, idx, *carry]
-        busy = clock() - c0
-        rows = len(outs[0]) if self._batch_of else 1    # a tail's feed is carried features
-        return [np.full(rows, busy / rows), *outs]
+        return clock() - c0, outs
 
     def _defers(self) -> bool:
         """Whether the last stage waits for the offload server (when-unsure, no
