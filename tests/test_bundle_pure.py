@@ -110,6 +110,32 @@ def test_probation_errors_boots_and_latency() -> None:
     assert one_by_one == probation_step(p, cfg, inferences=[(True, 1.2)] * 2)[0]
 
 
+def test_a_long_probation_keeps_a_bounded_evenly_spaced_latency_sample() -> None:
+    """100,000 inferences saved in uneven chunks: the pointer holds at most 2 x 512
+    latencies, every k-th one whatever the chunking, and the verdict's median is the
+    stream's (latencies rise linearly, so the sample's median must sit mid-way)."""
+    from edgeloop.bundle.health import LATENCY_SAMPLE
+
+    n = 100_000
+    cfg = HealthConfig(probation_inferences=n, latency_margin=0.0, latency_slack_ms=0.0)
+    lat = np.linspace(1.0, 3.0, n)
+    p: Probation | None = Probation(remaining=n, baseline_p50_ms=1.99)
+    whole = probation_step(Probation(remaining=n, baseline_p50_ms=1.99), cfg,
+                           inferences=[(True, float(v)) for v in lat[:-1]])[0]
+    start, why = 0, None
+    for size in [1, 7, 999, 20_000, 33_333] * 10:
+        chunk = lat[start:min(start + size, n - 1)]
+        if not len(chunk):
+            break
+        p, why = probation_step(p, cfg, inferences=[(True, float(v)) for v in chunk])
+        start += len(chunk)
+    assert start == n - 1 and p == whole
+    assert LATENCY_SAMPLE <= len(p.latencies_ms) < 2 * LATENCY_SAMPLE
+    assert p.latencies_ms == tuple(lat[:n - 1:p.latency_every])
+    _, why = probation_step(p, cfg, inferences=[(True, 2.0)])
+    assert why is not None and "median latency 2.00" in why      # 2.0 > 1.99: rolled back
+
+
 def test_no_floor_compares_accuracy_with_the_current_model() -> None:
     cfg = HealthConfig(accuracy_margin=0.01)
     no_floor = Floor(accuracy=None)

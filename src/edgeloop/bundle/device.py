@@ -37,6 +37,7 @@ import os
 import shutil
 import threading
 import time
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -556,7 +557,8 @@ class Watch:
         self.device = device
         self.slot = state.active
         self.holds = state.slots                  # whose probation this is
-        self.pending: list[tuple[bool, float, int]] = []   # ok, seconds, samples
+        self.pending = array("d")                # ms per sample of each inference that ran
+        self.failed = 0                           # model errors not saved yet
         self.rolled_back = self.over = False
         self._mutex = threading.Lock()            # a runtime may serve several threads
         self._schedule(probation.remaining)
@@ -571,17 +573,21 @@ class Watch:
         """Account one inference of ``samples`` run from ``started`` to ``ended``
         (``time.perf_counter()``; ``ok`` unless the model failed); True when probation is
         over for this runtime. Kept to an append and three comparisons: it runs on every
-        inference."""
-        self.pending.append((ok, ended - started, samples))   # atomic: no lock needed
-        if ok and len(self.pending) < self.limit and ended < self.due:
-            return False
+        inference (8 bytes each until the next save)."""
+        if ok:
+            self.pending.append((ended - started) * 1e3 / max(samples, 1))   # atomic
+            if len(self.pending) < self.limit and ended < self.due:
+                return False
+        else:
+            with self._mutex:
+                self.failed += 1
         self.flush()
         return self.over
 
     def flush(self) -> None:
         """Save the outcomes not saved yet (also when the runtime goes away)."""
         with self._mutex:
-            if self.pending and not self.over:
+            if (self.pending or self.failed) and not self.over:
                 self.over = self._save()
 
     def _save(self) -> bool:
@@ -592,8 +598,9 @@ class Watch:
                 return True               # decided elsewhere, or another model serves now
             batch = self.pending[:]
             del self.pending[:len(batch)]         # what other threads append meanwhile stays
+            failed, self.failed = self.failed, 0  # under the mutex (flush)
             p, reason = _step(state.probation, dev.config, inferences=[
-                (ok, sec * 1e3 / max(n, 1) if ok else None) for ok, sec, n in batch])
+                *((True, ms) for ms in batch), *((False, None),) * failed])
             if reason:
                 self.rolled_back = dev._fail(replace(state, probation=p), reason)
                 return True

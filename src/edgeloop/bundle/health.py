@@ -128,6 +128,10 @@ class Probation:
 
     ``boot_id`` is the device boot (see :func:`edgeloop.bundle.device.boot_id`) the
     probation last saw: boots are counted, not process starts.
+
+    ``latencies_ms`` is a bounded, evenly spaced sample of the successful inferences'
+    latencies (every ``latency_every``-th of the ``latency_seen`` so far; at most
+    :data:`LATENCY_SAMPLE` * 2): the pointer stays small however long probation is.
     """
 
     remaining: int
@@ -136,6 +140,11 @@ class Probation:
     baseline_p50_ms: float | None = None
     latencies_ms: tuple[float, ...] = ()
     boot_id: str | None = None
+    latency_every: int = 1
+    latency_seen: int = 0
+
+
+LATENCY_SAMPLE = 512   # probation keeps between this many and twice as many latencies
 
 
 def probation_step(p: Probation, config: HealthConfig, *,
@@ -158,8 +167,16 @@ def probation_step(p: Probation, config: HealthConfig, *,
         if p.boots > config.probation_boots:
             return p, f"device booted {p.boots} times during probation (crash loop)"
         return p, None
-    lat = p.latencies_ms + tuple(ms for ok, ms in inferences if ok and ms is not None)
-    p = replace(p, remaining=p.remaining - len(inferences), latencies_ms=lat,
+    lat, every, seen = list(p.latencies_ms), p.latency_every, p.latency_seen
+    for ok, ms in inferences:
+        if ok and ms is not None:
+            if seen % every == 0:
+                lat.append(ms)
+                if len(lat) >= 2 * LATENCY_SAMPLE:    # thin to every other one kept
+                    lat, every = lat[::2], every * 2
+            seen += 1
+    p = replace(p, remaining=p.remaining - len(inferences), latencies_ms=tuple(lat),
+                latency_every=every, latency_seen=seen,
                 errors=p.errors + sum(not ok for ok, _ in inferences))
     if p.errors > config.probation_errors:
         return p, f"{p.errors} model error(s) at inference during probation"
