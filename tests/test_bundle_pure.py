@@ -87,9 +87,9 @@ def test_probation_errors_boots_and_latency() -> None:
     cfg = HealthConfig(probation_inferences=3, probation_errors=0, probation_boots=2,
                        latency_margin=0.5, latency_slack_ms=0.0)
     p = Probation(remaining=3, baseline_p50_ms=1.0, boot_id="boot-0")
-    p1, why = probation_step(p, cfg, inferences=[(True, 1.0)])
+    p1, why = probation_step(p, cfg, latencies_ms=[1.0])
     assert why is None and p1.remaining == 2
-    _, why = probation_step(p1, cfg, inferences=[(False, None)])
+    _, why = probation_step(p1, cfg, failed=1)
     assert "1 model error(s)" in why
     q = p
     for _ in range(10):                               # process starts within one boot
@@ -100,14 +100,14 @@ def test_probation_errors_boots_and_latency() -> None:
         assert why is None and q.boot_id == boot
     _, why = probation_step(q, cfg, boot_id="boot-3")
     assert "booted 3 times" in why and "crash loop" in why
-    fast, why_fast = probation_step(p, cfg, inferences=[(True, 1.2)] * 3)
-    _, why_slow = probation_step(p, cfg, inferences=[(True, 1.2)] + [(True, 2.0)] * 2)
+    fast, why_fast = probation_step(p, cfg, latencies_ms=[1.2] * 3)
+    _, why_slow = probation_step(p, cfg, latencies_ms=[1.2, 2.0, 2.0])
     assert fast is None and why_fast is None          # kept: probation over
     assert "median latency 2.000" in why_slow
     one_by_one = p
     for _ in range(2):
-        one_by_one, _ = probation_step(one_by_one, cfg, inferences=[(True, 1.2)])
-    assert one_by_one == probation_step(p, cfg, inferences=[(True, 1.2)] * 2)[0]
+        one_by_one, _ = probation_step(one_by_one, cfg, latencies_ms=[1.2])
+    assert one_by_one == probation_step(p, cfg, latencies_ms=[1.2] * 2)[0]
 
 
 def test_a_long_probation_keeps_a_bounded_evenly_spaced_latency_sample() -> None:
@@ -121,18 +121,18 @@ def test_a_long_probation_keeps_a_bounded_evenly_spaced_latency_sample() -> None
     lat = np.linspace(1.0, 3.0, n)
     p: Probation | None = Probation(remaining=n, baseline_p50_ms=1.99)
     whole = probation_step(Probation(remaining=n, baseline_p50_ms=1.99), cfg,
-                           inferences=[(True, float(v)) for v in lat[:-1]])[0]
+                           latencies_ms=lat[:-1])[0]
     start, why = 0, None
     for size in [1, 7, 999, 20_000, 33_333] * 10:
         chunk = lat[start:min(start + size, n - 1)]
         if not len(chunk):
             break
-        p, why = probation_step(p, cfg, inferences=[(True, float(v)) for v in chunk])
+        p, why = probation_step(p, cfg, latencies_ms=chunk)
         start += len(chunk)
     assert start == n - 1 and p == whole
     assert LATENCY_SAMPLE <= len(p.latencies_ms) < 2 * LATENCY_SAMPLE
     assert p.latencies_ms == tuple(lat[:n - 1:p.latency_every])
-    _, why = probation_step(p, cfg, inferences=[(True, 2.0)])
+    _, why = probation_step(p, cfg, latencies_ms=[2.0])
     assert why is not None and "median latency 2.00" in why      # 2.0 > 1.99: rolled back
 
 

@@ -599,8 +599,7 @@ class Watch:
             batch = self.pending[:]
             del self.pending[:len(batch)]         # what other threads append meanwhile stays
             failed, self.failed = self.failed, 0  # under the mutex (flush)
-            p, reason = _step(state.probation, dev.config, inferences=[
-                *((True, ms) for ms in batch), *((False, None),) * failed])
+            p, reason = _step(state.probation, dev.config, latencies_ms=batch, failed=failed)
             if reason:
                 self.rolled_back = dev._fail(replace(state, probation=p), reason)
                 return True

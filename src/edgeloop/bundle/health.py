@@ -148,11 +148,11 @@ LATENCY_SAMPLE = 512   # probation keeps between this many and twice as many lat
 
 
 def probation_step(p: Probation, config: HealthConfig, *,
-                   inferences: Sequence[tuple[bool, float | None]] = (),
+                   latencies_ms: Sequence[float] = (), failed: int = 0,
                    boot_id: str | None = None) -> tuple[Probation | None, str | None]:
-    """Account what happened since ``p`` was saved: ``inferences`` as (ok, latency per
-    sample in ms or None) in order, or a start of the runtime during the device boot
-    ``boot_id``.
+    """Account what happened since ``p`` was saved: the inferences that ran, as their
+    latencies per sample (ms, in order), and ``failed`` model errors; or a start of the
+    runtime during the device boot ``boot_id``.
 
     A start counts only when the device has booted since the probation last saw it: a
     device that keeps rebooting is in a crash loop, a process started per request is not.
@@ -167,26 +167,48 @@ def probation_step(p: Probation, config: HealthConfig, *,
         if p.boots > config.probation_boots:
             return p, f"device booted {p.boots} times during probation (crash loop)"
         return p, None
-    lat, every, seen = list(p.latencies_ms), p.latency_every, p.latency_seen
-    for ok, ms in inferences:
-        if ok and ms is not None:
-            if seen % every == 0:
-                lat.append(ms)
-                if len(lat) >= 2 * LATENCY_SAMPLE:    # thin to every other one kept
-                    lat, every = lat[::2], every * 2
-            seen += 1
-    p = replace(p, remaining=p.remaining - len(inferences), latencies_ms=tuple(lat),
-                latency_every=every, latency_seen=seen,
-                errors=p.errors + sum(not ok for ok, _ in inferences))
+    lat, every = _sampled(p, latencies_ms)
+    p = replace(p, remaining=p.remaining - len(latencies_ms) - failed, latencies_ms=lat,
+                latency_every=every, latency_seen=p.latency_seen + len(latencies_ms),
+                errors=p.errors + failed)
     if p.errors > config.probation_errors:
         return p, f"{p.errors} model error(s) at inference during probation"
     if p.remaining > 0:
         return p, None
-    if p.baseline_p50_ms is not None and lat:
-        median = sorted(lat)[len(lat) // 2]
+    if p.baseline_p50_ms is not None and p.latencies_ms:
+        median = sorted(p.latencies_ms)[len(p.latencies_ms) // 2]
         limit = p.baseline_p50_ms * (1 + config.latency_margin) + config.latency_slack_ms
         if median > limit:
             return p, (f"median latency {median:.3f} ms during probation is above the "
                        f"limit {limit:.3f} ms (previous model {p.baseline_p50_ms:.3f} ms + "
                        f"{config.latency_margin:.0%} + {config.latency_slack_ms} ms)")
     return None, None
+
+
+def _sampled(p: Probation, new_ms: Sequence[float]) -> tuple[tuple[float, ...], int]:
+    """``p``'s latency sample with ``new_ms`` (the next latencies, in order) taken in:
+    every ``latency_every``-th latency is kept, and at 2 x :data:`LATENCY_SAMPLE` kept
+    the sample is thinned to every other one and the stride doubles. The result does not
+    depend on how the latencies were split between saves; numpy slices, no Python loop
+    per latency (a save may carry 100,000)."""
+    import numpy as np  # here: the CLI reads HealthConfig without loading numpy
+
+    kept, every, seen = np.asarray(p.latencies_ms), p.latency_every, p.latency_seen
+    new = np.asarray(new_ms, dtype=np.float64)
+    parts, count = [kept], len(kept)
+    while len(new):
+        first = -seen % every                        # index in ``new`` of the next one kept
+        room = 2 * LATENCY_SAMPLE - count            # kept before the next thinning
+        take = new[first::every][:room]
+        if len(take) < room:                         # all of ``new`` fits
+            parts.append(take)
+            count += len(take)
+            break
+        used = first + (room - 1) * every + 1        # through the one that fills the sample
+        parts.append(take)
+        kept = np.concatenate(parts)[::2]
+        parts, count = [kept], len(kept)
+        every *= 2
+        seen += used
+        new = new[used:]
+    return tuple(float(v) for v in np.concatenate(parts)), every
