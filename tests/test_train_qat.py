@@ -219,6 +219,27 @@ def test_untuned_qat_exports_exactly_the_ptq_model(cnn) -> None:
         {t.name: t.SerializeToString() for t in ptq.graph.initializer}
 
 
+def test_no_fine_tuning_when_ptq_loses_nothing_on_validation(cnn, monkeypatch) -> None:
+    """8-bit PTQ of the trained CNN is as accurate as the float model on validation (checked
+    here): QAT returns the PTQ model without training; with a float accuracy PTQ does not
+    reach, it fine-tunes."""
+    from edgeloop.compress import qat as qat_module
+    from edgeloop.compress.qat import exported_score
+    from edgeloop.zoo.train import accuracy
+
+    ctx = TrainContext(TRAIN, VAL, calib=CALIB)
+    ptq = exported_score(cnn, CALIB, VAL, bits=8, target=VNNI).accuracy
+    assert ptq >= accuracy(cnn, VAL)
+    tuned: list[int] = []
+    monkeypatch.setattr(QAT, "fine_tune", lambda self, m, c: tuned.append(1) or
+                        prepare_ptq(copy.deepcopy(m), CALIB, bits=8, target=VNNI))
+    QAT(bits=8, epochs=3, target=VNNI).apply(copy.deepcopy(cnn), ctx)
+    assert tuned == []
+    monkeypatch.setattr(qat_module, "accuracy", lambda m, d: 1.0)
+    QAT(bits=8, epochs=3, target=VNNI).apply(copy.deepcopy(cnn), ctx)
+    assert tuned == [1]
+
+
 def test_a_qat_model_exports_only_at_its_own_grid(cnn) -> None:
     q = prepare_ptq(copy.deepcopy(cnn), CALIB, bits=8, target=VNNI)
     with pytest.raises(UsageError, match="trained for 8-bit weights on x86-avx512-vnni"):

@@ -21,15 +21,17 @@ trains is the graph that ships, for any model ``torch.export`` captures.
    DequantizeLinear, which onnxruntime fuses into QLinearConv, QGemm, QLinearAdd. No
    Q/DQ is added or moved after training, and no range is recalibrated.
 
-:func:`quantize_export` on a float module is the matching post-training baseline (PTQ):
-the same quantizer through ``prepare_pt2e``, min/max calibration, ``convert_pt2e``. QAT
-keeps the fine-tuned graph only if, exported and run by onnxruntime on validation data, it
-answers more samples correctly *and* lowers the loss significantly — a one-sided paired test
-on the per-sample cross-entropy at level ``significance``; otherwise it returns the PTQ
-model. At 8 bits PTQ often loses nothing measurable, and fine-tuning then only moves the
-model by noise. A tie in accuracy keeps PTQ: on a small validation set (scikit-learn's
-digits, 180 samples) a loss gain alone did not carry over to top-1 — fine-tuning kept on it
-scored 0.1-0.2 points below PTQ on the test split (benchmarks/bench_qat_real.py).
+:func:`quantize_export` on a float module is the matching post-training baseline (PTQ): the
+same quantizer through ``prepare_pt2e``, min/max calibration, ``convert_pt2e``. QAT keeps
+the fine-tuned graph only if, exported and run by onnxruntime on validation data, it
+answers more samples correctly *and* lowers the loss significantly — a one-sided paired
+test on the per-sample cross-entropy at level ``significance``; otherwise it returns the
+PTQ model. Fine-tuning is skipped when PTQ is already as accurate as the float model on
+validation: there is no quantization loss to recover, and at 8 bits PTQ often loses nothing
+measurable, where fine-tuning only moves the model by noise. A tie in accuracy keeps PTQ:
+on a small validation set (scikit-learn's digits, 180 samples) a loss gain alone did not
+carry over to top-1 — fine-tuning kept on it scored 0.1-0.2 points below PTQ on the test
+split (benchmarks/bench_qat_real.py).
 
 Why PT2E and not NNCF: both insert fake quantization into a captured graph and export QDQ
 ONNX. NNCF (OpenVINO's toolkit) has onnxruntime-oriented presets and its own BN and bias
@@ -66,6 +68,7 @@ from edgeloop.compress.trainbase import TorchPass, TrainContext, apply_masks, sa
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import DataError, ModelError, UsageError, one_of
 from edgeloop.targets import Target, detect
+from edgeloop.zoo.train import accuracy
 
 __all__ = ["BITS", "QAT", "ExportedScore", "QATModel", "exported_score", "prepare_ptq",
            "quantize_export"]
@@ -126,12 +129,15 @@ class QAT(TorchPass):
         ptq = prepare_ptq(copy.deepcopy(model), calib, bits=self.bits, target=self.target)
         if not self.epochs:
             return ptq
-        tuned = self.fine_tune(model, ctx)
 
         def score(m: QATModel) -> ExportedScore:
             return exported_score(m, calib, ctx.val, bits=self.bits, target=self.target)
 
-        return tuned if score(tuned).beats(score(ptq), significance=self.significance) else ptq
+        base = score(ptq)
+        if base.accuracy >= accuracy(model, ctx.val):
+            return ptq          # PTQ lost nothing on validation: no loss to recover
+        tuned = self.fine_tune(model, ctx)
+        return tuned if score(tuned).beats(base, significance=self.significance) else ptq
 
     def fine_tune(self, model: nn.Module, ctx: TrainContext) -> QATModel:
         """The fine-tuned :class:`QATModel`, whatever its score (``model`` is trained in
