@@ -15,6 +15,8 @@ so a user sees edgeloop's words, never a library traceback for their own mistake
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 __all__ = [
     "DataError",
     "EdgeloopError",
@@ -47,6 +49,17 @@ class VerificationError(EdgeloopError):
 
 class TransportError(EdgeloopError):
     """A remote peer (HTTP repository, SSH host, server) was unreachable or refused."""
+
+
+def check_table(d: object, known: Sequence[str], *, name: str, shown: str) -> None:
+    """Raise the one-line :class:`UsageError` unless ``d`` is a mapping (a TOML/JSON
+    table; ``name`` says which, as "`name` must be a table") whose keys are all in
+    ``known`` (``shown`` names the table in that message: "[stream] has no key 'k'")."""
+    if not isinstance(d, Mapping):
+        raise UsageError(f"`{name}` must be a table of keys; got {type(d).__name__}")
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise UsageError(f"{shown} has no key {unknown[0]!r}; keys: {', '.join(known)}")
 
 
 def one_of(field: str, allowed: list[str] | tuple[str, ...], got: object) -> UsageError:

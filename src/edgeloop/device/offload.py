@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from edgeloop.errors import DataError, UsageError, one_of
+from edgeloop.errors import DataError, UsageError, check_table, one_of
 
 __all__ = ["ENCODINGS", "OffloadClient", "OffloadPolicy", "OffloadResult"]
 
@@ -93,13 +93,8 @@ class OffloadPolicy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OffloadPolicy:
         """A policy from a TOML/JSON table; unknown or missing keys are one-line errors."""
-        if not isinstance(d, Mapping):
-            raise UsageError(f"offload policy must be a table of keys; got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UsageError(f"offload policy has no key {unknown[0]!r}; keys: "
-                             f"{', '.join(known)}")
+        check_table(d, [f.name for f in fields(cls)], name="offload policy",
+                    shown="offload policy")
         if "url" not in d:
             raise UsageError("offload policy: `url` is required")
         return cls(**d)

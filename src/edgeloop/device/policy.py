@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeloop.device.offload import OffloadPolicy
-from edgeloop.errors import UsageError, one_of
+from edgeloop.errors import UsageError, check_table, one_of
 from edgeloop.targets import get_target
 
 __all__ = ["OFFLOAD_MODES", "OffloadRule", "Policy", "StreamRule"]
@@ -87,13 +87,9 @@ class OffloadRule:
     def from_dict(cls, d: Mapping[str, Any]) -> OffloadRule:
         """From the policy's ``[offload]`` table: this rule's keys, the rest the client's
         (:meth:`OffloadPolicy.from_dict`)."""
-        if not isinstance(d, Mapping):
-            raise UsageError(f"`offload` must be a table of keys; got {type(d).__name__}")
         own = [f.name for f in fields(cls) if f.name != "client"]
-        known = own + [f.name for f in fields(OffloadPolicy)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UsageError(f"[offload] has no key {unknown[0]!r}; keys: {', '.join(known)}")
+        check_table(d, own + [f.name for f in fields(OffloadPolicy)], name="offload",
+                    shown="[offload]")
         client = OffloadPolicy.from_dict({k: v for k, v in d.items() if k not in own})
         return cls(client=client, **{k: v for k, v in d.items() if k in own})
 
@@ -145,12 +141,7 @@ class StreamRule:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StreamRule:
         """From the policy's ``[stream]`` table."""
-        if not isinstance(d, Mapping):
-            raise UsageError(f"`stream` must be a table of keys; got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UsageError(f"[stream] has no key {unknown[0]!r}; keys: {', '.join(known)}")
+        check_table(d, [f.name for f in fields(cls)], name="stream", shown="[stream]")
         return cls(**d)
 
 
