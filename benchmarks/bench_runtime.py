@@ -1,7 +1,7 @@
 """The device runtime (issue 11): cascade and early exit, the runtime's overhead, the
 offload server under a fleet of devices, and what probation costs.
 
-1. Cascade and early exit on MNIST-1D: a small zoo model (``mnist1d-cnn`` at width 8)
+1. Cascade and early exit on MNIST-1D: a small zoo model (``mnist1d-cnn`` at width 16)
    before ``mnist1d-cnn`` (width 32, the zoo's; and width 128, a large stage whose run
    costs well above onnxruntime's per-call floor), and ``mnist1d-cnn-exits`` cut into
    chained segments; thresholds chosen on the validation split with a 0.5-point budget
@@ -67,7 +67,10 @@ from edgeloop.serve.loadgen import LoadReport, ServerProcess, drive
 from edgeloop.zoo import TrainConfig, train_zoo_model
 
 MAX_DROP = 0.5        # accuracy points, the issue's budget
-SMALL_WIDTH = 8       # the small stage: mnist1d-cnn at width 8 (about 16x fewer MACs)
+SAFETY = 1.0          # standard errors of the validation estimate kept in reserve
+SMALL_WIDTH = 16      # the small stage: mnist1d-cnn at width 16 (about 4x fewer MACs than
+#                       the zoo's width 32; at width 8, 10 epochs, it answered only a third
+#                       of the inputs within the budget in front of width 128)
 WIDE_WIDTH = 128      # the wide large stage: ~200 us a call at batch 1, the zoo's ~26 us
 
 
@@ -76,7 +79,7 @@ class Plan:
     """How long each part runs (``--quick`` shrinks everything)."""
 
     epochs: int = 20
-    small_epochs: int = 10
+    small_epochs: int = 20
     wide_epochs: int = 12
     test_samples: int | None = None   # None: the whole test split
     rounds: int = 7
@@ -87,7 +90,8 @@ class Plan:
     save_block: int = HealthConfig().probation_save_inferences   # calls per timed block
 
 
-QUICK = Plan(epochs=1, small_epochs=1, wide_epochs=1, test_samples=200, rounds=2, load_seconds=2.0,
+QUICK = Plan(epochs=1, small_epochs=1, wide_epochs=1, test_samples=200, rounds=2,
+             load_seconds=2.0,
              kill_at=0.7, restart_at=1.2, probation_rounds=3, save_block=2000)
 
 
@@ -162,24 +166,33 @@ def cascades(work: Path, plan: Plan, large: Served, wide: Served
                     width=SMALL_WIDTH)
     exits = work / "exits"
     train_zoo_model("mnist1d-cnn-exits", exits, config=TrainConfig(epochs=plan.epochs))
+    wide_exits = work / "wide-exits"
+    train_zoo_model("mnist1d-cnn-exits", wide_exits, width=WIDE_WIDTH,
+                    config=TrainConfig(epochs=plan.wide_epochs))
     bare = session(large_model, threads=1)
     whole = session(exits / "model.onnx", threads=1)
     large_acc = float((predict(bare, test).argmax(1) == test.labels).mean())
     whole_acc = float((predict(whole, test).argmax(1) == test.labels).mean())
+    wide_whole_acc = float((predict(session(wide_exits / "model.onnx", threads=1), test)
+                            .argmax(1) == test.labels).mean())
     wide_acc = float((predict(session(wide.model, threads=1), test).argmax(1)
                       == test.labels).mean())
     runs: list[CascadeRun] = []
     for name, models, baseline, reference, alone in (
-            ("cascade mnist1d-cnn w8 -> mnist1d-cnn", [small / "model.onnx", large_model],
-             None, large_acc, "large"),
-            (f"cascade mnist1d-cnn w8 -> mnist1d-cnn w{WIDE_WIDTH}",
+            (f"cascade mnist1d-cnn w{SMALL_WIDTH} -> mnist1d-cnn",
+             [small / "model.onnx", large_model], None, large_acc, "large"),
+            (f"cascade mnist1d-cnn w{SMALL_WIDTH} -> mnist1d-cnn w{WIDE_WIDTH}",
              [small / "model.onnx", wide.model], None, wide_acc, "wide"),
             ("early exit mnist1d-cnn-exits (3 segments)",
              [exits / f"exit{i}.onnx" for i in (1, 2, 3)], exits / "model.onnx", whole_acc,
-             "large")):
+             "large"),
+            (f"early exit mnist1d-cnn-exits w{WIDE_WIDTH} (3 segments)",
+             [wide_exits / f"exit{i}.onnx" for i in (1, 2, 3)], wide_exits / "model.onnx",
+             wide_whole_acc, "wide")):
         for batch in (1, 32):
             out = work / f"cascade{len(runs)}.json"
             c = build_cascade(models, val, max_drop=MAX_DROP, out=out, baseline=baseline,
+                              safety=SAFETY,
                               latency_rounds=plan.rounds, latency_batch=batch)
             rt = Runtime(None, Policy(cascade=out, threads=1))
             answers = list(rt.predict_each(test))
@@ -227,9 +240,12 @@ def cascades(work: Path, plan: Plan, large: Served, wide: Served
         f"it); the small stage is `mnist1d-cnn` at width "
         f"{SMALL_WIDTH} ({plan.small_epochs} epochs; `mnist1d-mlp` is cheaper still but too "
         f"inaccurate on MNIST-1D to answer much alone); `mnist1d-cnn-exits` "
-        f"({plan.epochs} epochs) is served as its three chained segments. Thresholds are "
+        f"(width 32, {plan.epochs} epochs; width {WIDE_WIDTH}, {plan.wide_epochs} epochs) "
+        f"is served as its three chained segments. Thresholds are "
         f"chosen on the validation split ({len(val)} samples, `max_drop` {MAX_DROP} points, "
-        f"safety 0) for the batch size served (`build_cascade(latency_batch=...)`: stage "
+        f"safety {SAFETY:g} standard error: thresholds tuned to 500 samples overfit them; "
+        f"with safety 0 the width-16 cascades dropped 0.4 points on validation and 0.6-0.7 "
+        f"on test) for the batch size served (`build_cascade(latency_batch=...)`: stage "
         f"costs per sample timed at batch 1 or 32), then accuracy and latency are measured "
         f"on {n} test samples through `Runtime.predict` (one onnxruntime thread per stage). "
         f"Latency: microseconds per sample, median of {plan.rounds} interleaved rounds, each "
