@@ -340,8 +340,9 @@ def _plot(png: Path, curves: Sequence[tuple[str, list[tuple[float, float, float]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colors = ("tab:blue", "tab:cyan", "tab:orange", "tab:red")
-    for (name, pts, expected), color in zip(curves, colors, strict=False):
+    palette = plt.get_cmap("tab10")
+    for k, (name, pts, expected) in enumerate(curves):
+        color = palette(k % 10)
         ref = _whole_ms(expected)
         lat = [p[0] / ref for p in pts]
         ax.plot(lat, [100 * p[1] for p in pts], "--", color=color, alpha=0.5, lw=0.8)
