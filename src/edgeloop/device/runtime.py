@@ -441,7 +441,7 @@ class Runtime:
             rows = len(next(iter(feed.values())))
             shares, *outs = batcher.submit(Feed(dict(feed), rows,
                                                 tuple(v.shape[1:] for v in feed.values())))[0]
-            busy = float(shares[0]) * len(shares)     # this caller's rows' equal shares
+            busy = float(shares.sum())                # this caller's rows' shares
         else:
             busy, outs = self._run_local(part, feed)
         spent.add(time.perf_counter() - t0, busy)
