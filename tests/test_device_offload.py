@@ -18,6 +18,7 @@ from test_cli import cli
 
 from edgeloop.data import Dataset, save_npz
 from edgeloop.device import Cascade, OffloadRule, Policy, Runtime, Stage
+from edgeloop.device import runtime as runtime_module
 from edgeloop.device.calibration import confidence, softmax
 from edgeloop.device.offload import OffloadPolicy
 from edgeloop.errors import UsageError
@@ -254,15 +255,19 @@ def test_device_run_with_offload(models, tmp_path: Path) -> None:
 @pytest.fixture
 def stage_runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Samples each cascade stage ran on (by stage name), counted around the runtime's
-    one call into onnxruntime per stage."""
+    one call into onnxruntime per stage (runtimes made after the fixture)."""
     runs: dict[str, int] = {}
-    real = Runtime._run
+    real = runtime_module.runner
 
-    def counting(st: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        runs[st.name] = runs.get(st.name, 0) + len(next(iter(feed.values())))
-        return real(st, feed)
+    def counting(sess: object, what: str = "inference") -> object:
+        run, name = real(sess, what), what.removeprefix("stage ").strip("'")
 
-    monkeypatch.setattr(Runtime, "_run", staticmethod(counting))
+        def counted(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            runs[name] = runs.get(name, 0) + len(next(iter(feed.values())))
+            return run(feed)
+        return counted
+
+    monkeypatch.setattr(runtime_module, "runner", counting)
     return runs
 
 

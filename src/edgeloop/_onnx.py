@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +77,33 @@ def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
 
 
 def run(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The first output of ``sess`` on ``feed``."""
-    names = [i.name for i in sess.get_inputs()]
-    try:
-        return sess.run(None, {n: feed[n] for n in names})[0]
-    except Exception as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelError(f"inference failed: {first[:300]}") from None
+    """The first output of ``sess`` on ``feed`` (which may hold more arrays than its
+    inputs)."""
+    return runner(sess)({i.name: feed[i.name] for i in sess.get_inputs()})[0]
+
+
+def runner(sess: ort.InferenceSession, what: str = "inference"
+           ) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """A function running ``sess`` on a feed that is exactly its inputs, already checked
+    by the caller, and returning every output; a failure is a :class:`ModelError`
+    saying ``what`` failed.
+
+    It calls onnxruntime's native session with the output names listed once:
+    ``InferenceSession.run`` re-checks the feed's names and lists the outputs on every
+    call, 1.5 us a call here, 6% of a small model's whole run.
+    """
+    names = [o.name for o in sess.get_outputs()]
+    native = getattr(sess, "_sess", None)      # absent: a future onnxruntime; the public call
+    call = native.run if native is not None else sess.run
+
+    def run_outputs(feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return call(names, feed, None)  # type: ignore[no-any-return]
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"{what} failed: {first[:300]}") from None
+
+    return run_outputs
 
 
 def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:

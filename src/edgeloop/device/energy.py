@@ -60,11 +60,14 @@ class EnergyMeter:
         return cls(watts=t.watts, cores=os.cpu_count() or 1, threads=threads,
                    profile=t.name)
 
+    def __post_init__(self) -> None:     # millijoules per busy second, made once
+        object.__setattr__(self, "_mj_per_s", estimate_energy(
+            self.threads, watts=self.watts, cores=self.cores) * 1e3)
+
     def millijoules(self, seconds: float) -> float:
         """The energy of an inference that kept the session busy ``seconds`` (by
         :attr:`clock`), in millijoules."""
-        return estimate_energy(seconds * self.threads, watts=self.watts,
-                               cores=self.cores) * 1e3
+        return seconds * self._mj_per_s  # type: ignore[attr-defined,no-any-return]
 
     def describe(self) -> str:
         """One line saying how the figures are made."""

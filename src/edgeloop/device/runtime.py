@@ -44,7 +44,7 @@ import numpy as np
 from edgeloop._batching import BatchStats, BatchThread
 from edgeloop._energy import Energy, RaplCounter
 from edgeloop._io import sha256_file
-from edgeloop._onnx import input_specs, load_model, session
+from edgeloop._onnx import input_specs, load_model, runner, session
 from edgeloop._progress import progress
 from edgeloop._request import Feed, batchable
 from edgeloop.bundle.device import Device, Watch
@@ -150,7 +150,7 @@ class _Stage:
     """A stage that runs (skipped ones are left out), its graph computing its confidence."""
 
     name: str
-    session: object                 # onnxruntime.InferenceSession
+    run: Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]   # every output
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     threshold: float                # inf: never answers (the last: -inf, always answers)
@@ -181,14 +181,12 @@ class RuntimeStats:
         self.energy_mj_total = 0.0                # the answers' energy_mj
         self._meter = meter
         self._rapl = rapl if rapl is not None else RaplCounter()
+        self._poll = self._rapl.readable
         self._polled = time.monotonic()
 
     def add(self, a: Answer, samples: int) -> None:
-        """Count one answer of ``samples`` samples (a skipped window: by its reason)."""
+        """Count one answer of ``samples`` samples (not a skipped window: :meth:`skip`)."""
         with self._lock:
-            if a.skipped is not None:
-                self.skipped[a.skipped] = self.skipped.get(a.skipped, 0) + 1
-                return
             self.calls += 1
             self.samples += samples
             self.answered[a.stage] = self.answered.get(a.stage, 0) + 1
@@ -198,9 +196,14 @@ class RuntimeStats:
                 self.kept_local[why] = self.kept_local.get(why, 0) + 1
             self.latency_ms_total += a.latency_ms
             self.energy_mj_total += a.energy_mj
-            if self._rapl.readable and time.monotonic() - self._polled >= self.RAPL_POLL_S:
+            if self._poll and time.monotonic() - self._polled >= self.RAPL_POLL_S:
                 self._rapl.joules()
                 self._polled = time.monotonic()
+
+    def skip(self, reason: str) -> None:
+        """Count one stream window not run, for ``reason``."""
+        with self._lock:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def error(self) -> None:
         """Count one model error."""
@@ -261,17 +264,21 @@ class _Call:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        watch = self.watch
         if kind is not None and issubclass(kind, ModelError):
-            self.rt.stats.error()
-            if watch is not None:
-                now = time.perf_counter()
-                if watch.report(False, now, now, self.samples):
-                    self.rt._over(watch)
-        elif kind is None and watch is not None and self.runs:
-            now = time.perf_counter()
-            if watch.report(True, now - self.wall_s, now, self.samples):
-                self.rt._over(watch)
+            _tell(self.rt, self.watch, False, 0.0, self.samples)
+        elif kind is None and self.runs:
+            _tell(self.rt, self.watch, True, self.wall_s, self.samples)
+
+
+def _tell(rt: Runtime, watch: Watch | None, ok: bool, wall_s: float, samples: int) -> None:
+    """Report a call of ``samples`` that ran ``wall_s`` seconds up to now to probation,
+    failed unless ``ok`` (a model error, also counted in the stats)."""
+    if not ok:
+        rt.stats.error()
+    if watch is not None:
+        now = time.perf_counter()
+        if watch.report(ok, now - wall_s, now, samples):
+            rt._over(watch)
 
 
 class Runtime:
@@ -292,6 +299,7 @@ class Runtime:
         self.meter = meter or EnergyMeter.for_target(self.policy.target,
                                                      threads=self.policy.threads)
         self.stats = RuntimeStats(meter=self.meter)
+        self._wall_clock = self.meter.clock is time.perf_counter   # one clock times both
         self._lock = threading.Lock()
         self._batchers: dict[str, BatchThread] = {}    # by part (_ALL, _HEAD, _TAIL)
         self._client: OffloadClient | None = None
@@ -325,6 +333,7 @@ class Runtime:
                     max_delay_ms=self.policy.max_delay_ms, stats=shared)
         if rule is not None and rule.mode != "never":
             self._client = OffloadClient(rule.client)
+        self._lean = self.cascade is None and not self._batchers   # see _plain
 
     def close(self) -> None:
         """Stop micro-batching and close the offload client (probation is saved too)."""
@@ -390,11 +399,13 @@ class Runtime:
             self._start_cascade(self.path.with_name(CASCADE_FILE), verified=True)
         else:
             self.cascade = None
-            self.session = session(self.path, threads=self.policy.threads)
-            self._inputs = input_specs(self.session)
+            sess = session(self.path, threads=self.policy.threads)
+            self._inputs = input_specs(sess)
+            self._run_model = runner(sess)
             self._names = (self.manifest.name,)
         first = self._inputs[0] if self._inputs else None
         self._batch_of = first.name if first is not None and first.shape else None
+        self._lean = self.cascade is None and not self._batchers   # see _plain
         if self._watch is not None:
             weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 
@@ -411,10 +422,39 @@ class Runtime:
         """
         if self.cascade is not None:
             return self.predict(feed).output
-        check_against(feed, self._inputs, source="the feed")
-        feed = {i.name: feed[i.name] for i in self._inputs}
+        feed = self._checked(feed)
+        if self._lean:
+            return self._plain(feed)[0]
         with self._probation(feed) as spent:
             return self._local(feed, _ALL, spent)[0]
+
+    def _checked(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feed`` checked against the model's inputs (:class:`DataError` if it does not
+        fit), as a dict of exactly them."""
+        check_against(feed, self._inputs, source="the feed")
+        if type(feed) is dict and len(feed) == len(self._inputs):
+            return feed          # every input and nothing else: no copy (a small model's 1%)
+        return {i.name: feed[i.name] for i in self._inputs}
+
+    def _plain(self, feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float, int]:
+        """One model run here, not micro-batched (the device's common case, in fewer
+        steps than :class:`_Call` and :meth:`_local` take for the others): its first
+        output, the seconds it kept the session busy (the meter's clock) and the samples
+        it held; probation is told."""
+        samples = len(feed[self._batch_of]) if self._batch_of else 1
+        watch, clock, wall = self._watch, self.meter.clock, self._wall_clock
+        w0 = time.perf_counter()
+        c0 = w0 if wall else clock()
+        try:
+            out = self._run_model(feed)[0]
+        except ModelError:
+            _tell(self, watch, False, 0.0, samples)
+            raise
+        w1 = time.perf_counter()
+        busy = w1 - w0 if wall else clock() - c0
+        if watch is not None:
+            _tell(self, watch, True, w1 - w0, samples)
+        return out, busy, samples
 
     def _over(self, watch: Watch) -> None:
         """Probation is over for this runtime: serve the other slot if it rolled back."""
@@ -435,16 +475,20 @@ class Runtime:
         carry (:meth:`_cascade_run`) per sample, from the stages ``part`` covers, run here
         (micro-batched with other callers' when that is on); adds what it took to
         ``spent``."""
-        t0 = time.perf_counter()
         batcher = self._batchers.get(part)
-        if batcher is not None:
-            rows = len(next(iter(feed.values())))
-            shares, *outs = batcher.submit(Feed(dict(feed), rows,
-                                                tuple(v.shape[1:] for v in feed.values())))[0]
-            busy = float(shares.sum())                # this caller's rows' shares
+        if batcher is None and self._wall_clock:
+            busy, outs = self._run_local(part, feed)      # the meter's clock is the wall's
+            spent.add(busy, busy)
         else:
-            busy, outs = self._run_local(part, feed)
-        spent.add(time.perf_counter() - t0, busy)
+            t0 = time.perf_counter()
+            if batcher is not None:
+                rows = len(next(iter(feed.values())))
+                shares, *outs = batcher.submit(
+                    Feed(dict(feed), rows, tuple(v.shape[1:] for v in feed.values())))[0]
+                busy = float(shares.sum())                # this caller's rows' shares
+            else:
+                busy, outs = self._run_local(part, feed)
+            spent.add(time.perf_counter() - t0, busy)
         if len(outs) == 1:
             n = len(outs[0]) if outs[0].ndim else 1
             return outs[0], None, _FIRST if n == 1 else np.zeros(n, np.intp), {}
@@ -466,7 +510,7 @@ class Runtime:
         clock = self.meter.clock
         c0 = clock()
         if self.cascade is None:
-            outs = _session_run(self.session, feed, "inference")[:1]
+            outs = self._run_model(feed)[:1]
         else:
             k = len(self._stages)
             start, stop = {_ALL: (0, k), _HEAD: (0, k - 1), _TAIL: (k - 1, k)}[part]
@@ -486,8 +530,19 @@ class Runtime:
         class, default the rule's). Never raises for the network or the server: a refused
         or failed offload is answered locally, with ``offload_reason``."""
         t0 = time.perf_counter()
-        check_against(feed, self._inputs, source="the feed")
-        feed = {i.name: feed[i.name] for i in self._inputs}    # all that may leave
+        feed = self._checked(feed)                               # all that may leave
+        if self._client is None:           # nothing may leave: the short way
+            if self._lean:                 # _done's work, for one model
+                out, busy, samples = self._plain(feed)
+                meter = self.meter
+                a = Answer(out, self._names[0], (time.perf_counter() - t0) * 1e3, None, False,
+                           None, meter.millijoules(busy), meter.source)
+                self.stats.add(a, samples)
+                return a
+            with self._probation(feed) as spent:
+                out, conf, idx, _ = self._local(feed, _ALL, spent)
+            return self._done(t0, out, conf, self._stage(idx), False, None, spent.busy_s,
+                              spent.samples)
         rule, reason = self.policy.offload, None
         cls = privacy_class if privacy_class is not None else \
             rule.privacy_class if rule is not None else ""
@@ -499,17 +554,14 @@ class Runtime:
             if self._client is not None and first:
                 outs, reason = self._offload(feed, cls)
                 if outs is not None:
-                    return self._answer(Answer(outs, OFFLOAD_STAGE, _ms(t0), None, True,
-                                               energy_source=self.meter.source), feed)
+                    return self._done(t0, outs, None, OFFLOAD_STAGE, True, None, 0.0,
+                                      spent.samples)
             out, conf, idx, carry = self._local(feed, _HEAD if defer and not first else _ALL,
                                                 spent)
-            names = self._names
-            # one sample (the device case): no numpy reductions, each costs 2 us
-            stage = names[int(idx[0]) if len(idx) == 1 else int(idx.max()) if len(idx) else -1]
-            offloaded = False
-            if (self._client is not None and rule is not None and rule.mode == "when-unsure"
-                    and not first and conf is not None):
-                unsure = idx == len(names) - 1
+            stage, offloaded = self._stage(idx), False
+            if (rule is not None and rule.mode == "when-unsure" and not first
+                    and conf is not None):
+                unsure = idx == len(self._names) - 1
                 if rule.min_confidence is not None:
                     unsure &= conf < rule.min_confidence
                 if unsure.any():
@@ -524,14 +576,25 @@ class Runtime:
                         rest = {k: v[unsure] for k, v in carry.items()} if carry else part
                         last_out, last_conf, _, _ = self._local(rest, _TAIL, spent)
                         out[unsure], conf[unsure] = last_out, last_conf
+        return self._done(t0, out, conf, stage, offloaded, reason, spent.busy_s,
+                          spent.samples)
+
+    def _stage(self, idx: np.ndarray) -> str:
+        """The answering stage's name: for a batch, the last stage any sample needed."""
+        # one sample (the device case): no numpy reductions, each costs 2 us
+        return self._names[int(idx[0]) if len(idx) == 1 else int(idx.max()) if len(idx)
+                           else -1]
+
+    def _done(self, t0: float, out: np.ndarray, conf: np.ndarray | None, stage: str,
+              offloaded: bool, reason: str | None, busy_s: float, samples: int) -> Answer:
+        """The answer of a call of ``samples`` that started at ``t0`` (``perf_counter``)
+        and kept a local session busy ``busy_s`` seconds, counted."""
         shown = None if conf is None or not len(conf) else \
             float(conf[0]) if len(conf) == 1 else float(conf.min())
-        return self._answer(Answer(out, stage, _ms(t0), shown, offloaded, reason,
-                                   self.meter.millijoules(spent.busy_s), self.meter.source),
-                            feed)
-
-    def _answer(self, a: Answer, feed: Mapping[str, np.ndarray]) -> Answer:
-        self.stats.add(a, len(feed[self._batch_of]) if self._batch_of else 1)
+        meter = self.meter
+        a = Answer(out, stage, (time.perf_counter() - t0) * 1e3, shown, offloaded, reason,
+                   meter.millijoules(busy_s), meter.source)
+        self.stats.add(a, samples)
         return a
 
     def _offload(self, feed: Mapping[str, np.ndarray], privacy_class: str, *,
@@ -595,7 +658,7 @@ class Runtime:
                     a = Answer(last.output, last.stage, _ms(t0), last.confidence,
                                last.offloaded, energy_source=last.energy_source,
                                skipped=reason)
-                    self.stats.add(a, 1)
+                    self.stats.skip(reason)
                     yield a
                     continue
             last = self.predict(feed)
@@ -630,6 +693,7 @@ class Runtime:
         finite = np.array([s.threshold is not None for s in c.stages[:-1]])
         runs = needed_stages(finite, [s.chained for s in c.stages])
         stages: list[_Stage] = []
+        first: list[InputSpec] = []
         for s, r in zip(c.stages, runs, strict=True):
             model = path.parent / s.model
             if not model.is_file():
@@ -642,6 +706,7 @@ class Runtime:
             sess = session(with_confidence(load_model(model), temperature=s.temperature,
                                            measure=c.measure), threads=self.policy.threads)
             inputs = tuple(i.name for i in sess.get_inputs())
+            first = first or input_specs(sess)
             feed_from: tuple[int, ...] = ()
             if s.chained:
                 prev = stages[-1].outputs
@@ -651,7 +716,8 @@ class Runtime:
                                      f"which stage {stages[-1].name!r} does not output")
                 feed_from = tuple(prev.index(i) for i in inputs)
             stages.append(_Stage(
-                s.name, sess, inputs, tuple(o.name for o in sess.get_outputs()),
+                s.name, runner(sess, f"stage {s.name!r}"), inputs,
+                tuple(o.name for o in sess.get_outputs()),
                 -np.inf if s is c.stages[-1] else np.inf if s.threshold is None else s.threshold,
                 s.chained, feed_from))
         self._stages = tuple(stages)
@@ -660,7 +726,7 @@ class Runtime:
         self._index = tuple(np.full(1, i, np.intp) for i in range(len(stages)))
         for a in self._index:
             a.flags.writeable = False
-        self._inputs = input_specs(stages[0].session)   # type: ignore[arg-type]
+        self._inputs = first
 
     def _cascade_run(self, feed: Mapping[str, np.ndarray], start: int, stop: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -686,7 +752,7 @@ class Runtime:
             st = self._stages[i]
             f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
                 if st.chained and i > start else {k: feed[k][rows] for k in st.inputs}
-            outs = self._run(st, f)
+            outs = st.run(f)
             logits, conf = outs[0], outs[-1]
             if out is None:
                 out = np.zeros((n, *logits.shape[1:]), logits.dtype)
@@ -713,27 +779,12 @@ class Runtime:
             st = self._stages[i]
             f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
                 if st.chained and i > start else {k: feed[k] for k in st.inputs}
-            outs = self._run(st, f)
+            outs = st.run(f)
             if outs[-1][0] >= st.threshold:
                 return outs[0], outs[-1], self._index[i], []
         nxt = self._stages[stop]        # no stage answered: stop is before the last
         carry = [outs[j] for j in nxt.feed_from] if nxt.chained else []
         return np.zeros_like(outs[0]), outs[-1], self._index[stop], carry
-
-    @staticmethod
-    def _run(st: _Stage, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return _session_run(st.session, feed, f"stage {st.name!r}")
-
-
-def _session_run(sess: object, feed: Mapping[str, np.ndarray], what: str
-                 ) -> list[np.ndarray]:
-    """Every output of onnxruntime session ``sess`` on ``feed`` (exactly its inputs: not
-    looked up per call, which costs microseconds a small model does not have); a failure
-    is a :class:`ModelError` naming ``what`` failed."""
-    try:
-        return sess.run(None, feed)     # type: ignore[attr-defined,no-any-return]
-    except Exception as e:
-        raise ModelError(f"{what} failed: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 _FIRST = np.zeros(1, np.intp)     # one sample answered by the first (only) stage
