@@ -742,28 +742,28 @@ class Runtime:
         n = len(next(iter(feed.values())))
         if n == 1:
             return self._one(feed, start, stop)
-        rows = np.arange(n)
-        out: np.ndarray | None = None
-        conf_all = np.ones(n, np.float32)
-        idx = np.full(n, stop, np.intp)
-        outs: list[np.ndarray] = []
         last = len(self._stages) - 1
-        for i in range(start, stop):
+        st = self._stages[start]          # on every row: its arrays, fresh from onnxruntime,
+        outs = st.run({k: feed[k] for k in st.inputs})      # become the result's
+        out, conf_all = outs[0], outs[-1]
+        ok = conf_all >= st.threshold if start < last else np.ones(n, bool)
+        idx = np.where(ok, start, stop)
+        rows = np.flatnonzero(~ok)
+        outs = [v[rows] for v in outs]       # copies: the next stage's, before out changes
+        out[~ok] = 0
+        for i in range(start + 1, stop):
+            if not len(rows):
+                break
             st = self._stages[i]
             f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
-                if st.chained and i > start else {k: feed[k][rows] for k in st.inputs}
+                if st.chained else {k: feed[k][rows] for k in st.inputs}
             outs = st.run(f)
             logits, conf = outs[0], outs[-1]
-            if out is None:
-                out = np.zeros((n, *logits.shape[1:]), logits.dtype)
             ok = np.ones(len(rows), bool) if i == last else conf >= st.threshold
             out[rows[ok]] = logits[ok]
             conf_all[rows] = conf
             idx[rows[ok]] = i
             rows, outs = rows[~ok], [v[~ok] for v in outs]
-            if not len(rows):
-                break
-        assert out is not None
         carry: list[np.ndarray] = []
         if stop <= last and self._stages[stop].chained:
             for j in self._stages[stop].feed_from:
