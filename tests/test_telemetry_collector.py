@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_telemetry_fixtures import RecordingProxy, _free_port, make_device, postgres
+from test_telemetry_fixtures import RecordingProxy, free_port, make_device, postgres
 
 from edgeloop.cli import main
 from edgeloop.errors import TransportError
@@ -143,7 +143,7 @@ def _stored_body(store: TelemetryStore) -> bytes:
 def test_an_unreachable_collector_keeps_reports_and_spends_nothing_more(tmp_path: Path) -> None:
     store = TelemetryStore(str(tmp_path / "t.db"))
     [dev] = fleet(tmp_path, store, 1)
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     for _ in range(2):
         with pytest.raises(TransportError, match=r"unreachable .* 1 report\(s\) kept"):
             dev.report(observation(0), dead, epsilon=1.0)
@@ -182,7 +182,7 @@ def test_a_collector_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     store = TelemetryStore(str(db))
     devices = fleet(tmp_path, store, 4)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     made = dict.fromkeys(range(4), 0)
     failures = 0

@@ -204,3 +204,16 @@ def test_the_device_side_imports_no_collector_or_oracle_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": str(src)}, check=True, timeout=60).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [["telemetry", "--help"], ["telemetry", "serve", "--help"],
+                                  ["telemetry", "summary", "--help"],
+                                  ["device", "report", "--help"],
+                                  ["device", "privacy", "--help"]])
+def test_help_needs_no_collector_library(args: list[str]) -> None:
+    from test_cli_imports import run
+
+    code, out, err, imports = run(*args)
+    assert code == 0, err
+    assert "Usage:" in out
+    assert not {"sqlalchemy", "fastapi", "uvicorn", "psycopg"} & set(imports["loaded"])

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,11 @@ import pytest
 
 from edgeloop.telemetry import Budget, Reporter, create_key
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from _fleet import PG_BIN, free_port, postgres_server
+
+__all__ = ["RecordingProxy", "free_port", "make_device", "postgres"]
 
 
 def make_device(path: Path, *, budget: float | None = 100.0, period_s: int = 86400,
@@ -34,37 +35,14 @@ def make_device(path: Path, *, budget: float | None = 100.0, period_s: int = 864
     return rep
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[str]:
     """A real PostgreSQL server on 127.0.0.1 (Debian's postgresql package), for the
     session; yields a database URL. Skips only when the binaries are absent."""
     if not (PG_BIN / "initdb").exists():
         pytest.skip("PostgreSQL binaries absent (Debian package `postgresql`)")
-    # in the system temp folder, not pytest's (0700 folders `postgres` cannot enter)
-    root = Path(tempfile.mkdtemp(prefix="edgeloop-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:          # initdb refuses root: run the server as `postgres`
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    data = root / "data"
-    subprocess.run([*as_user, PG_BIN / "initdb", "-D", data, "-A", "trust", "-U", "edgeloop",
-                    "--no-sync"], check=True, capture_output=True, timeout=120)
-    subprocess.run([*as_user, PG_BIN / "pg_ctl", "-D", data, "-l", root / "log", "-w", "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                    "start"], check=True, capture_output=True, timeout=120)
-    try:
-        yield f"postgresql://edgeloop@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60, check=False)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server() as url:
+        yield url
 
 
 class RecordingProxy:

@@ -32,6 +32,7 @@ floating-point caveat of Mironov (CCS 2012) applies at the level of the rounding
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import secrets
@@ -239,7 +240,7 @@ class Gaussian:
             raise UsageError(f"`delta` of the Gaussian mechanism must be in (0, 0.5); got {d!r}")
         object.__setattr__(self, "delta", float(d))
 
-    @property
+    @functools.cached_property
     def sigma(self) -> float:
         """The noise's standard deviation (bisection: the exact δ falls as sigma grows)."""
         sens = self.hi - self.lo
