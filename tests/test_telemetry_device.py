@@ -123,8 +123,10 @@ def test_a_report_holds_only_mechanism_outputs_and_splits_epsilon() -> None:
     assert b"0.8731" not in body
     parsed = parse_report(body)
     assert (parsed.device, parsed.seq, parsed.epsilon) == ("dev-1", 7, 1.5)
-    gauss = json.loads(_report(confidence_mechanism="gaussian", class_mechanism="oue")[0])
+    gauss_body = _report(confidence_mechanism="gaussian", class_mechanism="oue")[0]
+    gauss = json.loads(gauss_body)
     assert gauss["delta"] == 1e-6 and len(gauss["fields"]["class"]["value"]) == 4
+    assert parse_report(gauss_body).delta == 1e-6
 
 
 def test_signature_covers_every_byte() -> None:
@@ -134,6 +136,7 @@ def test_signature_covers_every_byte() -> None:
     assert not signature_ok(body.replace(b'"seq":7', b'"seq":8'), mac, key)
     assert not signature_ok(body, mac, b"x" * 32)
     assert not signature_ok(body, "zz", key)
+    assert not signature_ok(body, "é" * 64, key)
 
 
 def _mutate(path: list[str], value: object) -> bytes:
@@ -147,6 +150,8 @@ def _mutate(path: list[str], value: object) -> bytes:
 
 @pytest.mark.parametrize(("body", "status", "words"), [
     (b"not json", 400, "not JSON"),
+    (b"\xff\xfe", 400, "not JSON"),
+    (b"[" * 30000 + b"]" * 30000, 400, "not JSON"),
     (b"[1, 2]", 400, "an object with keys"),
     (b'{"v": 1}', 400, "an object with keys"),
     (_mutate(["v"], 2), 422, "format 2"),

@@ -175,13 +175,15 @@ class Reporter:
               timeout: float = 10.0) -> int:
         """Send every report in the outbox to the collector at ``url``, oldest first;
         returns how many it acknowledged. Stops at the first failure with
-        :class:`TransportError` (what was not acknowledged stays in the outbox)."""
+        :class:`TransportError` (what was not acknowledged stays in the outbox). Holds
+        the telemetry lock meanwhile, so two processes never send the same report."""
         key = self._check()
         base = url.rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise UsageError(f"`--to` must be an http(s) URL; got {url!r}")
         sent = 0
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self._locked())     # one sender at a time, oldest first
             http = client or stack.enter_context(httpx.Client(timeout=timeout))
             for path in self.pending():
                 entry = json.loads(path.read_bytes())

@@ -172,7 +172,8 @@ def sign(body: bytes, key: bytes) -> str:
 
 def signature_ok(body: bytes, signature: str, key: bytes) -> bool:
     """Whether ``signature`` is ``body``'s HMAC under ``key`` (constant time)."""
-    return hmac.compare_digest(sign(body, key), signature.strip().lower())
+    given = signature.strip().lower().encode("utf-8", "replace")   # headers may hold any text
+    return hmac.compare_digest(sign(body, key).encode(), given)
 
 
 def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
@@ -197,7 +198,7 @@ def parse_report(body: bytes) -> Report:
         raise BadReport(413, f"a report is at most {MAX_BODY} bytes; got {len(body)}")
     try:
         doc = json.loads(body, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
         raise BadReport(400, f"the body is not JSON ({str(e)[:80]})") from None
     if not isinstance(doc, dict) or set(doc) != _TOP:
         got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
