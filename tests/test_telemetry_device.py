@@ -53,6 +53,8 @@ def test_ledger_refuses_at_budget_and_frees_as_the_window_slides() -> None:
         ledger.charge(2.0, 0.0, 1e6)
     with pytest.raises(UsageError, match="δ"):
         Ledger(Budget(1.0, 60)).charge(0.1, 1e-6, 0.0)        # delta budget 0: pure only
+    with pytest.raises(UsageError, match="privacy budget spent: δ 1e-05 of 1e-05"):
+        Ledger(Budget(1.0, 60, 1e-5)).charge(0.1, 1e-5, 0.0)[0].charge(0.1, 1e-6, 1.0)
     with pytest.raises(UsageError, match="no privacy budget"):
         Ledger().charge(0.1, 0.0, 0.0)
     for bad in (0.0, -0.5, float("nan")):

@@ -225,7 +225,12 @@ def device_privacy(
 ) -> None:
     """Show or set (the device owner's) privacy budget for telemetry reports."""
     from edgeloop.telemetry import Budget, Reporter, parse_period
+    from edgeloop.telemetry.ledger import format_period
 
+    if budget is None and delta:
+        from edgeloop.errors import UsageError
+
+        raise UsageError("`--delta` is set together with `--budget` (and `--period`)")
     rep = Reporter(state_dir)
     if new_key:
         console.print(f"telemetry key written to {rep.new_key()}")
@@ -236,9 +241,9 @@ def device_privacy(
         console.print("no privacy budget set: this device sends no telemetry")
         return
     eps, dlt = ledger.spent(time.time())
-    console.print(f"budget ε {b.epsilon:g}, δ {b.delta:g} per {b.period_s:,} s (basic "
-                  f"composition, sliding window); spent ε {eps:g}, δ {dlt:g}",
-                  highlight=False)
+    console.print(f"budget ε {b.epsilon:g}, δ {b.delta:g} per {format_period(b.period_s)} "
+                  f"(basic composition, sliding window); spent ε {eps:g}, δ {dlt:g}",
+                  highlight=False, soft_wrap=True)
 
 
 @device_app.command("report")
@@ -270,4 +275,4 @@ def device_report(
                                              confidence_mechanism=confidence_mechanism))
     console.print(f"sent report {result.seq} (ε {result.epsilon:g}; {result.sent} "
                   f"delivered); spent ε {result.spent[0]:g} in the current window",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)

@@ -87,11 +87,11 @@ def telemetry_summary(
     t = Table(title=f"fleet estimates ({pct} intervals)")
     for col in ("quantity", "estimate", "interval", "devices"):
         t.add_column(col)
-    for k, mix in s.class_mix.items():
-        for c, e in enumerate(mix):
-            t.add_row(f"class {c} of {k}", f"{e.value:.4f}", f"[{e.low:.4f}, {e.high:.4f}]",
-                      str(e.devices))
-    for name, e in (("drift rate", s.drift_rate), ("mean confidence", s.mean_confidence)):
-        if e is not None:
-            t.add_row(name, f"{e.value:.4f}", f"[{e.low:.4f}, {e.high:.4f}]", str(e.devices))
+    rows = [(f"class {c} of {k}", e) for k, mix in s.class_mix.items()
+            for c, e in enumerate(mix)]
+    rows += [(name, e) for name, e in (("drift rate", s.drift_rate),
+                                        ("mean confidence", s.mean_confidence)) if e]
+    for name, e in rows:
+        interval = "needs 2 devices" if e.devices < 2 else f"{e.low:.4f} to {e.high:.4f}"
+        t.add_row(name, f"{e.value:.4f}", interval, str(e.devices))
     console.print(t)

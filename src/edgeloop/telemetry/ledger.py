@@ -26,7 +26,7 @@ from typing import Any
 
 from edgeloop.errors import UsageError, VerificationError
 
-__all__ = ["Budget", "Ledger", "Spend", "parse_period"]
+__all__ = ["Budget", "Ledger", "Spend", "format_period", "parse_period"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -110,18 +110,22 @@ class Ledger:
                              "--budget EPSILON --period 1d`")
         if epsilon > b.epsilon:
             raise UsageError(f"a report of ε {epsilon:g} exceeds the whole budget of ε "
-                             f"{b.epsilon:g} per {_period(b.period_s)}")
+                             f"{b.epsilon:g} per {format_period(b.period_s)}")
         eps, dlt = self.spent(now)
         slack = 1e-9 * b.epsilon           # sums of decimal fractions, e.g. ten times 0.1
         if eps + epsilon > b.epsilon + slack:
             w = self.window(now)
             free_at = _free_at(w, b, epsilon, now)
             raise UsageError(f"privacy budget spent: {eps:g} of ε {b.epsilon:g} used in the "
-                             f"last {_period(b.period_s)}, this report needs {epsilon:g}; "
-                             f"enough is free again in {_period(free_at)}")
+                             f"last {format_period(b.period_s)}, this report needs {epsilon:g}; "
+                             f"enough is free again in {format_period(free_at)}")
+        if delta > 0 and b.delta == 0:
+            raise UsageError(f"this report needs δ {delta:g} (the Gaussian mechanism) but the "
+                             "budget allows no δ, only pure-ε mechanisms such as Laplace; the "
+                             "owner allows δ with `edgeloop device privacy --delta`")
         if dlt + delta > b.delta * (1 + 1e-9):
             raise UsageError(f"privacy budget spent: δ {dlt:g} of {b.delta:g} used in the last "
-                             f"{_period(b.period_s)}, this report needs δ {delta:g} (the "
+                             f"{format_period(b.period_s)}, this report needs δ {delta:g} (the "
                              "owner allows δ with `edgeloop device privacy --delta`)")
         spend = Spend(now, self.next_seq, epsilon, delta)
         kept = (*self.window(now), spend)
@@ -173,7 +177,8 @@ def _free_at(window: tuple[Spend, ...], budget: Budget, need: float, now: float)
     return float(budget.period_s)
 
 
-def _period(seconds: float) -> str:
+def format_period(seconds: float) -> str:
+    """A duration the way people write periods: 19h, 1d, 2.5d, 45m, 30s."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.3g}{unit}"
