@@ -184,7 +184,7 @@ class Reporter:
         sent = 0
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._locked())     # one sender at a time, oldest first
-            http = client or stack.enter_context(httpx.Client(timeout=timeout))
+            http = client or stack.enter_context(_client(timeout))
             for path in self.pending():
                 entry = json.loads(path.read_bytes())
                 try:
@@ -215,6 +215,15 @@ class Reporter:
         ledger = self.ledger()
         cost = next(s for s in ledger.spends if s.seq == seq)
         return SendResult(seq, cost.epsilon, sent, ledger.spent(self.clock()))
+
+
+def _client(timeout: float) -> httpx.Client:
+    """An HTTP client that sends what HTTP needs and the report, nothing else: no user
+    agent, accept or encoding headers, no proxy or .netrc credentials from the
+    environment, no redirects (as the offload client, edgeloop.device.offload)."""
+    http = httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False)
+    http.headers.clear()
+    return http
 
 
 def _message(r: httpx.Response) -> str:
