@@ -3,11 +3,14 @@ persistence), report building, signing and the collector's pure checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_telemetry_fixtures import make_device
 
 from edgeloop.errors import UsageError, VerificationError
@@ -224,3 +227,57 @@ def test_help_needs_no_collector_library(args: list[str]) -> None:
     assert code == 0, err
     assert "Usage:" in out
     assert not {"sqlalchemy", "fastapi", "uvicorn", "psycopg"} & set(imports["loaded"])
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=120), _JSON.map(lambda v: json.dumps(v).encode())))
+def test_anything_that_is_not_a_report_is_refused_as_such(body: bytes) -> None:
+    with contextlib.suppress(BadReport):
+        parse_report(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from([["v"], ["device"], ["seq"], ["time"], ["epsilon"], ["delta"],
+                             ["fields"], ["fields", "class"], ["fields", "class", "k"],
+                             ["fields", "class", "value"], ["fields", "class", "epsilon"],
+                             ["fields", "drift", "value"], ["fields", "confidence", "lo"],
+                             ["fields", "confidence", "value"], ["fields", "confidence",
+                                                                  "mech"]]),
+       value=_JSON | st.integers(min_value=10**300, max_value=10**400))
+def test_a_report_with_any_one_value_changed_parses_or_is_refused(path: list[str],
+                                                                   value: object) -> None:
+    with contextlib.suppress(BadReport):
+        report = parse_report(_mutate(path, value))
+        for mech, out in report.fields.values():
+            assert mech.contains(out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(0, 10**6), min_size=2, max_size=40).filter(any),
+       drift=st.none() | st.booleans(),
+       conf=st.none() | st.floats(-1e300, 1e300),
+       epsilon=st.floats(1e-3, 100.0), mech=st.sampled_from(["auto", "grr", "oue"]),
+       gauss=st.booleans(), seed=st.integers(0, 2**32))
+def test_every_report_a_device_builds_parses(counts: list[int], drift: bool | None,
+                                             conf: float | None, epsilon: float, mech: str,
+                                             gauss: bool, seed: int) -> None:
+    obs = Observation(class_counts=counts, drift=drift, mean_confidence=conf)
+    config = ReportConfig(class_mechanism=mech,
+                          confidence_mechanism="gaussian" if gauss else "laplace")
+    try:
+        mechs = plan(obs, epsilon, config)
+    except UsageError as e:        # a share of ε beyond what a mechanism takes
+        assert "epsilon" in str(e)
+        return
+    doc = build_report(obs, mechs, device="d", seq=1, time=0, rng=random.Random(seed))
+    report = parse_report(encode(doc))
+    assert report.epsilon == pytest.approx(epsilon)
+    assert set(report.fields) == set(mechs)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgeloop.errors import UsageError, VerificationError
+from edgeloop.telemetry.mechanisms import finite
 
 __all__ = ["Budget", "Ledger", "Spend", "format_period", "parse_period"]
 
@@ -41,8 +42,7 @@ def parse_period(text: str) -> int:
 
 
 def _positive(name: str, value: object, *, zero: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) \
-        and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    ok = finite(value) and (value >= 0 if zero else value > 0)  # type: ignore[operator]
     if not ok:
         raise UsageError(f"`{name}` must be a finite number {'>=' if zero else '>'} 0; "
                          f"got {value!r}")

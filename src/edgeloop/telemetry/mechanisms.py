@@ -43,11 +43,22 @@ from typing import Any
 from edgeloop.errors import UsageError, one_of
 
 __all__ = ["MECHANISMS", "Gaussian", "Laplace", "Mechanism", "RandomizedResponse",
-           "UnaryEncoding", "categorical", "from_params"]
+           "UnaryEncoding", "categorical", "finite", "from_params"]
 
 MAX_K = 4096          # categories a categorical mechanism accepts
 MAX_EPSILON = 50.0    # beyond this e^ε overflows the estimators' precision (and means nothing)
 _DIGITS = 6           # numeric outputs are rounded to this many decimals
+
+
+def finite(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool) that a float holds: JSON integers
+    can be too large for one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _system_rng() -> random.Random:
@@ -55,8 +66,7 @@ def _system_rng() -> random.Random:
 
 
 def _check_epsilon(epsilon: object) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) \
-            or not math.isfinite(epsilon) or not 0 < epsilon <= MAX_EPSILON:
+    if not finite(epsilon) or not 0 < epsilon <= MAX_EPSILON:  # type: ignore[operator]
         raise UsageError(f"`epsilon` must be a number in (0, {MAX_EPSILON:g}]; got {epsilon!r}")
     return float(epsilon)
 
@@ -68,9 +78,7 @@ def _check_k(k: object) -> int:
 
 
 def _check_range(lo: object, hi: object) -> tuple[float, float]:
-    ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-             for v in (lo, hi))
-    if not ok or not lo < hi:  # type: ignore[operator]
+    if not finite(lo) or not finite(hi) or not lo < hi:  # type: ignore[operator]
         raise UsageError(f"the clipping range must be finite numbers lo < hi; got "
                          f"[{lo!r}, {hi!r}]")
     return float(lo), float(hi)  # type: ignore[arg-type]
@@ -197,8 +205,7 @@ class Laplace:
 
     def contains(self, output: object) -> bool:
         """Whether ``output`` is in this mechanism's output space (a finite float)."""
-        return isinstance(output, int | float) and not isinstance(output, bool) \
-            and math.isfinite(output)
+        return finite(output)
 
     def estimate(self, output: float) -> float:
         """The output itself: unbiased for the clipped input."""
@@ -236,7 +243,7 @@ class Gaussian:
         object.__setattr__(self, "hi", hi)
         object.__setattr__(self, "epsilon", _check_epsilon(self.epsilon))
         d = self.delta
-        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d < 0.5:
+        if not finite(d) or not 0 < d < 0.5:  # type: ignore[operator]
             raise UsageError(f"`delta` of the Gaussian mechanism must be in (0, 0.5); got {d!r}")
         object.__setattr__(self, "delta", float(d))
 
@@ -296,7 +303,7 @@ def from_params(params: Mapping[str, Any]) -> Mechanism:
     """The mechanism a report names (``params()`` plus nothing else but ``value``);
     raises :class:`UsageError` for an unknown mechanism or invalid parameters."""
     name = params.get("mech")
-    if name not in _PARAMS:
+    if not isinstance(name, str) or name not in _PARAMS:
         raise one_of("mech", list(_PARAMS), name)
     expected = {"mech", "value", *_PARAMS[name]}
     if set(params) != expected:

@@ -46,6 +46,7 @@ from edgeloop.telemetry.mechanisms import (
     Mechanism,
     RandomizedResponse,
     categorical,
+    finite,
     from_params,
 )
 
@@ -114,8 +115,7 @@ def plan(obs: Observation, epsilon: float, config: ReportConfig) -> dict[str, Me
     if not present:
         raise UsageError("a report needs at least one of: class counts, drift flag, "
                          "mean confidence")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) \
-            or not math.isfinite(epsilon) or epsilon <= 0:
+    if not finite(epsilon) or epsilon <= 0:
         raise UsageError(f"`epsilon` must be a finite number > 0; got {epsilon!r}")
     share = epsilon / len(present)
     mechs: dict[str, Mechanism] = {}
@@ -150,7 +150,7 @@ def build_report(obs: Observation, mechs: Mapping[str, Mechanism], *, device: st
             value = mech.privatize(int(bool(obs.drift)), rng)
         else:
             conf = obs.mean_confidence
-            if not isinstance(conf, int | float) or not math.isfinite(conf):
+            if not finite(conf):
                 raise UsageError(f"mean confidence must be a finite number; got {conf!r}")
             value = mech.privatize(float(conf), rng)
         fields[name] = {**mech.params(), "value": value}
@@ -185,7 +185,7 @@ def _int(doc: Mapping[str, Any], name: str, lo: int, hi: int) -> int:
 
 def _number(doc: Mapping[str, Any], name: str) -> float:
     v = doc.get(name)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+    if not finite(v) or v < 0:
         raise BadReport(422, f"`{name}` must be a finite number >= 0; got {v!r}")
     return float(v)
 
