@@ -48,6 +48,10 @@ def test_grr_output_distribution_matches_opendp(k: int, eps: float) -> None:
     oracle = dp.m.make_randomized_response([str(v) for v in range(k)], prob=m.p)
     theirs = np.bincount([int(oracle("1")) for _ in range(N)], minlength=k)
     assert stats.chi2_contingency(np.stack([ours, theirs])).pvalue > ALPHA
+    if k == 2:   # the drift flag: OpenDP's boolean randomized response too
+        flag = dp.m.make_randomized_response_bool(prob=m.p)
+        theirs_bool = np.bincount([int(flag(True)) for _ in range(N)], minlength=2)
+        assert stats.chi2_contingency(np.stack([ours, theirs_bool])).pvalue > ALPHA
     # and both match the stated p, q
     expected = np.full(k, m.q * N)
     expected[1] = m.p * N
