@@ -296,3 +296,23 @@ def test_cli_end_to_end_and_bad_input(tmp_path: Path) -> None:
     assert (s["reports"], s["devices"], len(s["class_mix"]["3"])) == (1, 1, 3)
     code, out, err = cli("telemetry", "summary", "--db", db, "--last", "1h")
     assert code == 0 and "1 reports from 1 devices" in out, err
+
+
+def test_a_replaced_key_is_used_once_the_cache_expires(tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    store = TelemetryStore(db)
+    [dev] = fleet(tmp_path, store, 1)
+    old = read_key(dev.dir / KEY_FILE)
+    with running(store) as url:
+        dev.report(observation(0), url, epsilon=1.0)
+        (dev.dir / KEY_FILE).unlink()                # the device is re-keyed ...
+        (dev.dir / KEY_FILE).write_text(json.dumps({"device": old.device,
+                                                    "key": "ab" * 32}))
+        code, _, err = cli("telemetry", "enroll", dev.dir / KEY_FILE, "--db", db)
+        assert code == 2 and "enrolled with another key; pass --replace" in err
+        assert cli("telemetry", "enroll", dev.dir / KEY_FILE, "--db", db, "--replace")[0] == 0
+        with pytest.raises(TransportError, match="signature does not match"):
+            dev.report(observation(0), url, epsilon=1.0)   # the collector's cached key
+        store.KEY_CACHE_S = 0.0
+        assert dev.flush(url) == 1                         # kept, then delivered
+    assert {q for _, q in store.seqs()} == {1, 2}

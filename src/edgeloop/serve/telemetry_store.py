@@ -98,6 +98,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class TelemetryStore:
     """Devices' keys and reports in one database; safe to use from many threads."""
 
+    KEY_CACHE_S = 60.0   # how long a device's key is used before it is read again
+
     def __init__(self, db: str) -> None:
         url = database_url(db)
         try:
@@ -115,7 +117,7 @@ class TelemetryStore:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, tuple[bytes, float]] = {}   # device -> (key, when read)
         self._keys_lock = threading.Lock()
         with self._errors():
             _Base.metadata.create_all(self.engine)
@@ -146,17 +148,22 @@ class TelemetryStore:
         return True
 
     def key(self, device: str) -> bytes | None:
-        """The enrolled key of ``device`` (cached once found), or None."""
+        """The enrolled key of ``device``, or None. Found keys are cached for
+        :attr:`KEY_CACHE_S` seconds, so a key replaced by another process (``telemetry
+        enroll --replace``) is used within that time."""
+        now = time.monotonic()
         with self._keys_lock:
-            if device in self._keys:
-                return self._keys[device]
+            cached = self._keys.get(device)
+        if cached is not None and now - cached[1] < self.KEY_CACHE_S:
+            return cached[0]
         with self._errors(), Session(self.engine) as s:
             row = s.get(DeviceRow, device)
         if row is None:
             return None
+        key = bytes.fromhex(row.key)
         with self._keys_lock:
-            self._keys[device] = bytes.fromhex(row.key)
-        return self._keys[device]
+            self._keys[device] = (key, now)
+        return key
 
     def add(self, report: Report, body: bytes) -> bool:
         """Store a verified report; False if that device's ``seq`` was stored before."""
