@@ -277,6 +277,8 @@ def test_cli_end_to_end_and_bad_input(tmp_path: Path) -> None:
              "is not a device state folder"),
             (("device", "report", dev, "--to", url, "--epsilon", "0.1",
               "--class-counts", "1,x"), "`--class-counts` must be integers"),
+            (("device", "report", dev, "--to", "ftp://x", "--epsilon", "0.1", "--drift"),
+             "the collector URL must start with http:// or https://"),
             (("device", "privacy", dev, "--budget", "0"), "`budget` must be"),
             (("device", "privacy", dev, "--budget", "1", "--period", "1y"), "`period`"),
             (("telemetry", "enroll", tmp_path / "t.db", "--db", db),

@@ -112,10 +112,13 @@ class Reporter:
         self.clock = clock
         self.rng = rng or secrets.SystemRandom()
 
-    def _check(self) -> DeviceKey:
+    def _check_folder(self) -> None:
         if not (self.dir / _MARKER).is_file():
             raise UsageError(f"{str(self.dir)!r} is not a device state folder (no {_MARKER}); "
                              "create one with `edgeloop device init`")
+
+    def _check(self) -> DeviceKey:
+        self._check_folder()
         if not (self.dir / KEY_FILE).is_file():
             raise UsageError(f"device {str(self.dir)!r} has no telemetry key ({KEY_FILE}); "
                              "devices made before telemetry get one with `edgeloop device "
@@ -130,9 +133,7 @@ class Reporter:
 
     def ledger(self) -> Ledger:
         """The ledger as stored (a device that never set a budget has an empty one)."""
-        if not (self.dir / _MARKER).is_file():
-            raise UsageError(f"{str(self.dir)!r} is not a device state folder (no {_MARKER}); "
-                             "create one with `edgeloop device init`")
+        self._check_folder()
         path = self.dir / LEDGER_FILE
         return Ledger.from_bytes(path.read_bytes()) if path.is_file() else Ledger()
 
@@ -145,7 +146,7 @@ class Reporter:
 
     def new_key(self) -> Path:
         """Give a device made before telemetry its key (see :func:`create_key`)."""
-        self.ledger()   # checks the folder
+        self._check_folder()
         return create_key(self.dir)
 
     def pending(self) -> list[Path]:
@@ -178,9 +179,7 @@ class Reporter:
         :class:`TransportError` (what was not acknowledged stays in the outbox). Holds
         the telemetry lock meanwhile, so two processes never send the same report."""
         key = self._check()
-        base = url.rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise UsageError(f"`--to` must be an http(s) URL; got {url!r}")
+        base = _base(url)
         sent = 0
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._locked())     # one sender at a time, oldest first
@@ -209,12 +208,20 @@ class Reporter:
                client: httpx.Client | None = None) -> SendResult:
         """Send what waits in the outbox, then make and send one new report. Makes none
         (and spends nothing) while older reports cannot be delivered."""
+        _base(url)     # a URL that can never work spends nothing
         sent = self.flush(url, client=client) if self.pending() else 0
         seq = self.prepare(obs, epsilon=epsilon, config=config)
         sent += self.flush(url, client=client)
         ledger = self.ledger()
         cost = next(s for s in ledger.spends if s.seq == seq)
         return SendResult(seq, cost.epsilon, sent, ledger.spent(self.clock()))
+
+
+def _base(url: str) -> str:
+    base = url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise UsageError(f"the collector URL must start with http:// or https://; got {url!r}")
+    return base
 
 
 def _client(timeout: float) -> httpx.Client:
