@@ -51,7 +51,7 @@ from edgeloop.telemetry.mechanisms import (
 )
 
 __all__ = ["FIELDS", "BadReport", "Observation", "Report", "ReportConfig", "build_report",
-           "encode", "parse_report", "sign", "signature_ok"]
+           "encode", "parse_report", "plan", "sign", "signature_ok"]
 
 FIELDS = ("class", "drift", "confidence")
 FORMAT = 1
