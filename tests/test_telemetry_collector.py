@@ -284,6 +284,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path: Path) -> None:
             (("telemetry", "enroll", tmp_path / "t.db", "--db", db),
              "is not a telemetry key file"),
             (("telemetry", "summary", "--db", "nosuchdialect://x"), "`--db` must be"),
+            (("telemetry", "summary", "--db", tmp_path / "typo.db"), "no telemetry database"),
             (("telemetry", "summary", "--db", f"postgresql://edgeloop@127.0.0.1:{free_port()}/x"),
              "database postgresql+psycopg://edgeloop@127.0.0.1"),
         ]

@@ -77,7 +77,7 @@ def telemetry_summary(
     from edgeloop.telemetry import parse_period
 
     since = time.time() - parse_period(last) if last else None
-    s = TelemetryStore(db).summary(level=level, since=since)
+    s = TelemetryStore(db, create=False).summary(level=level, since=since)
     if as_json:
         console.print_json(json.dumps(s.to_dict()))
         return

@@ -100,7 +100,10 @@ class TelemetryStore:
 
     KEY_CACHE_S = 60.0   # how long a device's key is used before it is read again
 
-    def __init__(self, db: str) -> None:
+    def __init__(self, db: str, *, create: bool = True) -> None:
+        """Open ``db`` (see :func:`database_url`), creating the tables if missing; with
+        ``create=False`` a SQLite file that does not exist is refused (a mistyped path
+        would otherwise read as an empty fleet)."""
         url = database_url(db)
         try:
             parsed = make_url(url)
@@ -114,8 +117,11 @@ class TelemetryStore:
                              f"postgresql://USER@HOST:PORT/DB) or a file path; got {db!r} "
                              f"({str(e)[:100]})") from None
         if sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            file = parsed.database if parsed.database not in (None, "", ":memory:") else None
+            if file and not create and not Path(file).is_file():
+                raise UsageError(f"no telemetry database at {file!r}")
+            if file:
+                Path(file).parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._keys: dict[str, tuple[bytes, float]] = {}   # device -> (key, when read)
         self._keys_lock = threading.Lock()
