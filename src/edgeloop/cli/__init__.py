@@ -25,6 +25,7 @@ from edgeloop.cli import compress as _compress  # noqa: F401  (registers its com
 from edgeloop.cli import device as _device  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
 from edgeloop.cli import serve as _serve  # noqa: F401  (registers its commands)
+from edgeloop.cli import telemetry as _telemetry  # noqa: F401  (registers its commands)
 from edgeloop.cli import train as _train  # noqa: F401  (registers its commands)
 from edgeloop.cli._app import app, err_console
 from edgeloop.errors import EdgeloopError
@@ -37,7 +38,8 @@ __all__ = ["OPTIONAL", "app", "main"]
 OPTIONAL = {"torch": "train", "onnxscript": "train", "sklearn": "train",
             "transformers": "transformers",
             "litert_torch": "tflite", "ai_edge_litert": "tflite", "coremltools": "coreml",
-            "fastapi": "serve", "uvicorn": "serve", "starlette": "serve"}
+            "fastapi": "serve", "uvicorn": "serve", "starlette": "serve",
+            "sqlalchemy": "telemetry", "psycopg": "telemetry"}
 
 
 def _fail(message: str) -> NoReturn:

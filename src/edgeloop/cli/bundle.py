@@ -207,3 +207,72 @@ def device_status(
     for e in status["history"]:  # type: ignore[union-attr]
         h.add_row(e["time"], e["action"], e["version"] or "-", e["reason"])
     console.print(h)
+
+
+# --- private telemetry (edgeloop.telemetry): the owner's budget, and sending reports ---
+
+@device_app.command("privacy")
+def device_privacy(
+    state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
+    budget: Annotated[float | None, typer.Option(
+        help="Total ε the device's reports may spend per period")] = None,
+    period: Annotated[str, typer.Option(help="Sliding window of the budget: 12h, 1d, 1w")
+                      ] = "1d",
+    delta: Annotated[float, typer.Option(
+        help="Total δ per period (0: pure-ε mechanisms only)")] = 0.0,
+    new_key: Annotated[bool, typer.Option(
+        help="Create the telemetry key of a device made before telemetry")] = False,
+) -> None:
+    """Show or set (the device owner's) privacy budget for telemetry reports."""
+    from edgeloop.telemetry import Budget, Reporter, parse_period
+    from edgeloop.telemetry.ledger import format_period
+
+    if budget is None and delta:
+        from edgeloop.errors import UsageError
+
+        raise UsageError("`--delta` is set together with `--budget` (and `--period`)")
+    rep = Reporter(state_dir)
+    if new_key:
+        console.print(f"telemetry key written to {rep.new_key()}")
+    ledger = rep.set_budget(Budget(budget, parse_period(period), delta)) \
+        if budget is not None else rep.ledger()
+    b = ledger.budget
+    if b is None:
+        console.print("no privacy budget set: this device sends no telemetry")
+        return
+    eps, dlt = ledger.spent(time.time())
+    console.print(f"budget ε {b.epsilon:g}, δ {b.delta:g} per {format_period(b.period_s)} "
+                  f"(basic composition, sliding window); spent ε {eps:g}, δ {dlt:g}",
+                  highlight=False, soft_wrap=True)
+
+
+@device_app.command("report")
+def device_report(
+    state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
+    to: Annotated[str, typer.Option("--to", help="Collector base URL")],
+    epsilon: Annotated[float, typer.Option(help="ε this report spends (split over its fields)")],
+    class_counts: Annotated[str | None, typer.Option(
+        help="Predictions per class over the window, e.g. 12,0,3")] = None,
+    drift: Annotated[bool | None, typer.Option(
+        "--drift/--no-drift", help="Whether the drift detector fired")] = None,
+    confidence: Annotated[float | None, typer.Option(help="Mean top-class confidence")] = None,
+    class_mechanism: Annotated[str, typer.Option(help="auto, grr or oue")] = "auto",
+    confidence_mechanism: Annotated[str, typer.Option(help="laplace or gaussian")
+                                    ] = "laplace",
+) -> None:
+    """Send one local-DP report (within the owner's budget) to a telemetry collector."""
+    from edgeloop.errors import UsageError
+    from edgeloop.telemetry import Observation, ReportConfig, Reporter
+
+    try:
+        counts = [int(c) for c in class_counts.split(",")] if class_counts else None
+    except ValueError:
+        raise UsageError(f"`--class-counts` must be integers separated by commas; got "
+                         f"{class_counts!r}") from None
+    result = Reporter(state_dir).report(
+        Observation(class_counts=counts, drift=drift, mean_confidence=confidence), to,
+        epsilon=epsilon, config=ReportConfig(class_mechanism=class_mechanism,
+                                             confidence_mechanism=confidence_mechanism))
+    console.print(f"sent report {result.seq} (ε {result.epsilon:g}; {result.sent} "
+                  f"delivered); spent ε {result.spent[0]:g} in the current window",
+                  highlight=False, soft_wrap=True)
