@@ -15,6 +15,7 @@ from edgeloop.data import load_builtin
 from edgeloop.device import Policy, Runtime, build_cascade, confidence, softmax
 from edgeloop.errors import UsageError
 from edgeloop.zoo import build, load_torch
+from edgeloop.zoo.exits import joint_loss
 
 SEGMENTS = ("exit1.onnx", "exit2.onnx", "exit3.onnx")
 
@@ -116,3 +117,32 @@ def test_exit_config_errors() -> None:
         build("mnist1d-cnn-exits", exits=[3, 2])
     with pytest.raises(UsageError, match="`weights` must be 3 non-negative numbers"):
         build("mnist1d-cnn-exits", weights=[1.0, 1.0])
+    with pytest.raises(UsageError, match="`distill` must lie in"):
+        build("mnist1d-cnn-exits", distill=1.5)
+
+
+def test_joint_loss_distils_earlier_exits_from_the_final_one() -> None:
+    """The joint loss is the final exit's cross-entropy plus each earlier exit's
+    distillation loss from the final exit's logits, which it never trains: with
+    ``distill=0`` it is the plain sum of cross-entropies."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    for distill in (0.0, 0.7):
+        model = build("mnist1d-cnn-exits", distill=distill, temperature=3.0).eval()
+        forward, loss = joint_loss(model, y)
+        stacked = forward(x)
+        got = loss(stacked, torch.arange(16))
+        ce = [torch.nn.functional.cross_entropy(stacked[:, i], y) for i in range(3)]
+        soft = [torch.nn.functional.kl_div(
+            torch.log_softmax(stacked[:, i] / 3.0, -1), torch.log_softmax(stacked[:, 2] / 3.0, -1),
+            reduction="batchmean", log_target=True) for i in range(2)]
+        want = ce[2] + sum(distill * 9.0 * s + (1 - distill) * c
+                           for s, c in zip(soft, ce[:2], strict=True))
+        torch.testing.assert_close(got, want)
+    # the final head's gradient comes from its own cross-entropy alone
+    stacked = forward(x)
+    loss(stacked, torch.arange(16)).backward()
+    g_joint = model.head.weight.grad.clone()
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(forward(x)[:, 2], y).backward()
+    torch.testing.assert_close(g_joint, model.head.weight.grad)

@@ -30,6 +30,7 @@ def test_loss_matches_the_formula() -> None:
 def test_student_learns_from_teacher() -> None:
     train_data = load_builtin("mnist1d", "train").take(slice(0, 600))
     val = load_builtin("mnist1d", "val").take(slice(0, 200))
+    torch.manual_seed(0)        # random weights: the same start every run
     teacher = build("mnist1d-cnn", width=64).eval()
     student = build("mnist1d-mobile", width=0.5)
     assert count_params(student) <= count_params(teacher) / 4

@@ -21,19 +21,10 @@ from edgeloop._trainconfig import TrainConfig
 from edgeloop.compress.trainbase import TorchPass, TrainContext, apply_masks
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
+from edgeloop.zoo.losses import distillation_loss
 from edgeloop.zoo.train import train
 
 __all__ = ["Distill", "distillation_loss", "teacher_loss"]
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *,
-                      temperature: float, alpha: float) -> torch.Tensor:
-    """The loss above for one batch of logits."""
-    soft = nn.functional.kl_div(nn.functional.log_softmax(student / temperature, -1),
-                                nn.functional.log_softmax(teacher / temperature, -1),
-                                reduction="batchmean", log_target=True)
-    hard = nn.functional.cross_entropy(student, labels)
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
 @dataclass
