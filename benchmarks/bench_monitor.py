@@ -56,7 +56,7 @@ CHANGE = 2000          # clean samples before the change
 HORIZON = 5000         # samples after it in which a detection counts
 RAMP = 2000            # a gradual shift's length
 CLEAN = 10000          # clean samples per seed for false alarms
-WINDOW = 500
+WINDOW = 500          # the label-free estimate is scored per window of this size
 
 
 @dataclass
@@ -130,7 +130,7 @@ def watch(s: Setup, data: Dataset, outputs: np.ndarray, config: MonitorConfig) -
 
 def detection_part(args: argparse.Namespace, s: Setup, sess: object
                    ) -> tuple[list[str], dict[str, bool]]:
-    config = MonitorConfig(detectors=DETECTORS, window=WINDOW)
+    config = MonitorConfig(detectors=DETECTORS)
     answer = lambda feed: run(sess, feed)  # noqa: E731
     false: dict[str, list[int]] = {d: [] for d in DETECTORS}
     memory: dict[str, int] = {d: 0 for d in DETECTORS}
@@ -164,9 +164,11 @@ def detection_part(args: argparse.Namespace, s: Setup, sess: object
     lines = ["### Drift detection (MNIST-1D CNN, injected shifts)", "",
              f"{args.seeds} seeds. Delay: median samples after the change until the "
              f"detector's first detection (detected: share of streams with one within "
-             f"{HORIZON:,} samples; windowed tests decide once per {WINDOW} samples, so "
-             f"their delay is at least the rest of the window). False alarms: detections "
-             f"per 10,000 clean inputs (mean). Default detectors in bold.", "",
+             f"{HORIZON:,} samples). The monitor processes blocks of {config.block} calls "
+             f"and closes a window at the first block end after {config.window} samples, so "
+             "a delay is at least the rest of the block (river's detectors) or of the window "
+             "(windowed tests). False alarms: detections per 10,000 clean inputs (mean). "
+             "Default detectors in bold; all in one monitor per stream.", "",
              "| detector | " + " | ".join(f"{k} {'gradual' if g else 'abrupt'}"
                                          for k in SHIFTS for g in (False, True))
              + " | false alarms / 10k | memory (bytes) |",

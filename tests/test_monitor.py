@@ -129,7 +129,7 @@ def test_a_shift_is_flagged_soon_after_the_change(sketch: Sketch, shift: dict[st
     flag = m.flag()
     assert flag.drifted
     alert = next(a for a in flag.alerts if a.detector == detector)
-    assert 3000 < alert.first_sample <= 3000 + 1500, alert
+    assert 3000 < alert.first_sample <= 3000 + 2 * 1024, alert     # within two blocks
     assert alert.evidence
 
 
@@ -215,9 +215,8 @@ def test_saves_are_bounded_and_readers_see_the_flag(sketch: Sketch, tmp_path: Pa
     shifted = _data(2000, 13, scale=1.6)
     _feed(m, shifted[0], shifted[1])
     flag = drift_flag(tmp_path)
-    # then one save per alert raised (each at once), and no other
-    assert len(saves) == 2 + len(flag.alerts)
-    assert sorted(saves[2:]) == sorted(a.first_sample for a in flag.alerts)
+    # then one save at each block that raised an alert, and no other
+    assert saves[2:] == sorted({a.first_sample for a in flag.alerts})
     assert flag.drifted and flag.alerts[0].detector in DETECTORS
     assert not drift_flag(tmp_path, model_sha256="another model").raised
     m.close()

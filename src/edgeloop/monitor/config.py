@@ -22,17 +22,20 @@ class MonitorConfig:
 
     detectors: tuple[str, ...] = DEFAULT_DETECTORS   # KSWIN is off by default: ~0.2 ms
     #                                                  per update (a scipy KS test)
-    block: int = 256              # calls buffered, then processed together
-    window: int = 500             # samples per windowed test, estimate and history entry
+    block: int = 1024             # calls buffered, then processed together (fixed costs
+    #                               per block are large next to a 30 us model: amortised)
+    window: int = 1000            # samples per windowed test, estimate and history entry
+    #                               (a window closes at the first block end after them)
     inputs_every: int = 4         # the input test sees every k-th call's input (the input
     #                               path costs as much as all the rest)
     alpha: float = 1e-4           # false-alarm probability of one windowed test
     #                               (over all features at once: Bonferroni)
-    adwin_delta: float = 1e-4     # ADWIN's confidence parameter on confidence
-    adwin_every: int = 8          # samples averaged into each ADWIN update
+    adwin_delta: float = 0.002    # ADWIN's confidence parameter (river's default)
+    adwin_every: int = 1          # samples averaged into each ADWIN update (averaging
+    #                               costs it power: its bound wants many points)
     ph_every: int = 32            # samples averaged into each Page-Hinkley update
-    ph_delta: float = 0.5         # Page-Hinkley's tolerance, in standard errors of a mean
-    ph_threshold: float = 40.0    # Page-Hinkley's alarm level, same unit
+    ph_delta: float = 0.25        # Page-Hinkley's tolerance, in standard errors of a mean
+    ph_threshold: float = 20.0    # Page-Hinkley's alarm level, same unit
     kswin_every: int = 64         # samples averaged into each KSWIN update
     kswin_alpha: float = 1e-4
     accuracy_drop: float = 0.05   # accuracy below the golden set's by more than this (and

@@ -98,10 +98,11 @@ class Monitor:
         self.config = config or MonitorConfig()
         self.path = None if path is None else Path(path)
         self.model_id = model_id
-        self._pending: collections.deque[tuple[Mapping[str, np.ndarray], np.ndarray]] = \
-            collections.deque()
+        self._outputs: collections.deque[np.ndarray] = collections.deque()
+        self._feeds: collections.deque[Mapping[str, np.ndarray]] = collections.deque()
         self._lock = threading.Lock()
         self._block = self.config.block
+        self._inputs_every = self.config.inputs_every
         s = sketch
         self._binner = Binner(np.asarray(s.edges, np.float64).reshape(len(s.starts), -1))
         self._ref_counts = np.asarray(s.counts, np.int64)
@@ -199,11 +200,14 @@ class Monitor:
 
     def observe(self, feed: Mapping[str, np.ndarray], output: np.ndarray) -> None:
         """Account one answer: the model's input ``feed`` (arrays named after its inputs,
-        samples first) and its first output for it. Costs an append; every ``block``-th
-        call processes the block (see the module docstring)."""
-        pending = self._pending
-        pending.append((feed, output))
-        if len(pending) >= self._block and self._lock.acquire(blocking=False):
+        samples first) and its first output for it (samples first). Costs two appends;
+        every ``block``-th call processes the block (see the module docstring)."""
+        outputs = self._outputs
+        outputs.append(output)
+        n = len(outputs)
+        if not n % self._inputs_every:
+            self._feeds.append(feed)
+        if n >= self._block and self._lock.acquire(blocking=False):
             try:        # a thread finding another one processing goes on serving
                 self._process_pending()
             finally:
@@ -215,17 +219,19 @@ class Monitor:
             self._process_pending()
 
     def _process_pending(self) -> None:
-        """:meth:`process` under the lock."""
-        n = len(self._pending)
+        """:meth:`process` under the lock. Outputs and sampled inputs are taken apart (a
+        call's input may land in the next block when threads race: it is a sample)."""
+        n = len(self._outputs)
         if not n:
             return
-        pop = self._pending.popleft
-        items = [pop() for _ in range(n)]
-        feeds = [f for f, _ in items[::self.config.inputs_every]]
+        pop = self._outputs.popleft
+        outputs = [pop() for _ in range(n)]
+        pop = self._feeds.popleft
+        feeds = [pop() for _ in range(len(self._feeds))]
         raised = self._process_block(
             {k: np.concatenate([f[k] for f in feeds]) for k in self.sketch.inputs}
             if feeds else None,
-            np.concatenate([o for _, o in items]))
+            np.concatenate(outputs))
         c = self.config
         since, at = self._saved_at
         if self.path is not None and (raised or self.samples_ - since >= c.save_every
