@@ -84,7 +84,7 @@ def test_the_runtime_path_flags_drift_and_status_shows_it(
     mon = Monitor.for_device(device.dir)             # a restart resumes
     assert mon.samples_ == len(x)
     shifted = _noisy(val, 1, 0.6).inputs["x"]
-    for rep in range(3):
+    for _ in range(3):
         for i in range(len(shifted)):
             mon.observe({"x": shifted[i:i + 1]}, run(sess, {"x": shifted[i:i + 1]}))
     mon.close()
@@ -189,7 +189,7 @@ def test_a_bundle_without_a_sketch_cannot_be_monitored(
           "--name", "plain", "--version", "1.0.0", "--golden", str(golden), "--no-monitor"])
     dev = Device.init(tmp_path / "d", trusted_root=r.root)
     dev.update(r.url, "plain")
-    with pytest.raises(UsageError, match="ships no monitor.json"):
+    with pytest.raises(UsageError, match=r"ships no monitor\.json"):
         Monitor.for_device(dev.dir)
     with pytest.raises(UsageError, match="not a device state folder"):
         Monitor.for_device(tmp_path)
