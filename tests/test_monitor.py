@@ -252,3 +252,16 @@ def test_configuration_errors_are_one_line() -> None:
         MonitorConfig(window=0)
     with pytest.raises(UsageError, match="`alpha`"):
         MonitorConfig(alpha=1.5)
+
+
+def test_public_names_and_no_torch() -> None:
+    import edgeloop.monitor as monitor
+
+    assert sorted(monitor.__all__) == sorted(n for n in dir(monitor) if not n.startswith("_"))
+    for name in monitor.__all__:
+        obj = getattr(monitor, name)
+        assert not callable(obj) or obj.__doc__, name
+    code = ("import sys, edgeloop.monitor.monitor, edgeloop.monitor.feedback, "
+            "edgeloop.monitor.gate; sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(SRC)},
+                          check=False).returncode == 0

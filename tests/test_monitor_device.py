@@ -16,7 +16,7 @@ from edgeloop._onnx import run, session
 from edgeloop.bundle import Device
 from edgeloop.cli import main
 from edgeloop.data import Dataset, load_builtin, save_npz
-from edgeloop.errors import UsageError
+from edgeloop.errors import UsageError, VerificationError
 from edgeloop.monitor import Monitor, MonitorConfig, Sketch, sketch_bundle
 
 
@@ -193,3 +193,58 @@ def test_a_bundle_without_a_sketch_cannot_be_monitored(
         Monitor.for_device(dev.dir)
     with pytest.raises(UsageError, match="not a device state folder"):
         Monitor.for_device(tmp_path)
+
+
+def _fragile_on_noise(cnn: Path, golden: Dataset, out: Path) -> Path:
+    """The CNN, except that it answers all-zero logits (no idea) for any input whose mean
+    absolute value is beyond 95% of the golden set's: about as good on the golden set
+    (its own floor is set from it), useless on noisy inputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    limit = float(np.quantile(np.abs(golden.inputs["x"]).mean(1), 0.95))
+    m = onnx.load(cnn)
+    g = m.graph
+    logits = g.output[0].name
+    inner = logits + "_inner"
+    for node in g.node:
+        node.output[:] = [inner if o == logits else o for o in node.output]
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "mon_axes"),
+                          numpy_helper.from_array(np.array(limit, np.float32), "mon_limit"),
+                          numpy_helper.from_array(np.array(0.0, np.float32), "mon_zero")])
+    g.node.extend([
+        helper.make_node("Abs", [g.input[0].name], ["mon_abs"]),
+        helper.make_node("ReduceMean", ["mon_abs", "mon_axes"], ["mon_mean"], keepdims=1),
+        helper.make_node("Greater", ["mon_mean", "mon_limit"], ["mon_far"]),
+        helper.make_node("Where", ["mon_far", "mon_zero", inner], [logits])])
+    assert g.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    onnx.save(m, out)
+    return out
+
+
+def test_a_drifted_device_checks_a_candidate_on_its_recent_inputs(
+        served_repo: tuple[Repo, Path], cnn_dir: Path, tmp_path: Path) -> None:
+    r, golden_npz = served_repo
+    golden = load_builtin("mnist1d", "test")
+    dev = Device.init(tmp_path / "dev", trusted_root=r.root, golden=golden_npz)
+    assert dev.update(r.url, "cnn").installed
+    path, _ = dev.active()  # type: ignore[misc]
+    sess = session(path, threads=1)
+    noisy = _noisy(load_builtin("mnist1d", "val"), 4, 0.8).inputs["x"]
+    with Monitor.for_device(dev.dir) as mon:
+        for _ in range(3):
+            for i in range(len(noisy)):
+                mon.observe({"x": noisy[i:i + 1]}, run(sess, {"x": noisy[i:i + 1]}))
+    assert mon.drifted and (dev.dir / "monitor" / "recent.npz").is_file()
+    fragile = _fragile_on_noise(cnn_dir / "model.onnx", golden, tmp_path / "fragile.onnx")
+    main(["publish", str(fragile), "--repo", str(r.dir), "--keys", str(r.keys),
+          "--name", "cnn", "--version", "1.1.0", "--golden", str(golden_npz)])
+    with pytest.raises(VerificationError, match="the device is drifted, and on its 256 recent"):
+        dev.update(r.url, "cnn")
+    assert dev.active()[1].version == "1.0.0"  # type: ignore[index]
+    # the same model republished passes, and the history says it was checked
+    main(["publish", str(cnn_dir / "model.onnx"), "--repo", str(r.dir), "--keys",
+          str(r.keys), "--name", "cnn", "--version", "1.2.0", "--golden", str(golden_npz)])
+    result = dev.update(r.url, "cnn")
+    assert result.installed and "checked on the drifted device's 256 recent inputs" in \
+        result.reason

@@ -1,9 +1,10 @@
 """Alerts and what readers see: the monitor's status files in ``STATE/monitor/``.
 
-The monitor in the serving process writes ``drift.json`` and the feedback command writes
-``evaluations.json`` (both atomically); the updater, the runtime, federated
-personalisation and ``edgeloop device status`` read them with :func:`monitor_status` or
-:func:`drift_flag`, without river and without touching the monitor's detector state.
+The monitor in the serving process writes ``drift.json`` and ``recent.npz`` (the latest
+sampled inputs), and the feedback command writes ``evaluations.json`` (all atomically);
+the updater, the runtime, federated personalisation and ``edgeloop device status`` read
+them with :func:`monitor_status` or :func:`drift_flag`, without river and without
+touching the monitor's detector state.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ FOLDER = "monitor"
 DRIFT_FILE = "drift.json"
 EVALUATIONS_FILE = "evaluations.json"
 STATE_FILE = "state.pkl"
+RECENT_FILE = "recent.npz"
 
 
 @dataclass(frozen=True)

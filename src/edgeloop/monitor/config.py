@@ -44,6 +44,8 @@ class MonitorConfig:
     save_every: int = 20000       # samples between saves of the state ...
     save_seconds: float = 60.0    # ... or seconds, whichever comes first (checked per block)
     history: int = 100            # windows (and feedback evaluations) kept
+    recent: int = 256             # sampled inputs kept (and saved) for the updater to check
+    #                               a candidate on while drifted
     max_detector_bytes: int = 16384   # a detector's pickled state above this is reset
     seed: int = 0                 # KSWIN's sampling
 

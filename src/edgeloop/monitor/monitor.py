@@ -23,9 +23,10 @@ State is saved atomically into ``STATE/monitor/`` every ``save_every`` samples o
 ``save_seconds``, whichever comes first, when an alert is first raised, and on
 :meth:`Monitor.close`: ``state.pkl`` (the detectors, pickled; river's ADWIN state is tied
 to river's version, pinned by edgeloop, and a state from another river version or
-another model starts afresh) and ``drift.json`` (what readers see,
-:func:`~edgeloop.monitor.monitor_status`). A killed process loses at most the samples
-since the last save.
+another model starts afresh), ``drift.json`` (what readers see,
+:func:`~edgeloop.monitor.monitor_status`) and ``recent.npz`` (the latest ``recent``
+sampled inputs: what the updater checks a candidate on while the device is drifted). A
+killed process loses at most the samples since the last save.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ import numpy as np
 from river import drift
 
 from edgeloop._io import write_bytes_atomic
+from edgeloop.data import Dataset, save_npz
 from edgeloop.errors import UsageError
 from edgeloop.monitor.alerts import (
     ACCURACY_DETECTORS,
     DRIFT_FILE,
     FOLDER,
+    RECENT_FILE,
     STATE_FILE,
     Alert,
     Flag,
@@ -137,6 +140,7 @@ class Monitor:
         self.detections_: collections.deque[dict[str, object]] = collections.deque(
             maxlen=c.history)                  # every detection, newest last
         self.resets_: dict[str, int] = {}      # detectors reset at the memory cap
+        self.recent_: dict[str, np.ndarray] = {}   # the latest sampled inputs, by name
         self._saved_at = (0, time.monotonic())
 
     def _state(self) -> dict[str, object]:
@@ -147,7 +151,7 @@ class Monitor:
                            self.window_samples_),
                 "windows": list(self.windows_), "alerts": self.alerts_,
                 "detections": list(self.detections_),
-                "resets": self.resets_}
+                "resets": self.resets_, "recent": self.recent_}
 
     def _restore(self, d: Mapping[str, object]) -> bool:
         """Resume from a saved state; False (and nothing changed) if it is another
@@ -164,6 +168,7 @@ class Monitor:
         self.alerts_ = d["alerts"]  # type: ignore[assignment]
         self.detections_.extend(d["detections"])  # type: ignore[arg-type]
         self.resets_ = d["resets"]  # type: ignore[assignment]
+        self.recent_ = d["recent"]  # type: ignore[assignment]
         self._saved_at = (self.samples_, time.monotonic())
         return True
 
@@ -262,6 +267,9 @@ class Monitor:
                     raised |= self._detect(name, start + rows, self._evidence(name, det, v))
         if feed is not None:
             self.window_counts_ += self._binner.counts(features(feed, s.inputs, self._starts))
+            keep = c.recent
+            self.recent_ = {k: np.concatenate([self.recent_[k], v[-keep:]])[-keep:]
+                            if k in self.recent_ else v[-keep:].copy() for k, v in feed.items()}
         self.window_classes_ += np.bincount(sig.classes, minlength=len(self.window_classes_))
         cal = s.calibration(sig.confidence).sum() if s.calibration is not None else 0.0
         self.window_sums_ += (cal, sig.confidence.sum(), sig.entropy.sum())
@@ -391,6 +399,8 @@ class Monitor:
         assert self.path is not None
         self._cap_memory()
         write_bytes_atomic(self.path / STATE_FILE, pickle.dumps(self._state()))
+        if self.recent_:
+            save_npz(self.path / RECENT_FILE, Dataset(dict(self.recent_)))
         write_bytes_atomic(self.path / DRIFT_FILE, json.dumps(self.status()).encode())
         self._saved_at = (self.samples_, time.monotonic())
 
