@@ -152,8 +152,9 @@ def detection_part(args: argparse.Namespace, s: Setup, sess: object
                 out = predict(answer, data)
                 m = watch(s, data, out, config)
                 for d in DETECTORS:
-                    hits = [e["sample"] for e in m.detections_
-                            if e["detector"] == d and e["sample"] > CHANGE]
+                    # a detection's sample counts watched samples: every k-th input
+                    hits = [at for e in m.detections_ if e["detector"] == d
+                            and (at := e["sample"] * config.sample_every) > CHANGE]
                     delays.setdefault((d, kind, gradual), []).append(
                         hits[0] - CHANGE if hits else np.inf)
                 if not gradual:
@@ -164,11 +165,13 @@ def detection_part(args: argparse.Namespace, s: Setup, sess: object
     lines = ["### Drift detection (MNIST-1D CNN, injected shifts)", "",
              f"{args.seeds} seeds. Delay: median samples after the change until the "
              f"detector's first detection (detected: share of streams with one within "
-             f"{HORIZON:,} samples). The monitor processes blocks of {config.block} calls "
-             f"and closes a window at the first block end after {config.window} samples, so "
-             "a delay is at least the rest of the block (river's detectors) or of the window "
-             "(windowed tests). False alarms: detections per 10,000 clean inputs (mean). "
-             "Default detectors in bold; all in one monitor per stream.", "",
+             f"{HORIZON:,} samples). The monitor (default settings) watches every "
+             f"{config.sample_every}nd input, processes blocks of {config.block} watched "
+             f"inputs and closes a window at the first block end after {config.window} "
+             "watched inputs, so a delay is at least the rest of the block (river's "
+             "detectors) or of the window (windowed tests), in inputs. False alarms: "
+             "detections per 10,000 clean inputs (mean). Default detectors in bold; all in "
+             "one monitor per stream.", "",
              "| detector | " + " | ".join(f"{k} {'gradual' if g else 'abrupt'}"
                                          for k in SHIFTS for g in (False, True))
              + " | false alarms / 10k | memory (bytes) |",
@@ -241,7 +244,7 @@ def cost_part(args: argparse.Namespace, s: Setup, sess: object
     and with ``Monitor.observe`` after each inference, timed in turns."""
     x = s.pool.inputs["x"]
     config = MonitorConfig()
-    block = config.block
+    block = config.block * config.sample_every      # calls per processed block
     feeds = [{"x": x[i:i + 1]} for i in range(8 * block)]
     monitors = {"default": Monitor(s.sketch, config=config),
                 "all (with KSWIN)": Monitor(s.sketch,
@@ -269,8 +272,9 @@ def cost_part(args: argparse.Namespace, s: Setup, sess: object
     share = {name: (t - per[0]) / per[0] for name, t in zip(monitors, per[1:], strict=True)}
     lines = ["### Cost per inference", "",
              f"Batch-1 CNN inference alone: {per[0]:.1f} us. Each timed call runs {block} "
-             "inferences (one monitor block, so the block's processing is in every "
-             f"monitored call), {rounds} rounds x {runs} calls timed in turns "
+             f"inferences (the monitor watches every {config.sample_every}nd call and "
+             f"processes blocks of {config.block} watched calls, so the block's processing "
+             f"is in every monitored call), {rounds} rounds x {runs} calls timed in turns "
              "(`interleaved_times`); per inference:", "",
              "| detectors | us per inference | monitor's share of the model's latency |",
              "|---|---|---|", f"| none (model alone) | {per[0]:.2f} | |"]

@@ -32,6 +32,7 @@ from edgeloop.monitor.twosample import Binner, chi2_two_sample
 SRC = Path(__file__).resolve().parent.parent / "src"
 FEATURES, CLASSES = 12, 5
 W = np.random.default_rng(0).normal(size=(FEATURES, CLASSES))
+EVERY = MonitorConfig(sample_every=1)      # every call watched: sample counts are calls
 
 
 def _data(n: int, seed: int, *, scale: float = 1.0, prior: np.ndarray | None = None
@@ -108,7 +109,8 @@ def test_binner_follows_the_edges_within_half_a_cell() -> None:
 def test_clean_streams_raise_no_alert(sketch: Sketch) -> None:
     for seed in range(3):
         x, logits, _ = _data(10000, 100 + seed)
-        m = _feed(Monitor(sketch, config=MonitorConfig(detectors=DETECTORS)), x, logits)
+        config = MonitorConfig(sample_every=1, detectors=DETECTORS)
+        m = _feed(Monitor(sketch, config=config), x, logits)
         assert m.samples_ == 10000
         assert not m.detections_, list(m.detections_)
         assert not m.flag().raised
@@ -123,7 +125,7 @@ def test_a_shift_is_flagged_soon_after_the_change(sketch: Sketch, shift: dict[st
                                                   detector: str) -> None:
     clean = _data(3000, 7)
     after = _data(3000, 8, **shift)  # type: ignore[arg-type]
-    m = _feed(Monitor(sketch), clean[0], clean[1])
+    m = _feed(Monitor(sketch, config=EVERY), clean[0], clean[1])
     assert not m.flag().raised
     _feed(m, after[0], after[1])
     flag = m.flag()
@@ -139,7 +141,7 @@ def test_a_shift_is_flagged_soon_after_the_change(sketch: Sketch, shift: dict[st
 def test_label_free_estimate_tracks_accuracy_on_shifted_streams(
         sketch: Sketch, shift: dict[str, object], moves: float) -> None:
     x, logits, y = _data(4000, 9, **shift)  # type: ignore[arg-type]
-    m = _feed(Monitor(sketch), x, logits)
+    m = _feed(Monitor(sketch, config=EVERY), x, logits)
     ends = [int(w["end_sample"]) for w in m.windows_]  # type: ignore[call-overload]
     est = np.array([w["estimated_accuracy"] for w in m.windows_])
     acc = np.array([(logits[e - int(w["samples"]):e].argmax(1)  # type: ignore[call-overload]
@@ -153,7 +155,7 @@ def test_label_free_estimate_tracks_accuracy_on_shifted_streams(
 def test_an_accuracy_drop_is_flagged_by_the_estimate(sketch: Sketch) -> None:
     # inputs squeezed towards the decision boundaries: confidence, and accuracy, fall
     x, logits, _ = _data(2000, 10, scale=0.3)
-    m = _feed(Monitor(sketch), x, logits)
+    m = _feed(Monitor(sketch, config=EVERY), x, logits)
     assert m.flag().accuracy_drop
     assert any(a.detector == "cbpe:accuracy" for a in m.flag().alerts)
 
@@ -164,13 +166,13 @@ def test_state_survives_a_killed_process(sketch: Sketch, tmp_path: Path) -> None
     (tmp_path / "sketch.json").write_bytes(sketch.to_bytes())
     x, logits, _ = _data(8000, 11, scale=1.3)
     np.savez(tmp_path / "stream.npz", x=x, logits=logits)
-    config = MonitorConfig(save_every=2000, save_seconds=1e9)
+    config = MonitorConfig(sample_every=1, save_every=2000, save_seconds=1e9)
     script = f"""
 import os, signal, numpy as np
 from edgeloop.monitor import Monitor, MonitorConfig, Sketch
 s = Sketch.from_bytes(open({str(tmp_path / 'sketch.json')!r}, 'rb').read())
 d = np.load({str(tmp_path / 'stream.npz')!r})
-m = Monitor(s, config=MonitorConfig(save_every=2000, save_seconds=1e9),
+m = Monitor(s, config=MonitorConfig(sample_every=1, save_every=2000, save_seconds=1e9),
             path={str(tmp_path / 'mon')!r}, model_id="abc")
 for i in range(5000):
     m.observe({{"x": d["x"][i:i + 1]}}, d["logits"][i:i + 1])
@@ -204,7 +206,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_saves_are_bounded_and_readers_see_the_flag(sketch: Sketch, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     saves = []
-    m = Monitor(sketch, config=MonitorConfig(save_every=4000, save_seconds=1e9),
+    m = Monitor(sketch, config=MonitorConfig(sample_every=1, save_every=4000, save_seconds=1e9),
                 path=tmp_path / "monitor", model_id="abc")
     real = m._save
     monkeypatch.setattr(m, "_save", lambda: (saves.append(m.samples_), real()))
@@ -224,9 +226,20 @@ def test_saves_are_bounded_and_readers_see_the_flag(sketch: Sketch, tmp_path: Pa
     assert status["samples"] == 12000 and status["memory_bytes"]
 
 
+def test_a_block_that_does_not_fit_is_dropped_never_raised(sketch: Sketch) -> None:
+    m = Monitor(sketch, config=MonitorConfig(sample_every=1, block=4, inputs_every=1))
+    x, logits, _ = _data(8, 15)
+    for i in range(4):
+        m.observe({"x": x[i:i + 1, :5]}, logits[i:i + 1])      # 5 features, not 12
+    assert m.errors_ == 1 and m.last_error_
+    for i in range(4, 8):
+        m.observe({"x": x[i:i + 1]}, logits[i:i + 1])
+    assert m.samples_ == 4 and m.errors_ == 1 and m.status()["errors"] == 1
+
+
 def test_memory_is_reported_and_capped(sketch: Sketch, tmp_path: Path) -> None:
     x, logits, _ = _data(6000, 14)
-    m = _feed(Monitor(sketch, config=MonitorConfig(max_detector_bytes=1000),
+    m = _feed(Monitor(sketch, config=MonitorConfig(sample_every=1, max_detector_bytes=1000),
                       path=tmp_path, model_id="abc"), x, logits)
     before = m.memory()
     assert before["adwin:confidence"] > 1000 and set(before) == {

@@ -82,7 +82,7 @@ def test_the_runtime_path_flags_drift_and_status_shows_it(
     mon.close()
     assert not mon.flag().raised
     mon = Monitor.for_device(device.dir)             # a restart resumes
-    assert mon.samples_ == len(x)
+    assert mon.samples_ == len(x) // 2
     shifted = _noisy(val, 1, 0.6).inputs["x"]
     for _ in range(3):
         for i in range(len(shifted)):
@@ -92,11 +92,12 @@ def test_the_runtime_path_flags_drift_and_status_shows_it(
     code, out, _ = _cli(capsys, "device", "status", str(device.dir), "--json")
     assert code == 0
     status = json.loads(out)["monitor"]
-    assert status["drifted"] is True and status["samples"] == 4 * len(x)
+    # every other call is watched (the default)
+    assert status["drifted"] is True and status["samples"] == 4 * len(x) // 2
     alert = status["alerts"][0]
     assert alert["detector"] in ("chi2:inputs", "chi2:class-mix", "cbpe:accuracy",
                                  "adwin:confidence", "page-hinkley:entropy")
-    assert alert["since"] and alert["evidence"] and alert["first_sample"] > len(x)
+    assert alert["since"] and alert["evidence"] and alert["first_sample"] > len(x) // 2
     assert status["memory_bytes"]["chi2:inputs"] > 0
     code, out, _ = _cli(capsys, "device", "status", str(device.dir))
     assert code == 0 and "drifted" in out and alert["detector"] in out
@@ -107,7 +108,7 @@ def test_label_free_estimate_on_a_shifted_stream(device: Device) -> None:
     sketch = Sketch.from_bytes(path.with_name("monitor.json").read_bytes())
     sess = session(path, threads=1)
     val = load_builtin("mnist1d", "val")
-    mon = Monitor(sketch, config=MonitorConfig(window=250))
+    mon = Monitor(sketch, config=MonitorConfig(sample_every=1, window=250))
     errors = []
     for sigma in (0.0, 0.2):
         data = _noisy(val, 2, sigma)
@@ -232,7 +233,7 @@ def test_a_drifted_device_checks_a_candidate_on_its_recent_inputs(
     sess = session(path, threads=1)
     noisy = _noisy(load_builtin("mnist1d", "val"), 4, 0.8).inputs["x"]
     with Monitor.for_device(dev.dir) as mon:
-        for _ in range(3):
+        for _ in range(6):          # 3,000 calls: 1,500 watched
             for i in range(len(noisy)):
                 mon.observe({"x": noisy[i:i + 1]}, run(sess, {"x": noisy[i:i + 1]}))
     assert mon.drifted and (dev.dir / "monitor" / "recent.npz").is_file()

@@ -94,6 +94,7 @@ def monitor_status(state_dir: str | os.PathLike[str], *,
             "alerts": [asdict(a) for a in flag.alerts],
             "model_sha256": drift.get("model_sha256"), "samples": drift.get("samples", 0),
             "saved": drift.get("saved"), "memory_bytes": drift.get("memory_bytes", {}),
+            "errors": drift.get("errors", 0), "last_error": drift.get("last_error"),
             "windows": drift.get("windows", []), "evaluations": evals.get("evaluations", [])}
 
 
