@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 from edgeloop.errors import UsageError
 
-__all__ = ["DETECTORS", "MonitorConfig"]
+__all__ = ["DEFAULT_DETECTORS", "DETECTORS", "MonitorConfig"]
 
 # every detector the monitor can run, as "method:signal"
 DETECTORS = ("adwin:confidence", "page-hinkley:entropy", "kswin:confidence",
