@@ -63,7 +63,7 @@ from edgeloop.bundle.manifest import (
     golden_digest,
 )
 from edgeloop.bundle.repository import manifest_target
-from edgeloop.bundle.served import served, served_latency
+from edgeloop.bundle.served import Served, served, served_latency
 from edgeloop.bundle.slots import (
     SLOTS,
     Event,
@@ -299,6 +299,7 @@ class Device:
             except EdgeloopError as e:
                 return Measured(load_error=f"candidate failed on the device: {e}")
             bundles, current_accuracy = [cand], None
+            recent: dict[str, float | int | None] = {}
             if current is not None:
                 path, m = current
                 with contextlib.suppress(EdgeloopError):
@@ -309,6 +310,7 @@ class Device:
                         current_accuracy = top1_accuracy(predict(cur.answer, golden),
                                                          golden.labels)
                     bundles.append(cur)
+                    recent = self._on_recent(cand, (cur, path, m), files or {})
             c = self.config
             p50 = served_latency(bundles, golden, rounds=c.latency_rounds,
                                  runs=c.latency_runs, warmup=3)
@@ -324,7 +326,30 @@ class Device:
             agreement = top1_accuracy(outputs, np.asarray(ref.top1))
         return Measured(accuracy=accuracy, agreement=agreement, reference_note=note,
                         latency_p50_ms=p50[0], current_accuracy=current_accuracy,
-                        current_latency_p50_ms=p50[1] if len(p50) > 1 else None)
+                        current_latency_p50_ms=p50[1] if len(p50) > 1 else None,
+                        **recent)  # type: ignore[arg-type]
+
+    def _on_recent(self, cand: Served, current: tuple[Served, Path, Manifest],
+                   files: Mapping[str, Path]) -> dict[str, float | int | None]:
+        """While the monitor flags the device as drifted under the current model: both
+        bundles' label-free accuracy estimates on the recent inputs it saved
+        (:mod:`edgeloop.monitor.gate`; empty when not drifted or either bundle ships no
+        calibration). Raises :class:`EdgeloopError` if the inputs do not fit."""
+        from edgeloop.monitor.gate import drifted_recent, estimate_accuracy
+        from edgeloop.monitor.reference import REFERENCE_FILE
+
+        cur, path, manifest = current
+        data = drifted_recent(self.dir, manifest.sha256)
+        if data is None:
+            return {}
+        check_against(data, cand.inputs, source="the device's recent inputs")
+        new = estimate_accuracy(cand.answer, data, files.get(REFERENCE_FILE))
+        old = estimate_accuracy(cur.answer, data, path.with_name(REFERENCE_FILE) if any(
+            f.name == REFERENCE_FILE for f in manifest.files) else None)
+        if new is None or old is None:
+            return {}
+        return {"recent_samples": len(data), "recent_estimate": new,
+                "current_recent_estimate": old}
 
     # --- update ---------------------------------------------------------------------
 

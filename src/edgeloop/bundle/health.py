@@ -61,6 +61,11 @@ class Measured:
     latency_p50_ms: float | None = None
     current_latency_p50_ms: float | None = None
     current_accuracy: float | None = None
+    # while the device is drifted: both models' label-free accuracy estimates on its
+    # recent inputs (edgeloop.monitor.gate)
+    recent_samples: int | None = None
+    recent_estimate: float | None = None
+    current_recent_estimate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,19 @@ def judge(floor: Floor, measured: Measured, config: HealthConfig) -> Verdict:
                                  ("agreement", measured.agreement),
                                  ("latency_p50_ms", measured.latency_p50_ms),
                                  ("current_latency_p50_ms", measured.current_latency_p50_ms),
-                                 ("current_accuracy", measured.current_accuracy))
+                                 ("current_accuracy", measured.current_accuracy),
+                                 ("recent_estimate", measured.recent_estimate),
+                                 ("current_recent_estimate", measured.current_recent_estimate))
                if v is not None}
     notes = []
+    new_est, cur_est = measured.recent_estimate, measured.current_recent_estimate
+    if new_est is not None and cur_est is not None:
+        if new_est < cur_est - config.accuracy_margin:
+            return Verdict(False, f"the device is drifted, and on its {measured.recent_samples} "
+                                  f"recent inputs the candidate's label-free accuracy estimate "
+                                  f"{new_est:.4f} is below the current model's {cur_est:.4f} - "
+                                  f"{config.accuracy_margin}", figures)
+        notes.append(f"checked on the drifted device's {measured.recent_samples} recent inputs")
     if measured.accuracy is not None:
         if floor.accuracy is not None and measured.accuracy < floor.accuracy:
             return Verdict(False, f"accuracy {measured.accuracy:.4f} on the golden set is "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -110,6 +111,9 @@ def publish_cmd(
     min_metric: Annotated[float | None, typer.Option(
         help="Accuracy floor a device's health check must meet [default: measured - 0.02]")
     ] = None,
+    monitor: Annotated[bool, typer.Option(
+        help="Ship the drift monitor's reference sketch of --golden (monitor.json; "
+             "cascades: not yet)")] = True,
     keys: KeysOpt = None,
     passphrase_env: PassEnvOpt = _PASS_ENV,
 ) -> None:
@@ -126,10 +130,16 @@ def publish_cmd(
                                    version=version, golden=data, min_metric=min_metric,
                                    passphrase=os.environ.get(passphrase_env))
     else:
-        manifest = build_manifest(model, name=name, version=version, golden=data,
-                                  min_metric=min_metric)
-        publish_bundle(repo, model, keys=_keys(repo, keys), manifest=manifest,
-                       passphrase=os.environ.get(passphrase_env))
+        from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
+
+        with tempfile.TemporaryDirectory(prefix="edgeloop-publish-") as tmp:
+            # the monitor's reference sketch ships beside the model, signed alike
+            files = {} if data is None or not monitor else {
+                REFERENCE_FILE: sketch_bundle(model, data).write(tmp)}
+            manifest = build_manifest(model, name=name, version=version, golden=data,
+                                      min_metric=min_metric, files=files)
+            publish_bundle(repo, model, keys=_keys(repo, keys), manifest=manifest,
+                           passphrase=os.environ.get(passphrase_env), files=files)
     floor = manifest.floor.accuracy
     console.print(f"published {name} {version} ({manifest.size_bytes:,} bytes, sha256 "
                   f"{manifest.sha256[:16]}..., accuracy floor "
@@ -185,10 +195,16 @@ def device_status(
     state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Both slots, versions, sha256, probation, and when and why each change happened."""
+    """Both slots, versions, sha256, probation, when and why each change happened, and
+    the monitor's flags (drift, accuracy drop: which detector, when, evidence)."""
     from edgeloop.bundle import Device
+    from edgeloop.monitor import monitor_status
 
-    status = Device(state_dir).status()
+    device = Device(state_dir)
+    status = device.status()
+    active = device.state().current()
+    status["monitor"] = monitor_status(
+        state_dir, model_sha256=active.sha256 if active is not None else None)
     if as_json:
         console.print_json(json.dumps(status))
         return
@@ -201,12 +217,54 @@ def device_status(
     console.print(t)
     if status["probation"]:
         console.print(f"on probation: {status['probation']}")
+    _print_monitor(status["monitor"])  # type: ignore[arg-type]
     h = Table(title="history")
     for col in ("time", "action", "version", "reason"):
         h.add_column(col)
     for e in status["history"]:  # type: ignore[union-attr]
         h.add_row(e["time"], e["action"], e["version"] or "-", e["reason"])
     console.print(h)
+
+
+def _print_monitor(m: dict[str, object]) -> None:
+    flags = [name for name in ("drifted", "accuracy_drop") if m[name]]
+    console.print(f"monitor: {', '.join(flags) if flags else 'no alert'} "
+                  f"({m['samples']} samples watched, saved {m['saved'] or 'never'})")
+    if m["alerts"]:
+        t = Table(title="alerts")
+        for col in ("detector", "since", "last", "detections", "evidence"):
+            t.add_column(col)
+        for a in m["alerts"]:  # type: ignore[attr-defined]
+            t.add_row(a["detector"], a["since"], a["last"], str(a["detections"]),
+                      a["evidence"])
+        console.print(t)
+
+
+@device_app.command("feedback")
+def device_feedback(
+    state_dir: Annotated[Path, typer.Argument(help="Device state folder")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled .npz (inputs + labels)")],
+    window: Annotated[int, typer.Option(min=1, help="Samples per evaluation window")] = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Measure the active model's accuracy on labelled samples, per window, beside the
+    label-free estimate; kept in the device's monitor history (an alert if it dropped)."""
+    from edgeloop.data import load_npz
+    from edgeloop.monitor import evaluate_feedback
+
+    records = evaluate_feedback(state_dir, load_npz(data), window=window)
+    if as_json:
+        console.print_json(json.dumps(records))
+        return
+    t = Table(title=f"feedback on {state_dir}")
+    for col in ("model", "samples", "accuracy", "estimated", "golden", "dropped"):
+        t.add_column(col)
+    for r in records:
+        est, gold = r.get("estimated_accuracy"), r.get("golden_accuracy")
+        t.add_row(f"{r['model']} {r['version']}", str(r["samples"]), f"{r['accuracy']:.2%}",
+                  "-" if est is None else f"{est:.2%}", "-" if gold is None else f"{gold:.2%}",
+                  "yes" if r.get("dropped") else "")
+    console.print(t)
 
 
 # --- private telemetry (edgeloop.telemetry): the owner's budget, and sending reports ---
