@@ -40,8 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from edgeloop.errors import UsageError  # noqa: E402
-from edgeloop.serve.telemetry_store import TelemetryStore  # noqa: E402
-from edgeloop.telemetry import (  # noqa: E402
+from edgeloop.monitor.telemetry import (  # noqa: E402
     Budget,
     DeviceKey,
     Observation,
@@ -51,8 +50,9 @@ from edgeloop.telemetry import (  # noqa: E402
     parse_report,
     summarize,
 )
-from edgeloop.telemetry.client import DEVICE_HEADER, SIGNATURE_HEADER  # noqa: E402
-from edgeloop.telemetry.report import build_report, encode, plan, sign  # noqa: E402
+from edgeloop.monitor.telemetry.client import DEVICE_HEADER, SIGNATURE_HEADER  # noqa: E402
+from edgeloop.monitor.telemetry.report import build_report, encode, plan, sign  # noqa: E402
+from edgeloop.serve.telemetry_store import TelemetryStore  # noqa: E402
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 EPSILONS = (0.5, 1.0, 2.0, 4.0)

@@ -16,8 +16,11 @@ from edgeloop._onnx import run, session
 from edgeloop.bundle import Device
 from edgeloop.cli import main
 from edgeloop.data import Dataset, load_builtin, save_npz
+from edgeloop.device import OffloadRule, Policy, Runtime
+from edgeloop.device.offload import OffloadPolicy
 from edgeloop.errors import UsageError, VerificationError
 from edgeloop.monitor import Monitor, MonitorConfig, Sketch, sketch_bundle
+from edgeloop.serve.offload import OffloadServer, ServerConfig, running
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,39 @@ def test_the_runtime_path_flags_drift_and_status_shows_it(
     assert status["memory_bytes"]["chi2:inputs"] > 0
     code, out, _ = _cli(capsys, "device", "status", str(device.dir))
     assert code == 0 and "drifted" in out and alert["detector"] in out
+
+
+def test_the_runtime_watches_its_answers_and_offloads_while_drifted(
+        device: Device, cnn_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`Runtime` shows every local answer to the device's monitor: clean inputs raise
+    nothing and stay local (`[offload] mode = "never"`); a shifted stream is flagged, and
+    from then on `while_drifted` sends inputs to the offload server, whose answers equal
+    the model's own (the same file, onnxruntime as the oracle)."""
+    val = load_builtin("mnist1d", "val")
+    x, shifted = val.inputs["x"], _noisy(val, 1, 0.6).inputs["x"]
+    sess = session(cnn_dir / "model.onnx", threads=1)
+    with running(OffloadServer(cnn_dir / "model.onnx", config=ServerConfig(max_batch=1))) as url:
+        rule = OffloadRule(client=OffloadPolicy(url=url, timeout_s=5.0), mode="never",
+                           privacy_class="public", while_drifted=True)
+        rt = Runtime(device, Policy(offload=rule))
+        assert rt.monitor is not None
+        clean = [rt.predict({"x": x[i:i + 1]}) for i in range(len(x))]
+        assert not any(a.offloaded for a in clean) and not rt.monitor.drifted
+        # the monitor works in blocks of 1024 watched calls, every other call watched
+        answers = [rt.predict({"x": shifted[i:i + 1]}) for _ in range(8)
+                   for i in range(len(shifted))]
+        offloaded = [a.offloaded for a in answers]
+        assert rt.monitor.drifted and any(offloaded)
+        first = offloaded.index(True)
+        assert all(offloaded[first:])                  # the alert stays raised meanwhile
+        i = first % len(shifted)
+        np.testing.assert_allclose(answers[first].output, run(sess, {"x": shifted[i:i + 1]}),
+                                   rtol=1e-5, atol=1e-5)
+        rt.close()
+    # local answers only (offloaded ones are the server's), every other one
+    assert abs(rt.monitor.samples_ - (len(x) + first) / 2) <= 1
+    code, out, _ = _cli(capsys, "device", "status", str(device.dir), "--json")
+    assert code == 0 and json.loads(out)["monitor"]["drifted"] is True
 
 
 def test_label_free_estimate_on_a_shifted_stream(device: Device) -> None:

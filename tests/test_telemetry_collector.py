@@ -23,11 +23,11 @@ from test_telemetry_fixtures import RecordingProxy, free_port, make_device, post
 
 from edgeloop.cli import main
 from edgeloop.errors import TransportError
+from edgeloop.monitor.telemetry import Observation, ReportConfig, Reporter, read_key
+from edgeloop.monitor.telemetry.client import DEVICE_HEADER, KEY_FILE, SIGNATURE_HEADER
+from edgeloop.monitor.telemetry.report import parse_report, sign
 from edgeloop.serve.telemetry import running
 from edgeloop.serve.telemetry_store import TelemetryStore
-from edgeloop.telemetry import Observation, ReportConfig, Reporter, read_key
-from edgeloop.telemetry.client import DEVICE_HEADER, KEY_FILE, SIGNATURE_HEADER
-from edgeloop.telemetry.report import parse_report, sign
 
 __all__ = ["postgres"]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_telemetry_fixtures import make_device
 
 from edgeloop.errors import UsageError, VerificationError
-from edgeloop.telemetry import (
+from edgeloop.monitor.telemetry import (
     BadReport,
     Budget,
     Ledger,
@@ -25,7 +25,7 @@ from edgeloop.telemetry import (
     parse_report,
     read_key,
 )
-from edgeloop.telemetry.report import build_report, encode, plan, sign, signature_ok
+from edgeloop.monitor.telemetry.report import build_report, encode, plan, sign, signature_ok
 
 OBS = Observation(class_counts=[5, 0, 3, 2], drift=True, mean_confidence=0.8731)
 
@@ -193,7 +193,7 @@ def test_key_files(tmp_path: Path) -> None:
 def test_public_names_are_exactly_these_and_documented() -> None:
     import types
 
-    import edgeloop.telemetry as telemetry
+    import edgeloop.monitor.telemetry as telemetry
 
     assert sorted(telemetry.__all__) == sorted(
         n for n in dir(telemetry)
@@ -207,7 +207,7 @@ def test_the_device_side_imports_no_collector_or_oracle_library() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, edgeloop.telemetry, edgeloop.cli.bundle\n"
+    code = ("import sys, edgeloop.monitor.telemetry, edgeloop.cli.bundle\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'opendp', 'sqlalchemy', 'psycopg', 'fastapi', 'uvicorn', 'scipy'}))")
     src = Path(__file__).resolve().parent.parent / "src"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeloop.telemetry import Budget, Reporter, create_key
+from edgeloop.monitor.telemetry import Budget, Reporter, create_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

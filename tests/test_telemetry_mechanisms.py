@@ -13,14 +13,14 @@ import pytest
 from scipy import stats
 
 from edgeloop.errors import UsageError
-from edgeloop.telemetry import (
+from edgeloop.monitor.telemetry import (
     Gaussian,
     Laplace,
     RandomizedResponse,
     UnaryEncoding,
     categorical,
 )
-from edgeloop.telemetry.mechanisms import gaussian_delta
+from edgeloop.monitor.telemetry.mechanisms import gaussian_delta
 
 dp = pytest.importorskip("opendp.prelude")
 dp.enable_features("contrib")

@@ -10,7 +10,7 @@ A device is a state folder::
     STATE/golden.npz        optional golden set for health checks
     STATE/lock              flock'ed around every read-modify-write of the pointer
     STATE/telemetry.key     the device's telemetry id and HMAC key (0600; see
-                            edgeloop.telemetry.client, which keeps its other files)
+                            edgeloop.monitor.telemetry.client, which keeps its other files)
 
 The updater and the runtimes may be different processes: every change to the pointer
 re-reads it under ``STATE/lock``, so no writer reverts another's change.
@@ -83,7 +83,6 @@ from edgeloop.errors import (
     VerificationError,
 )
 from edgeloop.measure import predict, top1_accuracy
-from edgeloop.telemetry.client import create_key
 
 __all__ = ["Device", "UpdateResult", "Watch", "boot_id"]
 
@@ -175,7 +174,9 @@ class Device:
             save_npz(d / "golden.npz", golden_data)
         dev = cls(d, config=config)
         dev._write_state(SlotState())
-        create_key(d)   # the telemetry key (edgeloop.telemetry); the collector enrolls a copy
+        from edgeloop.monitor.telemetry.client import create_key  # httpx: only here
+
+        create_key(d)   # the telemetry key; the collector enrolls a copy
         write_bytes_atomic(d / _MARKER, json.dumps({"format": 1, "created": _now()}).encode())
         dev._record("init", None, f"trusting root version {md.signed.version}")
         return dev

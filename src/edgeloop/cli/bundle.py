@@ -267,7 +267,7 @@ def device_feedback(
     console.print(t)
 
 
-# --- private telemetry (edgeloop.telemetry): the owner's budget, and sending reports ---
+# --- private telemetry (edgeloop.monitor.telemetry): the owner's budget, and sending reports ---
 
 @device_app.command("privacy")
 def device_privacy(
@@ -282,8 +282,8 @@ def device_privacy(
         help="Create the telemetry key of a device made before telemetry")] = False,
 ) -> None:
     """Show or set (the device owner's) privacy budget for telemetry reports."""
-    from edgeloop.telemetry import Budget, Reporter, parse_period
-    from edgeloop.telemetry.ledger import format_period
+    from edgeloop.monitor.telemetry import Budget, Reporter, parse_period
+    from edgeloop.monitor.telemetry.ledger import format_period
 
     if budget is None and delta:
         from edgeloop.errors import UsageError
@@ -320,7 +320,7 @@ def device_report(
 ) -> None:
     """Send one local-DP report (within the owner's budget) to a telemetry collector."""
     from edgeloop.errors import UsageError
-    from edgeloop.telemetry import Observation, ReportConfig, Reporter
+    from edgeloop.monitor.telemetry import Observation, ReportConfig, Reporter
 
     try:
         counts = [int(c) for c in class_counts.split(",")] if class_counts else None

@@ -51,8 +51,8 @@ def telemetry_enroll(
         help="Trust a new key for a device enrolled with another one")] = False,
 ) -> None:
     """Register devices' keys so the collector accepts their reports."""
+    from edgeloop.monitor.telemetry import read_key
     from edgeloop.serve.telemetry_store import TelemetryStore
-    from edgeloop.telemetry import read_key
 
     read = [read_key(k) for k in keys]     # every file checked before anything is stored
     store = TelemetryStore(db)
@@ -73,8 +73,8 @@ def telemetry_summary(
 ) -> None:
     """Fleet estimates de-biased from the reports: class mix, drift rate, mean confidence,
     each with its confidence interval."""
+    from edgeloop.monitor.telemetry import parse_period
     from edgeloop.serve.telemetry_store import TelemetryStore
-    from edgeloop.telemetry import parse_period
 
     since = time.time() - parse_period(last) if last else None
     s = TelemetryStore(db, create=False).summary(level=level, since=since)

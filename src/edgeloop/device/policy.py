@@ -62,12 +62,18 @@ class OffloadRule:
     the last stage runs for it only if the server gives no answer. With
     ``min_confidence`` the last stage runs first, and what it answers below that goes
     to the server (its local answer is kept if the server gives none).
+
+    ``while_drifted``: while the device's monitor flags input or output drift
+    (:mod:`edgeloop.monitor`; a bundle that ships a reference sketch), every input goes
+    to the server first, as with ``always``: the local model is watched as less trusted
+    until the alert clears. Privacy class, budget and circuit breaker still apply.
     """
 
     client: OffloadPolicy
     mode: str = "when-unsure"
     min_confidence: float | None = None   # when-unsure: offload last-stage answers below it
     privacy_class: str = "private"        # inputs whose caller names no class
+    while_drifted: bool = False           # offload everything while the monitor flags drift
 
     def __post_init__(self) -> None:
         if self.mode not in OFFLOAD_MODES:
@@ -79,6 +85,9 @@ class OffloadRule:
         if m is not None and self.mode != "when-unsure":
             raise UsageError("`offload.min_confidence` applies to mode `when-unsure` only; "
                              f"the mode is {self.mode!r}")
+        if not isinstance(self.while_drifted, bool):
+            raise UsageError(f"`offload.while_drifted` must be true or false; got "
+                             f"{self.while_drifted!r}")
         if not isinstance(self.privacy_class, str) or not self.privacy_class:
             raise UsageError(f"`offload.privacy_class` must be a non-empty string; got "
                              f"{self.privacy_class!r}")

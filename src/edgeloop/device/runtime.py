@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,6 +57,10 @@ from edgeloop.device.offload import OffloadClient
 from edgeloop.device.policy import Policy, StreamRule
 from edgeloop.device.stream import SKIP_BUDGET, SKIP_UNCHANGED, EnergyBudget, relative_change
 from edgeloop.errors import ModelError, UsageError, VerificationError
+from edgeloop.monitor.reference import REFERENCE_FILE
+
+if TYPE_CHECKING:
+    from edgeloop.monitor import Monitor
 
 __all__ = ["OFFLOAD_STAGE", "Answer", "RunSummary", "Runtime", "RuntimeStats", "summarize"]
 
@@ -303,6 +308,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._batchers: dict[str, BatchThread] = {}    # by part (_ALL, _HEAD, _TAIL)
         self._client: OffloadClient | None = None
+        self.monitor: Monitor | None = None     # the active bundle's, when it ships a sketch
         rule = self.policy.offload
         # when-unsure without min_confidence: the last stage waits for the server's answer
         self._defer = rule is not None and rule.mode == "when-unsure" and \
@@ -331,7 +337,7 @@ class Runtime:
                 self._batchers[part] = BatchThread(
                     functools.partial(self._run_rows, part), max_batch=self.policy.max_batch,
                     max_delay_ms=self.policy.max_delay_ms, stats=shared)
-        if rule is not None and rule.mode != "never":
+        if rule is not None and (rule.mode != "never" or rule.while_drifted):
             self._client = OffloadClient(rule.client)
         self._lean = self.cascade is None and not self._batchers   # see _plain
 
@@ -343,6 +349,8 @@ class Runtime:
             self._client.close()
         if self._watch is not None:
             self._watch.flush()
+        if self.monitor is not None:
+            self.monitor.close()
 
     def __enter__(self) -> Runtime:
         return self
@@ -358,7 +366,8 @@ class Runtime:
     def health(self) -> dict[str, object]:
         """What serves and how: name and version (or the cascade file), stages, inputs,
         probation (remaining inferences and errors, saved first; None when off), offload
-        mode and micro-batch size."""
+        mode, micro-batch size and the monitor's flags (None: the bundle ships no
+        reference sketch)."""
         watch = self._watch
         if watch is not None:
             watch.flush()
@@ -374,7 +383,8 @@ class Runtime:
                            for s in self._inputs],
                 "probation": probation,
                 "offload": rule.mode if rule is not None else "never",
-                "max_batch": self.policy.max_batch if self._batchers else 1}
+                "max_batch": self.policy.max_batch if self._batchers else 1,
+                "monitor": asdict(self.monitor.flag()) if self.monitor is not None else None}
 
     def arriving(self) -> contextlib.AbstractContextManager[None]:
         """Around a request that will call :meth:`predict` (a server reading its body):
@@ -394,6 +404,15 @@ class Runtime:
         (``cascade.json`` beside the model, see :mod:`edgeloop.device.bundle`)."""
         assert self.device is not None
         self.path, self.manifest, self._watch = self.device.serve()
+        if self.monitor is not None:          # the model served before a rollback
+            self.monitor.close()
+        self.monitor = None
+        if any(f.name == REFERENCE_FILE for f in self.manifest.files):
+            from edgeloop.monitor import Monitor  # river: only for a bundle it watches
+
+            self.monitor = Monitor.for_device(self.device.dir)
+        if self.monitor is not None:
+            weakref.finalize(self, self.monitor.close)
         if any(f.name == CASCADE_FILE for f in self.manifest.files):
             # device.serve() has just checked every file of the slot against the manifest
             self._start_cascade(self.path.with_name(CASCADE_FILE), verified=True)
@@ -424,9 +443,13 @@ class Runtime:
             return self.predict(feed).output
         feed = self._checked(feed)
         if self._lean:
-            return self._plain(feed)[0]
-        with self._probation(feed) as spent:
-            return self._local(feed, _ALL, spent)[0]
+            out = self._plain(feed)[0]
+        else:
+            with self._probation(feed) as spent:
+                out = self._local(feed, _ALL, spent)[0]
+        if self.monitor is not None:
+            self.monitor.observe(feed, out)
+        return out
 
     def _checked(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``feed`` checked against the model's inputs (:class:`DataError` if it does not
@@ -538,10 +561,12 @@ class Runtime:
                 a = Answer(out, self._names[0], (time.perf_counter() - t0) * 1e3, None, False,
                            None, meter.millijoules(busy), meter.source)
                 self.stats.add(a, samples)
+                if self.monitor is not None:
+                    self.monitor.observe(feed, out)
                 return a
             with self._probation(feed) as spent:
                 out, conf, idx, _ = self._local(feed, _ALL, spent)
-            return self._done(t0, out, conf, self._stage(idx), False, None, spent.busy_s,
+            return self._done(feed, t0, out, conf, self._stage(idx), False, None, spent.busy_s,
                               spent.samples)
         rule, reason = self.policy.offload, None
         cls = privacy_class if privacy_class is not None else \
@@ -549,12 +574,14 @@ class Runtime:
         defer = self._defers()
         # offload before running anything: always, or when no stage before the last runs
         first = rule is not None and (rule.mode == "always"
-                                      or (defer and len(self._stages) == 1))
+                                      or (defer and len(self._stages) == 1)
+                                      or (rule.while_drifted and self.monitor is not None
+                                          and self.monitor.drifted))
         with self._probation(feed) as spent:
             if self._client is not None and first:
                 outs, reason = self._offload(feed, cls)
                 if outs is not None:
-                    return self._done(t0, outs, None, OFFLOAD_STAGE, True, None, 0.0,
+                    return self._done(feed, t0, outs, None, OFFLOAD_STAGE, True, None, 0.0,
                                       spent.samples)
             out, conf, idx, carry = self._local(feed, _HEAD if defer and not first else _ALL,
                                                 spent)
@@ -576,7 +603,7 @@ class Runtime:
                         rest = {k: v[unsure] for k, v in carry.items()} if carry else part
                         last_out, last_conf, _, _ = self._local(rest, _TAIL, spent)
                         out[unsure], conf[unsure] = last_out, last_conf
-        return self._done(t0, out, conf, stage, offloaded, reason, spent.busy_s,
+        return self._done(feed, t0, out, conf, stage, offloaded, reason, spent.busy_s,
                           spent.samples)
 
     def _stage(self, idx: np.ndarray) -> str:
@@ -585,16 +612,20 @@ class Runtime:
         return self._names[int(idx[0]) if len(idx) == 1 else int(idx.max()) if len(idx)
                            else -1]
 
-    def _done(self, t0: float, out: np.ndarray, conf: np.ndarray | None, stage: str,
-              offloaded: bool, reason: str | None, busy_s: float, samples: int) -> Answer:
-        """The answer of a call of ``samples`` that started at ``t0`` (``perf_counter``)
-        and kept a local session busy ``busy_s`` seconds, counted."""
+    def _done(self, feed: dict[str, np.ndarray], t0: float, out: np.ndarray,
+              conf: np.ndarray | None, stage: str, offloaded: bool, reason: str | None,
+              busy_s: float, samples: int) -> Answer:
+        """The answer to ``feed`` (``samples``), a call that started at ``t0``
+        (``perf_counter``) and kept a local session busy ``busy_s`` seconds: counted, and
+        shown to the monitor when every row was answered here."""
         shown = None if conf is None or not len(conf) else \
             float(conf[0]) if len(conf) == 1 else float(conf.min())
         meter = self.meter
         a = Answer(out, stage, (time.perf_counter() - t0) * 1e3, shown, offloaded, reason,
                    meter.millijoules(busy_s), meter.source)
         self.stats.add(a, samples)
+        if self.monitor is not None and not offloaded:
+            self.monitor.observe(feed, out)
         return a
 
     def _offload(self, feed: Mapping[str, np.ndarray], privacy_class: str, *,

@@ -2,7 +2,7 @@
 
 ::
 
-    POST /v1/reports   body: a report (canonical JSON, see edgeloop.telemetry.report)
+    POST /v1/reports   body: a report (canonical JSON, see edgeloop.monitor.telemetry.report)
                        headers: X-Edgeloop-Device: ID, X-Edgeloop-Signature: HMAC hex
                     -> 200 {"stored": SEQ}
                        401 unknown device, missing or wrong signature
@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse
 from edgeloop._http import read_body, running_app, serve_app
 from edgeloop._request import BadRequest
 from edgeloop.errors import TransportError
+from edgeloop.monitor.telemetry.client import DEVICE_HEADER, REPORTS_PATH, SIGNATURE_HEADER
+from edgeloop.monitor.telemetry.report import MAX_BODY, BadReport, parse_report, signature_ok
 from edgeloop.serve.telemetry_store import TelemetryStore
-from edgeloop.telemetry.client import DEVICE_HEADER, REPORTS_PATH, SIGNATURE_HEADER
-from edgeloop.telemetry.report import MAX_BODY, BadReport, parse_report, signature_ok
 
 __all__ = ["create_app", "running", "serve"]
 

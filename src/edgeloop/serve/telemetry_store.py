@@ -41,9 +41,9 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, Ope
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from edgeloop.errors import TransportError, UsageError
-from edgeloop.telemetry.client import DeviceKey
-from edgeloop.telemetry.estimate import FleetSummary, summarize
-from edgeloop.telemetry.report import Report, parse_report
+from edgeloop.monitor.telemetry.client import DeviceKey
+from edgeloop.monitor.telemetry.estimate import FleetSummary, summarize
+from edgeloop.monitor.telemetry.report import Report, parse_report
 
 __all__ = ["TelemetryStore", "database_url"]
 
@@ -203,7 +203,7 @@ class TelemetryStore:
                 yield parse_report(body.encode())
 
     def summary(self, *, level: float = 0.95, since: float | None = None) -> FleetSummary:
-        """De-biased fleet estimates (see :func:`edgeloop.telemetry.summarize`)."""
+        """De-biased fleet estimates (see :func:`edgeloop.monitor.telemetry.summarize`)."""
         return summarize(self.reports(since=since), level=level)
 
 

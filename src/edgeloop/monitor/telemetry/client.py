@@ -34,8 +34,8 @@ import httpx
 
 from edgeloop._io import write_bytes_atomic
 from edgeloop.errors import TransportError, UsageError
-from edgeloop.telemetry.ledger import Budget, Ledger
-from edgeloop.telemetry.report import (
+from edgeloop.monitor.telemetry.ledger import Budget, Ledger
+from edgeloop.monitor.telemetry.report import (
     Observation,
     ReportConfig,
     build_report,

@@ -1,6 +1,6 @@
 """A telemetry report: built on the device from plain observations, checked on the
 collector from bytes. Pure functions, no I/O (the device's side of the wire is
-:mod:`edgeloop.telemetry.client`, the collector's :mod:`edgeloop.serve.telemetry`).
+:mod:`edgeloop.monitor.telemetry.client`, the collector's :mod:`edgeloop.serve.telemetry`).
 
 A report carries mechanism outputs and nothing else about the device's data::
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeloop.errors import DataError, UsageError, one_of
-from edgeloop.telemetry.mechanisms import (
+from edgeloop.monitor.telemetry.mechanisms import (
     Gaussian,
     Laplace,
     Mechanism,

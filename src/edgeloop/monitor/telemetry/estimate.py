@@ -1,7 +1,7 @@
 """Fleet estimates from private reports: de-biasing and confidence intervals. Pure.
 
 Each report's output goes through its mechanism's unbiased estimator (see
-:mod:`edgeloop.telemetry.mechanisms`): a vector whose expectation is the one-hot of the
+:mod:`edgeloop.monitor.telemetry.mechanisms`): a vector whose expectation is the one-hot of the
 device's true class or drift flag, or the noisy clipped confidence itself. A device's
 estimate is the mean over its reports; the fleet estimate is the mean over devices (every
 device weighs the same, however often it reports). The interval is the normal one,
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgeloop.errors import UsageError
-from edgeloop.telemetry.report import Report
+from edgeloop.monitor.telemetry.report import Report
 
 __all__ = ["Estimate", "FleetSummary", "summarize"]
 

@@ -13,7 +13,7 @@ The budget is the device owner's setting (``edgeloop device privacy``), never th
 collector's. A device with no budget set sends nothing.
 
 This module is pure: :class:`Ledger` is a value, :meth:`Ledger.charge` returns the next
-one or raises. :mod:`edgeloop.telemetry.client` reads and writes it in the state folder.
+one or raises. :mod:`edgeloop.monitor.telemetry.client` reads and writes it in the state folder.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgeloop.errors import UsageError, VerificationError
-from edgeloop.telemetry.mechanisms import finite
+from edgeloop.monitor.telemetry.mechanisms import finite
 
 __all__ = ["Budget", "Ledger", "Spend", "format_period", "parse_period"]
 
