@@ -23,7 +23,6 @@ import itertools
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from edgeloop.monitor.telemetry import (  # noqa: E402
 )
 from edgeloop.monitor.telemetry.client import DEVICE_HEADER, SIGNATURE_HEADER  # noqa: E402
 from edgeloop.monitor.telemetry.report import build_report, encode, plan, sign  # noqa: E402
+from edgeloop.serve.loadgen import ServerProcess  # noqa: E402
 from edgeloop.serve.telemetry_store import TelemetryStore  # noqa: E402
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -188,23 +188,6 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_collector(db: str, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "telemetry", "serve", "--db",
-                             db, "--port", str(port)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).is_success:
-                return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"the collector did not start on {db}")
-
-
 def _signed(devices: int, per_device: int) -> tuple[list[DeviceKey],
                                                      list[tuple[str, str, bytes]]]:
     """Keys and signed reports, round by round (every device's report 1, then 2, ...)."""
@@ -263,14 +246,14 @@ def _send_all(url: str, reports: list[tuple[str, str, bytes]], *, threads: int,
     return resent[0]
 
 
-def _kill_and_restart(kill: threading.Event, procs: list[subprocess.Popen[bytes]], db: str,
+def _kill_and_restart(kill: threading.Event, procs: list[ServerProcess], db: str,
                       port: int, restart_s: list[float]) -> None:
     """When ``kill`` is set: SIGKILL the collector, start a new one on the same port."""
     kill.wait()
-    procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
+    procs[0].kill()
+    procs[0].stop()
     t = time.perf_counter()
-    procs.append(_start_collector(db, port))
+    procs.append(ServerProcess.collector(db, port=port).start())
     restart_s[0] = time.perf_counter() - t
 
 
@@ -287,7 +270,7 @@ def _backend(name: str, db: str, keys: list[DeviceKey], reports: list[tuple[str,
             store.enroll(key)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        procs = [_start_collector(db, port)]
+        procs = [ServerProcess.collector(db, port=port).start()]
         kill = threading.Event() if mode == "killed" else None
         restart_s = [0.0]
         watcher = threading.Thread(target=_kill_and_restart,
@@ -299,8 +282,7 @@ def _backend(name: str, db: str, keys: list[DeviceKey], reports: list[tuple[str,
         wall = time.perf_counter() - t0
         if watcher:
             watcher.join()
-        procs[-1].send_signal(signal.SIGTERM)
-        procs[-1].wait(timeout=30)
+        procs[-1].stop()
         stored = store.seqs()
         rows = store.count()
         store.close()

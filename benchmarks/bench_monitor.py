@@ -22,8 +22,9 @@ uncalibrated confidence.
 
 Usage: ``python benchmarks/bench_monitor.py [--seeds 20] [--quick]``. ``--quick`` (3
 seeds, short streams, fewer timing rounds; under a minute) prints the section and
-writes nothing. Other parts of the monitoring section (the fleet side) are functions
-returning ``(markdown lines, {claim: holds})``; :func:`main` lists them in ``PARTS``.
+writes nothing. The fleet side (``_fleet.py``: local-DP fleet estimates against the
+truth, the ε ledger, the collector under load on SQLite and PostgreSQL) adds its parts
+to the same section.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _fleet import collector_load, fleet_estimates  # noqa: E402
 from _report import claims_table, write_section  # noqa: E402
 
-from edgeloop._onnx import run, session  # noqa: E402
+from edgeloop._onnx import runner, session  # noqa: E402
 from edgeloop.data import Dataset, load_builtin  # noqa: E402
 from edgeloop.measure import interleaved_times, predict  # noqa: E402
 from edgeloop.monitor import Monitor, MonitorConfig, Sketch, sketch_bundle  # noqa: E402
@@ -131,7 +133,8 @@ def watch(s: Setup, data: Dataset, outputs: np.ndarray, config: MonitorConfig) -
 def detection_part(args: argparse.Namespace, s: Setup, sess: object
                    ) -> tuple[list[str], dict[str, bool]]:
     config = MonitorConfig(detectors=DETECTORS)
-    answer = lambda feed: run(sess, feed)  # noqa: E731
+    infer = runner(sess)  # type: ignore[arg-type]
+    answer = lambda feed: infer(feed)[0]  # noqa: E731
     false: dict[str, list[int]] = {d: [] for d in DETECTORS}
     memory: dict[str, int] = {d: 0 for d in DETECTORS}
     for seed in range(args.seeds):
@@ -245,7 +248,7 @@ def cost_part(args: argparse.Namespace, s: Setup, sess: object
     x = s.pool.inputs["x"]
     config = MonitorConfig()
     block = config.block * config.sample_every      # calls per processed block
-    feeds = [{"x": x[i:i + 1]} for i in range(8 * block)]
+    feeds = [{"x": x[j:j + 1]} for j in (i % len(x) for i in range(8 * block))]  # cyclic
     monitors = {"default": Monitor(s.sketch, config=config),
                 "all (with KSWIN)": Monitor(s.sketch,
                                             config=MonitorConfig(detectors=DETECTORS))}
@@ -255,14 +258,16 @@ def cost_part(args: argparse.Namespace, s: Setup, sess: object
         i = turn["i"] = (turn["i"] + block) % len(feeds)
         return feeds[i:i + block]
 
+    infer = runner(sess)  # type: ignore[arg-type]    # the device runtime's own call
+
     def model() -> None:
         for feed in next_block():
-            run(sess, feed)  # type: ignore[arg-type]
+            infer(feed)
 
     def watched(m: Monitor) -> Callable[[], None]:
         def call() -> None:
             for feed in next_block():
-                m.observe(feed, run(sess, feed))  # type: ignore[arg-type]
+                m.observe(feed, infer(feed)[0])
         return call
 
     rounds, runs = (5, 4) if args.quick else (15, 8)
@@ -299,8 +304,9 @@ def main() -> None:
         s = setup(Path(tmp), 8000 if args.quick else 30000)
         sess = session(s.model, threads=1)
         parts: list[Part] = [lambda a: detection_part(a, s, sess),
-                             lambda a: cost_part(a, s, sess)]
-        # the fleet side (telemetry, collector) appends its parts here
+                             lambda a: cost_part(a, s, sess),
+                             lambda a: fleet_estimates(a.quick),
+                             lambda a: collector_load(a.quick)]
         lines: list[str] = []
         claims: dict[str, bool] = {}
         for part in parts:
@@ -310,7 +316,8 @@ def main() -> None:
     body = "\n".join([*lines, "", *claims_table(claims)])
     print(body)
     if not args.quick:
-        write_section("monitor", "On-device monitoring: drift, estimate, cost", body)
+        write_section("monitor", "Monitoring: drift on the device, private telemetry, the "
+                      "fleet collector", body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@
    check measures the whole cascade); the runtime answers the test split with it, then
    again from the cascade's files with an offload server on 127.0.0.1 (the fp32 CNN)
    taking what the small model is unsure of, and prints how many inputs each stage
-   answered.
+   answered;
+6. watch it: the model republished with the monitor's reference sketch; the device's
+   runtime answers a clean stream, then a noisy one, and its monitor flags the drift;
+   the device sends one local-DP report (within its owner's ε budget) to a telemetry
+   collector on 127.0.0.1, which de-biases what it holds; the budget's fifth report of
+   the day is refused.
 
 Everything it writes lands in ``demo-out/`` (or the folder given as the first argument);
 each step prints the CLI command that does the same.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -222,6 +228,78 @@ def _serve(out: Path, best: Path, fp32: Path) -> None:
     console.print(table)
 
 
+def _watch(out: Path, best: Path) -> None:
+    from edgeloop.bundle import Device, build_manifest, publish_bundle, serve_repo
+    from edgeloop.device import Runtime
+    from edgeloop.device.calibration import softmax
+    from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
+    from edgeloop.monitor.telemetry import Budget, Observation, Reporter, read_key
+    from edgeloop.serve.loadgen import ServerProcess
+    from edgeloop.serve.telemetry_store import TelemetryStore
+
+    golden = load_builtin("mnist1d", "val")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-demo-") as tmp:
+        files = {REFERENCE_FILE: sketch_bundle(best, golden).write(tmp)}
+        publish_bundle(out / "repo", best, keys=out / "keys", files=files,
+                       manifest=build_manifest(best, name="mnist1d", version="3.0.0",
+                                               golden=golden, files=files))
+    repo, _ = serve_repo(out / "repo", port=0)
+    try:
+        device = Device(out / "device")
+        r = device.update(f"http://127.0.0.1:{repo.server_address[1]}", "mnist1d")
+        console.print(f"   device update: installed={r.installed} version={r.version} "
+                      f"(its bundle ships the monitor's reference sketch)")
+    finally:
+        repo.shutdown()
+
+    x = load_builtin("mnist1d", "test").inputs["x"]
+    noisy = (x + np.random.default_rng(0).normal(0, 0.5 * x.std(), x.shape)).astype(x.dtype)
+    counts, conf, seen = np.zeros(10, np.int64), [], 0
+    with Runtime(device) as rt:
+        assert rt.monitor is not None
+        for _ in range(2):                     # the monitor works in blocks of 2048 calls
+            for i in range(len(x)):
+                rt.predict({"x": x[i:i + 1]})
+        console.print(f"   {2 * len(x)} clean inputs: drift flagged: {rt.monitor.drifted}")
+        while not rt.monitor.drifted and seen < 8 * len(x):
+            for i in range(len(x)):
+                p = softmax(rt.predict({"x": noisy[i:i + 1]}).output[0])
+                counts[p.argmax()] += 1
+                conf.append(float(p.max()))
+            seen += len(x)
+        flag = rt.monitor.flag()
+    console.print(f"   then {seen} noisy inputs (Gaussian noise, 0.5 x the data's std): "
+                  f"drift flagged: {flag.drifted}", highlight=False)
+    for a in flag.alerts:
+        console.print(f"     [bold]{a.detector}[/bold] at watched sample {a.first_sample}: "
+                      f"{a.evidence}", highlight=False)
+
+    db = out / "telemetry.db"
+    db.unlink(missing_ok=True)
+    store = TelemetryStore(f"sqlite:///{db}")
+    store.enroll(read_key(device.dir / "telemetry.key"))
+    reporter = Reporter(device.dir)
+    reporter.set_budget(Budget(epsilon=4.0, period_s=86400))
+    seen_obs = Observation(class_counts=counts.tolist(), drift=flag.drifted,
+                           mean_confidence=float(np.mean(conf)) if conf else None)
+    with ServerProcess.collector(f"sqlite:///{db}") as collector:
+        sent = [reporter.report(seen_obs, collector.url, epsilon=1.0) for _ in range(4)]
+        console.print(f"   4 reports of ε 1 sent to the collector at {collector.url} "
+                      f"(budget ε 4 per day, set by the device's owner); spent ε "
+                      f"{sent[-1].spent[0]:g}", highlight=False)
+        try:
+            reporter.report(seen_obs, collector.url, epsilon=1.0)
+        except EdgeloopError as e:
+            console.print(f"   a fifth: refused: {e}", highlight=False)
+    s = store.summary()
+    store.close()
+    console.print(f"   the collector holds {s.reports} reports from {s.devices} device, each "
+                  f"one class by randomized response, the drift flag by randomized "
+                  f"response and the mean confidence with Laplace noise (ε split three "
+                  f"ways): a fleet's reports de-bias into its class mix, drift rate and "
+                  f"confidence (`edgeloop telemetry summary`)", highlight=False)
+
+
 def main(out_dir: str = "demo-out") -> None:
     """Run the demo, writing into ``out_dir``."""
     quiet_libraries()
@@ -263,6 +341,17 @@ def main(out_dir: str = "demo-out") -> None:
           f"edgeloop offload-server {fp32} --port PORT & edgeloop device run "
           f"--data {out}/test.npz --policy {out}/policy.toml")
     _serve(out, best, fp32)
+
+    _step("6. watch it: drift flagged on the device, a private report to the fleet",
+          f"edgeloop publish {best} --repo {out}/repo --name mnist1d --version 3.0.0 "
+          f"--golden {out}/val.npz; edgeloop device update {out}/device --repo URL --name "
+          f"mnist1d; edgeloop device run {out}/device --data NOISY.npz; edgeloop device "
+          f"status {out}/device; edgeloop telemetry serve --db {out}/telemetry.db --port P "
+          f"& edgeloop telemetry enroll {out}/device/telemetry.key --db {out}/telemetry.db; "
+          f"edgeloop device privacy {out}/device --budget 4 --period 1d; edgeloop device "
+          f"report {out}/device --to URL --epsilon 1 --drift; edgeloop telemetry summary "
+          f"--db {out}/telemetry.db")
+    _watch(out, best)
     console.rule("[bold]done")
     console.print(f"Everything is in {out}/. Next: `edgeloop evaluate MODEL --data "
                   f"{out}/test.npz --reference {fp32}`, `edgeloop bench MODEL`.")

@@ -187,18 +187,28 @@ def _reason_kind(reason: str | None) -> str:
 
 
 class ServerProcess:
-    """``edgeloop offload-server MODEL`` as a child process on 127.0.0.1."""
+    """``edgeloop offload-server MODEL`` as a child process on 127.0.0.1 (or the fleet's
+    telemetry collector: :meth:`collector`)."""
 
     def __init__(self, model: str | os.PathLike[str], *, port: int = 0, max_batch: int = 32,
                  max_queue_delay_ms: float = 5.0, threads: int = 0,
                  start_timeout_s: float = 60.0) -> None:
-        self.model = Path(model)
         self.port = port
-        self.args = ["--max-batch", str(max_batch), "--max-queue-delay-ms",
-                     str(max_queue_delay_ms), "--threads", str(threads)]
+        self.command = ["offload-server", str(Path(model)), "--max-batch", str(max_batch),
+                        "--max-queue-delay-ms", str(max_queue_delay_ms), "--threads",
+                        str(threads)]
+        self.what = "the offload server"
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[str] | None = None
         self._stderr: IO[str] | None = None
+
+    @classmethod
+    def collector(cls, db: str, *, port: int = 0, start_timeout_s: float = 60.0
+                  ) -> ServerProcess:
+        """``edgeloop telemetry serve --db DB`` (the fleet's telemetry collector)."""
+        server = cls("", port=port, start_timeout_s=start_timeout_s)
+        server.command, server.what = ["telemetry", "serve", "--db", db], "the collector"
+        return server
 
     @property
     def url(self) -> str:
@@ -211,8 +221,8 @@ class ServerProcess:
         # a file, not a pipe: a pipe nobody reads could fill up and stall the server
         self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed by _close)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeloop", "offload-server", str(self.model),
-             "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            [sys.executable, "-m", "edgeloop", *self.command, "--host", "127.0.0.1",
+             "--port", str(self.port)],
             stdout=subprocess.PIPE, stderr=self._stderr, text=True,
             env=os.environ | {"COLUMNS": "400"})
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -221,7 +231,7 @@ class ServerProcess:
             self.proc.wait(timeout=self.start_timeout_s)
             self._stderr.seek(0)
             err = self._stderr.read().strip()
-            raise TransportError(f"the offload server did not start: {err or line}")
+            raise TransportError(f"{self.what} did not start: {err or line}")
         self.port = int(match.group(1))
         until = time.monotonic() + self.start_timeout_s
         while True:
@@ -232,7 +242,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > until or self.proc.poll() is not None:
-                raise TransportError("the offload server did not become healthy")
+                raise TransportError(f"{self.what} did not become healthy")
             time.sleep(0.05)
 
     def kill(self) -> None:
