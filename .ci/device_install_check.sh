@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The device install works: `pip install .` without extras (torch absent) runs quantize
-# with every scheme, evaluate, optimize and bench on an ONNX model.
+# with every scheme, evaluate, optimize and bench on an ONNX model; and the device side:
+# a signed bundle with the monitor's sketch installed over HTTP, the runtime answering a
+# noisy stream (the monitor flags it), the owner's telemetry budget.
 #
 # Everything happens in one temp folder, removed at the end: a copy of the sources (so the
 # build leaves no build/ or egg-info in the checkout), a fresh venv, pip's cache, the model,
@@ -11,7 +13,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 started=$(date +%s)
 work=$(mktemp -d "${TMPDIR:-/tmp}/edgeloop-device-check.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
 mkdir "$work/src" "$work/run"
 cp -r pyproject.toml README.md constraints.txt src "$work/src/"
@@ -35,7 +38,7 @@ fi
 cd "$work/run"
 export EDGELOOP_QUIET=1
 edgeloop="$work/venv/bin/edgeloop"
-for split in train calib test; do
+for split in train calib val test; do
     "$edgeloop" data mnist1d --split "$split" --out "$work/$split.npz" >/dev/null
 done
 "$py" - "$work" <<'EOF'
@@ -87,6 +90,38 @@ EOF
 "$edgeloop" bench "$model" --duration 1 --warmup 0.2 --plot bench.png --json \
     > "$work/bench.json"
 
+# the device side, its files outside the working folder
+"$edgeloop" repo init "$work/repo" --keys "$work/keys" >/dev/null
+"$edgeloop" publish "$model" --repo "$work/repo" --keys "$work/keys" --name mlp \
+    --version 1.0.0 --golden "$work/val.npz" >/dev/null
+"$edgeloop" repo serve "$work/repo" --port 0 > "$work/serve.log" 2>&1 &
+server=$!
+url=""
+for _ in $(seq 100); do
+    url=$(grep -o 'http://127.0.0.1:[0-9]*' "$work/serve.log" || true)
+    [ -n "$url" ] && break
+    sleep 0.1
+done
+"$edgeloop" device init "$work/device" --trusted-root "$work/repo/metadata/1.root.json" \
+    --golden "$work/val.npz" >/dev/null
+"$edgeloop" device update "$work/device" --repo "$url" --name mlp >/dev/null
+"$py" - "$work" <<'EOF'
+import sys
+
+import numpy as np
+
+work = sys.argv[1]
+with np.load(f"{work}/test.npz") as f:
+    x = f["x"]
+noisy = x + np.random.default_rng(0).normal(0, 0.5 * x.std(), x.shape)
+np.savez(f"{work}/noisy.npz", x=np.tile(noisy, (6, 1)).astype(np.float32))
+EOF
+"$edgeloop" device run "$work/device" --data "$work/noisy.npz" >/dev/null
+"$edgeloop" device status "$work/device" --json > "$work/status.json"
+"$py" -c "import json, sys; m = json.load(open(sys.argv[1]))['monitor']; \
+assert m['drifted'] and m['alerts'], m" "$work/status.json"
+"$edgeloop" device privacy "$work/device" --budget 4 --period 1d >/dev/null
+
 left=$(ls -A | sort | tr '\n' ' ')
 expected="bench.png opt q-binary.onnx q-int4-weight.onnx q-int8-dynamic.onnx q-int8-static.onnx \
 q-int8.onnx q-ort-dynamic.onnx q-ort-static.onnx "
@@ -95,4 +130,4 @@ if [ "$left" != "$expected" ]; then
     exit 1
 fi
 echo "device install check passed in $(( $(date +%s) - started )) s (no torch; quantize with" \
-     "every scheme, evaluate, optimize, bench)"
+     "every scheme, evaluate, optimize, bench; a bundle installed and run, drift flagged)"
