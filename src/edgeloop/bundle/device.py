@@ -336,8 +336,8 @@ class Device:
         bundles' label-free accuracy estimates on the recent inputs it saved
         (:mod:`edgeloop.monitor.gate`; empty when not drifted or either bundle ships no
         calibration). Raises :class:`EdgeloopError` if the inputs do not fit."""
+        from edgeloop.monitor.alerts import REFERENCE_FILE
         from edgeloop.monitor.gate import drifted_recent, estimate_accuracy
-        from edgeloop.monitor.reference import REFERENCE_FILE
 
         cur, path, manifest = current
         data = drifted_recent(self.dir, manifest.sha256)

@@ -64,9 +64,10 @@ class OffloadRule:
     to the server (its local answer is kept if the server gives none).
 
     ``while_drifted``: while the device's monitor flags input or output drift
-    (:mod:`edgeloop.monitor`; a bundle that ships a reference sketch), every input goes
-    to the server first, as with ``always``: the local model is watched as less trusted
-    until the alert clears. Privacy class, budget and circuit breaker still apply.
+    (:mod:`edgeloop.monitor`; a bundle that ships a reference sketch), inputs go to the
+    server first, as with ``always``, but for one call in eight, which runs here so the
+    monitor sees when the drift is over (its alerts clear only on answers it watches).
+    Privacy class, budget and circuit breaker still apply.
     """
 
     client: OffloadPolicy

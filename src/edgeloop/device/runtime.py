@@ -57,7 +57,7 @@ from edgeloop.device.offload import OffloadClient
 from edgeloop.device.policy import Policy, StreamRule
 from edgeloop.device.stream import SKIP_BUDGET, SKIP_UNCHANGED, EnergyBudget, relative_change
 from edgeloop.errors import ModelError, UsageError, VerificationError
-from edgeloop.monitor.reference import REFERENCE_FILE
+from edgeloop.monitor.alerts import REFERENCE_FILE
 
 if TYPE_CHECKING:
     from edgeloop.monitor import Monitor
@@ -309,6 +309,7 @@ class Runtime:
         self._batchers: dict[str, BatchThread] = {}    # by part (_ALL, _HEAD, _TAIL)
         self._client: OffloadClient | None = None
         self.monitor: Monitor | None = None     # the active bundle's, when it ships a sketch
+        self._drifted_calls = 0                 # calls while drifted (while_drifted)
         rule = self.policy.offload
         # when-unsure without min_confidence: the last stage waits for the server's answer
         self._defer = rule is not None and rule.mode == "when-unsure" and \
@@ -405,14 +406,14 @@ class Runtime:
         assert self.device is not None
         self.path, self.manifest, self._watch = self.device.serve()
         if self.monitor is not None:          # the model served before a rollback
+            self._monitor_closed.detach()
             self.monitor.close()
         self.monitor = None
         if any(f.name == REFERENCE_FILE for f in self.manifest.files):
             from edgeloop.monitor import Monitor  # river: only for a bundle it watches
 
             self.monitor = Monitor.for_device(self.device.dir)
-        if self.monitor is not None:
-            weakref.finalize(self, self.monitor.close)
+            self._monitor_closed = weakref.finalize(self, self.monitor.close)
         if any(f.name == CASCADE_FILE for f in self.manifest.files):
             # device.serve() has just checked every file of the slot against the manifest
             self._start_cascade(self.path.with_name(CASCADE_FILE), verified=True)
@@ -575,8 +576,7 @@ class Runtime:
         # offload before running anything: always, or when no stage before the last runs
         first = rule is not None and (rule.mode == "always"
                                       or (defer and len(self._stages) == 1)
-                                      or (rule.while_drifted and self.monitor is not None
-                                          and self.monitor.drifted))
+                                      or (rule.while_drifted and self._drift_offload()))
         with self._probation(feed) as spent:
             if self._client is not None and first:
                 outs, reason = self._offload(feed, cls)
@@ -605,6 +605,16 @@ class Runtime:
                         out[unsure], conf[unsure] = last_out, last_conf
         return self._done(feed, t0, out, conf, stage, offloaded, reason, spent.busy_s,
                           spent.samples)
+
+    def _drift_offload(self) -> bool:
+        """Whether ``while_drifted`` sends this call to the server first: while the
+        monitor flags drift, all but one call in :data:`DRIFT_PROBE_EVERY`; that one runs
+        here so the monitor sees when the drift is over (its alerts clear only on
+        samples it watches)."""
+        if self.monitor is None or not self.monitor.drifted:
+            return False
+        self._drifted_calls += 1          # not atomic across threads: a probe may move
+        return self._drifted_calls % DRIFT_PROBE_EVERY != 0
 
     def _stage(self, idx: np.ndarray) -> str:
         """The answering stage's name: for a batch, the last stage any sample needed."""
@@ -818,6 +828,7 @@ class Runtime:
         return np.zeros_like(outs[0]), outs[-1], self._index[stop], carry
 
 
+DRIFT_PROBE_EVERY = 8    # while_drifted: one call in this many still runs (and is watched)
 _FIRST = np.zeros(1, np.intp)     # one sample answered by the first (only) stage
 _FIRST.flags.writeable = False
 

@@ -23,7 +23,7 @@ _SOURCES = {
     "MonitorConfig": ".config",
     "evaluate_feedback": ".feedback",
     "Monitor": ".monitor",
-    "REFERENCE_FILE": ".reference", "Sketch": ".reference", "sketch_bundle": ".reference",
+    "REFERENCE_FILE": ".alerts", "Sketch": ".reference", "sketch_bundle": ".reference",
 }
 
 __all__ = [

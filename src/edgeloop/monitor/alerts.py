@@ -17,6 +17,7 @@ from pathlib import Path
 __all__ = ["Alert", "Flag", "drift_flag", "monitor_status"]
 
 FOLDER = "monitor"
+REFERENCE_FILE = "monitor.json"   # the reference sketch, in a bundle's slot
 DRIFT_FILE = "drift.json"
 EVALUATIONS_FILE = "evaluations.json"
 STATE_FILE = "state.pkl"

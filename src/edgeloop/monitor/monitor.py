@@ -228,8 +228,8 @@ class Monitor:
         outputs = self._outputs
         outputs.append(output)
         n = len(outputs)
-        if not n % self._inputs_every:
-            self._feeds.append(feed)
+        if not n % self._inputs_every:    # a copy: callers may reuse their buffers
+            self._feeds.append({k: np.array(v) for k, v in feed.items()})
         if n >= self._block and self._lock.acquire(blocking=False):
             try:        # a thread finding another one processing goes on serving
                 self._process_pending()
@@ -264,7 +264,11 @@ class Monitor:
         since, at = self._saved_at
         if self.path is not None and (raised or self.samples_ - since >= c.save_every
                                       or time.monotonic() - at >= c.save_seconds):
-            self._save()
+            try:
+                self._save()
+            except OSError as e:         # a full or read-only disk: serving goes on
+                self.errors_ += 1
+                self.last_error_ = f"saving: {type(e).__name__}: {str(e)[:200]}"
 
     def _process_block(self, feed: Mapping[str, np.ndarray] | None, output: np.ndarray
                        ) -> bool:
@@ -404,7 +408,7 @@ class Monitor:
     def flag(self) -> Flag:
         """The flags now (in this process; other processes read
         :func:`~edgeloop.monitor.drift_flag`)."""
-        active = tuple(a for a in self.alerts_.values() if a.active)
+        active = tuple(a for a in tuple(self.alerts_.values()) if a.active)
         return Flag(drifted=any(a.detector not in ACCURACY_DETECTORS for a in active),
                     accuracy_drop=any(a.detector in ACCURACY_DETECTORS for a in active),
                     alerts=active)
@@ -413,7 +417,7 @@ class Monitor:
     def drifted(self) -> bool:
         """True while an input or output drift alert is raised (cheap: for the runtime)."""
         return any(a.active and a.detector not in ACCURACY_DETECTORS
-                   for a in self.alerts_.values())
+                   for a in tuple(self.alerts_.values()))
 
     def status(self) -> dict[str, object]:
         """What ``drift.json`` holds: flags, alerts, recent windows, memory per detector."""

@@ -26,6 +26,7 @@ import numpy as np
 from edgeloop._io import write_bytes_atomic
 from edgeloop.data import Dataset
 from edgeloop.errors import DataError, UsageError, VerificationError
+from edgeloop.monitor.alerts import REFERENCE_FILE
 from edgeloop.monitor.cbpe import Calibration, fit_calibration
 from edgeloop.monitor.signals import (
     features,
@@ -37,7 +38,6 @@ from edgeloop.monitor.twosample import bin_counts
 
 __all__ = ["REFERENCE_FILE", "Sketch", "sketch_bundle"]
 
-REFERENCE_FILE = "monitor.json"     # its name in a bundle's slot
 FORMAT = 1
 
 
