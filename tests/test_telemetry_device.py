@@ -51,7 +51,8 @@ def test_ledger_refuses_at_budget_and_frees_as_the_window_slides() -> None:
                                          r"59.8m"):
         ledger.charge(0.25, 0.0, 1010.0)
     later, seq = ledger.charge(0.25, 0.0, 1000.0 + 3600.5)     # the first spend expired
-    assert seq == 5 and len(later.spends) == 4
+    assert seq == 5 and later.spent(1000.0 + 3600.5) == (1.0, 0.0)
+    assert len(later.spends) == 5                    # kept for MIN_KEEP_S all the same
     with pytest.raises(UsageError, match="exceeds the whole budget"):
         ledger.charge(2.0, 0.0, 1e6)
     with pytest.raises(UsageError, match="δ"):
@@ -71,6 +72,21 @@ def test_ledger_ten_tenths_fill_a_budget_of_one() -> None:
         ledger, _ = ledger.charge(0.1, 0.0, 5.0)
     with pytest.raises(UsageError):
         ledger.charge(0.1, 0.0, 5.0)
+
+
+def test_ledger_a_wider_period_still_counts_what_was_spent() -> None:
+    """24 reports of ε 1, one an hour under a budget of ε 1 per hour; the owner then
+    widens the period to two days: all 24 count, in the ledger saved and read back too."""
+    ledger = Ledger(Budget(1.0, 3600))
+    for hour in range(24):
+        ledger, _ = ledger.charge(1.0, 0.0, hour * 3600.0 + 1)
+    wide = Ledger.from_bytes(ledger.with_budget(Budget(30.0, 2 * 86400)).to_bytes())
+    assert wide.spent(24 * 3600.0) == (24.0, 0.0)
+    with pytest.raises(UsageError, match="privacy budget spent"):
+        wide.charge(7.0, 0.0, 24 * 3600.0)
+    wide.charge(6.0, 0.0, 24 * 3600.0)
+    with pytest.raises(UsageError, match="would count spends older than this ledger keeps"):
+        wide.with_budget(Budget(30.0, 60 * 86400))
 
 
 def test_ledger_round_trip_and_damage() -> None:

@@ -67,6 +67,9 @@ class Budget:
             raise UsageError(f"`delta budget` must be below 1; got {self.delta}")
 
 
+MIN_KEEP_S = 30 * 86400     # spends are kept at least this long (seconds)
+
+
 @dataclass(frozen=True)
 class Spend:
     """One report's cost: when (unix seconds), its sequence number, ε and δ."""
@@ -79,11 +82,14 @@ class Spend:
 
 @dataclass(frozen=True)
 class Ledger:
-    """Budget, the next sequence number, and the spends still inside the window."""
+    """Budget, the next sequence number, and the spends of the last ``keep_s`` seconds
+    (at least :data:`MIN_KEEP_S`, or the longest period a budget of this device has had):
+    a period widened later, up to that reach, still counts every spend it covers."""
 
     budget: Budget | None = None
     next_seq: int = 1
     spends: tuple[Spend, ...] = field(default_factory=tuple)
+    keep_s: int = 0
 
     def window(self, now: float) -> tuple[Spend, ...]:
         """The spends that count at ``now``."""
@@ -128,12 +134,21 @@ class Ledger:
                              f"{format_period(b.period_s)}, this report needs δ {delta:g} (the "
                              "owner allows δ with `edgeloop device privacy --delta`)")
         spend = Spend(now, self.next_seq, epsilon, delta)
-        kept = (*self.window(now), spend)
-        return replace(self, next_seq=self.next_seq + 1, spends=kept), spend.seq
+        keep = max(self.keep_s, MIN_KEEP_S, b.period_s)
+        kept = (*(s for s in self.spends if s.time > now - keep), spend)
+        return replace(self, next_seq=self.next_seq + 1, spends=kept, keep_s=keep), spend.seq
 
     def with_budget(self, budget: Budget) -> Ledger:
-        """The same ledger under a new budget (what was spent still counts)."""
-        return replace(self, budget=budget)
+        """The same ledger under a new budget: what was spent still counts, in a wider
+        period too; a period longer than the spends kept reach back is refused
+        (:class:`UsageError`: it would count spends the ledger no longer holds)."""
+        reach = max(self.keep_s, MIN_KEEP_S)
+        if self.budget is not None and budget.period_s > reach:
+            raise UsageError(f"a period of {format_period(budget.period_s)} would count "
+                             f"spends older than this ledger keeps "
+                             f"({format_period(reach)}); set at most "
+                             f"{format_period(reach)}")
+        return replace(self, budget=budget, keep_s=max(reach, budget.period_s))
 
     def to_bytes(self) -> bytes:
         """The JSON the state folder holds."""
@@ -142,7 +157,7 @@ class Ledger:
             "format": 1, "composition": "basic",
             "budget": None if b is None else {"epsilon": b.epsilon, "delta": b.delta,
                                               "period_s": b.period_s},
-            "next_seq": self.next_seq,
+            "next_seq": self.next_seq, "keep_s": self.keep_s,
             "spends": [[s.time, s.seq, s.epsilon, s.delta] for s in self.spends]}
         return json.dumps(doc, indent=1).encode()
 
@@ -157,7 +172,7 @@ class Ledger:
                                                    period_s=b["period_s"])
             spends = tuple(Spend(float(t), int(s), float(e), float(d))
                            for t, s, e, d in doc["spends"])
-            ledger = cls(budget, int(doc["next_seq"]), spends)
+            ledger = cls(budget, int(doc["next_seq"]), spends, int(doc.get("keep_s", 0)))
         except (ValueError, KeyError, TypeError, UsageError) as e:
             raise VerificationError(f"the privacy ledger is damaged ({type(e).__name__}: "
                                     f"{str(e)[:100]}); no report is sent until it is "
