@@ -24,7 +24,12 @@ from test_telemetry_fixtures import RecordingProxy, free_port, make_device, post
 from edgeloop.cli import main
 from edgeloop.errors import TransportError
 from edgeloop.monitor.telemetry import Observation, ReportConfig, Reporter, read_key
-from edgeloop.monitor.telemetry.client import DEVICE_HEADER, KEY_FILE, SIGNATURE_HEADER
+from edgeloop.monitor.telemetry.client import (
+    DEVICE_HEADER,
+    KEY_FILE,
+    LEDGER_FILE,
+    SIGNATURE_HEADER,
+)
 from edgeloop.monitor.telemetry.report import parse_report, sign
 from edgeloop.serve.telemetry import running
 from edgeloop.serve.telemetry_store import TelemetryStore
@@ -128,6 +133,27 @@ def test_bad_requests_are_refused_and_store_nothing(tmp_path: Path) -> None:
         r = post(forged, device=other_key.device, signature=sign(forged, other_key.key))
         assert r.status_code == 401 and "another device" in r.json()["error"]
     assert store.seqs() == {(key.device, 1)}
+
+
+def test_a_device_whose_ledger_went_back_is_told_and_keeps_its_report(tmp_path: Path
+                                                                       ) -> None:
+    """The device's ledger is restored from an old copy: its next report reuses a number
+    the collector holds under another report. The collector stores nothing and says so
+    (409, conflict); the device keeps the report in its outbox and raises, rather than
+    count it delivered. Its first report, resent as it was, is still acknowledged."""
+    store = TelemetryStore(str(tmp_path / "t.db"))
+    [dev] = fleet(tmp_path, store, 1)
+    old = (dev.dir / LEDGER_FILE).read_bytes()
+    with running(store) as url:
+        dev.report(observation(0), url, epsilon=1.0)
+        first = _stored_body(store)
+        (dev.dir / LEDGER_FILE).write_bytes(old)             # the ledger went back
+        with pytest.raises(TransportError, match="already sent another report numbered 1"):
+            dev.report(observation(1), url, epsilon=1.0)
+        assert len(dev.pending()) == 1 and store.seqs() == {(read_key(dev.dir / KEY_FILE)
+                                                             .device, 1)}
+        assert _stored_body(store) == first
+    store.close()
 
 
 def _stored_body(store: TelemetryStore) -> bytes:

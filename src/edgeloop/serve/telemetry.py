@@ -6,7 +6,9 @@
                        headers: X-Edgeloop-Device: ID, X-Edgeloop-Signature: HMAC hex
                     -> 200 {"stored": SEQ}
                        401 unknown device, missing or wrong signature
-                       409 that device's SEQ is stored already (a replay, or a resend)
+                       409 that device's SEQ is stored already: these very bytes (a
+                           replay, or a resend), or another report ({"conflict": true}:
+                           the device's numbering went back; nothing stored)
                        400 / 413 / 422 not a report, too large, invalid content
     GET  /v1/health -> {"status": "ok", "reports": N}
 
@@ -75,9 +77,15 @@ def create_app(store: TelemetryStore) -> FastAPI:
             return refuse(e.status, str(e))
         if report.device != device:
             return refuse(401, "the report names another device than the one that signed it")
-        if not await asyncio.to_thread(store.add, report, body):
+        outcome = await asyncio.to_thread(store.add, report, body)
+        if outcome == "duplicate":
             return refuse(409, f"report {report.seq} of device {device} is stored already "
                                "(replay refused)")
+        if outcome == "conflict":
+            return JSONResponse({"error": f"device {device} already sent another report "
+                                          f"numbered {report.seq}: its ledger went back "
+                                          "(restored or repaired); nothing stored",
+                                 "conflict": True}, status_code=409)
         return JSONResponse({"stored": report.seq})
 
     @app.get("/v1/health")

@@ -171,17 +171,24 @@ class TelemetryStore:
             self._keys[device] = (key, now)
         return key
 
-    def add(self, report: Report, body: bytes) -> bool:
-        """Store a verified report; False if that device's ``seq`` was stored before."""
+    def add(self, report: Report, body: bytes) -> str:
+        """Store a verified report: ``"stored"``; ``"duplicate"`` if that device's
+        ``seq`` was stored before with these very bytes (a replay, or a resend whose
+        answer was lost), ``"conflict"`` if with other bytes (the device's numbering
+        went back: nothing is stored, and the device is told)."""
+        text = body.decode()
         row = ReportRow(device=report.device, seq=report.seq, sent=report.time,
                         received=time.time(), epsilon=report.epsilon, delta=report.delta,
-                        body=body.decode())
+                        body=text)
         try:
             with self._errors(), Session(self.engine) as s, s.begin():
                 s.add(row)
         except IntegrityError:
-            return False
-        return True
+            with self._errors(), Session(self.engine) as s:
+                stored = s.scalar(select(ReportRow.body).where(
+                    ReportRow.device == report.device, ReportRow.seq == report.seq))
+            return "duplicate" if stored == text else "conflict"
+        return "stored"
 
     def count(self) -> int:
         """Reports stored."""

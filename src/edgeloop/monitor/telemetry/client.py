@@ -10,7 +10,8 @@ Files in the state folder (beside the ones :mod:`edgeloop.bundle.device` keeps):
 
 A report is made in this order: the ledger records its cost and sequence number
 (atomically), then the signed report is written to the outbox, then it is sent; it leaves
-the outbox when the collector answers 200 (stored) or 409 (stored before). A crash or an
+the outbox when the collector answers 200 (stored) or 409 (this report stored before; a
+409 for *another* report under its number keeps it, and says so). A crash or an
 unreachable collector therefore loses nothing and never spends twice: the next
 :meth:`Reporter.report` sends what waits in the outbox first, and makes no new report
 while the collector cannot be reached.
@@ -127,6 +128,7 @@ class Reporter:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        self._check_folder()               # never a lock file in a folder that is no device
         with open(self.dir / _LOCK, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
@@ -138,7 +140,8 @@ class Reporter:
         return Ledger.from_bytes(path.read_bytes()) if path.is_file() else Ledger()
 
     def set_budget(self, budget: Budget) -> Ledger:
-        """Set the owner's budget (what was already spent in the window still counts)."""
+        """Set the owner's budget (what was already spent still counts; see
+        :meth:`Ledger.with_budget`)."""
         with self._locked():
             ledger = self.ledger().with_budget(budget)
             write_bytes_atomic(self.dir / LEDGER_FILE, ledger.to_bytes())
@@ -195,7 +198,7 @@ class Reporter:
                     raise TransportError(f"collector {base} unreachable ({type(e).__name__}); "
                                          f"{len(self.pending())} report(s) kept in the outbox"
                                          ) from None
-                if r.status_code not in (200, 409):
+                if r.status_code not in (200, 409) or _conflict(r):
                     raise TransportError(f"collector {base} refused report {path.stem.lstrip('0')}"
                                          f" ({r.status_code}: {_message(r)}); kept in the "
                                          "outbox")
@@ -231,6 +234,15 @@ def _client(timeout: float) -> httpx.Client:
     http = httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False)
     http.headers.clear()
     return http
+
+
+def _conflict(r: httpx.Response) -> bool:
+    """A 409 saying the collector holds *another* report under this number (not this
+    one stored before): the report is not delivered."""
+    try:
+        return r.status_code == 409 and r.json().get("conflict") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 def _message(r: httpx.Response) -> str:
