@@ -168,8 +168,8 @@ def detection_part(args: argparse.Namespace, s: Setup, sess: object
     lines = ["### Drift detection (MNIST-1D CNN, injected shifts)", "",
              f"{args.seeds} seeds. Delay: median samples after the change until the "
              f"detector's first detection (detected: share of streams with one within "
-             f"{HORIZON:,} samples). The monitor (default settings) watches every "
-             f"{config.sample_every}nd input, processes blocks of {config.block} watched "
+             f"{HORIZON:,} samples). The monitor (default settings) watches one "
+             f"input in {config.sample_every}, processes blocks of {config.block} watched "
              f"inputs and closes a window at the first block end after {config.window} "
              "watched inputs, so a delay is at least the rest of the block (river's "
              "detectors) or of the window (windowed tests), in inputs. False alarms: "
@@ -277,7 +277,7 @@ def cost_part(args: argparse.Namespace, s: Setup, sess: object
     share = {name: (t - per[0]) / per[0] for name, t in zip(monitors, per[1:], strict=True)}
     lines = ["### Cost per inference", "",
              f"Batch-1 CNN inference alone: {per[0]:.1f} us. Each timed call runs {block} "
-             f"inferences (the monitor watches every {config.sample_every}nd call and "
+             f"inferences (the monitor watches one call in {config.sample_every} and "
              f"processes blocks of {config.block} watched calls, so the block's processing "
              f"is in every monitored call), {rounds} rounds x {runs} calls timed in turns "
              "(`interleaved_times`); per inference:", "",

@@ -5,7 +5,6 @@ every byte a device sends captured at the socket, and the CLI."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import random
@@ -19,9 +18,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from test_cli import cli
 from test_telemetry_fixtures import RecordingProxy, free_port, make_device, postgres
 
-from edgeloop.cli import main
 from edgeloop.errors import TransportError
 from edgeloop.monitor.telemetry import Observation, ReportConfig, Reporter, read_key
 from edgeloop.monitor.telemetry.client import (
@@ -39,16 +38,6 @@ __all__ = ["postgres"]
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def cli(*args: object) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            code = int(e.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def fleet(root: Path, store: TelemetryStore, n: int, *, seed: int = 0) -> list[Reporter]:

@@ -45,6 +45,7 @@ from edgeloop.measure import LatencyConfig, evaluate
 from edgeloop.zoo import train_zoo_model
 
 if TYPE_CHECKING:
+    from edgeloop.bundle import Device
     from edgeloop.device import Cascade
 
 console = Console()
@@ -168,9 +169,23 @@ def _round_trip_ms(url: str, data: Dataset, n: int = 50) -> float:
                                                "public").latency_ms for i in range(n)]))
 
 
+def _update(out: Path, note: str) -> Device:
+    """The demo device updated from the demo repository, served on 127.0.0.1 meanwhile."""
+    from edgeloop.bundle import Device, serve_repo
+
+    repo, _ = serve_repo(out / "repo", port=0)
+    try:
+        device = Device(out / "device")
+        r = device.update(f"http://127.0.0.1:{repo.server_address[1]}", "mnist1d")
+        console.print(f"   device update: installed={r.installed} version={r.version} "
+                      f"({r.reason}{note})")
+    finally:
+        repo.shutdown()
+    return device
+
+
 def _serve(out: Path, best: Path, fp32: Path) -> None:
     from edgeloop._trainconfig import TrainConfig
-    from edgeloop.bundle import Device, serve_repo
     from edgeloop.device import (
         Policy,
         Runtime,
@@ -193,14 +208,7 @@ def _serve(out: Path, best: Path, fp32: Path) -> None:
                   f"the small model answer {c.expected['answered'][0]:.0%}")  # type: ignore[index]
     publish_cascade(path, out / "repo", keys=out / "keys", name="mnist1d", version="2.0.0",
                     golden=val)
-    repo, _ = serve_repo(out / "repo", port=0)
-    try:
-        device = Device(out / "device")
-        installed = device.update(f"http://127.0.0.1:{repo.server_address[1]}", "mnist1d")
-        console.print(f"   device update: installed={installed.installed} "
-                      f"version={installed.version} ({installed.reason})")
-    finally:
-        repo.shutdown()
+    device = _update(out, "")
 
     test = load_builtin("mnist1d", "test")
     table = Table(title=f"the device answering the {len(test)} test inputs one at a time")
@@ -229,7 +237,7 @@ def _serve(out: Path, best: Path, fp32: Path) -> None:
 
 
 def _watch(out: Path, best: Path) -> None:
-    from edgeloop.bundle import Device, build_manifest, publish_bundle, serve_repo
+    from edgeloop.bundle import build_manifest, publish_bundle
     from edgeloop.device import Runtime
     from edgeloop.device.calibration import softmax
     from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
@@ -243,14 +251,7 @@ def _watch(out: Path, best: Path) -> None:
         publish_bundle(out / "repo", best, keys=out / "keys", files=files,
                        manifest=build_manifest(best, name="mnist1d", version="3.0.0",
                                                golden=golden, files=files))
-    repo, _ = serve_repo(out / "repo", port=0)
-    try:
-        device = Device(out / "device")
-        r = device.update(f"http://127.0.0.1:{repo.server_address[1]}", "mnist1d")
-        console.print(f"   device update: installed={r.installed} version={r.version} "
-                      f"(its bundle ships the monitor's reference sketch)")
-    finally:
-        repo.shutdown()
+    device = _update(out, "; its bundle ships the monitor's reference sketch")
 
     x = load_builtin("mnist1d", "test").inputs["x"]
     noisy = (x + np.random.default_rng(0).normal(0, 0.5 * x.std(), x.shape)).astype(x.dtype)

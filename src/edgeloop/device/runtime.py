@@ -341,6 +341,7 @@ class Runtime:
         if rule is not None and (rule.mode != "never" or rule.while_drifted):
             self._client = OffloadClient(rule.client)
         self._lean = self.cascade is None and not self._batchers   # see _plain
+        self._short = self._lean and self._client is None          # see predict
 
     def close(self) -> None:
         """Stop micro-batching and close the offload client (probation is saved too)."""
@@ -426,6 +427,7 @@ class Runtime:
         first = self._inputs[0] if self._inputs else None
         self._batch_of = first.name if first is not None and first.shape else None
         self._lean = self.cascade is None and not self._batchers   # see _plain
+        self._short = self._lean and self._client is None          # see predict
         if self._watch is not None:
             weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 
@@ -555,16 +557,16 @@ class Runtime:
         or failed offload is answered locally, with ``offload_reason``."""
         t0 = time.perf_counter()
         feed = self._checked(feed)                               # all that may leave
-        if self._client is None:           # nothing may leave: the short way
-            if self._lean:                 # _done's work, for one model
-                out, busy, samples = self._plain(feed)
-                meter = self.meter
-                a = Answer(out, self._names[0], (time.perf_counter() - t0) * 1e3, None, False,
-                           None, meter.millijoules(busy), meter.source)
-                self.stats.add(a, samples)
-                if self.monitor is not None:
-                    self.monitor.observe(feed, out)
-                return a
+        if self._short:                    # one model, nothing may leave: _done's work
+            out, busy, samples = self._plain(feed)
+            meter = self.meter
+            a = Answer(out, self._names[0], (time.perf_counter() - t0) * 1e3, None, False,
+                       None, meter.millijoules(busy), meter.source)
+            self.stats.add(a, samples)
+            if self.monitor is not None:
+                self.monitor.observe(feed, out)
+            return a
+        if self._client is None:           # nothing may leave
             with self._probation(feed) as spent:
                 out, conf, idx, _ = self._local(feed, _ALL, spent)
             return self._done(feed, t0, out, conf, self._stage(idx), False, None, spent.busy_s,

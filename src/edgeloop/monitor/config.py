@@ -22,7 +22,7 @@ class MonitorConfig:
 
     detectors: tuple[str, ...] = DEFAULT_DETECTORS   # KSWIN is off by default: ~0.2 ms
     #                                                  per update (a scipy KS test)
-    sample_every: int = 2         # every k-th call is watched (1: all); the others cost a
+    sample_every: int = 3         # every k-th call is watched (1: all); the others cost a
     #                               counter (the budget: <= 5% of a 27 us model's latency)
     block: int = 1024             # calls buffered, then processed together (fixed costs
     #                               per block are large next to a 30 us model: amortised)

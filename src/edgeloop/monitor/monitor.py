@@ -5,7 +5,8 @@ The runtime hands every answer to :meth:`Monitor.observe`, which watches every
 ``sample_every``-th call (an append or two, ~0.3 us); each ``block`` of watched calls is
 then processed at once with numpy and river (~1.5 us per watched sample on a 2-core x86
 server between inferences of a 27 us model, cold caches included; with the default
-``sample_every=2`` about 1 us per call: see ``benchmarks/bench_monitor.py``):
+``sample_every=3`` about 1 us per call, the 5% budget: see
+``benchmarks/bench_monitor.py``; every 2nd call measured 5.7%):
 
 - **output**: ADWIN on the confidence (per sample by default),
   Page-Hinkley on the normalised entropy (averaged over ``ph_every`` samples and
