@@ -113,8 +113,8 @@ import numpy as np
 work = sys.argv[1]
 with np.load(f"{work}/test.npz") as f:
     x = f["x"]
-noisy = x + np.random.default_rng(0).normal(0, 0.5 * x.std(), x.shape)
-np.savez(f"{work}/noisy.npz", x=np.tile(noisy, (6, 1)).astype(np.float32))
+noisy = x + np.random.default_rng(0).normal(0, x.std(), x.shape)
+np.savez(f"{work}/noisy.npz", x=np.tile(noisy, (12, 1)).astype(np.float32))
 EOF
 "$edgeloop" device run "$work/device" --data "$work/noisy.npz" >/dev/null
 "$edgeloop" device status "$work/device" --json > "$work/status.json"
