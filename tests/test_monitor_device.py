@@ -88,6 +88,9 @@ def test_the_runtime_path_flags_drift_and_status_shows_it(
         mon.observe({"x": x[i:i + 1]}, run(sess, {"x": x[i:i + 1]}))
     mon.close()
     assert not mon.flag().raised
+    # the device's own inputs and a pickle loaded at start: readable by the owner alone
+    for name in ("state.pkl", "recent.npz"):
+        assert (device.dir / "monitor" / name).stat().st_mode & 0o777 == 0o600
     mon = Monitor.for_device(device.dir)             # a restart resumes
     assert mon.samples_ == len(x) // EVERY
     shifted = _noisy(val, 1, 0.6).inputs["x"]

@@ -4,11 +4,13 @@ one, never half of one), and the scratch folder third-party tools run in."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -83,3 +85,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     """The hex sha256 of a file's bytes, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (made if missing), across
+    processes, for a read-modify-write; closing the file releases it. Not re-entrant."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def utc_now() -> str:
+    """The time now, UTC, to the second, ISO 8601 (what state files and histories record)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -159,12 +159,14 @@ def _non_finite(a: np.ndarray, chunk: int = 1 << 22) -> int:
     return sum(int((~np.isfinite(flat[i:i + chunk])).sum()) for i in range(0, len(flat), chunk))
 
 
-def save_npz(path: str | os.PathLike[str], data: Dataset) -> None:
-    """Write ``data`` atomically in the data convention."""
+def save_npz(path: str | os.PathLike[str], data: Dataset, *, mode: int | None = None
+             ) -> None:
+    """Write ``data`` atomically in the data convention (``mode``: the file's
+    permissions, e.g. 0o600 for data that must stay private; default the umask's)."""
     arrays = dict(data.inputs)
     if data.labels is not None:
         arrays[LABELS] = data.labels
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
 

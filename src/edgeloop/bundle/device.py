@@ -33,7 +33,6 @@ was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -42,7 +41,6 @@ import time
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +48,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
-from edgeloop._io import sha256_file, write_bytes_atomic
+from edgeloop._io import locked, sha256_file, utc_now, write_bytes_atomic
 from edgeloop.bundle._crash import crash_point
 from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
 from edgeloop.bundle.health import probation_step as _step
@@ -104,10 +102,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def boot_id() -> str:
@@ -177,7 +171,7 @@ class Device:
         from edgeloop.monitor.telemetry.client import create_key  # httpx: only here
 
         create_key(d)   # the telemetry key; the collector enrolls a copy
-        write_bytes_atomic(d / _MARKER, json.dumps({"format": 1, "created": _now()}).encode())
+        write_bytes_atomic(d / _MARKER, json.dumps({"format": 1, "created": utc_now()}).encode())
         dev._record("init", None, f"trusting root version {md.signed.version}")
         return dev
 
@@ -204,12 +198,11 @@ class Device:
         """Hold the device lock (flock on ``STATE/lock``, across processes) for a
         read-modify-write of the pointer. Not re-entrant: never nest two."""
         self._check()
-        with open(self.dir / _LOCK, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield           # closing the file releases the lock
+        with locked(self.dir / _LOCK):
+            yield
 
     def _record(self, action: str, version: str | None, reason: str) -> None:
-        line = json.dumps(asdict(Event(_now(), action, version, reason))) + "\n"
+        line = json.dumps(asdict(Event(utc_now(), action, version, reason))) + "\n"
         with open(self.dir / "history.jsonl", "a") as f:
             f.write(line)
             f.flush()

@@ -12,18 +12,14 @@ not lowers it. Nothing is written when the data or the device is at fault.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from edgeloop._io import write_bytes_atomic
+from edgeloop._io import locked, utc_now, write_bytes_atomic
 from edgeloop.data import Dataset
 from edgeloop.errors import DataError, UsageError, VerificationError
 from edgeloop.monitor.alerts import EVALUATIONS_FILE, FOLDER, Alert
@@ -33,14 +29,6 @@ from edgeloop.monitor.signals import output_signals
 __all__ = ["evaluate_feedback"]
 
 DETECTOR = "feedback:accuracy"
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def evaluate_feedback(state_dir: str | os.PathLike[str], data: Dataset, *,
@@ -74,7 +62,7 @@ def evaluate_feedback(state_dir: str | os.PathLike[str], data: Dataset, *,
                         f"{outputs.shape[1:]} per sample")
     sig = output_signals(outputs, probabilities=sketch.probabilities if sketch else False)
     correct = sig.classes == data.labels
-    now = datetime.now(UTC).isoformat(timespec="seconds")
+    now = utc_now()
     golden = sketch.accuracy if sketch is not None else manifest.figures.get("accuracy")
     records = []
     # windows of about `window` samples: the data in max(1, round(n / window)) equal parts
@@ -92,7 +80,8 @@ def evaluate_feedback(state_dir: str | os.PathLike[str], data: Dataset, *,
             rec["dropped"] = bool(acc < golden - band)
         records.append(rec)
     folder = Path(state_dir) / FOLDER
-    with _locked(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder / "lock"):
         try:
             saved = json.loads((folder / EVALUATIONS_FILE).read_bytes())
         except FileNotFoundError:

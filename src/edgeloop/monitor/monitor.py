@@ -45,14 +45,13 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 from river import drift
 
-from edgeloop._io import write_bytes_atomic
+from edgeloop._io import utc_now, write_bytes_atomic
 from edgeloop.data import Dataset, save_npz
 from edgeloop.errors import UsageError
 from edgeloop.monitor.alerts import (
@@ -72,10 +71,6 @@ from edgeloop.monitor.twosample import Binner, chi2_two_sample
 __all__ = ["Monitor"]
 
 _FORMAT = 1
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -327,7 +322,7 @@ class Monitor:
 
     def _detect(self, name: str, at: int, evidence: str) -> bool:
         """Record a detection; True if it raises the detector's alert anew."""
-        old, now = self.alerts_.get(name), _now()
+        old, now = self.alerts_.get(name), utc_now()
         self.detections_.append({"detector": name, "sample": at, "time": now,
                                  "evidence": evidence})
         if old is None or not old.active:
@@ -341,7 +336,7 @@ class Monitor:
         s, c = self.sketch, self.config
         n = self.window_samples_
         raised = False
-        record: dict[str, object] = {"end_sample": self.samples_, "time": _now(), "samples": n,
+        record: dict[str, object] = {"end_sample": self.samples_, "time": utc_now(), "samples": n,
                                      "confidence": float(self.window_sums_[1] / n),
                                      "entropy": float(self.window_sums_[2] / n)}
         if "chi2:inputs" in c.detectors:
@@ -424,7 +419,7 @@ class Monitor:
         """What ``drift.json`` holds: flags, alerts, recent windows, memory per detector."""
         flag = self.flag()
         return {"format": _FORMAT, "model_sha256": self.model_id, "samples": self.samples_,
-                "saved": _now(), "drifted": flag.drifted, "accuracy_drop": flag.accuracy_drop,
+                "saved": utc_now(), "drifted": flag.drifted, "accuracy_drop": flag.accuracy_drop,
                 "alerts": [asdict(a) for a in self.alerts_.values()],
                 "memory_bytes": self.memory(), "memory_resets": dict(self.resets_),
                 "errors": self.errors_, "last_error": self.last_error_,
@@ -434,9 +429,10 @@ class Monitor:
     def _save(self) -> None:
         assert self.path is not None
         self._cap_memory()
-        write_bytes_atomic(self.path / STATE_FILE, pickle.dumps(self._state()))
+        # the device's own inputs, and a pickle loaded at start: the owner's alone
+        write_bytes_atomic(self.path / STATE_FILE, pickle.dumps(self._state()), mode=0o600)
         if self.recent_:
-            save_npz(self.path / RECENT_FILE, Dataset(dict(self.recent_)))
+            save_npz(self.path / RECENT_FILE, Dataset(dict(self.recent_)), mode=0o600)
         write_bytes_atomic(self.path / DRIFT_FILE, json.dumps(self.status()).encode())
         self._saved_at = (self.samples_, time.monotonic())
 

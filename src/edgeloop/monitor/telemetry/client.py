@@ -20,7 +20,6 @@ while the collector cannot be reached.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from edgeloop._io import write_bytes_atomic
+from edgeloop._io import locked, write_bytes_atomic
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.monitor.telemetry.ledger import Budget, Ledger
 from edgeloop.monitor.telemetry.report import (
@@ -129,8 +128,7 @@ class Reporter:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self._check_folder()               # never a lock file in a folder that is no device
-        with open(self.dir / _LOCK, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with locked(self.dir / _LOCK):
             yield
 
     def ledger(self) -> Ledger:
