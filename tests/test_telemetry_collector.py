@@ -277,6 +277,8 @@ def test_cli_end_to_end_and_bad_input(tmp_path: Path) -> None:
     code, out, err = cli("telemetry", "enroll", dev / KEY_FILE, "--db", db)
     assert code == 0 and "enrolled" in out, err
     store = TelemetryStore(str(db))
+    bad_id = tmp_path / "bad.key"          # an id the collector's table could not hold
+    bad_id.write_text(json.dumps({"device": "d" * 65, "key": "ab" * 32}))
     with running(store) as url:
         code, out, err = cli("device", "report", dev, "--to", url, "--epsilon", "1",
                              "--class-counts", "5,1,0", "--drift", "--confidence", "0.9")
@@ -298,6 +300,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path: Path) -> None:
             (("device", "privacy", dev, "--budget", "1", "--period", "1y"), "`period`"),
             (("telemetry", "enroll", tmp_path / "t.db", "--db", db),
              "is not a telemetry key file"),
+            (("telemetry", "enroll", bad_id, "--db", db), "a device id is 1 to 64 characters"),
             (("telemetry", "summary", "--db", "nosuchdialect://x"), "`--db` must be"),
             (("telemetry", "summary", "--db", tmp_path / "typo.db"), "no telemetry database"),
             (("telemetry", "summary", "--db", f"postgresql://edgeloop@127.0.0.1:{free_port()}/x"),

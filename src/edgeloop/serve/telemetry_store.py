@@ -137,7 +137,15 @@ class TelemetryStore:
 
     def enroll(self, key: DeviceKey, *, replace: bool = False) -> bool:
         """Register a device's key; True if it was new or changed. A device enrolled
-        with another key is refused unless ``replace`` (e.g. after a re-provisioning)."""
+        with another key is refused unless ``replace`` (e.g. after a re-provisioning).
+        Two processes enrolling the same new device at once: the second reads the
+        first's row and answers as if it had come after."""
+        try:
+            return self._enroll(key, replace=replace)
+        except IntegrityError:
+            return self._enroll(key, replace=replace)
+
+    def _enroll(self, key: DeviceKey, *, replace: bool) -> bool:
         with self._errors(), Session(self.engine) as s, s.begin():
             row = s.get(DeviceRow, key.device)
             if row is not None and row.key == key.key.hex():

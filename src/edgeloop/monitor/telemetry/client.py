@@ -36,6 +36,7 @@ from edgeloop._io import locked, write_bytes_atomic
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.monitor.telemetry.ledger import Budget, Ledger
 from edgeloop.monitor.telemetry.report import (
+    DEVICE_ID,
     Observation,
     ReportConfig,
     build_report,
@@ -87,6 +88,9 @@ def read_key(path: str | os.PathLike[str]) -> DeviceKey:
         raise UsageError(f"{str(path)!r} is not a telemetry key file") from None
     if len(key.key) < 16:
         raise UsageError(f"{str(path)!r} holds a key shorter than 128 bits")
+    if not DEVICE_ID.fullmatch(key.device):
+        raise UsageError(f"{str(path)!r} names device {key.device[:80]!r}; a device id is 1 "
+                         "to 64 characters of A-Z a-z 0-9 . _ -")
     return key
 
 

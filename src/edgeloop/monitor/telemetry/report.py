@@ -56,7 +56,7 @@ __all__ = ["FIELDS", "BadReport", "Observation", "Report", "ReportConfig", "buil
 FIELDS = ("class", "drift", "confidence")
 FORMAT = 1
 MAX_BODY = 64 << 10               # bytes; OUE with the largest k is about 9 KB
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TOP = {"v", "device", "seq", "time", "epsilon", "delta", "fields"}
 
 
@@ -207,7 +207,7 @@ def parse_report(body: bytes) -> Report:
     if doc["v"] != FORMAT:
         raise BadReport(422, f"report format {doc['v']!r} is not supported (expected {FORMAT})")
     device = doc["device"]
-    if not isinstance(device, str) or not _DEVICE_ID.fullmatch(device):
+    if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
         raise BadReport(422, "`device` must be 1 to 64 characters of A-Z a-z 0-9 . _ -")
     seq = _int(doc, "seq", 1, 2**62)
     time = _number(doc, "time")
