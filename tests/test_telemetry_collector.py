@@ -145,6 +145,24 @@ def test_a_device_whose_ledger_went_back_is_told_and_keeps_its_report(tmp_path: 
     store.close()
 
 
+def test_a_report_refused_for_good_is_set_aside_and_the_rest_go_on(tmp_path: Path) -> None:
+    """A signed report the collector can never take (422: invalid content) would block
+    the outbox: it is set aside with the collector's reason, and the next report goes."""
+    store = TelemetryStore(str(tmp_path / "t.db"))
+    [dev] = fleet(tmp_path, store, 1)
+    key = read_key(dev.dir / KEY_FILE)
+    with running(store) as url:
+        dev.report(observation(0), url, epsilon=1.0)
+        body = _stored_body(store).replace(b'"seq":1', b'"seq":0')       # never valid
+        (dev.dir / "outbox" / "000000000000.json").write_text(
+            json.dumps({"body": body.decode(), "signature": sign(body, key.key)}))
+        assert dev.report(observation(1), url, epsilon=1.0).sent == 1
+    [aside] = dev.refused()
+    assert dev.pending() == [] and json.loads(aside.read_text())["refused"].startswith("422")
+    assert {q for _, q in store.seqs()} == {1, 2}
+    store.close()
+
+
 def _stored_body(store: TelemetryStore) -> bytes:
     from sqlalchemy import select
     from sqlalchemy.orm import Session

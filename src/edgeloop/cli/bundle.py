@@ -334,3 +334,7 @@ def device_report(
     console.print(f"sent report {result.seq} (ε {result.epsilon:g}; {result.sent} "
                   f"delivered); spent ε {result.spent[0]:g} in the current window",
                   highlight=False, soft_wrap=True)
+    refused = Reporter(state_dir).refused()
+    if refused:
+        console.print(f"{len(refused)} report(s) the collector refused for good are kept in "
+                      f"{refused[0].parent} with its reasons", highlight=False, soft_wrap=True)

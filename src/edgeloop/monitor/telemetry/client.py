@@ -6,6 +6,9 @@ Files in the state folder (beside the ones :mod:`edgeloop.bundle.device` keeps):
     STATE/telemetry.key     {"device": id, "key": hex} (0600), made at `device init`
     STATE/privacy.json      the ledger: budget, next sequence number, spends in the window
     STATE/outbox/SEQ.json   signed reports not yet acknowledged by a collector
+    STATE/outbox/refused/   reports a collector refused for good (400, 413, 422: it can
+                            never take them), with its reason; set aside so that they
+                            do not hold up the rest
     STATE/telemetry.lock    flock'ed around every read-modify-write of the ledger
 
 A report is made in this order: the ledger records its cost and sequence number
@@ -50,6 +53,8 @@ __all__ = ["KEY_FILE", "DeviceKey", "Reporter", "SendResult", "create_key", "rea
 KEY_FILE = "telemetry.key"
 LEDGER_FILE = "privacy.json"
 OUTBOX = "outbox"
+REFUSED = "refused"             # in the outbox
+_FOR_GOOD = (400, 413, 422)     # a collector can never take such a report
 _LOCK = "telemetry.lock"
 _MARKER = "device.json"   # what marks a device state folder (edgeloop.bundle.device)
 DEVICE_HEADER = "X-Edgeloop-Device"
@@ -159,6 +164,11 @@ class Reporter:
         box = self.dir / OUTBOX
         return sorted(box.glob("*.json")) if box.is_dir() else []
 
+    def refused(self) -> list[Path]:
+        """Reports a collector refused for good (each holds its ``refused`` reason)."""
+        box = self.dir / OUTBOX / REFUSED
+        return sorted(box.glob("*.json")) if box.is_dir() else []
+
     def prepare(self, obs: Observation, *, epsilon: float,
                 config: ReportConfig | None = None) -> int:
         """Charge the ledger and put one signed report in the outbox; returns its
@@ -200,6 +210,12 @@ class Reporter:
                     raise TransportError(f"collector {base} unreachable ({type(e).__name__}); "
                                          f"{len(self.pending())} report(s) kept in the outbox"
                                          ) from None
+                if r.status_code in _FOR_GOOD:     # set aside: it would block the rest
+                    entry["refused"] = f"{r.status_code}: {_message(r)}"
+                    write_bytes_atomic(path.parent / REFUSED / path.name,
+                                       json.dumps(entry).encode())
+                    path.unlink()
+                    continue
                 if r.status_code not in (200, 409) or _conflict(r):
                     raise TransportError(f"collector {base} refused report {path.stem.lstrip('0')}"
                                          f" ({r.status_code}: {_message(r)}); kept in the "
