@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -61,6 +61,8 @@ from edgeloop.monitor.alerts import REFERENCE_FILE
 
 if TYPE_CHECKING:
     from edgeloop.monitor import Monitor
+
+_T = TypeVar("_T")
 
 __all__ = ["OFFLOAD_STAGE", "Answer", "RunSummary", "Runtime", "RuntimeStats", "summarize"]
 
@@ -342,6 +344,8 @@ class Runtime:
             self._client = OffloadClient(rule.client)
         self._lean = self.cascade is None and not self._batchers   # see _plain
         self._short = self._lean and self._client is None          # see predict
+        self._short_cascade = (self.cascade is not None and not self._batchers
+                               and self._client is None and self._batch_of is not None)
 
     def close(self) -> None:
         """Stop micro-batching and close the offload client (probation is saved too)."""
@@ -428,6 +432,8 @@ class Runtime:
         self._batch_of = first.name if first is not None and first.shape else None
         self._lean = self.cascade is None and not self._batchers   # see _plain
         self._short = self._lean and self._client is None          # see predict
+        self._short_cascade = (self.cascade is not None and not self._batchers
+                               and self._client is None and self._batch_of is not None)
         if self._watch is not None:
             weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 
@@ -446,7 +452,7 @@ class Runtime:
             return self.predict(feed).output
         feed = self._checked(feed)
         if self._lean:
-            out = self._plain(feed)[0]
+            out = self._plain(feed, self._run_model)[0][0]
         else:
             with self._probation(feed) as spent:
                 out = self._local(feed, _ALL, spent)[0]
@@ -462,17 +468,18 @@ class Runtime:
             return feed          # every input and nothing else: no copy (a small model's 1%)
         return {i.name: feed[i.name] for i in self._inputs}
 
-    def _plain(self, feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float, int]:
-        """One model run here, not micro-batched (the device's common case, in fewer
-        steps than :class:`_Call` and :meth:`_local` take for the others): its first
-        output, the seconds it kept the session busy (the meter's clock) and the samples
-        it held; probation is told."""
+    def _plain(self, feed: dict[str, np.ndarray], run: Callable[[dict[str, np.ndarray]], _T]
+               ) -> tuple[_T, float, int]:
+        """``run(feed)`` here, not micro-batched: one model, or one sample through a
+        cascade (the device's common cases, in fewer steps than :class:`_Call` and
+        :meth:`_local` take for the others): what it returned, the seconds it kept the
+        session busy (the meter's clock) and the samples; probation is told."""
         samples = len(feed[self._batch_of]) if self._batch_of else 1
         watch, clock, wall = self._watch, self.meter.clock, self._wall_clock
         w0 = time.perf_counter()
         c0 = w0 if wall else clock()
         try:
-            out = self._run_model(feed)[0]
+            result = run(feed)
         except ModelError:
             _tell(self, watch, False, 0.0, samples)
             raise
@@ -480,7 +487,7 @@ class Runtime:
         busy = w1 - w0 if wall else clock() - c0
         if watch is not None:
             _tell(self, watch, True, w1 - w0, samples)
-        return out, busy, samples
+        return result, busy, samples
 
     def _over(self, watch: Watch) -> None:
         """Probation is over for this runtime: serve the other slot if it rolled back."""
@@ -558,10 +565,19 @@ class Runtime:
         t0 = time.perf_counter()
         feed = self._checked(feed)                               # all that may leave
         if self._short:                    # one model, nothing may leave: _done's work
-            out, busy, samples = self._plain(feed)
-            meter = self.meter
+            outs, busy, samples = self._plain(feed, self._run_model)
+            out, meter = outs[0], self.meter
             a = Answer(out, self._names[0], (time.perf_counter() - t0) * 1e3, None, False,
                        None, meter.millijoules(busy), meter.source)
+            self.stats.add(a, samples)
+            if self.monitor is not None:
+                self.monitor.observe(feed, out)
+            return a
+        if self._short_cascade and len(feed[self._batch_of]) == 1:   # type: ignore[index]
+            (out, conf, idx, _), busy, samples = self._plain(feed, self._one_sample)
+            meter = self.meter
+            a = Answer(out, self._names[int(idx[0])], (time.perf_counter() - t0) * 1e3,
+                       float(conf[0]), False, None, meter.millijoules(busy), meter.source)
             self.stats.add(a, samples)
             if self.monitor is not None:
                 self.monitor.observe(feed, out)
@@ -814,14 +830,20 @@ class Runtime:
                 carry[-1][rows] = outs[j]
         return out, conf_all, idx, carry
 
+    def _one_sample(self, feed: Mapping[str, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """:meth:`_one` through every stage."""
+        return self._one(feed, 0, len(self._stages))
+
     def _one(self, feed: Mapping[str, np.ndarray], start: int, stop: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
         """:meth:`_cascade_run` for one sample, with as little Python as possible."""
         outs: list[np.ndarray] = []
         for i in range(start, stop):
             st = self._stages[i]
-            f = {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
-                if st.chained and i > start else {k: feed[k] for k in st.inputs}
+            f = feed if i == start else \
+                {k: outs[j] for k, j in zip(st.inputs, st.feed_from, strict=True)} \
+                if st.chained else {k: feed[k] for k in st.inputs}     # feed: stage start's
             outs = st.run(f)
             if outs[-1][0] >= st.threshold:
                 return outs[0], outs[-1], self._index[i], []
