@@ -485,8 +485,8 @@ class Runtime:
             raise
         w1 = time.perf_counter()
         busy = w1 - w0 if wall else clock() - c0
-        if watch is not None:
-            _tell(self, watch, True, w1 - w0, samples)
+        if watch is not None and watch.report(True, w0, w1, samples):    # _tell, shorter
+            self._over(watch)
         return result, busy, samples
 
     def _over(self, watch: Watch) -> None:
