@@ -242,6 +242,7 @@ def _watch(out: Path, best: Path) -> None:
     from edgeloop.device.calibration import softmax
     from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
     from edgeloop.monitor.telemetry import Budget, Observation, Reporter, read_key
+    from edgeloop.monitor.telemetry.client import KEY_FILE
     from edgeloop.serve.loadgen import ServerProcess
     from edgeloop.serve.telemetry_store import TelemetryStore
 
@@ -278,7 +279,7 @@ def _watch(out: Path, best: Path) -> None:
     db = out / "telemetry.db"
     db.unlink(missing_ok=True)
     store = TelemetryStore(f"sqlite:///{db}")
-    store.enroll(read_key(device.dir / "telemetry.key"))
+    store.enroll(read_key(device.dir / KEY_FILE))
     reporter = Reporter(device.dir)
     reporter.set_budget(Budget(epsilon=4.0, period_s=86400))
     seen_obs = Observation(class_counts=counts.tolist(), drift=flag.drifted,

@@ -342,10 +342,15 @@ class Runtime:
                     max_delay_ms=self.policy.max_delay_ms, stats=shared)
         if rule is not None and (rule.mode != "never" or rule.while_drifted):
             self._client = OffloadClient(rule.client)
-        self._lean = self.cascade is None and not self._batchers   # see _plain
-        self._short = self._lean and self._client is None          # see predict
-        self._short_cascade = (self.cascade is not None and not self._batchers
-                               and self._client is None and self._batch_of is not None)
+        self._choose_paths()
+
+    def _choose_paths(self) -> None:
+        """Which short paths serve (see :meth:`_plain`): made again whenever the served
+        model, micro-batching or the offload client changes."""
+        local = not self._batchers and self._client is None
+        self._lean = self.cascade is None and not self._batchers
+        self._short = self._lean and self._client is None
+        self._short_cascade = local and self.cascade is not None and self._batch_of is not None
 
     def close(self) -> None:
         """Stop micro-batching and close the offload client (probation is saved too)."""
@@ -430,10 +435,7 @@ class Runtime:
             self._names = (self.manifest.name,)
         first = self._inputs[0] if self._inputs else None
         self._batch_of = first.name if first is not None and first.shape else None
-        self._lean = self.cascade is None and not self._batchers   # see _plain
-        self._short = self._lean and self._client is None          # see predict
-        self._short_cascade = (self.cascade is not None and not self._batchers
-                               and self._client is None and self._batch_of is not None)
+        self._choose_paths()
         if self._watch is not None:
             weakref.finalize(self, self._watch.flush)     # also runs at interpreter exit
 

@@ -192,12 +192,13 @@ class ServerProcess:
 
     def __init__(self, model: str | os.PathLike[str], *, port: int = 0, max_batch: int = 32,
                  max_queue_delay_ms: float = 5.0, threads: int = 0,
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 60.0,
+                 _command: tuple[list[str], str] | None = None) -> None:
         self.port = port
-        self.command = ["offload-server", str(Path(model)), "--max-batch", str(max_batch),
-                        "--max-queue-delay-ms", str(max_queue_delay_ms), "--threads",
-                        str(threads)]
-        self.what = "the offload server"
+        self.command, self.what = _command or (
+            ["offload-server", str(Path(model)), "--max-batch", str(max_batch),
+             "--max-queue-delay-ms", str(max_queue_delay_ms), "--threads", str(threads)],
+            "the offload server")
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[str] | None = None
         self._stderr: IO[str] | None = None
@@ -206,9 +207,8 @@ class ServerProcess:
     def collector(cls, db: str, *, port: int = 0, start_timeout_s: float = 60.0
                   ) -> ServerProcess:
         """``edgeloop telemetry serve --db DB`` (the fleet's telemetry collector)."""
-        server = cls("", port=port, start_timeout_s=start_timeout_s)
-        server.command, server.what = ["telemetry", "serve", "--db", db], "the collector"
-        return server
+        return cls("", port=port, start_timeout_s=start_timeout_s,
+                   _command=(["telemetry", "serve", "--db", db], "the collector"))
 
     @property
     def url(self) -> str:
