@@ -272,7 +272,8 @@ def test_reference_metrics_score_the_float_model_perfectly(trained: Path, metric
 
 def test_torch_candidates_prune_and_qat_on_a_checkpoint(cnn_dir: Path) -> None:
     """Given a torch checkpoint and training data, structured pruning and QAT become
-    candidates: the pruned model really has fewer channels, QAT runs integer kernels."""
+    candidates: the pruned model really has fewer channels, QAT runs integer kernels.
+    (Speed is not judged here — ``min_speedup=0`` — a 29 µs model's timing is noise.)"""
     from edgeloop.optimize import torch_candidates
 
     cands = {c.name: c for c in torch_candidates(finetune_epochs=2, qat_epochs=1)}
@@ -280,7 +281,7 @@ def test_torch_candidates_prune_and_qat_on_a_checkpoint(cnn_dir: Path) -> None:
     result = optimize(cnn_dir / "model.pt", calib=load_builtin("mnist1d", "calib"),
                       val=load_builtin("mnist1d", "val"),
                       config=OptimizeConfig(metric="accuracy", max_drop=100.0,
-                                            time_budget_s=300),
+                                            time_budget_s=300, min_speedup=0.0),
                       candidates=chosen, train=load_builtin("mnist1d", "train"),
                       target=detect())
     measured = {c.name: c for c in result.candidates}
