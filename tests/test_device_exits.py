@@ -119,6 +119,9 @@ def test_exit_config_errors() -> None:
         build("mnist1d-cnn-exits", weights=[1.0, 1.0])
     with pytest.raises(UsageError, match="`distill` must lie in"):
         build("mnist1d-cnn-exits", distill=1.5)
+    for bad in ([1, 2, 3], [1, 2, 0, 3], [1, 2, 2.5, 3]):
+        with pytest.raises(UsageError, match="`channels` must be 4 integers >= 1"):
+            build("mnist1d-cnn-exits", channels=bad)
 
 
 def test_joint_loss_distils_earlier_exits_from_the_final_one() -> None:
