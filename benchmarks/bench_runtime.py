@@ -83,7 +83,7 @@ class Plan:
     """How long each part runs (``--quick`` shrinks everything)."""
 
     epochs: int = TrainConfig.epochs       # the zoo's default training
-    small_epochs: int = 100
+    small_epochs: int = 200      # distilled this long it answers nearly every input
     wide_epochs: int = 12
     test_samples: int | None = None   # None: the whole test split
     rounds: int = 7
