@@ -1,0 +1,50 @@
+"""Federated personalisation on Flower (``flwr`` 1.42, Message API).
+
+Devices train a shared **body** together; each keeps a private **head**, trained on its
+own data and stored in its own state folder, never sent. Modules:
+
+- :mod:`.split`: the body/head split of any torch model (:func:`split_model`).
+- :mod:`.partition`: non-IID MNIST-1D (Dirichlet label split, per-client input shifts).
+- :mod:`.local`: a device's training step (FedProx term) and its head on disk.
+- :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
+  FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
+- :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
+
+Importing this package switches off Flower's usage telemetry and Ray's usage statistics
+(see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
+"""
+
+from edgeloop._lazy import lazy_names
+from edgeloop.federated._flower import quiet_env
+
+quiet_env()
+
+_SOURCES = {
+    "BodyHeadSplit": ".split", "split_model": ".split",
+    "ClientShift": ".partition", "Partition": ".partition",
+    "dirichlet_split": ".partition", "mnist1d_partition": ".partition",
+    "client_app": ".client",
+    "STRATEGIES": ".config", "ServerConfig": ".config", "SimulationConfig": ".config",
+    "RoundReport": ".server", "server_app": ".server",
+    "SimulationResult": ".simulate",
+    "simulate": ".simulate",
+}
+
+__all__ = [
+    "STRATEGIES",
+    "BodyHeadSplit",
+    "ClientShift",
+    "Partition",
+    "RoundReport",
+    "ServerConfig",
+    "SimulationConfig",
+    "SimulationResult",
+    "client_app",
+    "dirichlet_split",
+    "mnist1d_partition",
+    "server_app",
+    "simulate",
+    "split_model",
+]
+
+__getattr__, __dir__ = lazy_names(__name__, _SOURCES)
