@@ -70,13 +70,14 @@ class _RoundWatch(Strategy):
         self.on_round = on_round
         self.rounds: list[RoundReport] = []
         self._sent: np.ndarray | None = None
+        self._keys: list[str] = []
         self._started = 0.0
         self._train: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
-        self._sent = _flat(arrays)
+        self._sent, self._keys = _flat(arrays), list(arrays)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -88,6 +89,10 @@ class _RoundWatch(Strategy):
             why = (failed[0].error.reason if failed else "no device replied in time")
             raise TransportError(f"round {server_round}: no device's update arrived "
                                  f"({len(failed)} failed; first: {why})")
+        if list(arrays) != self._keys:
+            extra = sorted(set(arrays) - set(self._keys)) or sorted(set(self._keys) - set(arrays))
+            raise VerificationError(f"round {server_round}: devices sent arrays other than "
+                                    f"the body's (e.g. {extra[0]!r}); refusing them")
         assert self._sent is not None
         change = float(np.linalg.norm(_flat(arrays) - self._sent))
         if not change > 0:

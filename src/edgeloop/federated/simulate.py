@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 from torch import nn
 
@@ -128,14 +129,15 @@ def simulate(config: SimulationConfig | None = None, *,
              out: str | os.PathLike[str] | None = None,
              devices: str | os.PathLike[str] | None = None,
              on_round: Callable[[RoundReport], None] | None = None,
-             verbose: bool = False) -> SimulationResult:
+             mods: list[Mod] | None = None, verbose: bool = False) -> SimulationResult:
     """Run ``config`` on Flower's simulation engine and measure it (module docstring).
 
     ``devices``: the folder of the devices' state folders (``node-<id>/head.pt``); default
     a temporary one, removed. ``out``: a folder to write ``model.pt`` (an edgeloop
     checkpoint: global body + the server's head), ``body.pt`` (the body's
     ``state_dict``) and ``result.json``, each atomically. ``on_round`` gets every round's
-    report as it ends. ``verbose`` lets Flower's and Ray's own logs through.
+    report as it ends. ``mods``: Flower client mods, outermost first. ``verbose`` lets
+    Flower's and Ray's own logs through.
     """
     config = config or SimulationConfig()
     if config.arch not in ARCHS or ARCHS[config.arch].dataset != "mnist1d":
@@ -152,7 +154,7 @@ def simulate(config: SimulationConfig | None = None, *,
     results: list[ServerResult] = []
     with _folder(devices) as root:
         client = client_app(model_fn=functools.partial(build, config.arch), data_fn=data_fn,
-                            head=config.head, state_root=root, seed=config.seed)
+                            head=config.head, state_root=root, seed=config.seed, mods=mods)
         server = server_app(
             initial_body={k: v.numpy() for k, v in split.body(model).items()},
             config=config, on_round=on_round, on_result=results.append)

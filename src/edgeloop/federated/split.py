@@ -73,7 +73,7 @@ def split_model(model: nn.Module, head: str | None = None) -> BodyHeadSplit:
         else:
             raise UsageError(f"{type(model).__name__} has no `head` module and no nn.Linear "
                              "layer to keep on the device; name the head's prefix")
-    prefix = head.rstrip(".") + "."
+    prefix = head.rstrip(".") + "." if head else ""   # "": the model is one Linear
     keys = list(model.state_dict())
     head_keys = tuple(k for k in keys if k.startswith(prefix))
     body_keys = tuple(k for k in keys if not k.startswith(prefix)
