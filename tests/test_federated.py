@@ -6,6 +6,8 @@ device's private head and raw inputs."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +150,18 @@ def test_bad_simulate_input_is_one_line_and_exit_2(args: list[str], message: str
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_without_flower_the_command_names_both_install_steps() -> None:
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "from edgeloop.cli import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "federated", "simulate", "--clients", "2"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "EDGELOOP_QUIET": "1", "COLUMNS": "300"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: this command needs `flwr`, which is not installed; install it with pip install "
+        "'edgeloop[federated]' && pip install --no-deps flwr==1.42.0 dp-accounting==0.6.0"]
 
 
 # --- a real simulation ----------------------------------------------------------------

@@ -1,3 +1,5 @@
+import pytest
+
 import edgeloop
 
 
@@ -27,4 +29,15 @@ def test_device_public_names_are_exactly_these() -> None:
     assert sorted(device.__all__) == sorted(n for n in dir(device) if not n.startswith("_"))
     for name in device.__all__:
         obj = getattr(device, name)
+        assert not callable(obj) or obj.__doc__, name
+
+
+def test_federated_public_names_are_exactly_these() -> None:
+    pytest.importorskip("flwr")
+    import edgeloop.federated as federated
+
+    assert sorted(federated.__all__) == sorted(
+        n for n in dir(federated) if not n.startswith("_"))
+    for name in federated.__all__:
+        obj = getattr(federated, name)
         assert not callable(obj) or obj.__doc__, name
