@@ -71,6 +71,7 @@ class _RoundWatch(Strategy):
         self.rounds: list[RoundReport] = []
         self._sent: np.ndarray | None = None
         self._keys: list[str] = []
+        self._sampled = 0
         self._started = 0.0
         self._train: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
 
@@ -78,27 +79,33 @@ class _RoundWatch(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
         self._sent, self._keys = _flat(arrays), list(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sampled = len(messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
+        ok = len(replies) - len(failed)
+        for m in replies:
+            sent = list(m.content["arrays"]) if not m.has_error() else self._keys
+            if sent != self._keys:
+                odd = sorted(set(sent) ^ set(self._keys))
+                raise VerificationError(
+                    f"round {server_round}: device {m.metadata.src_node_id} sent arrays "
+                    f"other than the body's (e.g. {odd[0]!r}); refusing them")
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None:
-            why = (failed[0].error.reason if failed else "no device replied in time")
+            why = failed[0].error.reason if failed else "no reply in time"
             raise TransportError(f"round {server_round}: no device's update arrived "
-                                 f"({len(failed)} failed; first: {why})")
-        if list(arrays) != self._keys:
-            extra = sorted(set(arrays) - set(self._keys)) or sorted(set(self._keys) - set(arrays))
-            raise VerificationError(f"round {server_round}: devices sent arrays other than "
-                                    f"the body's (e.g. {extra[0]!r}); refusing them")
+                                 f"({self._sampled - ok} of {self._sampled} failed; {why})")
         assert self._sent is not None
         change = float(np.linalg.norm(_flat(arrays) - self._sent))
         if not change > 0:
             raise VerificationError(f"round {server_round} left the global body unchanged")
         loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else 0.0
-        self._train = (loss, change, len(replies) - len(failed), len(failed))
+        self._train = (loss, change, ok, self._sampled - ok)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
