@@ -41,9 +41,9 @@ class ClientShift:
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> ClientShift:
-        """A random shift: scale in [0.6, 1.4], offset ~ N(0, 0.5), time shift in ±4."""
-        return cls(float(rng.uniform(0.6, 1.4)), float(rng.normal(0, 0.5)),
-                   int(rng.integers(-4, 5)))
+        """A random shift: scale in [0.8, 1.2], offset ~ N(0, 0.3), time shift in ±3."""
+        return cls(float(rng.uniform(0.8, 1.2)), float(rng.normal(0, 0.3)),
+                   int(rng.integers(-3, 4)))
 
 
 @dataclass(frozen=True)
