@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from edgeloop.cli import main
-from edgeloop.errors import UsageError, VerificationError
+from edgeloop.errors import TransportError, UsageError, VerificationError
 from edgeloop.federated import (
     SimulationConfig,
     dirichlet_split,
@@ -152,6 +152,12 @@ def test_bad_simulate_input_is_one_line_and_exit_2(args: list[str], message: str
     assert err.startswith("error:") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_devices_folder_with_state_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "node-0").mkdir()
+    with pytest.raises(UsageError, match="already holds device state"):
+        simulate(SimulationConfig(clients=2, rounds=1), devices=tmp_path)
+
+
 def test_without_flower_the_command_names_both_install_steps() -> None:
     code = ("import sys; sys.modules['flwr'] = None\n"
             "from edgeloop.cli import main; main(sys.argv[1:])")
@@ -206,6 +212,14 @@ def _descendants() -> set[int]:
     return found
 
 
+def _no_process_left(before: set[int]) -> None:
+    """Every process started since ``before`` (Ray's) has ended, within 20 s."""
+    deadline = time.monotonic() + 20
+    while _descendants() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _descendants() - before, "Ray processes outlived the simulation"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, Path]:
     root = tmp_path_factory.mktemp("federated")
@@ -214,10 +228,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, P
     before = _descendants()
     result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS), out=out,
                       devices=devices, mods=[Spy(wire, devices)])
-    deadline = time.monotonic() + 20
-    while _descendants() - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _descendants() - before, "Ray processes outlived the simulation"
+    _no_process_left(before)
     return result, devices, wire, out
 
 
@@ -263,3 +274,15 @@ def test_the_byte_search_finds_a_head_when_one_is_sent() -> None:
     leaky = RecordDict({"arrays": ArrayRecord(head), "metrics": MetricRecord({"n": 1})})
     sent = b"".join(o.deflate() for o in get_all_nested_objects(leaky).values())
     assert all(t.numpy().tobytes() in sent for t in head.values())
+
+
+def _unplugged(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    raise RuntimeError("sensor unplugged")
+
+
+def test_a_round_in_which_every_device_fails_is_one_error() -> None:
+    before = _descendants()
+    with pytest.raises(TransportError, match=r"round 1: no device's update arrived "
+                                             r"\(2 of 2 failed; sensor unplugged\)$"):
+        simulate(SimulationConfig(clients=2, rounds=1, timeout=300), mods=[_unplugged])
+    _no_process_left(before)

@@ -9,6 +9,11 @@ own data and stored in its own state folder, never sent. Modules:
 - :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
 - :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.config`: the run's settings, checked on construction (no torch, no Flower).
+
+Secure aggregation goes in its own module: Flower 1.42's SecAgg+ still needs the legacy
+server API (``LegacyContext``/``DefaultWorkflow``), which is to stay there; client mods
+(SecAgg+, DP clipping) go through ``client_app(mods=...)``.
 
 Importing this package switches off Flower's usage telemetry and Ray's usage statistics
 (see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
