@@ -5,6 +5,7 @@ device's private head and raw inputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -189,6 +190,9 @@ class Spy:
         (self.folder / f"{name}.wire").write_bytes(wire)
         head = self.devices / f"node-{pid}" / "head.pt"
         (self.folder / f"{name}.head").write_bytes(head.read_bytes())
+        if "config" in msg.content:
+            (self.folder / f"{name}.config.json").write_text(
+                json.dumps(dict(msg.content["config"])))
         if "arrays" in reply.content:
             np.savez(self.folder / f"{name}.body.npz",
                      *reply.content["arrays"].to_numpy_ndarrays())
@@ -226,8 +230,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, P
     devices, wire, out = root / "devices", root / "wire", root / "out"
     wire.mkdir()
     before = _descendants()
-    result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS), out=out,
-                      devices=devices, mods=[Spy(wire, devices)])
+    result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS, strategy="fedprox",
+                                       proximal_mu=0.1),
+                      out=out, devices=devices, mods=[Spy(wire, devices)])
     _no_process_left(before)
     return result, devices, wire, out
 
@@ -245,6 +250,13 @@ def test_simulation_learns_and_keeps_heads_on_the_devices(run) -> None:  # type:
     assert {p.name for p in out.iterdir()} == {"model.pt", "body.pt", "result.json"}
     body = torch.load(out / "body.pt", weights_only=True)
     assert not any(k.startswith("head.") for k in body)
+
+
+def test_fedprox_sends_its_mu_to_every_device(run) -> None:  # type: ignore[no-untyped-def]
+    _, _, wire, _ = run
+    configs = [json.loads(p.read_text()) for p in wire.glob("train-*.config.json")]
+    assert len(configs) == CLIENTS * ROUNDS
+    assert all(c["proximal-mu"] == 0.1 and c["local-epochs"] == 1 for c in configs)
 
 
 def test_what_a_device_sends_holds_its_body_but_not_its_head_or_inputs(run) -> None:  # type: ignore[no-untyped-def]
