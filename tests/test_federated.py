@@ -28,6 +28,7 @@ from edgeloop.cli import main
 from edgeloop.errors import TransportError, UsageError, VerificationError
 from edgeloop.federated import (
     SimulationConfig,
+    SimulationResult,
     dirichlet_split,
     mnist1d_partition,
     simulate,
@@ -39,6 +40,7 @@ from edgeloop.federated.server import _RoundWatch
 from edgeloop.zoo.models import MNIST1DCNN, MNIST1DMLP
 
 CLIENTS, ROUNDS = 3, 2
+Run = tuple[SimulationResult, Path, Path, Path]
 
 
 # --- the split ------------------------------------------------------------------------
@@ -225,7 +227,8 @@ def _no_process_left(before: set[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, Path]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One FedProx run: its result, the devices' folder, the spied replies, ``--out``."""
     root = tmp_path_factory.mktemp("federated")
     devices, wire, out = root / "devices", root / "wire", root / "out"
     wire.mkdir()
@@ -237,7 +240,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, P
     return result, devices, wire, out
 
 
-def test_simulation_learns_and_keeps_heads_on_the_devices(run) -> None:  # type: ignore[no-untyped-def]
+def test_simulation_learns_and_keeps_heads_on_the_devices(run: Run) -> None:
     result, devices, _, out = run
     assert len(result.rounds) == ROUNDS
     assert all(r.update_norm > 0 and r.replies == CLIENTS for r in result.rounds)
@@ -252,14 +255,14 @@ def test_simulation_learns_and_keeps_heads_on_the_devices(run) -> None:  # type:
     assert not any(k.startswith("head.") for k in body)
 
 
-def test_fedprox_sends_its_mu_to_every_device(run) -> None:  # type: ignore[no-untyped-def]
+def test_fedprox_sends_its_mu_to_every_device(run: Run) -> None:
     _, _, wire, _ = run
     configs = [json.loads(p.read_text()) for p in wire.glob("train-*.config.json")]
     assert len(configs) == CLIENTS * ROUNDS
     assert all(c["proximal-mu"] == 0.1 and c["local-epochs"] == 1 for c in configs)
 
 
-def test_what_a_device_sends_holds_its_body_but_not_its_head_or_inputs(run) -> None:  # type: ignore[no-untyped-def]
+def test_what_a_device_sends_holds_its_body_but_not_its_head_or_inputs(run: Run) -> None:
     _, _, wire, _ = run
     replies = sorted(wire.glob("*.wire"))
     assert len(replies) == 2 * CLIENTS * ROUNDS    # train and evaluate, every round
