@@ -8,7 +8,7 @@ own data and stored in its own state folder, never sent. Modules:
 - :mod:`.local`: a device's training step (FedProx term) and its head on disk.
 - :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
-- :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.simulation`: many devices on Flower's simulation engine (Ray), with baselines.
 - :mod:`.config`: the run's settings, checked on construction (no torch, no Flower).
 
 Secure aggregation goes in its own module: Flower 1.42's SecAgg+ still needs the legacy
@@ -31,8 +31,8 @@ _SOURCES = {
     "client_app": ".client",
     "STRATEGIES": ".config", "ServerConfig": ".config", "SimulationConfig": ".config",
     "RoundReport": ".server", "server_app": ".server",
-    "SimulationResult": ".simulate",
-    "simulate": ".simulate",
+    "SimulationResult": ".simulation",
+    "simulate": ".simulation",
 }
 
 __all__ = [
