@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# flwr and dp-accounting go in without their pins (pyproject.toml's `federated` says why)
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev,all]'
+	$(PIP) --no-deps flwr==1.42.0 dp-accounting==0.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -23,7 +23,7 @@ __all__ = ["repo"]
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 REFUSED = ("torch", "onnxruntime.quantization", "transformers", "litert_torch",
-           "coremltools", "matplotlib")
+           "coremltools", "matplotlib", "flwr", "ray")
 # Not needed to parse arguments or print help; importing them would slow every command.
 SLOW = ("numpy", "onnx", "onnxruntime", "tuf", "securesystemslib")
 
@@ -81,7 +81,8 @@ def test_importing_the_cli_loads_nothing_heavy() -> None:
 @pytest.mark.parametrize("args", [[], ["device"], ["device", "status"], ["device", "update"],
                                   ["device", "rollback"], ["bench"], ["repo"], ["publish"],
                                   ["zoo", "train"], ["quantize"], ["optimize"], ["prune"],
-                                  ["cascade"], ["device", "run"]])
+                                  ["cascade"], ["device", "run"], ["federated"],
+                                  ["federated", "simulate"]])
 def test_help_needs_no_heavy_library(args: list[str]) -> None:
     code, out, err, imports = run(*args, "--help")
     assert code == 0, err

@@ -23,12 +23,14 @@ from edgeloop.cli import bench as _bench  # noqa: F401  (registers its commands)
 from edgeloop.cli import bundle as _bundle  # noqa: F401  (registers its commands)
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
 from edgeloop.cli import device as _device  # noqa: F401  (registers its commands)
+from edgeloop.cli import federated as _federated  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
 from edgeloop.cli import serve as _serve  # noqa: F401  (registers its commands)
 from edgeloop.cli import telemetry as _telemetry  # noqa: F401  (registers its commands)
 from edgeloop.cli import train as _train  # noqa: F401  (registers its commands)
 from edgeloop.cli._app import app, err_console
 from edgeloop.errors import EdgeloopError
+from edgeloop.federated._flower import INSTALL as FLOWER_INSTALL
 
 __all__ = ["OPTIONAL", "app", "main"]
 
@@ -39,7 +41,8 @@ OPTIONAL = {"torch": "train", "onnxscript": "train", "sklearn": "train",
             "transformers": "transformers",
             "litert_torch": "tflite", "ai_edge_litert": "tflite", "coremltools": "coreml",
             "fastapi": "serve", "uvicorn": "serve", "starlette": "serve",
-            "sqlalchemy": "telemetry", "psycopg": "telemetry"}
+            "sqlalchemy": "telemetry", "psycopg": "telemetry",
+            "flwr": "federated", "ray": "federated", "dp_accounting": "federated"}
 
 
 def _fail(message: str) -> NoReturn:
@@ -59,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         top = (e.name or "").split(".")[0]
         if top not in OPTIONAL:
             raise
+        extra = OPTIONAL[top]
         _fail(f"this command needs `{top}`, which is not installed; install it with "
-              f"pip install 'edgeloop[{OPTIONAL[top]}]'")
+              + (FLOWER_INSTALL if extra == "federated" else f"pip install 'edgeloop[{extra}]'"))
     except typer.TyperException as e:   # usage errors, raised by typer's own click
         _usage_error(e)
     except (typer.Abort, KeyboardInterrupt):

@@ -1,0 +1,69 @@
+"""Settings of a federated run, kept apart from the modules that import torch and Flower
+so that the command line can check them (and show their defaults) without either."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeloop.errors import UsageError, one_of
+
+__all__ = ["STRATEGIES", "ServerConfig", "SimulationConfig"]
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+def _at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:
+    if value < low or (strict and value == low):
+        raise UsageError(f"`{name}` must be {'>' if strict else 'at least'} {low:g}; "
+                         f"got {value:g}")
+
+
+@dataclass
+class ServerConfig:
+    """How the server runs the rounds. Every field is checked on construction."""
+
+    rounds: int = 3
+    strategy: str = "fedavg"       # one of STRATEGIES
+    clients: int = 10              # devices; all of them take part in every round
+    local_epochs: int = 1          # epochs each device trains per round
+    head_epochs: int = 2           # epochs of its head alone on each new global body
+    lr: float = 3e-3               # devices' Adam learning rate
+    batch_size: int = 32           # samples per local step
+    proximal_mu: float = 0.01      # FedProx's mu (fedprox only)
+    server_lr: float = 0.01        # FedAdam's server learning rate, eta (fedadam only)
+    timeout: float = 600.0         # s to wait for one round's train or evaluate replies,
+                                   # and for every device to connect before round 1
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise one_of("strategy", STRATEGIES, self.strategy)
+        _at_least("clients", self.clients, 2)
+        _at_least("rounds", self.rounds, 1)
+        _at_least("local_epochs", self.local_epochs, 1)
+        _at_least("head_epochs", self.head_epochs, 0)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("proximal_mu", self.proximal_mu, 0)
+        for name in ("lr", "server_lr", "timeout"):
+            _at_least(name, getattr(self, name), 0, strict=True)
+
+    def device_config(self) -> dict[str, int | float]:
+        """The config every device receives with each train and evaluate message (Flower
+        adds ``server-round``; FedProx adds ``proximal-mu``)."""
+        return {"local-epochs": self.local_epochs, "head-epochs": self.head_epochs,
+                "lr": self.lr, "batch-size": self.batch_size}
+
+
+@dataclass
+class SimulationConfig(ServerConfig):
+    """A simulated run on non-IID MNIST-1D: the server's settings plus the data and the
+    model."""
+
+    alpha: float = 0.3             # Dirichlet concentration of the label split
+    seed: int = 0                  # data split, shifts, initial weights, shuffling
+    arch: str = "mnist1d-cnn"      # a zoo model for MNIST-1D
+    head: str | None = None        # the private head's prefix (default: split_model's)
+    centralised: bool = False      # also train one model on all devices' data pooled
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("alpha", self.alpha, 0, strict=True)

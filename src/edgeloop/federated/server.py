@@ -1,0 +1,168 @@
+"""The server side: a Flower ``ServerApp`` (Message API) that runs FedAvg, FedProx or
+FedAdam over the body only, with a timeout on every exchange, and fails loudly when a
+round leaves the global body unchanged (Flower logs such a round and carries on).
+
+The strategies are Flower's own: FedAvg (McMahan et al., 2017), FedProx (Li et al., 2020:
+the server only sends ``proximal-mu``; :func:`~edgeloop.federated.local.fit_local` adds
+the term) and FedAdam (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from edgeloop.errors import TransportError, VerificationError
+from edgeloop.federated.config import ServerConfig
+
+__all__ = ["RoundReport", "ServerResult", "server_app"]
+
+
+@dataclass
+class RoundReport:
+    """One round, as the server saw it."""
+
+    round: int
+    seconds: float                 # train and evaluate, wall clock
+    train_loss: float              # devices' last-epoch loss, weighted by samples
+    accuracy: float                # global body + each device's own head, own test data
+    update_norm: float             # L2 norm of the change of the global body
+    replies: int                   # devices whose update was aggregated
+    failures: int = 0              # devices that replied with an error or not in time
+
+
+@dataclass
+class ServerResult:
+    """What :func:`server_app`'s main hands to ``on_result``: the final body and rounds."""
+
+    body: dict[str, np.ndarray]
+    rounds: list[RoundReport] = field(default_factory=list)
+
+
+def _make_strategy(config: ServerConfig) -> Strategy:
+    n = config.clients
+    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": n,
+              "min_evaluate_nodes": n, "min_available_nodes": n}
+    if config.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=config.proximal_mu)
+    if config.strategy == "fedadam":
+        return FedAdam(**common, eta=config.server_lr)
+    return FedAvg(**common)
+
+
+def _flat(arrays: ArrayRecord) -> np.ndarray:
+    return np.concatenate([a.ravel().astype(np.float64) for a in arrays.to_numpy_ndarrays()])
+
+
+def _short(reason: str) -> str:
+    """The device's own message from an error reply (in simulation, Ray sends the whole
+    traceback, ending "... occurred. Message: <the message>'>)")."""
+    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
+    return last.rpartition("Message: ")[2].rstrip("'>)") or last
+
+
+class _RoundWatch(Strategy):
+    """Wraps a strategy (as Flower's DP wrappers do): times each round, keeps its figures,
+    and raises when a round's aggregate is missing or equal to the body sent out."""
+
+    def __init__(self, inner: Strategy, on_round: Callable[[RoundReport], None] | None
+                 ) -> None:
+        self.inner = inner
+        self.on_round = on_round
+        self.rounds: list[RoundReport] = []
+        self._sent: np.ndarray | None = None
+        self._keys: list[str] = []
+        self._sampled = 0
+        self._started = 0.0
+        self._train: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._started = time.perf_counter()
+        self._sent, self._keys = _flat(arrays), list(arrays)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sampled = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        failed = [m for m in replies if m.has_error()]
+        ok = len(replies) - len(failed)
+        for m in replies:
+            sent = list(m.content["arrays"]) if not m.has_error() else self._keys
+            if sent != self._keys:
+                odd = sorted(set(sent) ^ set(self._keys))
+                raise VerificationError(
+                    f"round {server_round}: device {m.metadata.src_node_id} sent arrays "
+                    f"other than the body's (e.g. {odd[0]!r}); refusing them")
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None:
+            why = _short(failed[0].error.reason) if failed else "no reply in time"
+            raise TransportError(f"round {server_round}: no device's update arrived "
+                                 f"({self._sampled - ok} of {self._sampled} failed; {why})")
+        assert self._sent is not None
+        change = float(np.linalg.norm(_flat(arrays) - self._sent))
+        if not change > 0:
+            raise VerificationError(f"round {server_round} left the global body unchanged")
+        loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else 0.0
+        self._train = (loss, change, ok, self._sampled - ok)
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        metrics = self.inner.aggregate_evaluate(server_round, list(replies))
+        accuracy = float(metrics["accuracy"]) if metrics and "accuracy" in metrics else 0.0
+        loss, change, ok, failed = self._train
+        report = RoundReport(server_round, time.perf_counter() - self._started, loss,
+                             accuracy, change, ok, failed)
+        self.rounds.append(report)
+        if self.on_round is not None:
+            self.on_round(report)
+        return metrics
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def server_app(*, initial_body: dict[str, np.ndarray], config: ServerConfig,
+               on_round: Callable[[RoundReport], None] | None = None,
+               on_result: Callable[[ServerResult], None] | None = None) -> ServerApp:
+    """The ``ServerApp``: ``config.rounds`` rounds of ``config.strategy`` from
+    ``initial_body``; ``on_round`` gets each round's report, ``on_result`` the final body
+    and every report (in simulation the app runs in this process, so both are plain
+    callbacks)."""
+    strategy = _make_strategy(config)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        # FedAvg samples before it waits for min_available_nodes: wait for all first
+        deadline = time.monotonic() + config.timeout
+        while len(list(grid.get_node_ids())) < config.clients:
+            if time.monotonic() > deadline:
+                raise TransportError(f"only {len(list(grid.get_node_ids()))} of "
+                                     f"{config.clients} devices connected within "
+                                     f"{config.timeout:g} s")
+            time.sleep(0.1)
+        watch = _RoundWatch(strategy, on_round)
+        result = watch.start(
+            grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial_body.items()}),
+            num_rounds=config.rounds, timeout=config.timeout,
+            train_config=ConfigRecord(config.device_config()),
+            evaluate_config=ConfigRecord(config.device_config()))
+        if on_result is not None:
+            body = dict(zip(initial_body, result.arrays.to_numpy_ndarrays(), strict=True))
+            on_result(ServerResult(body, watch.rounds))
+
+    return app

@@ -1,0 +1,303 @@
+"""Federated personalisation on Flower: the body/head split, the non-IID split, FedProx's
+term, the round watch, the command line's bad input, and one real simulation (Flower's
+simulation engine on Ray) whose every client reply is serialised and searched for the
+device's private head and raw inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from edgeloop.cli import main
+from edgeloop.errors import TransportError, UsageError, VerificationError
+from edgeloop.federated import (
+    SimulationConfig,
+    SimulationResult,
+    dirichlet_split,
+    mnist1d_partition,
+    simulate,
+    split_model,
+)
+from edgeloop.federated.local import fit_local
+from edgeloop.federated.partition import label_skew
+from edgeloop.federated.server import _RoundWatch
+from edgeloop.zoo.models import MNIST1DCNN, MNIST1DMLP
+
+CLIENTS, ROUNDS = 3, 2
+Run = tuple[SimulationResult, Path, Path, Path]
+
+
+# --- the split ------------------------------------------------------------------------
+
+def test_the_default_head_is_the_head_module_or_the_last_linear() -> None:
+    cnn = split_model(MNIST1DCNN(width=4))
+    assert cnn.head == "head." and set(cnn.head_keys) == {"head.weight", "head.bias"}
+    assert "features.0.0.weight" in cnn.body_keys
+    assert not any(k.endswith("num_batches_tracked") for k in cnn.body_keys)
+    mlp = split_model(MNIST1DMLP(hidden=8))
+    assert mlp.head == "net.4." and "net.0.weight" in mlp.body_keys
+
+
+@pytest.mark.parametrize("model,head,message", [
+    (nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU()), None, "no `head` module and no nn.Linear"),
+    (nn.Linear(4, 2), None, "no body is left"),
+    (MNIST1DCNN(width=4), "classifier", "names no trainable parameter"),
+], ids=["no linear", "only a head", "unknown prefix"])
+def test_a_model_without_a_usable_split_is_a_usage_error(model: nn.Module, head: str | None,
+                                                        message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        split_model(model, head)
+
+
+# --- the data -------------------------------------------------------------------------
+
+def test_dirichlet_split_assigns_every_sample_once_and_skews_with_alpha() -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    skews = []
+    for alpha in (100.0, 1.0, 0.1):
+        parts = dirichlet_split(labels, 20, alpha, seed=1)
+        joined = np.concatenate(parts)
+        assert len(joined) == len(labels) and len(np.unique(joined)) == len(labels)
+        assert min(map(len, parts)) >= len(labels) // 20
+        skews.append(label_skew([labels[p] for p in parts]))
+    assert skews[0] < skews[1] < skews[2], skews
+    again = dirichlet_split(labels, 20, 0.1, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_devices_have_their_own_split_and_input_shift() -> None:
+    a, b = mnist1d_partition(0, 4), mnist1d_partition(1, 4)
+    assert a.shift != b.shift
+    assert len(a.train) > len(a.test) > 0
+    rows = {r.tobytes() for r in a.train.inputs["x"]}
+    assert not rows & {r.tobytes() for r in a.test.inputs["x"]}
+    assert not rows & {r.tobytes() for r in b.train.inputs["x"]}
+    again = mnist1d_partition(0, 4)
+    assert np.array_equal(again.train.inputs["x"], a.train.inputs["x"])
+
+
+# --- local training and the server's checks ------------------------------------------
+
+def test_the_proximal_term_pulls_the_body_towards_the_global_one() -> None:
+    data = mnist1d_partition(0, 4).train
+    moved = {}
+    for mu in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = MNIST1DCNN(width=8)
+        split = split_model(model)
+        start = split.body(model)
+        fit_local(model, split, data, epochs=2, lr=3e-3, proximal_mu=mu, seed=0)
+        end = split.body(model)
+        moved[mu] = sum(float((end[k].float() - start[k].float()).norm()) for k in start
+                        if "running" not in k)
+    assert moved[10.0] < 0.8 * moved[0.0], moved
+
+
+class _Unchanged(Strategy):
+    """A strategy whose aggregate is the body it sent: what a silently skipped round
+    looks like from outside."""
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.arrays = arrays
+        return []
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.arrays, MetricRecord({"train-loss": 1.0})
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return None
+
+    def summary(self) -> None:
+        pass
+
+
+def test_a_round_that_leaves_the_body_unchanged_fails() -> None:
+    watch = _RoundWatch(_Unchanged(), None)
+    arrays = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    watch.configure_train(1, arrays, ConfigRecord(), None)  # type: ignore[arg-type]
+    with pytest.raises(VerificationError, match="round 1 left the global body unchanged"):
+        watch.aggregate_train(1, [])
+
+
+# --- the command line ------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--clients", "1"], "`clients` must be at least 2; got 1"),
+    (["--rounds", "0"], "`rounds` must be at least 1; got 0"),
+    (["--alpha", "0"], "`alpha` must be > 0; got 0"),
+    (["--strategy", "fedsgd"], "`strategy` must be one of fedavg, fedprox, fedadam"),
+])
+def test_bad_simulate_input_is_one_line_and_exit_2(args: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["federated", "simulate", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_devices_folder_with_state_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "node-0").mkdir()
+    with pytest.raises(UsageError, match="already holds device state"):
+        simulate(SimulationConfig(clients=2, rounds=1), devices=tmp_path)
+
+
+def test_without_flower_the_command_names_both_install_steps() -> None:
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "from edgeloop.cli import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "federated", "simulate", "--clients", "2"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "EDGELOOP_QUIET": "1", "COLUMNS": "300"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: this command needs `flwr`, which is not installed; install it with pip install "
+        "'edgeloop[federated]' && pip install --no-deps flwr==1.42.0 dp-accounting==0.6.0"]
+
+
+# --- a real simulation ----------------------------------------------------------------
+
+class Spy:
+    """The outermost client mod: serialises every reply exactly as Flower sends it (all
+    of its inflatable objects, deflated) and keeps, beside it, the head the device held
+    when it replied and the body arrays it put in the reply."""
+
+    def __init__(self, folder: Path, devices: Path) -> None:
+        self.folder, self.devices = folder, devices
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable
+                 ) -> Message:
+        reply = call_next(msg, context)
+        wire = b"".join(o.deflate() for o in get_all_nested_objects(reply).values())
+        pid = int(context.node_config["partition-id"])
+        name = f"{msg.metadata.message_type}-{pid}-{time.monotonic_ns()}"
+        (self.folder / f"{name}.wire").write_bytes(wire)
+        head = self.devices / f"node-{pid}" / "head.pt"
+        (self.folder / f"{name}.head").write_bytes(head.read_bytes())
+        if "config" in msg.content:
+            (self.folder / f"{name}.config.json").write_text(
+                json.dumps(dict(msg.content["config"])))
+        if "arrays" in reply.content:
+            np.savez(self.folder / f"{name}.body.npz",
+                     *reply.content["arrays"].to_numpy_ndarrays())
+        return reply
+
+
+def _descendants() -> set[int]:
+    """Live processes below this one (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _no_process_left(before: set[int]) -> None:
+    """Every process started since ``before`` (Ray's) has ended, within 20 s."""
+    deadline = time.monotonic() + 20
+    while _descendants() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _descendants() - before, "Ray processes outlived the simulation"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One FedProx run: its result, the devices' folder, the spied replies, ``--out``."""
+    root = tmp_path_factory.mktemp("federated")
+    devices, wire, out = root / "devices", root / "wire", root / "out"
+    wire.mkdir()
+    before = _descendants()
+    result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS, strategy="fedprox",
+                                       proximal_mu=0.1),
+                      out=out, devices=devices, mods=[Spy(wire, devices)])
+    _no_process_left(before)
+    return result, devices, wire, out
+
+
+def test_simulation_learns_and_keeps_heads_on_the_devices(run: Run) -> None:
+    result, devices, _, out = run
+    assert len(result.rounds) == ROUNDS
+    assert all(r.update_norm > 0 and r.replies == CLIENTS for r in result.rounds)
+    assert result.global_accuracy > 0.2            # chance is 0.1
+    assert result.personalised_accuracy > 0.3
+    heads = [torch.load(devices / f"node-{i}" / "head.pt", weights_only=True)
+             for i in range(CLIENTS)]
+    assert set(heads[0]) == {"head.weight", "head.bias"}
+    assert not torch.equal(heads[0]["head.weight"], heads[1]["head.weight"])
+    assert {p.name for p in out.iterdir()} == {"model.pt", "body.pt", "result.json"}
+    body = torch.load(out / "body.pt", weights_only=True)
+    assert not any(k.startswith("head.") for k in body)
+
+
+def test_fedprox_sends_its_mu_to_every_device(run: Run) -> None:
+    _, _, wire, _ = run
+    configs = [json.loads(p.read_text()) for p in wire.glob("train-*.config.json")]
+    assert len(configs) == CLIENTS * ROUNDS
+    assert all(c["proximal-mu"] == 0.1 and c["local-epochs"] == 1 for c in configs)
+
+
+def test_what_a_device_sends_holds_its_body_but_not_its_head_or_inputs(run: Run) -> None:
+    _, _, wire, _ = run
+    replies = sorted(wire.glob("*.wire"))
+    assert len(replies) == 2 * CLIENTS * ROUNDS    # train and evaluate, every round
+    for path in replies:
+        sent = path.read_bytes()
+        stem = path.name.removesuffix(".wire")
+        pid = int(stem.split("-")[1])
+        head = torch.load(wire / f"{stem}.head", weights_only=True)
+        for tensor in head.values():   # as float32 (arrays) and float64 (metrics)
+            rows = tensor.numpy().reshape(-1 if tensor.ndim > 1 else 1, tensor.shape[-1])
+            for row in (*rows, *rows.astype(np.float64)):
+                assert row.tobytes() not in sent, f"{stem} sent its head"
+        data = mnist1d_partition(pid, CLIENTS)
+        for split in (data.train, data.test):
+            assert all(row.tobytes() not in sent for row in split.inputs["x"]), stem
+        if stem.startswith("train"):
+            with np.load(wire / f"{stem}.body.npz") as body:
+                assert len(body.files) > 1
+                assert all(body[k].tobytes() in sent for k in body.files), stem
+
+
+def test_the_byte_search_finds_a_head_when_one_is_sent() -> None:
+    head = {"head.weight": torch.randn(10, 64), "head.bias": torch.randn(10)}
+    leaky = RecordDict({"arrays": ArrayRecord(head), "metrics": MetricRecord({"n": 1})})
+    sent = b"".join(o.deflate() for o in get_all_nested_objects(leaky).values())
+    assert all(t.numpy().tobytes() in sent for t in head.values())
+
+
+def _unplugged(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    raise RuntimeError("sensor unplugged")
+
+
+def test_a_round_in_which_every_device_fails_is_one_error() -> None:
+    before = _descendants()
+    with pytest.raises(TransportError, match=r"round 1: no device's update arrived "
+                                             r"\(2 of 2 failed; sensor unplugged\)$"):
+        simulate(SimulationConfig(clients=2, rounds=1, timeout=300), mods=[_unplugged])
+    _no_process_left(before)
