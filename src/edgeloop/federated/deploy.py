@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO
@@ -195,12 +195,18 @@ class FlowerProcess:
         return TransportError(f"{self.what} exited with code {self.poll()} ({why}); "
                               f"log: {self.log}")
 
+    def interrupt(self) -> None:
+        """SIGINT to the process's session, without waiting (to stop several at once:
+        interrupt each, then :meth:`stop` each)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)   # the leader of its own session
+
     def stop(self, grace: float = 15.0) -> None:
         """SIGINT to the process's session, SIGKILL to what is left after ``grace`` s."""
         if self.proc is not None:
-            group = self.proc.pid   # the leader of its own session and group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGINT)
+            group = self.proc.pid
+            self.interrupt()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace)
             deadline = time.monotonic() + (grace if self.proc.returncode is not None else 0)
@@ -424,21 +430,28 @@ clientapp = "{APP_PACKAGE}.client:app"
     return folder
 
 
-def _read_results(results: Path) -> tuple[list[RoundReport], dict[str, np.ndarray]]:
-    rounds_file, body_file = results / ROUNDS_FILE, results / BODY_FILE
-    rounds = ([RoundReport(**r) for r in json.loads(rounds_file.read_text())]
-              if rounds_file.is_file() else [])
-    with np.load(body_file) as npz:
-        return rounds, {k: npz[k] for k in npz.files}
+def _rounds(results: Path) -> list[RoundReport]:
+    path = results / ROUNDS_FILE   # written atomically: whole or absent
+    return [RoundReport(**r) for r in json.loads(path.read_text())] if path.is_file() else []
+
+
+def _report_new(results: Path, seen: int,
+                on_round: Callable[[RoundReport], None] | None) -> int:
+    """Hand the rounds after the first ``seen`` to ``on_round``; returns how many there are."""
+    rounds = _rounds(results)
+    for report in rounds[seen:] if on_round is not None else []:
+        on_round(report)
+    return len(rounds)
 
 
 def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results: Path,
-        home: Path | None = None, timeout: float = 900.0) -> DeploymentResult:
+        home: Path | None = None, timeout: float = 900.0,
+        on_round: Callable[[RoundReport], None] | None = None) -> DeploymentResult:
     """Run ``config`` on the SuperLink at ``superlink`` (its SuperNodes started and
     registered) and wait for the end, ``timeout`` s at most. ``results`` gets the app
     folder, ``flwr run``'s log, ``rounds.json`` and ``body.npz`` (on loopback; the
     ServerApp writes the latter two where it runs). ``home``: the ``FLWR_HOME`` to use
-    (default: a temporary one)."""
+    (default: a temporary one). ``on_round`` gets each round's report as it ends."""
     _at_least("timeout", timeout, 0, strict=True)
     wait_reachable(superlink, timeout=min(timeout, 10.0))
     results.mkdir(parents=True, exist_ok=True)
@@ -451,18 +464,21 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
                              home=flwr_home, log=log)
         proc.what = "`flwr run`"
         started = time.perf_counter()
+        seen = 0
         try:
             proc.start()
-            assert proc.proc is not None
-            try:
-                proc.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise TransportError(f"the run did not end within {timeout:g} s; "
-                                     f"log: {log}") from None
+            while proc.poll() is None:
+                if time.perf_counter() - started > timeout:
+                    raise TransportError(f"the run did not end within {timeout:g} s; "
+                                         f"log: {log}")
+                time.sleep(0.5)
+                seen = _report_new(results, seen, on_round)
             seconds = time.perf_counter() - started
+            _report_new(results, seen, on_round)
             if proc.poll() or not (results / BODY_FILE).is_file():
                 raise proc.failure()
         finally:
             proc.stop()
-    rounds, body = _read_results(results)
-    return DeploymentResult(rounds, body, seconds, log)
+    with np.load(results / BODY_FILE) as npz:
+        body = {k: npz[k] for k in npz.files}
+    return DeploymentResult(_rounds(results), body, seconds, log)
