@@ -7,6 +7,7 @@ its own session, and the fixture checks that no session is left."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +25,10 @@ from edgeloop.federated.credentials import Credentials, make_credentials, make_n
 from edgeloop.federated.deploy import (
     DeploymentConfig,
     FlowerProcess,
-    SuperLink,
+    LocalFleet,
     SuperNode,
     free_port,
-    register,
-    run,
+    local_fleet,
 )
 from edgeloop.federated.local import HEAD_FILE
 from edgeloop.federated.split import split_model
@@ -40,9 +40,19 @@ NODES = 3
 @dataclass
 class Fleet:
     root: Path
-    creds: Credentials
-    link: SuperLink
-    nodes: list[SuperNode]
+    fleet: LocalFleet
+
+    @property
+    def creds(self) -> Credentials:
+        return self.fleet.creds
+
+    @property
+    def address(self) -> str:
+        return self.fleet.superlink.address
+
+    @property
+    def nodes(self) -> list[SuperNode]:
+        return self.fleet.nodes
 
 
 def _gone(proc: FlowerProcess) -> bool:
@@ -58,30 +68,10 @@ def _gone(proc: FlowerProcess) -> bool:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("deploy")
-    creds = make_credentials(root / "creds", nodes=NODES)
-    started: list[FlowerProcess] = []
-    try:
-        link = SuperLink(creds, home=root / "link", database=root / "link" / "state.db")
-        started.append(link)
-        link.start()
-        # the first key through the command line, the others through the library
-        main(["federated", "register", str(creds.node_key(0)) + ".pub", "--creds",
-              str(creds.folder), "--superlink", link.address])
-        for i in range(1, NODES):
-            register(Path(f"{creds.node_key(i)}.pub"), superlink=link.address, creds=creds)
-        nodes = [SuperNode(creds, creds.node_key(i), superlink=link.address, partition_id=i,
-                           num_partitions=NODES, state_dir=root / f"device-{i}")
-                 for i in range(NODES)]
-        started += nodes
-        for node in nodes:
-            node.start()
-        yield Fleet(root, creds, link, nodes)
-    finally:
-        for proc in started:
-            proc.interrupt()
-        for proc in reversed(started):
-            proc.stop()
-    assert all(_gone(p) for p in started if p.proc is not None), "a Flower process is left"
+    with local_fleet(root, nodes=NODES) as running:
+        yield Fleet(root, running)
+    started = [running.superlink, *running.nodes]
+    assert all(_gone(p) for p in started), "a Flower process is left"
 
 
 def test_credentials_are_private_and_supernode_keys_are_ec_openssh(tmp_path: Path) -> None:
@@ -99,7 +89,7 @@ def test_an_unregistered_supernode_is_refused_with_code_2004(
     make_node_key(rogue)
     with pytest.raises(SystemExit) as e:
         main(["federated", "supernode", "--creds", str(fleet.creds.folder), "--key",
-              str(rogue), "--superlink", fleet.link.address, "--partition-id", "0",
+              str(rogue), "--superlink", fleet.address, "--partition-id", "0",
               "--num-partitions", str(NODES), "--state-dir", str(fleet.root / "rogue")])
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]   # after the "connecting" line
@@ -108,9 +98,17 @@ def test_an_unregistered_supernode_is_refused_with_code_2004(
     assert all(node.poll() is None for node in fleet.nodes)   # the others keep working
 
 
+def test_the_register_command_names_the_new_node(fleet: Fleet,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    public = make_node_key(fleet.root / "spare" / "key")
+    main(["federated", "register", str(public), "--creds", str(fleet.creds.folder),
+          "--superlink", fleet.address])
+    assert re.fullmatch(r"registered key\.pub: SuperNode \d+\n", capsys.readouterr().out)
+
+
 def test_a_supernode_trusting_another_ca_is_refused(fleet: Fleet, tmp_path: Path) -> None:
     other = make_credentials(tmp_path / "other", nodes=1)
-    node = SuperNode(other, other.node_key(0), superlink=fleet.link.address, partition_id=0,
+    node = SuperNode(other, other.node_key(0), superlink=fleet.address, partition_id=0,
                      num_partitions=NODES, state_dir=tmp_path / "device", max_retries=1,
                      max_wait=10.0)
     try:
@@ -126,8 +124,8 @@ def test_a_supernode_trusting_another_ca_is_refused(fleet: Fleet, tmp_path: Path
 def test_registered_supernodes_train_the_body_and_keep_their_heads(fleet: Fleet) -> None:
     config = DeploymentConfig(clients=NODES, rounds=1, head_epochs=1, timeout=300.0)
     seen = []
-    result = run(config, superlink=fleet.link.address, creds=fleet.creds,
-                 results=fleet.root / "results", timeout=600.0, on_round=seen.append)
+    result = fleet.fleet.run(config, results=fleet.root / "results", timeout=600.0,
+                             on_round=seen.append)
     assert [r.round for r in result.rounds] == [1] and seen == result.rounds
     assert result.rounds[0].replies == NODES and result.rounds[0].failures == 0
     with torch.random.fork_rng():

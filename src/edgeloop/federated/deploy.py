@@ -43,11 +43,12 @@ from edgeloop._io import write_text_atomic
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated._flower import INSTALL
 from edgeloop.federated.config import ServerConfig, SimulationConfig, _at_least
-from edgeloop.federated.credentials import Credentials
+from edgeloop.federated.credentials import Credentials, make_credentials
 from edgeloop.federated.server import RoundReport
 
-__all__ = ["DeploymentConfig", "DeploymentResult", "FlowerProcess", "SuperLink",
-           "SuperNode", "free_port", "parse_address", "register", "run", "write_app"]
+__all__ = ["DeploymentConfig", "DeploymentResult", "FlowerProcess", "LocalFleet", "SuperLink",
+           "SuperNode", "free_port", "local_fleet", "parse_address", "register", "run",
+           "wait_reachable", "write_app"]
 
 ROUNDS_FILE, BODY_FILE, RESULTS_KEY = "rounds.json", "body.npz", "results-dir"
 CONNECTION = "edgeloop"          # the name of the flwr connection edgeloop writes
@@ -159,12 +160,12 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 class FlowerProcess:
-    """One Flower command in a session of its own, its output in ``log``."""
+    """One Flower command in a session of its own, its output in ``log``; ``what`` names
+    it in errors."""
 
-    what = "a Flower process"
-
-    def __init__(self, argv: list[str], *, home: Path, log: Path) -> None:
-        self.argv, self.home, self.log = argv, home, log
+    def __init__(self, argv: list[str], *, home: Path, log: Path,
+                 what: str = "a Flower process") -> None:
+        self.argv, self.home, self.log, self.what = argv, home, log, what
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
 
@@ -239,8 +240,6 @@ class SuperLink(FlowerProcess):
     authentication; its state in ``database`` (a SQLite file; default: in memory, so
     registrations last as long as the process)."""
 
-    what = "the SuperLink"
-
     def __init__(self, creds: Credentials, *, home: Path, port: int = 0,
                  host: str = "127.0.0.1", database: Path | None = None,
                  log: Path | None = None, start_timeout: float = 60.0) -> None:
@@ -254,7 +253,8 @@ class SuperLink(FlowerProcess):
                 "--host", host, "--port", str(self.port)]
         if database is not None:
             argv += ["--database", str(database)]
-        super().__init__(argv, home=home, log=log or home / "superlink.log")
+        super().__init__(argv, home=home, log=log or home / "superlink.log",
+                         what="the SuperLink")
 
     @property
     def address(self) -> str:
@@ -294,8 +294,6 @@ class SuperNode(FlowerProcess):
     ``creds``' CA; ``port`` is its local runtime API (one per SuperNode on a host).
     It gives up after ``max_retries`` failed connections or ``max_wait`` s."""
 
-    what = "the SuperNode"
-
     def __init__(self, creds: Credentials, key: Path, *, superlink: str, partition_id: int,
                  num_partitions: int, state_dir: Path, home: Path | None = None,
                  port: int = 0, log: Path | None = None, max_retries: int = 3,
@@ -312,7 +310,8 @@ class SuperNode(FlowerProcess):
                 "--port", str(_check_port(port) if port else free_port()),
                 "--max-retries", str(max_retries), "--max-wait-time", str(max_wait),
                 "--node-config", _node_config(partition_id, num_partitions, state_dir)]
-        super().__init__(argv, home=home, log=log or state_dir / "supernode.log")
+        super().__init__(argv, home=home, log=log or state_dir / "supernode.log",
+                         what="the SuperNode")
 
     def start(self) -> SuperNode:
         """Check that the SuperLink is reachable (within ``reach_timeout`` s), then start."""
@@ -461,8 +460,7 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
     log = results / "flwr-run.log"
     with _connection(superlink, creds, home) as flwr_home:
         proc = FlowerProcess(["flwr", "run", str(app), CONNECTION, "--stream"],
-                             home=flwr_home, log=log)
-        proc.what = "`flwr run`"
+                             home=flwr_home, log=log, what="`flwr run`")
         started = time.perf_counter()
         seen = 0
         try:
@@ -482,3 +480,46 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
     with np.load(results / BODY_FILE) as npz:
         body = {k: npz[k] for k in npz.files}
     return DeploymentResult(_rounds(results), body, seconds, log)
+
+
+# --- a fleet on one machine -------------------------------------------------------------
+
+@dataclass
+class LocalFleet:
+    """A SuperLink and its registered SuperNodes on 127.0.0.1 (:func:`local_fleet`)."""
+
+    creds: Credentials
+    superlink: SuperLink
+    nodes: list[SuperNode]
+
+    def run(self, config: DeploymentConfig, *, results: Path, timeout: float = 900.0,
+            on_round: Callable[[RoundReport], None] | None = None) -> DeploymentResult:
+        """:func:`run` on this fleet."""
+        return run(config, superlink=self.superlink.address, creds=self.creds,
+                   results=results, timeout=timeout, on_round=on_round)
+
+
+@contextlib.contextmanager
+def local_fleet(root: Path, *, nodes: int) -> Iterator[LocalFleet]:
+    """A SuperLink with TLS and SuperNode authentication on a free port of 127.0.0.1 and
+    ``nodes`` registered SuperNodes (devices ``root/device-<i>``), from new credentials
+    in ``root/creds``; everything started is stopped on exit."""
+    creds = make_credentials(root / "creds", nodes=nodes)
+    link = SuperLink(creds, home=root / "superlink", database=root / "superlink" / "state.db")
+    started: list[FlowerProcess] = [link]
+    try:
+        link.start()
+        for i in range(nodes):
+            register(Path(f"{creds.node_key(i)}.pub"), superlink=link.address, creds=creds)
+        devices = [SuperNode(creds, creds.node_key(i), superlink=link.address,
+                             partition_id=i, num_partitions=nodes,
+                             state_dir=root / f"device-{i}") for i in range(nodes)]
+        for node in devices:
+            started.append(node)
+            node.start()
+        yield LocalFleet(creds, link, devices)
+    finally:
+        for proc in started:   # all at once: each takes seconds to wind down
+            proc.interrupt()
+        for proc in reversed(started):
+            proc.stop()
