@@ -19,6 +19,8 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is not installed (extra `federated`)")
 
+from test_cli_imports import run as cli_without_heavy_libraries
+
 from edgeloop.cli import main
 from edgeloop.errors import TransportError
 from edgeloop.federated.credentials import Credentials, make_credentials, make_node_key
@@ -172,3 +174,10 @@ def test_bad_deployment_input_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1, err
     assert message.format(**names) in err, err
+
+
+@pytest.mark.parametrize("command", ["credentials", "superlink", "supernode", "register", "run"])
+def test_help_needs_neither_flower_nor_torch(command: str) -> None:
+    code, out, err, imports = cli_without_heavy_libraries("federated", command, "--help")
+    assert code == 0, err
+    assert "Usage:" in out and imports["refused"] == []
