@@ -147,6 +147,14 @@ def test_registered_supernodes_train_the_body_and_keep_their_heads(fleet: Fleet)
     assert not list((fleet.root / "results").rglob(HEAD_FILE))
 
 
+def test_a_run_waiting_for_a_missing_device_fails_with_the_servers_reason(
+        fleet: Fleet) -> None:
+    config = DeploymentConfig(clients=NODES + 1, rounds=1, timeout=2.0)
+    with pytest.raises(TransportError, match=rf"only {NODES} of {NODES + 1} devices "
+                                             r"connected within 2 s; log: "):
+        fleet.fleet.run(config, results=fleet.root / "missing", timeout=300.0)
+
+
 @pytest.mark.parametrize("args,message", [
     (["superlink", "--creds", "{tmp}/none"], "is not a credentials folder: no ca.crt"),
     (["superlink", "--creds", "{creds}", "--port", "70000"], "`port` must be 1..65535"),

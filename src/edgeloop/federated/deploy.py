@@ -53,7 +53,8 @@ __all__ = ["DeploymentConfig", "DeploymentResult", "FlowerProcess", "LocalFleet"
 ROUNDS_FILE, BODY_FILE, RESULTS_KEY = "rounds.json", "body.npz", "results-dir"
 CONNECTION = "edgeloop"          # the name of the flwr connection edgeloop writes
 APP_PACKAGE = "edgeloop_app"     # the generated app's package
-_CODE = re.compile(r"\[code: (\d+)\] ?(.*)")
+_CODE = re.compile(r"\[code: (\d+)\] ?(.*)")                # Flower's reason for an exit
+_OURS = re.compile(r"edgeloop\.errors\.\w+: (.*)")           # an edgeloop error's traceback
 
 
 @dataclass
@@ -171,9 +172,10 @@ class FlowerProcess:
 
     def start(self) -> FlowerProcess:
         """Start the command (see the module docstring)."""
+        command = _flower_command(self.argv[0])
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(self.log, "ab")  # noqa: SIM115  (closed by stop)
-        self.proc = subprocess.Popen([_flower_command(self.argv[0]), *self.argv[1:]],
+        self.proc = subprocess.Popen([command, *self.argv[1:]],
                                      stdin=subprocess.DEVNULL, stdout=self._out,
                                      stderr=subprocess.STDOUT, env=flower_env(self.home),
                                      start_new_session=True)
@@ -187,14 +189,19 @@ class FlowerProcess:
         """Everything the process has logged so far."""
         return self.log.read_text(errors="replace") if self.log.is_file() else ""
 
-    def failure(self) -> TransportError:
-        """The error saying why it exited: Flower's ``[code: N]`` line, else its last."""
-        lines = [ln for ln in self.output().splitlines() if ln.strip()]
+    def reason(self) -> str:
+        """Why it failed, from its log: the message of an edgeloop error the app raised,
+        else Flower's last ``[code: N]`` line, else the last line."""
+        lines = [ln.strip() for ln in self.output().splitlines() if ln.strip()]
+        ours = [m.group(1) for ln in lines if (m := _OURS.match(ln))]
         codes = [m for ln in lines if (m := _CODE.search(ln))]
-        why = (f"code {codes[-1].group(1)}: {codes[-1].group(2).strip()}" if codes
-               else (lines[-1].strip() if lines else "no output"))
-        return TransportError(f"{self.what} exited with code {self.poll()} ({why}); "
-                              f"log: {self.log}")
+        return (ours[-1] if ours else f"code {codes[-1].group(1)}: {codes[-1].group(2)}"
+                if codes else lines[-1] if lines else "no output")
+
+    def failure(self) -> TransportError:
+        """The error for its exit: exit code, :meth:`reason` and the log's path."""
+        return TransportError(f"{self.what} exited with code {self.poll()} "
+                              f"({self.reason()}); log: {self.log}")
 
     def interrupt(self) -> None:
         """SIGINT to the process's session, without waiting (to stop several at once:
@@ -204,18 +211,21 @@ class FlowerProcess:
                 os.killpg(self.proc.pid, signal.SIGINT)   # the leader of its own session
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGINT to the process's session, SIGKILL to what is left after ``grace`` s."""
+        """SIGINT to the process's session; SIGKILL to all of it once the process has
+        exited and its children had a few seconds more, or after ``grace`` s; then wait
+        (5 s at most) until none of it is left."""
         if self.proc is not None:
             group = self.proc.pid
             self.interrupt()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace)
-            deadline = time.monotonic() + (grace if self.proc.returncode is not None else 0)
-            while _group_alive(group) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            # children that outlive it (a stuck app) are in the group; zombies too, until
+            # init reaps them once their parent has gone: hence SIGKILL, then wait
+            _wait_gone(group, 3.0 if self.proc.returncode is not None else 0.0)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
             self.proc.wait()
+            _wait_gone(group, 5.0)
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -227,12 +237,15 @@ class FlowerProcess:
         self.stop()
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _wait_gone(group: int, timeout: float) -> None:
+    """Wait up to ``timeout`` s until no process of ``group`` is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 class SuperLink(FlowerProcess):
@@ -262,20 +275,24 @@ class SuperLink(FlowerProcess):
         return f"{self.host}:{self.port}"
 
     def start(self) -> SuperLink:
-        """Start it and wait until it accepts connections."""
+        """Start it and wait until it accepts connections; if it does not, stop what it
+        started and raise :class:`TransportError`."""
         super().start()
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.poll() is not None:
-                raise self.failure()
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (self.host, self.port), timeout=1.0):
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TransportError(f"the SuperLink did not listen on {self.address} "
-                                     f"within {self.start_timeout:g} s; log: {self.log}")
-            time.sleep(0.2)
+                error = self.failure()
+            elif time.monotonic() > deadline:
+                error = TransportError(f"the SuperLink did not listen on {self.address} "
+                                       f"within {self.start_timeout:g} s; log: {self.log}")
+            else:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        (self.host, self.port), timeout=1.0):
+                    return self
+                time.sleep(0.2)
+                continue
+            self.stop()
+            raise error
 
 
 def _node_config(partition_id: int, num_partitions: int, state_dir: Path) -> str:
@@ -474,7 +491,7 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
             seconds = time.perf_counter() - started
             _report_new(results, seen, on_round)
             if proc.poll() or not (results / BODY_FILE).is_file():
-                raise proc.failure()
+                raise TransportError(f"the run failed: {proc.reason()}; log: {log}")
         finally:
             proc.stop()
     with np.load(results / BODY_FILE) as npz:
