@@ -54,6 +54,7 @@ ROUNDS_FILE, BODY_FILE, RESULTS_KEY = "rounds.json", "body.npz", "results-dir"
 CONNECTION = "edgeloop"          # the name of the flwr connection edgeloop writes
 APP_PACKAGE = "edgeloop_app"     # the generated app's package
 _CODE = re.compile(r"\[code: (\d+)\] ?(.*)")                # Flower's reason for an exit
+_STARTED = re.compile(r"Successfully started run (\d+)")      # `flwr run`'s run id
 _OURS = re.compile(r"edgeloop\.errors\.\w+: (.*)")           # an edgeloop error's traceback
 
 
@@ -460,6 +461,14 @@ def _report_new(results: Path, seen: int,
     return len(rounds)
 
 
+def _stop_run(proc: FlowerProcess, flwr_home: Path) -> None:
+    """Ask the SuperLink to stop the run ``flwr run`` started (its id is in the log), so
+    that a run given up on does not keep the SuperNodes busy."""
+    if started := _STARTED.search(proc.output()):
+        with contextlib.suppress(TransportError):   # the error that ended the run matters
+            _flwr(["stop", started.group(1), CONNECTION], flwr_home, timeout=60.0)
+
+
 def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results: Path,
         home: Path | None = None, timeout: float = 900.0,
         on_round: Callable[[RoundReport], None] | None = None) -> DeploymentResult:
@@ -479,7 +488,7 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
         proc = FlowerProcess(["flwr", "run", str(app), CONNECTION, "--stream"],
                              home=flwr_home, log=log, what="`flwr run`")
         started = time.perf_counter()
-        seen = 0
+        seen, ended = 0, False
         try:
             proc.start()
             while proc.poll() is None:
@@ -488,12 +497,14 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
                                          f"log: {log}")
                 time.sleep(0.5)
                 seen = _report_new(results, seen, on_round)
-            seconds = time.perf_counter() - started
+            seconds, ended = time.perf_counter() - started, True
             _report_new(results, seen, on_round)
             if proc.poll() or not (results / BODY_FILE).is_file():
                 raise TransportError(f"the run failed: {proc.reason()}; log: {log}")
         finally:
             proc.stop()
+            if not ended:   # timed out or interrupted: the run goes on without `flwr run`
+                _stop_run(proc, flwr_home)
     with np.load(results / BODY_FILE) as npz:
         body = {k: npz[k] for k in npz.files}
     return DeploymentResult(_rounds(results), body, seconds, log)
