@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +27,10 @@ from test_cli_imports import run as cli_without_heavy_libraries
 
 from edgeloop.cli import main
 from edgeloop.errors import TransportError
+from edgeloop.federated import _procs
 from edgeloop.federated.credentials import Credentials, make_credentials, make_node_key
 from edgeloop.federated.deploy import (
     DeploymentConfig,
-    FlowerProcess,
     LocalFleet,
     SuperNode,
     free_port,
@@ -57,23 +61,13 @@ class Fleet:
         return self.fleet.nodes
 
 
-def _gone(proc: FlowerProcess) -> bool:
-    """Whether nothing of the process's session is left."""
-    assert proc.proc is not None
-    try:
-        os.killpg(proc.proc.pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("deploy")
     with local_fleet(root, nodes=NODES) as running:
         yield Fleet(root, running)
-    started = [running.superlink, *running.nodes]
-    assert all(_gone(p) for p in started), "a Flower process is left"
+    left = [p.leftovers() for p in (running.superlink, *running.nodes)]
+    assert not any(left), f"Flower processes are left: {left}"
 
 
 def test_credentials_are_private_and_supernode_keys_are_ec_openssh(tmp_path: Path) -> None:
@@ -145,6 +139,42 @@ def test_registered_supernodes_train_the_body_and_keep_their_heads(fleet: Fleet)
         heads.append(torch.cat([t.flatten() for t in head.values()]))
     assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
     assert not list((fleet.root / "results").rglob(HEAD_FILE))
+
+
+_PARENT = """
+import sys, time
+from pathlib import Path
+from edgeloop.federated.credentials import make_credentials
+from edgeloop.federated.deploy import SuperLink
+root = Path(sys.argv[1])
+link = SuperLink(make_credentials(root / "creds", nodes=0), home=root / "link").start()
+print(link.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_superlink_whose_parent_is_killed_stops_with_what_it_started(
+        tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert parent.stdout is not None
+    started: set[_procs.ProcessKey] = set()
+    try:
+        link = int(parent.stdout.readline())
+        started = _procs.tree(parent.pid)   # the SuperLink and its flower-superexec
+        assert link in {pid for pid, _ in started}
+        os.killpg(parent.pid, signal.SIGKILL)   # no finally, no atexit: only the kernel
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _procs.alive(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _procs.alive(started), _procs.alive(started)
+    finally:
+        parent.stdout.close()
+        _procs.kill(started, signal.SIGKILL)
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
 
 
 def test_a_run_waiting_for_a_missing_device_fails_with_the_servers_reason(

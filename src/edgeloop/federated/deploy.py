@@ -4,9 +4,12 @@ SuperNodes (one per device), their registration, and a run of edgeloop's body/he
 Each server runs as Flower's own console script (``flower-superlink``,
 ``flower-supernode``, ``flwr``) in a child process of its own session, with its own
 ``FLWR_HOME`` and a log file; :meth:`FlowerProcess.stop` sends SIGINT to the whole
-session (the server stops the ``flower-superexec`` and app processes it started), then
-SIGKILL to whatever is left after a grace period. Flower starts ``flower-superexec`` by
-name, so the ``PATH`` of every child begins with this interpreter's ``bin`` folder.
+session (the server stops the ``flower-superexec`` and app processes it started, which
+Flower puts in sessions of their own), then SIGKILL to whatever is left of the session
+and of those processes after a grace period (:mod:`._procs`). On Linux a server also
+gets SIGINT when the thread that started it ends, however it ends. Flower starts
+``flower-superexec`` by name, so the ``PATH`` of every child begins with this
+interpreter's ``bin`` folder.
 
 A run (:func:`run`) writes an app folder (:func:`write_app`) whose components are
 :mod:`edgeloop.federated.deployed`, points a ``flwr`` connection at the SuperLink, and
@@ -22,6 +25,7 @@ Security: the SuperLink serves TLS with a certificate from the credentials' CA
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -41,6 +45,7 @@ import numpy as np
 
 from edgeloop._io import write_text_atomic
 from edgeloop.errors import TransportError, UsageError
+from edgeloop.federated import _procs
 from edgeloop.federated._flower import INSTALL
 from edgeloop.federated.config import ServerConfig, SimulationConfig, _at_least
 from edgeloop.federated.credentials import Credentials, make_credentials
@@ -170,6 +175,7 @@ class FlowerProcess:
         self.argv, self.home, self.log, self.what = argv, home, log, what
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
+        self._tree: set[_procs.ProcessKey] = set()
 
     def start(self) -> FlowerProcess:
         """Start the command (see the module docstring)."""
@@ -179,7 +185,9 @@ class FlowerProcess:
         self.proc = subprocess.Popen([command, *self.argv[1:]],
                                      stdin=subprocess.DEVNULL, stdout=self._out,
                                      stderr=subprocess.STDOUT, env=flower_env(self.home),
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=functools.partial(_procs.die_with_parent,
+                                                                  os.getpid()))
         return self
 
     def poll(self) -> int | None:
@@ -206,47 +214,53 @@ class FlowerProcess:
 
     def interrupt(self) -> None:
         """SIGINT to the process's session, without waiting (to stop several at once:
-        interrupt each, then :meth:`stop` each)."""
-        if self.proc is not None:
+        interrupt each, then :meth:`stop` each). The processes it started in sessions of
+        their own are noted first, for :meth:`stop`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._tree |= _procs.tree(self.proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGINT)   # the leader of its own session
 
+    def leftovers(self) -> set[_procs.ProcessKey]:
+        """What still runs of it and of what it started (empty once :meth:`stop` ends)."""
+        if self.proc is None:
+            return set()
+        group = set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, 0)
+            group = {(self.proc.pid, -1)}   # someone of its session (a zombie, maybe)
+        return group | _procs.alive(self._tree)
+
     def stop(self, grace: float = 15.0) -> None:
-        """SIGINT to the process's session; SIGKILL to all of it once the process has
-        exited and its children had a few seconds more, or after ``grace`` s; then wait
-        (5 s at most) until none of it is left."""
+        """SIGINT to it (:meth:`interrupt`); SIGKILL to all of it and of what it started
+        once it has exited and they had a few seconds more, or after ``grace`` s; then
+        wait (5 s at most) until none of it is left."""
         if self.proc is not None:
-            group = self.proc.pid
             self.interrupt()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace)
-            # children that outlive it (a stuck app) are in the group; zombies too, until
+            # children can outlive it (an app busy in a long step), zombies too, until
             # init reaps them once their parent has gone: hence SIGKILL, then wait
-            _wait_gone(group, 3.0 if self.proc.returncode is not None else 0.0)
+            self._wait_gone(3.0 if self.proc.returncode is not None else 0.0)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            _procs.kill(self._tree, signal.SIGKILL)
             self.proc.wait()
-            _wait_gone(group, 5.0)
+            self._wait_gone(5.0)
         if self._out is not None:
             self._out.close()
             self._out = None
+
+    def _wait_gone(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def __enter__(self) -> FlowerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _wait_gone(group: int, timeout: float) -> None:
-    """Wait up to ``timeout`` s until no process of ``group`` is left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 class SuperLink(FlowerProcess):
