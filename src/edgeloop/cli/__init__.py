@@ -24,6 +24,7 @@ from edgeloop.cli import bundle as _bundle  # noqa: F401  (registers its command
 from edgeloop.cli import compress as _compress  # noqa: F401  (registers its commands)
 from edgeloop.cli import device as _device  # noqa: F401  (registers its commands)
 from edgeloop.cli import federated as _federated  # noqa: F401  (registers its commands)
+from edgeloop.cli import federated_deploy as _federated_deploy  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
 from edgeloop.cli import serve as _serve  # noqa: F401  (registers its commands)
 from edgeloop.cli import telemetry as _telemetry  # noqa: F401  (registers its commands)

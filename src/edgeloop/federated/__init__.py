@@ -52,4 +52,13 @@ __all__ = [
     "split_model",
 ]
 
+# The Deployment Engine (TLS, SuperNode authentication): .credentials, .deploy, and the
+# apps `flwr run` starts, .deployed.
+_SOURCES |= {"Credentials": ".credentials", "make_credentials": ".credentials",
+             "DeploymentConfig": ".deploy", "DeploymentResult": ".deploy",
+             "LocalFleet": ".deploy", "SuperLink": ".deploy", "SuperNode": ".deploy",
+             "local_fleet": ".deploy"}
+__all__ += ["Credentials", "DeploymentConfig", "DeploymentResult", "LocalFleet",
+            "SuperLink", "SuperNode", "local_fleet", "make_credentials"]
+
 __getattr__, __dir__ = lazy_names(__name__, _SOURCES)
