@@ -25,6 +25,7 @@ from edgeloop.cli import compress as _compress  # noqa: F401  (registers its com
 from edgeloop.cli import device as _device  # noqa: F401  (registers its commands)
 from edgeloop.cli import federated as _federated  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
+from edgeloop.cli import personal as _personal  # noqa: F401  (registers its commands)
 from edgeloop.cli import serve as _serve  # noqa: F401  (registers its commands)
 from edgeloop.cli import telemetry as _telemetry  # noqa: F401  (registers its commands)
 from edgeloop.cli import train as _train  # noqa: F401  (registers its commands)

@@ -9,6 +9,10 @@ own data and stored in its own state folder, never sent. Modules:
 - :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
 - :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.personal`: on-device continual learning of the head from labelled feedback
+  (replay buffer :mod:`.buffer`, forgetting guard, health-checked install), and the
+  global body published as a signed bundle that devices combine with their own head
+  (:mod:`.install`).
 
 Importing this package switches off Flower's usage telemetry and Ray's usage statistics
 (see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
@@ -28,6 +32,10 @@ _SOURCES = {
     "RoundReport": ".server", "server_app": ".server",
     "SimulationResult": ".simulate",
     "simulate": ".simulate",
+    # on-device personalisation and the body's release (fl-personal)
+    "PersonalConfig": ".personal", "PersonalResult": ".personal",
+    "personalise": ".personal", "publish_body": ".personal",
+    "ReplayBuffer": ".buffer", "own_head": ".install",
 }
 
 __all__ = [
@@ -35,6 +43,9 @@ __all__ = [
     "BodyHeadSplit",
     "ClientShift",
     "Partition",
+    "PersonalConfig",
+    "PersonalResult",
+    "ReplayBuffer",
     "RoundReport",
     "ServerConfig",
     "SimulationConfig",
@@ -42,6 +53,9 @@ __all__ = [
     "client_app",
     "dirichlet_split",
     "mnist1d_partition",
+    "own_head",
+    "personalise",
+    "publish_body",
     "server_app",
     "simulate",
     "split_model",
