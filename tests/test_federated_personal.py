@@ -133,9 +133,21 @@ def test_forgetting_guard_keeps_the_current_head(fleet: Fleet) -> None:
     bad = Dataset(feedback.inputs, labels)
     result = personalise(dev.dir, bad, config=PersonalConfig(min_holdout=40, holdout=0.1),
                          health=HEALTH)
-    assert result.kept == "current" and result.holdout_after < result.holdout_before
+    assert result.kept == "current" and "golden set" in result.reason
+    assert result.golden_after < result.golden_before - 0.02  # type: ignore[operator]
     assert (dev.dir / HEAD_FILE).read_bytes() == head
     assert dev.active()[1].sha256 == serving  # type: ignore[index]
+
+
+def test_guard_rules() -> None:
+    from edgeloop.federated.personal import _guard
+
+    # (held-back, golden) accuracy before and after, (loss before, after), tolerance
+    assert _guard((0.8, 0.9), (0.85, 0.89), (1.0, 0.9), 0.02)[0]
+    assert not _guard((0.8, 0.9), (0.85, 0.85), (1.0, 0.9), 0.02)[0]     # forgets golden
+    assert not _guard((0.8, None), (0.75, None), (1.0, 0.9), 0.02)[0]    # worse on recent
+    assert _guard((0.8, None), (0.8, None), (1.0, 0.9), 0.02)[0]         # tie: lower loss
+    assert not _guard((0.8, None), (0.8, None), (0.9, 1.0), 0.02)[0]
 
 
 def test_failed_health_check_keeps_the_previous_model(fleet: Fleet) -> None:
@@ -230,7 +242,7 @@ def test_cli_personalise_json_and_bad_input(fleet: Fleet, capsys, tmp_path: Path
     plain = _plain_device(fleet, tmp_path)
     cases = [
         (dev.dir, tmp_path / "nolabels.npz", "no `labels` array"),
-        (dev.dir, tmp_path / "shape.npz", "has shape (375, 30); the model expects (N, 40)"),
+        (dev.dir, tmp_path / "shape.npz", "has shape (338, 30); the model expects ('N', 40)"),
         (dev.dir, tmp_path / "few.npz", "needs more than 8 labelled samples"),
         (dev.dir, tmp_path / "classes.npz", "must be classes 0..9"),
         (plain, tmp_path / "feedback.npz", "no torch model with a body/head split"),
