@@ -52,7 +52,7 @@ def federated_simulate(
     compare global, personalised and local-only accuracy."""
     config = SimulationConfig(clients=clients, rounds=rounds, strategy=strategy, alpha=alpha,
                               local_epochs=local_epochs, seed=seed, centralised=centralised)
-    from edgeloop.federated.simulate import simulate
+    from edgeloop.federated.simulation import simulate
 
     def show(r: RoundReport) -> None:
         err_console.print(

@@ -8,11 +8,16 @@ own data and stored in its own state folder, never sent. Modules:
 - :mod:`.local`: a device's training step (FedProx term) and its head on disk.
 - :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
-- :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.simulation`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.config`: the run's settings, checked on construction (no torch, no Flower).
 - :mod:`.personal`: on-device continual learning of the head from labelled feedback
   (replay buffer :mod:`.buffer`, forgetting guard, health-checked install), and the
   global body published as a signed bundle that devices combine with their own head
   (:mod:`.install`).
+
+Secure aggregation goes in its own module: Flower 1.42's SecAgg+ still needs the legacy
+server API (``LegacyContext``/``DefaultWorkflow``), which is to stay there; client mods
+(SecAgg+, DP clipping) go through ``client_app(mods=...)``.
 
 Importing this package switches off Flower's usage telemetry and Ray's usage statistics
 (see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
@@ -30,8 +35,8 @@ _SOURCES = {
     "client_app": ".client",
     "STRATEGIES": ".config", "ServerConfig": ".config", "SimulationConfig": ".config",
     "RoundReport": ".server", "server_app": ".server",
-    "SimulationResult": ".simulate",
-    "simulate": ".simulate",
+    "SimulationResult": ".simulation",
+    "simulate": ".simulation",
     # on-device personalisation and the body's release (fl-personal)
     "PersonalConfig": ".personal", "PersonalResult": ".personal",
     "personalise": ".personal", "publish_body": ".personal",
