@@ -31,7 +31,7 @@ from edgeloop.federated import (
     publish_body,
     split_model,
 )
-from edgeloop.federated.install import HEAD_FILE
+from edgeloop.federated.install import HEAD_FILE, settle_head
 from edgeloop.federated.local import HEAD_FILE as LOCAL_HEAD_FILE
 from edgeloop.federated.local import save_head
 from edgeloop.federated.partition import public_set
@@ -95,11 +95,11 @@ def _served_accuracy(dev: Device, data: Dataset) -> float:
 
 
 def _oracle(fleet: Fleet, dev: Device, body: Path | None = None) -> torch.nn.Module:
-    """The torch model the device should serve: the published body + its head.pt."""
+    """The torch model the device should serve: the published body + its head."""
     module = load_model(fleet.model).module
     split = split_model(module)
     split.load(module, torch.load(body or fleet.body, weights_only=True), "body")
-    split.load(module, torch.load(dev.dir / HEAD_FILE, weights_only=True), "head")
+    split.load(module, torch.load(settle_head(dev.dir), weights_only=True), "head")  # type: ignore[arg-type]
     return module.eval()
 
 
@@ -120,13 +120,31 @@ def test_personalisation_improves_a_shifted_client(fleet: Fleet) -> None:
     assert dev.history()[-1].action == "personalise"
     assert dev.state().probation is not None          # on probation like any update
     _assert_serves(dev, _oracle(fleet, dev), test.inputs["x"][:32])
+    pending = settle_head(dev.dir)
+    assert pending is not None and pending.name.startswith("head.pending-")
+    assert not (dev.dir / HEAD_FILE).exists()         # not the device's head until...
+    with pytest.raises(VerificationError, match="is on probation"):
+        personalise(dev.dir, feedback, health=HEALTH)
+    _pass_probation(dev)
+    head = pending.read_bytes()
+    assert settle_head(dev.dir) == dev.dir / HEAD_FILE
+    assert (dev.dir / HEAD_FILE).read_bytes() == head and not pending.exists()
+
+
+def test_rolled_back_personalisation_drops_its_head(fleet: Fleet) -> None:
+    dev, feedback, _ = _device(fleet, "rollback")
+    assert personalise(dev.dir, feedback, health=HEALTH).kept == "new"
+    dev.rollback()                                    # as a failed probation would
+    assert settle_head(dev.dir) is None
+    assert not list(dev.dir.glob("head*.pt"))
 
 
 def test_forgetting_guard_keeps_the_current_head(fleet: Fleet) -> None:
     dev, feedback, _ = _device(fleet, "guard")
     assert personalise(dev.dir, feedback, health=HEALTH).kept == "new"
     _pass_probation(dev)
-    head, serving = (dev.dir / HEAD_FILE).read_bytes(), dev.active()[1].sha256  # type: ignore[index]
+    head = settle_head(dev.dir).read_bytes()  # type: ignore[union-attr]
+    serving = dev.active()[1].sha256  # type: ignore[index]
     # newest 40 samples clean (held back); the rest with every label moved by one class
     labels = np.asarray(feedback.labels).copy()
     labels[:-40] = (labels[:-40] + 1) % 10
@@ -161,7 +179,7 @@ def test_failed_health_check_keeps_the_previous_model(fleet: Fleet) -> None:
         personalise(dev.dir, permuted, config=PersonalConfig(golden_tolerance=1.0),
                     health=HEALTH)
     assert dev.active()[1].sha256 == serving  # type: ignore[index]
-    assert not (dev.dir / HEAD_FILE).exists()
+    assert settle_head(dev.dir) is None and not list(dev.dir.glob("head*.pt"))
     assert dev.history()[-1].action == "personalise-rejected"
     assert _served_accuracy(dev, test) > 0.5
 

@@ -9,9 +9,11 @@ slice and, when the device has a labelled golden set, on it too, and keeps the n
 only if it is better on the slice and loses at most ``golden_tolerance`` on the golden
 set. A kept head is exported with the body to ONNX (checked against torch) and installed
 through the device's update path (:meth:`edgeloop.bundle.Device.install_local`): health
-check on the golden set, commit, probation, rollback. Only once that commits does the
-head replace ``STATE/head.pt``; otherwise the previous model keeps serving with the
-previous head. The feedback joins the buffer either way.
+check on the golden set, commit, probation, rollback. The new head becomes
+``STATE/head.pt`` only once its model has passed probation
+(:func:`~edgeloop.federated.install.settle_head`); a failed health check or a rollback
+leaves the previous model serving and the previous head in place. The feedback joins the
+buffer either way.
 
 :func:`publish_body` is the server's side: a new global body (``body.pt`` of a federated
 run) with the model's default head, published as a signed bundle that devices combine
@@ -34,15 +36,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeloop._io import sha256_file, write_text_atomic
+from edgeloop._io import atomic_path, sha256_file, write_text_atomic
 from edgeloop._onnx import input_specs, session
 from edgeloop.bundle import Device, HealthConfig, Manifest, build_manifest, publish_bundle
+from edgeloop.bundle.slots import keep_known_good
 from edgeloop.data import Dataset, check_against
 from edgeloop.errors import DataError, ModelError, UsageError
 from edgeloop.export import to_onnx
 from edgeloop.federated.buffer import ReplayBuffer
-from edgeloop.federated.install import PERSONAL_MODEL, PERSONAL_SPEC
-from edgeloop.federated.local import fit_local, load_head, save_head
+from edgeloop.federated.install import (
+    PERSONAL_MODEL,
+    PERSONAL_SPEC,
+    pending_head,
+    settle_head,
+)
+from edgeloop.federated.local import fit_local
 from edgeloop.federated.split import BodyHeadSplit, split_model
 from edgeloop.models import load_model, save_model
 from edgeloop.zoo import ARCHS
@@ -113,7 +121,9 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
     Raises :class:`DataError` for feedback without labels or of the wrong shape,
     :class:`UsageError` when the active bundle carries no torch model with a head split
     (publish it with :func:`publish_body`), and :class:`VerificationError` when the new
-    model fails its health check (the previous one keeps serving).
+    model fails its health check (the previous one keeps serving) or, before any
+    training, while the current model is on probation with the last known-good one in
+    the slot an install would overwrite.
     """
     config = config or PersonalConfig()
     if data.labels is None:
@@ -124,6 +134,7 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
     if active is None:
         raise UsageError(f"device {str(state_dir)!r} has no model installed yet")
     path, manifest = active
+    keep_known_good(device.state(), f"a personalised {manifest.name} {manifest.version}")
     files = {f.name: path.with_name(f.name) for f in manifest.files}
     if PERSONAL_MODEL not in files:
         raise UsageError(f"{manifest.name} {manifest.version} carries no torch model with a "
@@ -142,7 +153,7 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
                         f"{labels.dtype} of shape {labels.shape}")
 
     model, split = _personal_model(files)
-    load_head(model, split, state_dir)
+    _load_head(model, split, settle_head(state_dir))
     with torch.no_grad():
         classes = model(torch.from_numpy(next(iter(data.inputs.values()))[:1])).shape[-1]
     if labels.min() < 0 or labels.max() >= classes:
@@ -181,7 +192,9 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
         personal = replace(manifest, sha256=sha256_file(candidate),
                            size_bytes=candidate.stat().st_size)
         device.install_local(candidate, personal, files=files, action=_ACTION)
-    save_head(model, split, state_dir)      # only once the new model is committed
+    # committed: the head waits for its model's probation (install.settle_head)
+    with atomic_path(pending_head(state_dir, personal.sha256), mode=0o600) as tmp:
+        torch.save(split.head_state(model), tmp)
     return result
 
 
@@ -228,13 +241,18 @@ def _export(model: nn.Module, spec: Any, out: Path) -> None:
     to_onnx(model.eval(), sample, out, input_name=spec.name)
 
 
-def with_head(state_dir: str | os.PathLike[str], candidate: Path, manifest: Manifest,
+def _load_head(model: nn.Module, split: BodyHeadSplit, head: Path | None) -> None:
+    if head is not None:
+        split.load(model, torch.load(head, map_location="cpu", weights_only=True), "head")
+
+
+def with_head(head: Path, candidate: Path, manifest: Manifest,
               files: Mapping[str, Path]) -> Manifest:
     """Rewrite ``candidate`` (a verified personalisable bundle's model) as its body + the
-    head in ``state_dir``; returns the manifest of the file written. What
+    ``head`` file; returns the manifest of the file written. What
     :func:`edgeloop.federated.install.own_head` calls when the device has a head."""
     model, split = _personal_model(files)
-    load_head(model, split, state_dir)
+    _load_head(model, split, head)
     specs = input_specs(session(candidate))
     if len(specs) != 1:
         raise ModelError(f"{manifest.name} {manifest.version} has {len(specs)} inputs; "
