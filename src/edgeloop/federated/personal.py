@@ -40,7 +40,7 @@ from edgeloop._io import atomic_path, sha256_file, write_text_atomic
 from edgeloop._onnx import input_specs, session
 from edgeloop.bundle import Device, HealthConfig, Manifest, build_manifest, publish_bundle
 from edgeloop.bundle.slots import keep_known_good
-from edgeloop.data import Dataset, check_against
+from edgeloop.data import Dataset, InputSpec, check_against
 from edgeloop.errors import DataError, ModelError, UsageError
 from edgeloop.export import to_onnx
 from edgeloop.federated.buffer import ReplayBuffer
@@ -134,13 +134,12 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
     if active is None:
         raise UsageError(f"device {str(state_dir)!r} has no model installed yet")
     path, manifest = active
-    keep_known_good(device.state(), f"a personalised {manifest.name} {manifest.version}")
     files = {f.name: path.with_name(f.name) for f in manifest.files}
     if PERSONAL_MODEL not in files:
         raise UsageError(f"{manifest.name} {manifest.version} carries no torch model with a "
                          "body/head split to personalise; publish it with `edgeloop "
                          "federated publish-body`")
-    specs = input_specs(session(path))
+    specs = _one_input(path, manifest)
     check_against(data, specs, source="the feedback data")
     n_hold = max(config.min_holdout, round(len(data) * config.holdout))
     if len(data) < n_hold + 1:
@@ -159,6 +158,7 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
     if labels.min() < 0 or labels.max() >= classes:
         raise DataError(f"`labels` must be classes 0..{classes - 1} of the model; got "
                         f"{labels.min()}..{labels.max()}")
+    keep_known_good(device.state(), f"a personalised {manifest.name} {manifest.version}")
     buffer = ReplayBuffer(state_dir, max_samples=config.max_samples,
                           max_bytes=config.max_bytes, seed=config.seed)
     held, _ = buffer.read()
@@ -234,11 +234,19 @@ def _personal_model(files: Mapping[str, Path]) -> tuple[nn.Module, BodyHeadSplit
     return model, split_model(model, head)
 
 
-def _export(model: nn.Module, spec: Any, out: Path) -> None:
+def _export(model: nn.Module, spec: InputSpec, out: Path) -> None:
     """``model`` to ONNX at ``out`` for an input like ``spec`` (checked against torch)."""
     shape = [1 if d is None else d for d in spec.shape]
     sample = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype(spec.dtype))
     to_onnx(model.eval(), sample, out, input_name=spec.name)
+
+
+def _one_input(model: Path, manifest: Manifest) -> list[InputSpec]:
+    specs = input_specs(session(model))
+    if len(specs) != 1:
+        raise ModelError(f"{manifest.name} {manifest.version} has {len(specs)} inputs; "
+                         "a personalised model takes one")
+    return specs
 
 
 def _load_head(model: nn.Module, split: BodyHeadSplit, head: Path | None) -> None:
@@ -253,10 +261,7 @@ def with_head(head: Path, candidate: Path, manifest: Manifest,
     :func:`edgeloop.federated.install.own_head` calls when the device has a head."""
     model, split = _personal_model(files)
     _load_head(model, split, head)
-    specs = input_specs(session(candidate))
-    if len(specs) != 1:
-        raise ModelError(f"{manifest.name} {manifest.version} has {len(specs)} inputs; "
-                         "a personalised model takes one")
+    specs = _one_input(candidate, manifest)
     with tempfile.TemporaryDirectory(prefix="edgeloop-personal-",
                                      dir=candidate.parent) as tmp:
         _export(model, specs[0], Path(tmp) / "model.onnx")
