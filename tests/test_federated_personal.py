@@ -37,6 +37,7 @@ from edgeloop.federated.local import save_head
 from edgeloop.federated.partition import public_set
 from edgeloop.measure import predict, top1_accuracy
 from edgeloop.models import load_model
+from edgeloop.monitor import REFERENCE_FILE, evaluate_feedback
 
 HEALTH = HealthConfig(latency_rounds=2, latency_runs=3, probation_inferences=3)
 CLIENT = 1            # a shifted, label-skewed device of 10 (Dirichlet alpha 0.3)
@@ -88,6 +89,11 @@ def _pass_probation(dev: Device) -> None:
         rt.infer({"x": np.zeros((1, 40), np.float32)})
 
 
+def _file(dev: Device, name: str) -> bytes:
+    path, _ = dev.active()  # type: ignore[misc]
+    return path.with_name(name).read_bytes()
+
+
 def _served_accuracy(dev: Device, data: Dataset) -> float:
     path, manifest = dev.active()  # type: ignore[misc]
     with served(path, {f.name: path.with_name(f.name) for f in manifest.files}) as b:
@@ -112,6 +118,7 @@ def _assert_serves(dev: Device, module: torch.nn.Module, x: np.ndarray) -> None:
 def test_personalisation_improves_a_shifted_client(fleet: Fleet) -> None:
     dev, feedback, test = _device(fleet, "improves")
     before = _served_accuracy(dev, test)
+    sketch = _file(dev, REFERENCE_FILE)
     result = personalise(dev.dir, feedback, health=HEALTH)
     after = _served_accuracy(dev, test)
     print(f"client {CLIENT}: {before:.3f} -> {after:.3f} on its own test data; {result}")
@@ -120,6 +127,10 @@ def test_personalisation_improves_a_shifted_client(fleet: Fleet) -> None:
     assert dev.history()[-1].action == "personalise"
     assert dev.state().probation is not None          # on probation like any update
     _assert_serves(dev, _oracle(fleet, dev), test.inputs["x"][:32])
+    # the drift reference is redrawn for the personalised model on the device's golden set
+    assert _file(dev, REFERENCE_FILE) != sketch
+    (window,) = evaluate_feedback(dev.dir, test, window=len(test))
+    assert window["accuracy"] == pytest.approx(after) and not window.get("dropped")
     pending = settle_head(dev.dir)
     assert pending is not None and pending.name.startswith("head.pending-")
     assert not (dev.dir / HEAD_FILE).exists()         # not the device's head until...

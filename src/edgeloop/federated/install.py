@@ -72,6 +72,6 @@ def own_head(state_dir: str | os.PathLike[str]) -> Adapt:
             return manifest
         from edgeloop.federated.personal import with_head  # torch: only here
 
-        return with_head(head, candidate, manifest, files)
+        return with_head(state_dir, head, candidate, manifest, files)
 
     return adapt

@@ -53,6 +53,7 @@ from edgeloop.federated.install import (
 from edgeloop.federated.local import fit_local
 from edgeloop.federated.split import BodyHeadSplit, split_model
 from edgeloop.models import load_model, save_model
+from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
 from edgeloop.zoo import ARCHS
 from edgeloop.zoo.train import accuracy
 
@@ -189,8 +190,8 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
     with tempfile.TemporaryDirectory(prefix="edgeloop-personal-") as tmp:
         candidate = Path(tmp) / "model.onnx"
         _export(model, specs[0], candidate)
-        personal = replace(manifest, sha256=sha256_file(candidate),
-                           size_bytes=candidate.stat().st_size)
+        files = _resketch(candidate, files, golden, Path(tmp))
+        personal = _described(manifest, candidate, files)
         device.install_local(candidate, personal, files=files, action=_ACTION)
     # committed: the head waits for its model's probation (install.settle_head)
     with atomic_path(pending_head(state_dir, personal.sha256), mode=0o600) as tmp:
@@ -254,11 +255,12 @@ def _load_head(model: nn.Module, split: BodyHeadSplit, head: Path | None) -> Non
         split.load(model, torch.load(head, map_location="cpu", weights_only=True), "head")
 
 
-def with_head(head: Path, candidate: Path, manifest: Manifest,
-              files: Mapping[str, Path]) -> Manifest:
-    """Rewrite ``candidate`` (a verified personalisable bundle's model) as its body + the
-    ``head`` file; returns the manifest of the file written. What
-    :func:`edgeloop.federated.install.own_head` calls when the device has a head."""
+def with_head(state_dir: str | os.PathLike[str], head: Path, candidate: Path,
+              manifest: Manifest, files: Mapping[str, Path]) -> Manifest:
+    """Rewrite ``candidate`` (a verified personalisable bundle's model, its other
+    ``files`` beside it) as its body + the ``head`` file, and its drift reference on the
+    golden set of the device at ``state_dir``; returns the manifest of the files written.
+    What :func:`edgeloop.federated.install.own_head` calls when the device has a head."""
     model, split = _personal_model(files)
     _load_head(model, split, head)
     specs = _one_input(candidate, manifest)
@@ -266,7 +268,28 @@ def with_head(head: Path, candidate: Path, manifest: Manifest,
                                      dir=candidate.parent) as tmp:
         _export(model, specs[0], Path(tmp) / "model.onnx")
         os.replace(Path(tmp) / "model.onnx", candidate)
-    return replace(manifest, sha256=sha256_file(candidate), size_bytes=candidate.stat().st_size)
+        new = _resketch(candidate, files, Device(state_dir).golden(), Path(tmp))
+        if new is not files:
+            os.replace(new[REFERENCE_FILE], files[REFERENCE_FILE])
+    return _described(manifest, candidate, files)
+
+
+def _resketch(model: Path, files: Mapping[str, Path], golden: Dataset | None,
+              folder: Path) -> Mapping[str, Path]:
+    """``files`` with the drift monitor's reference sketch (when the bundle ships one)
+    redrawn for ``model`` on the device's ``golden`` set, written in ``folder``: a head of
+    the device's own answers differently from the one the publisher sketched."""
+    if REFERENCE_FILE not in files or golden is None:
+        return files
+    return {**files, REFERENCE_FILE: sketch_bundle(model, golden).write(folder)}
+
+
+def _described(manifest: Manifest, model: Path, files: Mapping[str, Path]) -> Manifest:
+    """``manifest`` with the sha256 and size of ``model`` and of its ``files``."""
+    entries = tuple(replace(f, sha256=sha256_file(files[f.name]),
+                            size_bytes=files[f.name].stat().st_size) for f in manifest.files)
+    return replace(manifest, sha256=sha256_file(model), size_bytes=model.stat().st_size,
+                   files=entries)
 
 
 def publish_body(body: str | os.PathLike[str], *, model: str | os.PathLike[str],
@@ -280,8 +303,6 @@ def publish_body(body: str | os.PathLike[str], *, model: str | os.PathLike[str],
     torch), figures and floor on ``golden`` (its reference sketch for the drift monitor
     too), and the torch checkpoint + head prefix that devices combine with their own
     head. ``head`` names the head's prefix (default: :func:`split_model`'s)."""
-    from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
-
     loaded = load_model(model)
     split = split_model(loaded.module, head)
     try:
