@@ -300,7 +300,12 @@ def _plain_device(fleet: Fleet, tmp: Path) -> Path:
 
 
 def test_personalise_without_torch_names_the_extra(tmp_path: Path) -> None:
-    from test_cli_imports import _without_torch
+    from test_cli_imports import _without_torch, run
+
+    for args in (["device", "personalise"], ["federated", "publish-body"]):
+        code, out, err, imports = run(*args, "--help")
+        assert code == 0 and "Usage:" in out, err
+        assert imports["refused"] == [] and "torch" not in imports["loaded"]
 
     assert HEAD_FILE == LOCAL_HEAD_FILE      # install.py names it without importing torch
     save_npz(tmp_path / "f.npz", Dataset({"x": np.zeros((20, 40), np.float32)},
