@@ -171,7 +171,6 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
     with torch.no_grad():
         before = accuracy(model, holdout), None if golden is None else accuracy(model, golden)
         loss_before = _loss(model, holdout)
-    current_head = split.head_state(model)
     fit_local(model, split, train, epochs=0, head_epochs=config.epochs, lr=config.lr,
               batch_size=config.batch_size, seed=config.seed)
     with torch.no_grad():
@@ -185,7 +184,6 @@ def personalise(state_dir: str | os.PathLike[str], data: Dataset, *,
         holdout_before=before[0], holdout_after=after[0], golden_before=before[1],
         golden_after=after[1], version=manifest.version)
     if not kept:
-        split.load(model, current_head, "head")
         return result
     with tempfile.TemporaryDirectory(prefix="edgeloop-personal-") as tmp:
         candidate = Path(tmp) / "model.onnx"
