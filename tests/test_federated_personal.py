@@ -285,6 +285,13 @@ def test_cli_personalise_json_and_bad_input(fleet: Fleet, capsys, tmp_path: Path
                      "--model", fleet.model, "--repo", fleet.root, "--keys", fleet.keys,
                      "--name", "m", "--version", "9.0.0")
     assert code == 2 and "the body does not fit the model" in out, out
+    torch.save(torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.Flatten()),
+               tmp_path / "headless.pt")
+    code, out = _cli(capsys, "federated", "publish-body", fleet.body, "--model",
+                     tmp_path / "headless.pt", "--repo", fleet.root, "--keys", fleet.keys,
+                     "--name", "m", "--version", "9.0.0")
+    assert code == 2 and "no `head` module and no nn.Linear" in out, out
+    assert len(out.strip().splitlines()) == 1
 
 
 def _plain_device(fleet: Fleet, tmp: Path) -> Path:
