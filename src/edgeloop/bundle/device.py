@@ -39,7 +39,7 @@ import shutil
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
-from edgeloop._io import locked, sha256_file, utc_now, write_bytes_atomic
+from edgeloop._io import atomic_path, locked, sha256_file, utc_now, write_bytes_atomic
 from edgeloop.bundle._crash import crash_point
 from edgeloop.bundle.health import HealthConfig, Measured, Probation, Verdict, judge
 from edgeloop.bundle.health import probation_step as _step
@@ -82,7 +82,10 @@ from edgeloop.errors import (
 )
 from edgeloop.measure import predict, top1_accuracy
 
-__all__ = ["Device", "UpdateResult", "Watch", "boot_id"]
+__all__ = ["Adapt", "Device", "UpdateResult", "Watch", "boot_id"]
+
+Adapt = Callable[[Path, Manifest, Mapping[str, Path]], Manifest]
+"""How :meth:`Device.update` lets a caller rewrite a verified candidate (see there)."""
 
 _MARKER = "device.json"
 _LOCK = "lock"
@@ -265,7 +268,8 @@ class Device:
 
     # --- health ---------------------------------------------------------------------
 
-    def _golden(self) -> Dataset | None:
+    def golden(self) -> Dataset | None:
+        """The device's golden set (``STATE/golden.npz``), or None if it has none."""
         path = self.dir / "golden.npz"
         return load_npz(path) if path.is_file() else None
 
@@ -278,7 +282,7 @@ class Device:
         accuracy (or agreement with the publisher's predictions), and batch-1 latency p50
         of both, timed in turns over the same samples
         (:func:`~edgeloop.bundle.served.served_latency`)."""
-        golden = self._golden()
+        golden = self.golden()
         work = self.dir / "download"        # the links of bundles being measured
         work.mkdir(exist_ok=True)
         with contextlib.ExitStack() as stack:
@@ -365,12 +369,18 @@ class Device:
             raise VerificationError(f"update rejected: {str(e)[:200]}; still serving "
                                     f"{serving}") from None
 
-    def update(self, repo: str, name: str) -> UpdateResult:
+    def update(self, repo: str, name: str, *, adapt: Adapt | None = None) -> UpdateResult:
         """Fetch, verify, health-check and commit the newest ``name`` from ``repo`` (the
         repository's base URL). Raises :class:`VerificationError` when the update is
         rejected or fails its health check, and while the active model is on probation
         with the last known-good model in the other slot (the slot an install would
-        overwrite); the current model keeps serving either way."""
+        overwrite); the current model keeps serving either way.
+
+        ``adapt`` may rewrite the verified candidate before its health check (a device
+        combining a published body with its own head): it gets the candidate model's
+        path, the manifest and the bundle's other files by name, and returns the manifest
+        of what it wrote (sha256 and size of the new file); the health check and the
+        pointer then judge and record that."""
         state = self.state()
         current = state.current()
         serving = f"{current.name} {current.version}" if current else "nothing (no model yet)"
@@ -426,6 +436,46 @@ class Device:
         check_model_bytes(manifest, sha256_file(candidate), candidate.stat().st_size)
         for f, cand in extra:
             check_file_bytes(manifest, f, sha256_file(cand), cand.stat().st_size)
+        if adapt is not None:
+            manifest = adapt(candidate, manifest, {f.name: cand for f, cand in extra})
+        return self._install(state, candidate, manifest, extra, serving)
+
+    def install_local(self, model: str | os.PathLike[str], manifest: Manifest, *,
+                      files: Mapping[str, str | os.PathLike[str]], action: str
+                      ) -> UpdateResult:
+        """Install a model made on this device (``model``, described by ``manifest``, its
+        other ``files`` by name) into the inactive slot through the same health check,
+        commit and probation as :meth:`update`; the history records ``action`` (or
+        ``action-rejected``), so a version this refuses stays installable from the
+        repository. Raises :class:`VerificationError` if the health check fails; the
+        current model keeps serving."""
+        state = self.state()
+        current = state.current()
+        serving = f"{current.name} {current.version}" if current else "nothing (no model yet)"
+        keep_known_good(state, f"{manifest.name} {manifest.version} ({action})")
+        slot_dir = self.model_path(state.target_slot()).parent
+        given = {f.name: Path(files[f.name]) for f in manifest.files}
+        copies = [(Path(model), slot_dir / "candidate.onnx")] + [
+            (given[f.name], slot_dir / f"candidate.{f.name}") for f in manifest.files]
+        for src, dest in copies:
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+        candidate = copies[0][1]
+        check_model_bytes(manifest, sha256_file(candidate), candidate.stat().st_size)
+        extra = [(f, dest) for f, (_, dest) in zip(manifest.files, copies[1:], strict=True)]
+        for f, cand in extra:
+            check_file_bytes(manifest, f, sha256_file(cand), cand.stat().st_size)
+        return self._install(state, candidate, manifest, extra, serving, action=action)
+
+    def _install(self, state: SlotState, candidate: Path, manifest: Manifest,
+                 extra: list[tuple[BundleFile, Path]], serving: str, *,
+                 action: str | None = None) -> UpdateResult:
+        """Health-check the verified ``candidate`` (beside the inactive slot's model, with
+        its ``extra`` files) against what ``state`` serves; commit it on probation, or
+        remove it and raise. ``action``: a local install's name in the history."""
+        current = state.current()
+        name = manifest.name
+        final = self.model_path(state.target_slot())
         serving_now = (self.model_path(state.active), current) \
             if current is not None and state.active is not None else None
         measured = self.measure(candidate, manifest, serving_now,
@@ -436,11 +486,14 @@ class Device:
             for _, cand in extra:
                 cand.unlink(missing_ok=True)
             # a latency-only failure may be one slow measurement: reject this attempt only
-            action, later = ("deferred", "; a later update tries it again") if verdict.retry \
+            failed, later = ("deferred", "; a later update tries it again") if verdict.retry \
                 else ("rejected", "")
-            self._record(action, manifest.version, f"health check failed: {verdict.reason}")
-            raise VerificationError(f"{name} {manifest.version} failed its health check "
-                                    f"({verdict.reason}){later}; still serving {serving}")
+            if action is not None:
+                failed, later = f"{action}-rejected", ""
+            self._record(failed, manifest.version, f"health check failed: {verdict.reason}")
+            raise VerificationError(f"{name} {manifest.version}"
+                                    f"{f' ({action})' if action else ''} failed its health "
+                                    f"check ({verdict.reason}){later}; still serving {serving}")
         with self._locked():
             now = self.state()
             if (now.active, now.slots) != (state.active, state.slots):
@@ -461,7 +514,7 @@ class Device:
                                   boot_id=boot_id())
             self._write_state(commit(state, manifest, probation))
             crash_point("committed")
-            self._record("commit", manifest.version, f"health check {verdict.reason}")
+            self._record(action or "commit", manifest.version, f"health check {verdict.reason}")
         return UpdateResult(True, manifest.version, verdict.reason, verdict)
 
     def _download_files(self, updater: Updater, manifest: Manifest, slot_dir: Path

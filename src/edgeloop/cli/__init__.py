@@ -26,6 +26,7 @@ from edgeloop.cli import device as _device  # noqa: F401  (registers its command
 from edgeloop.cli import federated as _federated  # noqa: F401  (registers its commands)
 from edgeloop.cli import federated_deploy as _federated_deploy  # noqa: F401  (registers its commands)
 from edgeloop.cli import optimize as _optimize  # noqa: F401  (registers its commands)
+from edgeloop.cli import personal as _personal  # noqa: F401  (registers its commands)
 from edgeloop.cli import serve as _serve  # noqa: F401  (registers its commands)
 from edgeloop.cli import telemetry as _telemetry  # noqa: F401  (registers its commands)
 from edgeloop.cli import train as _train  # noqa: F401  (registers its commands)

@@ -168,11 +168,13 @@ def device_update(
         min=0, help="Allowed latency increase over the current model (0.5 = +50%)")
     ] = HealthConfig.latency_margin,
 ) -> None:
-    """Fetch, verify, health-check and commit the newest bundle into the inactive slot."""
+    """Fetch, verify, health-check and commit the newest bundle into the inactive slot (a
+    published federated body with the device's own head, if it has one)."""
     from edgeloop.bundle import Device
+    from edgeloop.federated.install import own_head
 
     result = Device(state_dir, config=HealthConfig(latency_margin=latency_margin)).update(
-        repo, name)
+        repo, name, adapt=own_head(state_dir))
     if result.installed:
         console.print(f"installed {name} {result.version}: health check {result.reason}")
     else:

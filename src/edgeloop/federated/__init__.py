@@ -10,6 +10,10 @@ own data and stored in its own state folder, never sent. Modules:
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
 - :mod:`.simulation`: many devices on Flower's simulation engine (Ray), with baselines.
 - :mod:`.config`: the run's settings, checked on construction (no torch, no Flower).
+- :mod:`.personal`: on-device continual learning of the head from labelled feedback
+  (replay buffer :mod:`.buffer`, forgetting guard, health-checked install), and the
+  global body published as a signed bundle that devices combine with their own head
+  (:mod:`.install`).
 
 Secure aggregation goes in its own module: Flower 1.42's SecAgg+ still needs the legacy
 server API (``LegacyContext``/``DefaultWorkflow``), which is to stay there; client mods
@@ -33,6 +37,10 @@ _SOURCES = {
     "RoundReport": ".server", "server_app": ".server",
     "SimulationResult": ".simulation",
     "simulate": ".simulation",
+    # on-device personalisation and the body's release (fl-personal)
+    "PersonalConfig": ".personal", "PersonalResult": ".personal",
+    "personalise": ".personal", "publish_body": ".personal",
+    "ReplayBuffer": ".buffer", "own_head": ".install",
 }
 
 __all__ = [
@@ -40,6 +48,9 @@ __all__ = [
     "BodyHeadSplit",
     "ClientShift",
     "Partition",
+    "PersonalConfig",
+    "PersonalResult",
+    "ReplayBuffer",
     "RoundReport",
     "ServerConfig",
     "SimulationConfig",
@@ -47,6 +58,9 @@ __all__ = [
     "client_app",
     "dirichlet_split",
     "mnist1d_partition",
+    "own_head",
+    "personalise",
+    "publish_body",
     "server_app",
     "simulate",
     "split_model",
