@@ -34,12 +34,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.app.message_type import MessageType
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import (
     GaussianPrivacyEvent,
@@ -55,14 +57,15 @@ from edgeloop.errors import EdgeloopError, UsageError
 from edgeloop.federated.client import state_dir
 
 __all__ = ["BUDGET_FILE", "ORDERS", "BudgetSpent", "DPPlan", "DeviceBudget", "add_noise",
-           "budget_mod", "calibrate", "dp_strategy", "epsilon", "equal_weights_mod",
-           "new_accountant", "refusals"]
+           "budget_mod", "calibrate", "clip_mod", "dp_strategy", "epsilon", "equal_weights_mod",
+           "new_accountant", "positive_variances", "refusals"]
 
 BUDGET_FILE = "privacy.json"
 # RDP orders: fine steps where small ε is decided, integers up to 63 for large noise
 ORDERS: tuple[float, ...] = tuple([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)))
 REFUSAL = "privacy budget spent"   # in a refusing device's error; the server counts these
 _Z_RANGE = (0.05, 200.0)           # noise multipliers the calibration searches
+VAR_FLOOR = 1e-2                   # least BatchNorm variance after noise
 
 logging.getLogger("absl").setLevel(logging.ERROR)   # dp-accounting's convergence notes
 
@@ -144,13 +147,42 @@ def add_noise(arrays: list[np.ndarray], std: float, rng: np.random.Generator
     return [(a + rng.normal(0.0, std, a.shape)).astype(a.dtype) for a in arrays]
 
 
+def positive_variances(keys: list[str], arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """``arrays`` (named by ``keys``) with every BatchNorm ``running_var`` at least
+    ``VAR_FLOOR``: noise can make a variance negative, and the model then outputs NaN.
+    Post-processing of a DP release, so it costs no privacy."""
+    return [np.maximum(a, VAR_FLOOR).astype(a.dtype) if k.endswith("running_var") else a
+            for k, a in zip(keys, arrays, strict=True)]
+
+
+class _DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's wrapper, its noisy mean post-processed by :func:`positive_variances`."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            keys = list(arrays)
+            arrays = ArrayRecord({k: Array(a) for k, a in zip(keys, positive_variances(
+                keys, arrays.to_numpy_ndarrays()), strict=True)})
+        return arrays, metrics
+
+
 def dp_strategy(strategy: Strategy, plan: DPPlan) -> DifferentialPrivacyClientSideFixedClipping:
     """Flower's client-side fixed-clipping DP wrapper around ``strategy`` (plain path),
     with Flower's accountant; ``privacy_spent()`` gives ε after each round."""
-    return DifferentialPrivacyClientSideFixedClipping(
+    return _DPFixedClipping(
         strategy, noise_multiplier=plan.noise_multiplier, clipping_norm=plan.clip,
         num_sampled_clients=plan.sampled,
         accountant=new_accountant(plan.population, secagg=False, delta=plan.delta))
+
+
+def clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod: Flower's ``fixedclipping_mod`` on train messages only (it answers any
+    other message without a clipping norm, an evaluate one too, with an error)."""
+    if msg.metadata.message_type == MessageType.TRAIN:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def equal_weights_mod(msg: Message, context: Context, call_next: ClientAppCallable

@@ -44,7 +44,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
-from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import (
     Code,
@@ -66,6 +65,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp.strategy import FedAvg
 
 from edgeloop.errors import UsageError
@@ -74,9 +74,11 @@ from edgeloop.federated.privacy import (
     DPPlan,
     add_noise,
     budget_mod,
+    clip_mod,
     dp_strategy,
     equal_weights_mod,
     new_accountant,
+    positive_variances,
     refusals,
 )
 from edgeloop.federated.server import RoundReport, ServerResult, server_app, wait_for_devices
@@ -174,7 +176,7 @@ def private_mods(config: ServerConfig, *, plan: DPPlan | None, body_keys: tuple[
                           at_setup=private.secagg)]
               if plan is not None and private.device_budget is not None else [])
     drop = [dropout_mod(private.dropout, seed)] if private.dropout > 0 else []
-    clip = [fixedclipping_mod] if plan is not None else []
+    clip = [clip_mod] if plan is not None else []
     if private.secagg:
         return [*budget, secaggplus_mod,
                 legacy_train_mod(body_keys, equal_weights=plan is not None), *drop, *clip]
@@ -186,8 +188,18 @@ class _Round:
     """What the legacy strategy saw of one round's aggregation."""
 
     survivors: int = 0
-    refused: int = 0
     train_loss: float = 0.0
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, keeping the round's protocol state (whose ``failures`` hold the
+    refusals even when the round halts before aggregation)."""
+
+    state: WorkflowState | None = None
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        self.state = state
+        return super().setup_stage(grid, context, state)
 
 
 class _Aggregate(LegacyStrategy):
@@ -195,9 +207,11 @@ class _Aggregate(LegacyStrategy):
     survivors (if any DP), composes the release, and lets ``inner`` (FedAvg or FedAdam)
     make the new body. Failures are SecAgg+'s dropouts: counted, never fatal."""
 
-    def __init__(self, inner: LegacyStrategy, plan: DPPlan | None, seed: int) -> None:
+    def __init__(self, inner: LegacyStrategy, plan: DPPlan | None, keys: list[str],
+                 seed: int) -> None:
         super().__init__()
         self.inner = inner
+        self.keys = keys
         self.plan = plan
         self.rng = np.random.default_rng([seed, 11])
         self.accountant = (new_accountant(plan.population, secagg=True, delta=plan.delta)
@@ -215,14 +229,15 @@ class _Aggregate(LegacyStrategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        stats = _Round(survivors=len(results), refused=refusals([str(f) for f in failures]))
+        stats = _Round(survivors=len(results))
         if results:
             losses = [float(r.metrics.get("train-loss", 0.0)) for _, r in results]
             stats.train_loss = float(np.mean(losses))
         if self.plan is not None and self.accountant is not None and results:
             mean = parameters_to_ndarrays(results[0][1].parameters)
             noisy = ndarrays_to_parameters(
-                add_noise(mean, self.plan.noise_std(len(results)), self.rng))
+                positive_variances(self.keys, add_noise(
+                    mean, self.plan.noise_std(len(results)), self.rng)))
             for _, fitres in results:
                 fitres.parameters = noisy
             self.accountant.compose(self.plan.event())
@@ -277,7 +292,7 @@ class _Rounds:
         self.aggregate = aggregate
         self.on_round = on_round
         shares, threshold = secagg_parameters(config.clients, config.private.survive)
-        self.secagg = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
+        self.secagg = _SecAggPlus(num_shares=shares, reconstruction_threshold=threshold,
                                          timeout=config.private.stage_timeout)
         n = config.clients
         self.evaluation = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=n,
@@ -293,6 +308,7 @@ class _Rounds:
 
     def fit(self, grid: Grid, context: LegacyContext) -> None:
         started = time.perf_counter()
+        self.secagg.state = None
         before = _flat(self.body(context))
         self.secagg(grid, context)
         change = float(np.linalg.norm(_flat(self.body(context)) - before))
@@ -317,7 +333,9 @@ class _Rounds:
             self.config.clients - (0 if halted else stats.survivors),
             epsilon=acc.get_epsilon(self.config.private.delta)
             if acc is not None and acc.num_releases else None,
-            refused=stats.refused, halted=halted)
+            refused=refusals([str(f) for f in self.secagg.state.failures])
+            if self.secagg.state is not None else 0,
+            halted=halted)
         self.rounds.append(report)
         if self.on_round is not None:
             self.on_round(report)
@@ -334,7 +352,7 @@ def _secagg_server_app(*, initial_body: dict[str, np.ndarray], config: ServerCon
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         wait_for_devices(grid, config)
-        aggregate = _Aggregate(_legacy_strategy(config, initial), plan, seed)
+        aggregate = _Aggregate(_legacy_strategy(config, initial), plan, keys, seed)
         rounds = _Rounds(config, keys, aggregate, on_round)
         legacy = LegacyContext(context=context, strategy=aggregate, config=LegacyServerConfig(
             num_rounds=config.rounds, round_timeout=config.timeout))
