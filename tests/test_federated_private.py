@@ -8,6 +8,7 @@ each; everything else is pure."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -27,13 +28,13 @@ from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from edgeloop.cli import main
 from edgeloop.errors import UsageError
 from edgeloop.federated import mnist1d_partition
-from edgeloop.federated import simulate as simulate_module
 from edgeloop.federated.config import PrivateConfig, SimulationConfig
 from edgeloop.federated.privacy import (
     ORDERS,
@@ -45,6 +46,7 @@ from edgeloop.federated.privacy import (
 from edgeloop.federated.secagg import dropped, legacy_train_mod, secagg_parameters
 from edgeloop.federated.simulate import SimulationResult, simulate
 
+simulate_module = importlib.import_module("edgeloop.federated.simulate")
 CLIENTS = 5
 DELTA = 1e-5
 Run = tuple[SimulationResult, Path, Path, Path]              # result, tap, wire, out
@@ -146,6 +148,8 @@ class Tap:
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable
                  ) -> Message:
         reply = call_next(msg, context)
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return reply
         pid = int(context.node_config["partition-id"])
         server_round = int(msg.content["config"]["server-round"])
         got = msg.content["arrays"].to_numpy_ndarrays()
@@ -303,27 +307,30 @@ def test_the_reported_epsilon_is_dp_accountings(
 
 
 def test_a_device_past_its_budget_refuses_and_the_round_completes_then_halts(
-        dp_run: Run, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        dp_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first, tap, _, _ = dp_run
-    z = first.noise_multiplier
-    assert z is not None
-    one_round = _device_epsilon(z, 1)
+    z_first = first.noise_multiplier
+    assert z_first is not None
+    # two rounds need more noise for the same target ε; each device can afford one
+    z = calibrate(8.0, rounds=2, population=CLIENTS, sampled=CLIENTS, secagg=True,
+                  delta=DELTA)
+    budget = _device_epsilon(z, 1) * 1.001
     # the ledgers of devices 0 and 1, carried over from the first run (a real device's
-    # state folder persists); each device can afford exactly one round
+    # state folder persists), already hold one round
     devices = tmp_path / "devices"
     for pid in (0, 1):
         (devices / f"node-{pid}").mkdir(parents=True)
         state = json.loads((tap.parent / "devices" / f"node-{pid}" / "privacy.json").read_text())
-        assert state["accountant"]["compositions"][0]["event"]["noise_multiplier"] == z
+        assert state["accountant"]["compositions"][0]["event"]["noise_multiplier"] == z_first
         (devices / f"node-{pid}" / "privacy.json").write_text(json.dumps(state))
     result, *_ = _simulate(tmp_path / "run", PrivateConfig(
-        secagg=True, dp_epsilon=8.0, dp_clip=0.5, device_budget=one_round * 1.001),
+        secagg=True, dp_epsilon=8.0, dp_clip=0.5, device_budget=budget),
         rounds=2, devices=devices, monkeypatch=monkeypatch)
+    assert result.noise_multiplier == z
     first_round, second_round = result.rounds
     assert first_round.refused == 2 and first_round.replies == 3 and not first_round.halted
     assert second_round.refused == CLIENTS and second_round.halted
     assert second_round.update_norm == 0 and second_round.epsilon == first_round.epsilon
     for pid in range(CLIENTS):
-        assert DeviceBudget(devices / f"node-{pid}", budget=1, delta=DELTA).spent() == \
-            pytest.approx(one_round)
+        spent = DeviceBudget(devices / f"node-{pid}", budget=budget, delta=DELTA).spent()
+        assert spent == pytest.approx(_device_epsilon(z_first if pid < 2 else z, 1))

@@ -193,13 +193,26 @@ class _Round:
 
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's workflow, keeping the round's protocol state (whose ``failures`` hold the
-    refusals even when the round halts before aggregation)."""
+    refusals even when the round halts before aggregation), and letting devices decline
+    at setup.
+
+    Flower 1.42 counts a device that failed the setup stage among the dropouts whose
+    secrets the others must rebuild at unmasking, though it never shared any: its
+    neighbours then fail (``KeyError``) and the round halts. Such a device never joined
+    the round, so after setup it is taken out of the sampled set and the neighbour
+    graph, which is what the devices themselves already assume (they only ever receive
+    the keys of neighbours that completed setup)."""
 
     state: WorkflowState | None = None
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         self.state = state
-        return super().setup_stage(grid, context, state)
+        ok = super().setup_stage(grid, context, state)
+        joined = set(state.active_node_ids)
+        state.sampled_node_ids = joined
+        state.nid_to_neighbours = {nid: neighbours & joined for nid, neighbours
+                                   in state.nid_to_neighbours.items() if nid in joined}
+        return ok
 
 
 class _Aggregate(LegacyStrategy):
