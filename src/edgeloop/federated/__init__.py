@@ -9,6 +9,10 @@ own data and stored in its own state folder, never sent. Modules:
 - :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
 - :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.secagg`: secure aggregation (Flower's SecAgg+; the only use of Flower's legacy
+  server API) and the assembly of a run's private pieces; :mod:`.privacy`: DP (clipping,
+  noise, ε from an RDP accountant, noise calibrated to a target ε) and the budget each
+  device enforces on itself.
 
 Importing this package switches off Flower's usage telemetry and Ray's usage statistics
 (see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
@@ -25,6 +29,7 @@ _SOURCES = {
     "dirichlet_split": ".partition", "mnist1d_partition": ".partition",
     "client_app": ".client",
     "STRATEGIES": ".config", "ServerConfig": ".config", "SimulationConfig": ".config",
+    "PrivateConfig": ".config", "DPPlan": ".privacy", "DeviceBudget": ".privacy",
     "RoundReport": ".server", "server_app": ".server",
     "SimulationResult": ".simulate",
     "simulate": ".simulate",
@@ -34,7 +39,10 @@ __all__ = [
     "STRATEGIES",
     "BodyHeadSplit",
     "ClientShift",
+    "DPPlan",
+    "DeviceBudget",
     "Partition",
+    "PrivateConfig",
     "RoundReport",
     "ServerConfig",
     "SimulationConfig",
