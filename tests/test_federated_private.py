@@ -334,3 +334,16 @@ def test_a_device_past_its_budget_refuses_and_the_round_completes_then_halts(
     for pid in range(CLIENTS):
         spent = DeviceBudget(devices / f"node-{pid}", budget=budget, delta=DELTA).spent()
         assert spent == pytest.approx(_device_epsilon(z_first if pid < 2 else z, 1))
+
+
+def test_plain_dp_uses_flowers_wrapper_and_reports_its_accountants_epsilon(
+        tmp_path: Path) -> None:
+    result = simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300,
+                                       private=PrivateConfig(dp_epsilon=8.0)),
+                      devices=tmp_path / "devices")
+    (report,) = result.rounds
+    z = result.noise_multiplier
+    assert z is not None and report.replies == CLIENTS and report.update_norm > 0
+    # Flower's wrapper accepts no amplification only: one Gaussian release, add/remove
+    assert report.epsilon == pytest.approx(_device_epsilon(z, 1), rel=1e-9)
+    assert report.epsilon <= 8.0

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,21 +250,15 @@ class DeviceBudget:
 
 
 def budget_mod(*, budget: float, plan: DPPlan, state_root: str | os.PathLike[str] | None,
-               at_setup: bool) -> Mod:
-    """Client mod enforcing a device's own budget before it trains (:class:`DeviceBudget`).
-    ``at_setup``: under SecAgg+ it must sit before ``secaggplus_mod`` and decide at the
-    protocol's setup stage, so a refusal is a clean dropout; otherwise it decides on every
-    train message."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
-
+               gate: Callable[[Message], bool] | None = None) -> Mod:
+    """Client mod enforcing a device's own budget before it trains (:class:`DeviceBudget`)
+    on the train messages ``gate`` picks (default: every one). Under SecAgg+ it sits
+    before ``secaggplus_mod`` and picks the protocol's setup stage, so that a refusal
+    is a device declining the round rather than a dropout mid-protocol."""
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type == MessageType.TRAIN:
-            stage = (msg.content.config_records[RECORD_KEY_CONFIGS]["stage"]
-                     if at_setup else None)
-            if stage in (None, Stage.SETUP):
-                folder = state_dir(dict(context.node_config), state_root)
-                DeviceBudget(folder, budget=budget, delta=plan.delta).admit(
-                    plan.noise_multiplier)
+        if msg.metadata.message_type == MessageType.TRAIN and (gate is None or gate(msg)):
+            folder = state_dir(dict(context.node_config), state_root)
+            DeviceBudget(folder, budget=budget, delta=plan.delta).admit(plan.noise_multiplier)
         return call_next(msg, context)
 
     return mod

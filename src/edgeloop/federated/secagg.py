@@ -44,6 +44,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import (
     Code,
@@ -55,6 +56,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import Grid, LegacyContext, ServerApp
 from flwr.server import ServerConfig as LegacyServerConfig
@@ -91,9 +93,14 @@ DROPOUT = "injected dropout"   # the error an injected dropout raises
 
 def secagg_parameters(sampled: int, survive: float) -> tuple[int, int]:
     """SecAgg+'s ``(shares, threshold)`` for ``sampled`` devices of which a fraction
-    ``survive`` may drop mid-round: about half the devices as neighbours (all of them
-    below 10), and the largest threshold the rule ``shares - max_dropouts >= threshold``
-    allows. A :class:`UsageError` when no threshold of at least 2 survives that."""
+    ``survive`` may drop mid-round (or decline at setup): about half the devices as
+    neighbours (all of them below 10), and the largest threshold the rule
+    ``shares - max_dropouts >= threshold`` allows. A :class:`UsageError` when no
+    threshold of at least 2 survives that.
+
+    The trade-off: ``threshold`` neighbours who collude (with the server) can unmask one
+    device's update, so surviving more dropouts costs protection (20 devices, 30%:
+    11 neighbours, threshold 5; 100 devices: 51 and 21)."""
     max_dropouts = math.ceil(survive * sampled - 1e-9)
     shares = sampled if sampled < 10 else min(sampled, round(sampled / 2) | 1)
     threshold = shares - max_dropouts
@@ -107,7 +114,8 @@ def secagg_parameters(sampled: int, survive: float) -> tuple[int, int]:
 
 def dropped(pid: int, parts: int, server_round: int, fraction: float, seed: int) -> bool:
     """Whether device ``pid`` of ``parts`` is one of the ``round(fraction * parts)``
-    devices an injected dropout fails in ``server_round`` (a fresh draw every round)."""
+    devices (half to even) an injected dropout fails in ``server_round`` (a fresh draw
+    every round, fixed by ``seed``)."""
     order = np.random.default_rng([seed, 7, server_round]).permutation(parts)
     return pid in order[:round(fraction * parts)]
 
@@ -152,6 +160,11 @@ def legacy_train_mod(body_keys: tuple[str, ...], *, equal_weights: bool) -> Mod:
     return mod
 
 
+def _setup_stage(msg: Message) -> bool:
+    """Whether ``msg`` opens a SecAgg+ round (its setup stage)."""
+    return msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.SETUP
+
+
 def dp_plan(config: ServerConfig) -> DPPlan | None:
     """The run's DP plan (noise calibrated to ``dp_epsilon`` over all rounds, every
     device sampled every round), or None without DP."""
@@ -169,11 +182,9 @@ def private_mods(config: ServerConfig, *, plan: DPPlan | None, body_keys: tuple[
     run). Under SecAgg+: the budget check before ``secaggplus_mod`` (a refusal at setup
     is a clean dropout), then the legacy translation, injected dropouts and clipping
     inside it, so only masked vectors leave the device."""
-    from flwr.client.mod import secaggplus_mod
-
     private = config.private
     budget = ([budget_mod(budget=private.device_budget, plan=plan, state_root=state_root,
-                          at_setup=private.secagg)]
+                          gate=_setup_stage if private.secagg else None)]
               if plan is not None and private.device_budget is not None else [])
     drop = [dropout_mod(private.dropout, seed)] if private.dropout > 0 else []
     clip = [clip_mod] if plan is not None else []
