@@ -12,7 +12,12 @@ sum of the survivors' updates, never one device's.
 legacy ``flwr.server.strategy`` strategy; the device side stays on the Message API (the
 ``ClientApp``'s ``@app.train``) behind ``secaggplus_mod``, with :func:`legacy_train_mod`
 translating the legacy ``fitins``/``fitres`` records to and from the handler's
-``arrays``/``config``/``metrics``. Evaluation goes through the Message API as elsewhere.
+``arrays``/``config``/``metrics``, and refusing to pass on a reply that holds anything
+but the body (the server cannot check what it only sees summed). Evaluation goes through
+the Message API as elsewhere.
+
+Also here, because they follow SecAgg+'s order: :func:`private_mods`, the client mods of a
+run's private settings, and :func:`private_server_app`, the server for them.
 
 Settings and why:
 
@@ -70,7 +75,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp.strategy import FedAvg
 
-from edgeloop.errors import UsageError
+from edgeloop.errors import UsageError, VerificationError
 from edgeloop.federated.config import ServerConfig
 from edgeloop.federated.privacy import (
     DPPlan,
@@ -150,6 +155,9 @@ def legacy_train_mod(body_keys: tuple[str, ...], *, equal_weights: bool) -> Mod:
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
+        if list(reply.content["arrays"]) != list(body_keys):   # the server sees a sum only
+            raise VerificationError("the train reply holds arrays other than the body's; "
+                                    "not sending it")
         metrics = dict(reply.content["metrics"])
         weight = 1 if equal_weights else int(metrics["num-examples"])
         body = reply.content["arrays"].to_numpy_ndarrays()
