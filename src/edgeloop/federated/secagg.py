@@ -263,8 +263,9 @@ class _Aggregate(LegacyStrategy):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         stats = _Round(survivors=len(results))
         if results:
-            losses = [float(r.metrics.get("train-loss", 0.0)) for _, r in results]
-            stats.train_loss = float(np.mean(losses))
+            stats.train_loss = float(np.average(
+                [float(r.metrics.get("train-loss", 0.0)) for _, r in results],
+                weights=[r.num_examples for _, r in results]))
         if self.plan is not None and self.accountant is not None and results:
             mean = parameters_to_ndarrays(results[0][1].parameters)
             noisy = ndarrays_to_parameters(
