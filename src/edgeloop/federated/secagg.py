@@ -94,6 +94,7 @@ __all__ = ["DROPOUT", "dp_plan", "dropout_mod", "dropped", "legacy_train_mod",
            "private_mods", "private_server_app", "secagg_parameters"]
 
 DROPOUT = "injected dropout"   # the error an injected dropout raises
+VALUE_RANGE = 8.0              # SecAgg+ clips every uploaded value to ±this, silently
 
 
 def secagg_parameters(sampled: int, survive: float) -> tuple[int, int]:
@@ -161,6 +162,9 @@ def legacy_train_mod(body_keys: tuple[str, ...], *, equal_weights: bool) -> Mod:
         metrics = dict(reply.content["metrics"])
         weight = 1 if equal_weights else int(metrics["num-examples"])
         body = reply.content["arrays"].to_numpy_ndarrays()
+        if (top := max(float(np.abs(a).max(initial=0.0)) for a in body)) > VALUE_RANGE:
+            raise VerificationError(f"a body value of {top:.3g} is outside SecAgg+'s "
+                                    f"±{VALUE_RANGE:g}, which would clip it silently")
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(body), weight,
                         {k: v for k, v in metrics.items() if k != "num-examples"})  # type: ignore[misc]
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
@@ -325,8 +329,12 @@ class _Rounds:
         self.aggregate = aggregate
         self.on_round = on_round
         shares, threshold = secagg_parameters(config.clients, config.private.survive)
+        # with DP every device weighs 1: a max_weight of 1 keeps the quantisation's
+        # full precision (SecAgg+ scales each upload by weight / max_weight)
+        dp = config.private.dp_epsilon is not None
         self.secagg = _SecAggPlus(num_shares=shares, reconstruction_threshold=threshold,
-                                         timeout=config.private.stage_timeout)
+                                  max_weight=1.0 if dp else 1000.0, clipping_range=VALUE_RANGE,
+                                  timeout=config.private.stage_timeout)
         n = config.clients
         self.evaluation = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=n,
                                  min_available_nodes=n)
