@@ -23,7 +23,7 @@ from typing import Any
 os.environ.setdefault("EDGELOOP_QUIET", "1")
 
 from edgeloop.federated.config import PrivateConfig, SimulationConfig
-from edgeloop.federated.simulate import SimulationResult, simulate
+from edgeloop.federated.simulation import SimulationResult, simulate
 
 
 def _run(clients: int, rounds: int, private: PrivateConfig, seed: int = 0

@@ -5,6 +5,7 @@ device's private head and raw inputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from edgeloop.cli import main
-from edgeloop.errors import UsageError, VerificationError
+from edgeloop.errors import TransportError, UsageError, VerificationError
 from edgeloop.federated import (
     SimulationConfig,
+    SimulationResult,
     dirichlet_split,
     mnist1d_partition,
     simulate,
@@ -38,6 +40,7 @@ from edgeloop.federated.server import _RoundWatch
 from edgeloop.zoo.models import MNIST1DCNN, MNIST1DMLP
 
 CLIENTS, ROUNDS = 3, 2
+Run = tuple[SimulationResult, Path, Path, Path]
 
 
 # --- the split ------------------------------------------------------------------------
@@ -152,6 +155,12 @@ def test_bad_simulate_input_is_one_line_and_exit_2(args: list[str], message: str
     assert err.startswith("error:") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_devices_folder_with_state_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "node-0").mkdir()
+    with pytest.raises(UsageError, match="already holds device state"):
+        simulate(SimulationConfig(clients=2, rounds=1), devices=tmp_path)
+
+
 def test_without_flower_the_command_names_both_install_steps() -> None:
     code = ("import sys; sys.modules['flwr'] = None\n"
             "from edgeloop.cli import main; main(sys.argv[1:])")
@@ -183,6 +192,9 @@ class Spy:
         (self.folder / f"{name}.wire").write_bytes(wire)
         head = self.devices / f"node-{pid}" / "head.pt"
         (self.folder / f"{name}.head").write_bytes(head.read_bytes())
+        if "config" in msg.content:
+            (self.folder / f"{name}.config.json").write_text(
+                json.dumps(dict(msg.content["config"])))
         if "arrays" in reply.content:
             np.savez(self.folder / f"{name}.body.npz",
                      *reply.content["arrays"].to_numpy_ndarrays())
@@ -206,22 +218,29 @@ def _descendants() -> set[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, Path]:
-    root = tmp_path_factory.mktemp("federated")
-    devices, wire, out = root / "devices", root / "wire", root / "out"
-    wire.mkdir()
-    before = _descendants()
-    result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS), out=out,
-                      devices=devices, mods=[Spy(wire, devices)])
+def _no_process_left(before: set[int]) -> None:
+    """Every process started since ``before`` (Ray's) has ended, within 20 s."""
     deadline = time.monotonic() + 20
     while _descendants() - before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _descendants() - before, "Ray processes outlived the simulation"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One FedProx run: its result, the devices' folder, the spied replies, ``--out``."""
+    root = tmp_path_factory.mktemp("federated")
+    devices, wire, out = root / "devices", root / "wire", root / "out"
+    wire.mkdir()
+    before = _descendants()
+    result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS, strategy="fedprox",
+                                       proximal_mu=0.1),
+                      out=out, devices=devices, mods=[Spy(wire, devices)])
+    _no_process_left(before)
     return result, devices, wire, out
 
 
-def test_simulation_learns_and_keeps_heads_on_the_devices(run) -> None:  # type: ignore[no-untyped-def]
+def test_simulation_learns_and_keeps_heads_on_the_devices(run: Run) -> None:
     result, devices, _, out = run
     assert len(result.rounds) == ROUNDS
     assert all(r.update_norm > 0 and r.replies == CLIENTS for r in result.rounds)
@@ -236,7 +255,14 @@ def test_simulation_learns_and_keeps_heads_on_the_devices(run) -> None:  # type:
     assert not any(k.startswith("head.") for k in body)
 
 
-def test_what_a_device_sends_holds_its_body_but_not_its_head_or_inputs(run) -> None:  # type: ignore[no-untyped-def]
+def test_fedprox_sends_its_mu_to_every_device(run: Run) -> None:
+    _, _, wire, _ = run
+    configs = [json.loads(p.read_text()) for p in wire.glob("train-*.config.json")]
+    assert len(configs) == CLIENTS * ROUNDS
+    assert all(c["proximal-mu"] == 0.1 and c["local-epochs"] == 1 for c in configs)
+
+
+def test_what_a_device_sends_holds_its_body_but_not_its_head_or_inputs(run: Run) -> None:
     _, _, wire, _ = run
     replies = sorted(wire.glob("*.wire"))
     assert len(replies) == 2 * CLIENTS * ROUNDS    # train and evaluate, every round
@@ -263,3 +289,15 @@ def test_the_byte_search_finds_a_head_when_one_is_sent() -> None:
     leaky = RecordDict({"arrays": ArrayRecord(head), "metrics": MetricRecord({"n": 1})})
     sent = b"".join(o.deflate() for o in get_all_nested_objects(leaky).values())
     assert all(t.numpy().tobytes() in sent for t in head.values())
+
+
+def _unplugged(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    raise RuntimeError("sensor unplugged")
+
+
+def test_a_round_in_which_every_device_fails_is_one_error() -> None:
+    before = _descendants()
+    with pytest.raises(TransportError, match=r"round 1: no device's update arrived "
+                                             r"\(2 of 2 failed; sensor unplugged\)$"):
+        simulate(SimulationConfig(clients=2, rounds=1, timeout=300), mods=[_unplugged])
+    _no_process_left(before)

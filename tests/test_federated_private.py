@@ -44,9 +44,9 @@ from edgeloop.federated.privacy import (
     epsilon,
 )
 from edgeloop.federated.secagg import dropped, legacy_train_mod, secagg_parameters
-from edgeloop.federated.simulate import SimulationResult, simulate
+from edgeloop.federated.simulation import SimulationResult, simulate
 
-simulate_module = importlib.import_module("edgeloop.federated.simulate")
+simulate_module = importlib.import_module("edgeloop.federated.simulation")
 CLIENTS = 5
 DELTA = 1e-5
 Run = tuple[SimulationResult, Path, Path, Path]              # result, tap, wire, out
@@ -159,6 +159,23 @@ class Tap:
         return reply
 
 
+class Carry:
+    """The outermost client mod: puts a device's ledger from an earlier run in its state
+    folder before the device first handles a message."""
+
+    def __init__(self, ledgers: dict[int, Path], devices: Path) -> None:
+        self.ledgers, self.devices = ledgers, devices
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable
+                 ) -> Message:
+        pid = int(context.node_config["partition-id"])
+        target = self.devices / f"node-{pid}" / "privacy.json"
+        if pid in self.ledgers and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.ledgers[pid], target)
+        return call_next(msg, context)
+
+
 class Wire:
     """The outermost client mod: every reply exactly as serialised for the wire."""
 
@@ -179,8 +196,8 @@ class Wire:
 
 
 def _simulate(root: Path, private: PrivateConfig, *, rounds: int = 1,
-              devices: Path | None = None, monkeypatch: pytest.MonkeyPatch
-              ) -> Run:
+              devices: Path | None = None, monkeypatch: pytest.MonkeyPatch,
+              outer: list[Any] | None = None) -> Run:
     """One run with a Tap inside SecAgg+ (before clipping) and a Wire outermost."""
     devices = devices or root / "devices"
     tap, wire, out = root / "tap", root / "wire", root / "out"
@@ -198,7 +215,7 @@ def _simulate(root: Path, private: PrivateConfig, *, rounds: int = 1,
         m.setattr(simulate_module, "private_mods", with_tap)
         result = simulate(SimulationConfig(clients=CLIENTS, rounds=rounds, timeout=300,
                                            private=private),
-                          devices=devices, out=out, mods=[Wire(wire, devices)])
+                          devices=devices, out=out, mods=[*(outer or []), Wire(wire, devices)])
     return result, tap, wire, out
 
 
@@ -315,17 +332,19 @@ def test_a_device_past_its_budget_refuses_and_the_round_completes_then_halts(
     z = calibrate(8.0, rounds=2, population=CLIENTS, sampled=CLIENTS, secagg=True,
                   delta=DELTA)
     budget = _device_epsilon(z, 1) * 1.001
-    # the ledgers of devices 0 and 1, carried over from the first run (a real device's
-    # state folder persists), already hold one round
-    devices = tmp_path / "devices"
+    # devices 0 and 1 come with their ledgers from the first run (a device's state folder
+    # persists; simulate refuses a devices folder holding state, so they are put in place
+    # as each device first runs), each already holding one round
+    ledgers = {}
     for pid in (0, 1):
-        (devices / f"node-{pid}").mkdir(parents=True)
-        state = json.loads((tap.parent / "devices" / f"node-{pid}" / "privacy.json").read_text())
+        ledger = tap.parent / "devices" / f"node-{pid}" / "privacy.json"
+        state = json.loads(ledger.read_text())
         assert state["accountant"]["compositions"][0]["event"]["noise_multiplier"] == z_first
-        (devices / f"node-{pid}" / "privacy.json").write_text(json.dumps(state))
+        ledgers[pid] = ledger
+    devices = tmp_path / "devices"
     result, *_ = _simulate(tmp_path / "run", PrivateConfig(
         secagg=True, dp_epsilon=8.0, dp_clip=0.5, device_budget=budget),
-        rounds=2, devices=devices, monkeypatch=monkeypatch)
+        rounds=2, devices=devices, monkeypatch=monkeypatch, outer=[Carry(ledgers, devices)])
     assert result.noise_multiplier == z
     first_round, second_round = result.rounds
     assert first_round.refused == 2 and first_round.replies == 3 and not first_round.halted

@@ -70,7 +70,7 @@ def federated_simulate(
     config = SimulationConfig(clients=clients, rounds=rounds, strategy=strategy, alpha=alpha,
                               local_epochs=local_epochs, seed=seed, centralised=centralised,
                               private=private)
-    from edgeloop.federated.simulate import simulate
+    from edgeloop.federated.simulation import simulate
 
     def show(r: RoundReport) -> None:
         err_console.print(

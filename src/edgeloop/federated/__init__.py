@@ -8,11 +8,13 @@ own data and stored in its own state folder, never sent. Modules:
 - :mod:`.local`: a device's training step (FedProx term) and its head on disk.
 - :mod:`.client` / :mod:`.server`: the ``ClientApp`` and the ``ServerApp`` (FedAvg,
   FedProx, FedAdam; a timeout on every exchange; a round that changes nothing fails).
-- :mod:`.simulate`: many devices on Flower's simulation engine (Ray), with baselines.
-- :mod:`.secagg`: secure aggregation (Flower's SecAgg+; the only use of Flower's legacy
-  server API) and the assembly of a run's private pieces; :mod:`.privacy`: DP (clipping,
-  noise, ε from an RDP accountant, noise calibrated to a target ε) and the budget each
-  device enforces on itself.
+- :mod:`.simulation`: many devices on Flower's simulation engine (Ray), with baselines.
+- :mod:`.config`: the run's settings, checked on construction (no torch, no Flower).
+- :mod:`.secagg`: secure aggregation (Flower's SecAgg+; the only module that uses Flower's
+  legacy server API, which SecAgg+ still needs in 1.42) and the assembly of a run's
+  private pieces (client mods through ``client_app(mods=...)``); :mod:`.privacy`: DP
+  (clipping, noise, ε from an RDP accountant, noise calibrated to a target ε) and the
+  budget each device enforces on itself.
 
 Importing this package switches off Flower's usage telemetry and Ray's usage statistics
 (see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
@@ -31,8 +33,8 @@ _SOURCES = {
     "STRATEGIES": ".config", "ServerConfig": ".config", "SimulationConfig": ".config",
     "PrivateConfig": ".config", "DPPlan": ".privacy", "DeviceBudget": ".privacy",
     "RoundReport": ".server", "server_app": ".server",
-    "SimulationResult": ".simulate",
-    "simulate": ".simulate",
+    "SimulationResult": ".simulation",
+    "simulate": ".simulation",
 }
 
 __all__ = [

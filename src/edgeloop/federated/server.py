@@ -70,6 +70,13 @@ def _flat(arrays: ArrayRecord) -> np.ndarray:
     return np.concatenate([a.ravel().astype(np.float64) for a in arrays.to_numpy_ndarrays()])
 
 
+def _short(reason: str) -> str:
+    """The device's own message from an error reply (in simulation, Ray sends the whole
+    traceback, ending "... occurred. Message: <the message>'>)")."""
+    last = reason.strip().splitlines()[-1] if reason.strip() else "no reason given"
+    return last.rpartition("Message: ")[2].rstrip("'>)") or last
+
+
 class _RoundWatch(Strategy):
     """Wraps a strategy (as Flower's DP wrappers do): times each round, keeps its figures,
     and raises when a round's aggregate is missing or equal to the body sent out."""
@@ -107,7 +114,7 @@ class _RoundWatch(Strategy):
                     f"other than the body's (e.g. {odd[0]!r}); refusing them")
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None:
-            why = failed[0].error.reason if failed else "no reply in time"
+            why = _short(failed[0].error.reason) if failed else "no reply in time"
             raise TransportError(f"round {server_round}: no device's update arrived "
                                  f"({self._sampled - ok} of {self._sampled} failed; {why})")
         assert self._sent is not None

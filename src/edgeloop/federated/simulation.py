@@ -120,6 +120,9 @@ def _mean(pairs: list[tuple[float, int]]) -> float:
 @contextlib.contextmanager
 def _folder(path: str | os.PathLike[str] | None) -> Iterator[Path]:
     if path is not None:
+        if stale := sorted(Path(path).glob("node-*")):
+            raise UsageError(f"{str(path)!r} already holds device state ({stale[0].name}); "
+                             "its heads would carry over: give an empty or new folder")
         Path(path).mkdir(parents=True, exist_ok=True)
         yield Path(path)
         return
@@ -175,8 +178,8 @@ def simulate(config: SimulationConfig | None = None, *,
                            num_supernodes=config.clients, backend_config=backend)
         sim_seconds = time.perf_counter() - sim_started
         if not results:
-            raise TransportError("the simulation ended without a result (see the log above, "
-                                 "or run again with verbose logs)")
+            raise TransportError("the simulation ended without a result; run it again with "
+                                 "verbose logs (--verbose) to see Flower's")
         body = {k: torch.from_numpy(v) for k, v in results[0].body.items()}
 
         per_device = []
