@@ -3,8 +3,9 @@ mean of the survivors' bodies), DP (clipping seen on what devices send, the nois
 ε against dp-accounting), per-device budgets, halted rounds, the bytes a device sends
 under SecAgg+, and the command line's bad input.
 
-Three real simulations of 5 devices (Flower's simulation engine on Ray), one round or two
-each; everything else is pure."""
+Four real simulations of 5 devices (Flower's simulation engine on Ray, one round or two
+each: SecAgg+ with dropouts, SecAgg+ with DP, device budgets, DP without SecAgg);
+everything else is pure."""
 
 from __future__ import annotations
 
