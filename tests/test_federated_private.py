@@ -34,7 +34,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from edgeloop.cli import main
-from edgeloop.errors import UsageError
+from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated import mnist1d_partition
 from edgeloop.federated.config import PrivateConfig, SimulationConfig
 from edgeloop.federated.privacy import (
@@ -367,3 +367,16 @@ def test_plain_dp_uses_flowers_wrapper_and_reports_its_accountants_epsilon(
     # Flower's wrapper accepts no amplification only: one Gaussian release, add/remove
     assert report.epsilon == pytest.approx(_device_epsilon(z, 1), rel=1e-9)
     assert report.epsilon <= 8.0
+
+
+def test_a_run_whose_every_secagg_round_halts_is_one_error(tmp_path: Path) -> None:
+    rounds: list[Any] = []
+    # shares and threshold set for 10% dropouts (5 of 5, threshold 4); 2 of 5 drop
+    halted = (r"every SecAgg\+ round halted, the body never changed \(2 of 5 devices "
+              r"failed, e.g. injected dropout\)$")
+    with pytest.raises(TransportError, match=halted):
+        simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300,
+                                  private=PrivateConfig(secagg=True, survive=0.1, dropout=0.5)),
+                 devices=tmp_path / "devices", on_round=rounds.append)
+    (report,) = rounds
+    assert report.halted and report.replies == 0 and report.update_norm == 0

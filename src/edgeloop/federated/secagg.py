@@ -75,7 +75,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp.strategy import FedAvg
 
-from edgeloop.errors import UsageError, VerificationError
+from edgeloop.errors import TransportError, UsageError, VerificationError
 from edgeloop.federated.config import ServerConfig
 from edgeloop.federated.privacy import (
     DPPlan,
@@ -88,7 +88,13 @@ from edgeloop.federated.privacy import (
     positive_variances,
     refusals,
 )
-from edgeloop.federated.server import RoundReport, ServerResult, server_app, wait_for_devices
+from edgeloop.federated.server import (
+    RoundReport,
+    ServerResult,
+    _short,
+    server_app,
+    wait_for_devices,
+)
 
 __all__ = ["DROPOUT", "dp_plan", "dropout_mod", "dropped", "legacy_train_mod",
            "private_mods", "private_server_app", "secagg_parameters"]
@@ -355,6 +361,21 @@ class _Rounds:
         change = float(np.linalg.norm(_flat(self.body(context)) - before))
         self._pending = (started, change)
 
+    def reasons(self) -> list[str]:
+        """The devices' own words for this round's failures (SecAgg+ keeps each failed
+        reply's error in an ``Exception``)."""
+        failures = self.secagg.state.failures if self.secagg.state is not None else []
+        return [_short(getattr(f.args[0], "reason", str(f)) if f.args else str(f))
+                for f in failures]
+
+    def why_halted(self) -> str:
+        """The last round's failures in a few words."""
+        state, reasons = self.secagg.state, self.reasons()
+        if state is None or not reasons:
+            return "no device replied in time"
+        return (f"{self.config.clients - len(state.active_node_ids)} of "
+                f"{self.config.clients} devices failed, e.g. {reasons[0]}")
+
     def evaluate(self, grid: Grid, context: LegacyContext) -> None:
         server_round = len(self.rounds) + 1
         started, change = self._pending
@@ -374,8 +395,7 @@ class _Rounds:
             self.config.clients - (0 if halted else stats.survivors),
             epsilon=acc.get_epsilon(self.config.private.delta)
             if acc is not None and acc.num_releases else None,
-            refused=refusals([str(f) for f in self.secagg.state.failures])
-            if self.secagg.state is not None else 0,
+            refused=refusals(self.reasons()),
             halted=halted)
         self.rounds.append(report)
         if self.on_round is not None:
@@ -398,6 +418,9 @@ def _secagg_server_app(*, initial_body: dict[str, np.ndarray], config: ServerCon
         legacy = LegacyContext(context=context, strategy=aggregate, config=LegacyServerConfig(
             num_rounds=config.rounds, round_timeout=config.timeout))
         DefaultWorkflow(fit_workflow=rounds.fit, evaluate_workflow=rounds.evaluate)(grid, legacy)
+        if all(r.halted for r in rounds.rounds):
+            raise TransportError(f"every SecAgg+ round halted, the body never changed "
+                                 f"({rounds.why_halted()})")
         if on_result is not None:
             on_result(ServerResult(dict(zip(keys, rounds.body(legacy), strict=True)),
                                    rounds.rounds))
