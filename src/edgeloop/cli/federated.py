@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from edgeloop.cli._app import app, console, err_console
-from edgeloop.federated.config import SimulationConfig
+from edgeloop.federated.config import PrivateConfig, SimulationConfig
 
 if TYPE_CHECKING:
     from edgeloop.federated.server import RoundReport
@@ -20,6 +20,7 @@ federated_app = typer.Typer(help="Federated personalisation: a shared body train
 app.add_typer(federated_app, name="federated")
 
 _DEFAULT = SimulationConfig()
+_PRIVATE = PrivateConfig()
 
 
 @federated_app.command("simulate")
@@ -44,14 +45,31 @@ def federated_simulate(
     devices: Annotated[Path | None, typer.Option(
         help="Keep the devices' state folders (node-<id>/head.pt) here [default: a "
              "temporary folder, removed]")] = None,
+    secagg: Annotated[bool, typer.Option(
+        "--secagg", help="Secure aggregation (Flower's SecAgg+): the server sees only the "
+                         "sum of the devices' updates")] = False,
+    dropout: Annotated[float, typer.Option(
+        help="Fraction of devices made to fail mid-round, every round (tests, benchmarks)")
+                       ] = _PRIVATE.dropout,
+    dp_epsilon: Annotated[float | None, typer.Option(
+        help="Differential privacy: the ε (δ 1e-5) to reach after the last round; the "
+             "noise is calibrated to it")] = None,
+    dp_clip: Annotated[float, typer.Option(help="DP: L2 norm each body update is clipped to")
+                       ] = _PRIVATE.dp_clip,
+    device_budget: Annotated[float | None, typer.Option(
+        help="DP: each device's own ε budget per 30 days; past it, it refuses to train")
+                             ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs")
                        ] = False,
 ) -> None:
     """Run devices with non-IID MNIST-1D on Flower's simulation engine (one Ray actor) and
     compare global, personalised and local-only accuracy."""
+    private = PrivateConfig(secagg=secagg, dropout=dropout, dp_epsilon=dp_epsilon,
+                            dp_clip=dp_clip, device_budget=device_budget)
     config = SimulationConfig(clients=clients, rounds=rounds, strategy=strategy, alpha=alpha,
-                              local_epochs=local_epochs, seed=seed, centralised=centralised)
+                              local_epochs=local_epochs, seed=seed, centralised=centralised,
+                              private=private)
     from edgeloop.federated.simulation import simulate
 
     def show(r: RoundReport) -> None:
@@ -59,7 +77,11 @@ def federated_simulate(
             f"round {r.round}/{rounds}: {r.seconds:.1f} s, train loss {r.train_loss:.3f}, "
             f"accuracy (global body + own head) {r.accuracy:.2%}, body moved "
             f"{r.update_norm:.3g}, {r.replies} devices"
-            + (f", {r.failures} failed" if r.failures else ""), highlight=False)
+            + (f", {r.failures} failed" if r.failures else "")
+            + (f" ({r.refused} refused: budget spent)" if r.refused else "")
+            + (f", ε {r.epsilon:.3g}" if r.epsilon is not None else "")
+            + (" - HALTED: too many dropouts, body unchanged" if r.halted else ""),
+            highlight=False)
 
     result = simulate(config, out=out, devices=devices, on_round=show, verbose=verbose)
     if as_json:
@@ -80,6 +102,11 @@ def federated_simulate(
         t.add_row("centralised: all data pooled", f"{result.centralised_accuracy:.2%}",
                   "all devices' test data")
     console.print(t)
+    if result.noise_multiplier is not None:
+        spent = result.rounds[-1].epsilon if result.rounds else None
+        console.print(f"DP: noise multiplier {result.noise_multiplier:.3g}, clip {dp_clip:g}; "
+                      f"ε spent {spent if spent is None else format(spent, '.3g')} "
+                      f"(δ {private.delta:g})", highlight=False)
     per_round = result.simulation_seconds / max(rounds, 1)
     console.print(f"{result.seconds:.1f} s in all; simulation {result.simulation_seconds:.1f} s "
                   f"({per_round:.1f} s per round, Ray's start included)", highlight=False)

@@ -14,10 +14,11 @@ own data and stored in its own state folder, never sent. Modules:
   (replay buffer :mod:`.buffer`, forgetting guard, health-checked install), and the
   global body published as a signed bundle that devices combine with their own head
   (:mod:`.install`).
-
-Secure aggregation goes in its own module: Flower 1.42's SecAgg+ still needs the legacy
-server API (``LegacyContext``/``DefaultWorkflow``), which is to stay there; client mods
-(SecAgg+, DP clipping) go through ``client_app(mods=...)``.
+- :mod:`.secagg`: secure aggregation (Flower's SecAgg+; the only module that uses Flower's
+  legacy server API, which SecAgg+ still needs in 1.42) and the assembly of a run's
+  private pieces (client mods through ``client_app(mods=...)``); :mod:`.privacy`: DP
+  (clipping, noise, ε from an RDP accountant, noise calibrated to a target ε) and the
+  budget each device enforces on itself.
 
 Importing this package switches off Flower's usage telemetry and Ray's usage statistics
 (see :mod:`._flower`); names are imported on first use, so ``flwr`` loads only then.
@@ -34,29 +35,46 @@ _SOURCES = {
     "dirichlet_split": ".partition", "mnist1d_partition": ".partition",
     "client_app": ".client",
     "STRATEGIES": ".config", "ServerConfig": ".config", "SimulationConfig": ".config",
+    "PrivateConfig": ".config", "DPPlan": ".privacy", "DeviceBudget": ".privacy",
     "RoundReport": ".server", "server_app": ".server",
     "SimulationResult": ".simulation",
     "simulate": ".simulation",
-    # on-device personalisation and the body's release (fl-personal)
+    # on-device personalisation and the body's release
     "PersonalConfig": ".personal", "PersonalResult": ".personal",
     "personalise": ".personal", "publish_body": ".personal",
     "ReplayBuffer": ".buffer", "own_head": ".install",
+    # the Deployment Engine (TLS, SuperNode authentication); `flwr run` starts .deployed
+    "Credentials": ".credentials", "make_credentials": ".credentials",
+    "DeploymentConfig": ".deploy", "DeploymentResult": ".deploy",
+    "LocalFleet": ".deploy", "SuperLink": ".deploy", "SuperNode": ".deploy",
+    "local_fleet": ".deploy",
 }
 
 __all__ = [
     "STRATEGIES",
     "BodyHeadSplit",
     "ClientShift",
+    "Credentials",
+    "DPPlan",
+    "DeploymentConfig",
+    "DeploymentResult",
+    "DeviceBudget",
+    "LocalFleet",
     "Partition",
     "PersonalConfig",
     "PersonalResult",
+    "PrivateConfig",
     "ReplayBuffer",
     "RoundReport",
     "ServerConfig",
     "SimulationConfig",
     "SimulationResult",
+    "SuperLink",
+    "SuperNode",
     "client_app",
     "dirichlet_split",
+    "local_fleet",
+    "make_credentials",
     "mnist1d_partition",
     "own_head",
     "personalise",
@@ -65,14 +83,5 @@ __all__ = [
     "simulate",
     "split_model",
 ]
-
-# The Deployment Engine (TLS, SuperNode authentication): .credentials, .deploy, and the
-# apps `flwr run` starts, .deployed.
-_SOURCES |= {"Credentials": ".credentials", "make_credentials": ".credentials",
-             "DeploymentConfig": ".deploy", "DeploymentResult": ".deploy",
-             "LocalFleet": ".deploy", "SuperLink": ".deploy", "SuperNode": ".deploy",
-             "local_fleet": ".deploy"}
-__all__ += ["Credentials", "DeploymentConfig", "DeploymentResult", "LocalFleet",
-            "SuperLink", "SuperNode", "local_fleet", "make_credentials"]
 
 __getattr__, __dir__ = lazy_names(__name__, _SOURCES)

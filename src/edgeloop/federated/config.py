@@ -3,11 +3,11 @@ so that the command line can check them (and show their defaults) without either
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeloop.errors import UsageError, one_of
 
-__all__ = ["STRATEGIES", "ServerConfig", "SimulationConfig"]
+__all__ = ["STRATEGIES", "PrivateConfig", "ServerConfig", "SimulationConfig"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
@@ -33,6 +33,8 @@ class ServerConfig:
     server_lr: float = 0.01        # FedAdam's server learning rate, eta (fedadam only)
     timeout: float = 600.0         # s to wait for one round's train or evaluate replies,
                                    # and for every device to connect before round 1
+    private: PrivateConfig = field(default_factory=lambda: PrivateConfig())
+                                   # secure aggregation and differential privacy
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -67,3 +69,43 @@ class SimulationConfig(ServerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least("alpha", self.alpha, 0, strict=True)
+
+
+# --- secure aggregation and differential privacy (see .secagg and .privacy) ------------
+
+@dataclass
+class PrivateConfig:
+    """Secure aggregation, DP and injected dropouts of a run. Every field is checked on
+    construction, including the combinations the plain DP path cannot run (Flower's DP
+    wrapper skips every round in which a device fails)."""
+
+    secagg: bool = False           # Flower's SecAgg+: the server sees only the sum
+    survive: float = 0.3           # fraction of sampled devices a SecAgg+ round must
+                                   # survive losing mid-round (sets shares and threshold)
+    dropout: float = 0.0           # fraction of sampled devices made to fail mid-round,
+                                   # every round (tests and benchmarks)
+    dp_epsilon: float | None = None  # target ε after the last round; None: no DP
+    dp_clip: float = 1.0           # L2 norm each body update is clipped to
+    delta: float = 1e-5            # δ of every ε
+    device_budget: float | None = None  # each device's own ε per period; None: none
+    stage_timeout: float = 120.0   # s to wait for each SecAgg+ stage's replies
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout <= 0.5:
+            raise UsageError(f"`dropout` must be in [0, 0.5]; got {self.dropout:g}")
+        if not 0 <= self.survive <= 0.5:
+            raise UsageError(f"`survive` must be in [0, 0.5]; got {self.survive:g}")
+        if not 0 < self.delta < 1:
+            raise UsageError(f"`delta` must be in (0, 1); got {self.delta:g}")
+        for name in ("dp_epsilon", "device_budget"):
+            if (value := getattr(self, name)) is not None:
+                _at_least(name, value, 0, strict=True)
+        _at_least("dp_clip", self.dp_clip, 0, strict=True)
+        _at_least("stage_timeout", self.stage_timeout, 0, strict=True)
+        if self.device_budget is not None and self.dp_epsilon is None:
+            raise UsageError("`device_budget` needs DP (`dp_epsilon`): a device counts the "
+                             "noise the server adds")
+        if self.dp_epsilon is not None and not self.secagg and (
+                self.dropout > 0 or self.device_budget is not None):
+            raise UsageError("DP with dropouts or device budgets needs `secagg`: Flower's "
+                             "DP wrapper skips every round in which a device fails")

@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from edgeloop.errors import TransportError, VerificationError
 from edgeloop.federated.config import ServerConfig
 
-__all__ = ["RoundReport", "ServerResult", "server_app"]
+__all__ = ["RoundReport", "ServerResult", "server_app", "wait_for_devices"]
 
 
 @dataclass
@@ -35,6 +41,10 @@ class RoundReport:
     update_norm: float             # L2 norm of the change of the global body
     replies: int                   # devices whose update was aggregated
     failures: int = 0              # devices that replied with an error or not in time
+    # private aggregation (.secagg, .privacy)
+    epsilon: float | None = None   # DP: ε spent after this round (None without DP)
+    refused: int = 0               # failures that were devices refusing (budget spent)
+    halted: bool = False           # SecAgg+ gave up the round: the body did not change
 
 
 @dataclass
@@ -124,8 +134,11 @@ class _RoundWatch(Strategy):
         metrics = self.inner.aggregate_evaluate(server_round, list(replies))
         accuracy = float(metrics["accuracy"]) if metrics and "accuracy" in metrics else 0.0
         loss, change, ok, failed = self._train
+        spent = (self.inner.privacy_spent()
+                 if isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping) else None)
         report = RoundReport(server_round, time.perf_counter() - self._started, loss,
-                             accuracy, change, ok, failed)
+                             accuracy, change, ok, failed,
+                             epsilon=None if spent is None else spent.epsilon)
         self.rounds.append(report)
         if self.on_round is not None:
             self.on_round(report)
@@ -135,26 +148,34 @@ class _RoundWatch(Strategy):
         self.inner.summary()
 
 
+def wait_for_devices(grid: Grid, config: ServerConfig) -> None:
+    """Wait until all ``config.clients`` devices are connected (Flower's strategies sample
+    before they wait for ``min_available_nodes``)."""
+    deadline = time.monotonic() + config.timeout
+    while len(list(grid.get_node_ids())) < config.clients:
+        if time.monotonic() > deadline:
+            raise TransportError(f"only {len(list(grid.get_node_ids()))} of "
+                                 f"{config.clients} devices connected within "
+                                 f"{config.timeout:g} s")
+        time.sleep(0.1)
+
+
 def server_app(*, initial_body: dict[str, np.ndarray], config: ServerConfig,
                on_round: Callable[[RoundReport], None] | None = None,
-               on_result: Callable[[ServerResult], None] | None = None) -> ServerApp:
+               on_result: Callable[[ServerResult], None] | None = None,
+               wrap: Callable[[Strategy], Strategy] | None = None) -> ServerApp:
     """The ``ServerApp``: ``config.rounds`` rounds of ``config.strategy`` from
     ``initial_body``; ``on_round`` gets each round's report, ``on_result`` the final body
     and every report (in simulation the app runs in this process, so both are plain
-    callbacks)."""
+    callbacks). ``wrap`` wraps the strategy (Flower's DP wrapper, see :mod:`.privacy`)."""
     strategy = _make_strategy(config)
+    if wrap is not None:
+        strategy = wrap(strategy)
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        # FedAvg samples before it waits for min_available_nodes: wait for all first
-        deadline = time.monotonic() + config.timeout
-        while len(list(grid.get_node_ids())) < config.clients:
-            if time.monotonic() > deadline:
-                raise TransportError(f"only {len(list(grid.get_node_ids()))} of "
-                                     f"{config.clients} devices connected within "
-                                     f"{config.timeout:g} s")
-            time.sleep(0.1)
+        wait_for_devices(grid, config)
         watch = _RoundWatch(strategy, on_round)
         result = watch.start(
             grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in initial_body.items()}),

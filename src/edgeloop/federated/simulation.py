@@ -47,7 +47,8 @@ from edgeloop.federated.partition import (
     mnist1d_partition,
     public_set,
 )
-from edgeloop.federated.server import RoundReport, ServerResult, server_app
+from edgeloop.federated.secagg import dp_plan, private_mods, private_server_app
+from edgeloop.federated.server import RoundReport, ServerResult
 from edgeloop.federated.split import BodyHeadSplit, split_model
 from edgeloop.zoo import ARCHS, build, save_torch
 from edgeloop.zoo.train import accuracy
@@ -72,6 +73,7 @@ class SimulationResult:
     seconds: float                 # the whole call
     simulation_seconds: float      # run_simulation alone (Ray start included)
     per_device: list[dict[str, float]] = field(default_factory=list)
+    noise_multiplier: float | None = None   # DP: the z calibrated to the target ε
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -155,12 +157,17 @@ def simulate(config: SimulationConfig | None = None, *,
                                                 seed=config.seed)
                               for i in range(config.clients)]
     results: list[ServerResult] = []
+    plan = dp_plan(config)
     with _folder(devices) as root:
+        private = private_mods(config, plan=plan, body_keys=split.body_keys, state_root=root,
+                               seed=config.seed)
         client = client_app(model_fn=functools.partial(build, config.arch), data_fn=data_fn,
-                            head=config.head, state_root=root, seed=config.seed, mods=mods)
-        server = server_app(
+                            head=config.head, state_root=root, seed=config.seed,
+                            mods=[*(mods or []), *private])
+        server = private_server_app(
             initial_body={k: v.numpy() for k, v in split.body(model).items()},
-            config=config, on_round=on_round, on_result=results.append)
+            config=config, plan=plan, seed=config.seed, on_round=on_round,
+            on_result=results.append)
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                    "init_args": {"num_cpus": 1, "include_dashboard": False,
                                  "log_to_driver": verbose,
@@ -208,7 +215,8 @@ def simulate(config: SimulationConfig | None = None, *,
         centralised_accuracy=centralised,
         label_skew=label_skew([_pooled([p.train, p.test]).labels for p in parts]),  # type: ignore[misc]
         seconds=time.perf_counter() - started, simulation_seconds=sim_seconds,
-        per_device=per_device)
+        per_device=per_device,
+        noise_multiplier=None if plan is None else plan.noise_multiplier)
     if out is not None:
         _write(Path(out), model, body, config, result)
     return result
