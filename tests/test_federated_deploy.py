@@ -26,8 +26,9 @@ pytest.importorskip("flwr", reason="Flower is not installed (extra `federated`)"
 from test_cli_imports import run as cli_without_heavy_libraries
 
 from edgeloop.cli import main
-from edgeloop.errors import TransportError
+from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated import _procs
+from edgeloop.federated.config import PrivateConfig
 from edgeloop.federated.credentials import Credentials, make_credentials, make_node_key
 from edgeloop.federated.deploy import (
     DeploymentConfig,
@@ -219,3 +220,14 @@ def test_help_needs_neither_flower_nor_torch(command: str) -> None:
     code, out, err, imports = cli_without_heavy_libraries("federated", command, "--help")
     assert code == 0, err
     assert "Usage:" in out and imports["refused"] == []
+
+
+def test_a_deployment_refuses_secagg_and_dp_settings_and_keeps_them_out_of_the_app() -> None:
+    """SecAgg+ and DP run in simulation only: a deployment with them is refused, and the
+    app's run config (TOML) never holds the `private` settings object."""
+    with pytest.raises(UsageError, match="simulation engine only"):
+        DeploymentConfig(private=PrivateConfig(secagg=True))
+    run_config = DeploymentConfig().to_run_config()
+    assert "private" not in run_config
+    assert all(isinstance(v, int | float | str) for v in run_config.values())
+    assert DeploymentConfig.from_run_config(run_config) == DeploymentConfig()

@@ -47,7 +47,7 @@ from edgeloop._io import write_text_atomic
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated import _procs
 from edgeloop.federated._flower import INSTALL
-from edgeloop.federated.config import ServerConfig, SimulationConfig, _at_least
+from edgeloop.federated.config import PrivateConfig, ServerConfig, SimulationConfig, _at_least
 from edgeloop.federated.credentials import Credentials, make_credentials
 from edgeloop.federated.server import RoundReport
 
@@ -78,12 +78,16 @@ class DeploymentConfig(ServerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least("alpha", self.alpha, 0, strict=True)
+        if self.private != PrivateConfig():
+            raise UsageError("SecAgg+ and differential privacy run on the simulation engine "
+                             "only so far (`edgeloop federated simulate`); a deployment "
+                             "takes the default `private` settings")
 
     def to_run_config(self) -> dict[str, int | float | str]:
-        """The app's ``[tool.flwr.app.config]``: each field, ``_`` spelled ``-``
-        (TOML has no null: no ``head`` is "")."""
+        """The app's ``[tool.flwr.app.config]``: each field but ``private``, ``_`` spelled
+        ``-`` (TOML has no null: no ``head`` is "")."""
         return {f.name.replace("_", "-"): "" if getattr(self, f.name) is None
-                else getattr(self, f.name) for f in fields(self)}
+                else getattr(self, f.name) for f in fields(self) if f.name != "private"}
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, object]) -> DeploymentConfig:
