@@ -88,6 +88,14 @@ class Dataset:
         labels = None if self.labels is None else self.labels[index]
         return Dataset({k: v[index] for k, v in self.inputs.items()}, labels)
 
+    @staticmethod
+    def concat(sets: Sequence[Dataset]) -> Dataset:
+        """``sets`` one after another (same inputs; labels kept when every set has them)."""
+        labels = [d.labels for d in sets]
+        return Dataset({k: np.concatenate([d.inputs[k] for d in sets]) for k in sets[0].inputs},
+                       None if any(y is None for y in labels)
+                       else np.concatenate(labels))  # type: ignore[arg-type]
+
     def cycle(self, n: int) -> dict[str, np.ndarray]:
         """A feed of the first ``n`` samples, starting over from the first when there are
         fewer (contiguous, as onnxruntime wants them; reads only those samples)."""

@@ -22,6 +22,13 @@ device_app = typer.Typer(help="A device's A/B model slots: update, rollback, sta
 app.add_typer(repo_app, name="repo")
 app.add_typer(device_app, name="device")
 
+# the options every publishing command takes
+RepoOpt = Annotated[Path, typer.Option("--repo", help="Repository folder")]
+NameOpt = Annotated[str, typer.Option(help="Bundle name devices ask for")]
+VersionOpt = Annotated[str, typer.Option(help="X.Y.Z, greater than the published one")]
+GoldenOpt = Annotated[Path | None, typer.Option(help="Golden .npz for figures and floor")]
+MinMetricOpt = Annotated[float | None, typer.Option(
+    help="Accuracy floor a device's health check must meet [default: measured - 0.02]")]
 KeysOpt = Annotated[Path | None, typer.Option(
     "--keys", help="Folder of key files, outside the repository [default: DIR-keys]")]
 PassEnvOpt = Annotated[str, typer.Option(
@@ -55,7 +62,7 @@ def repo_init(
 @repo_app.command("rotate-key")
 def repo_rotate(
     role: Annotated[str, typer.Argument(help="root, targets, snapshot or timestamp")],
-    repo: Annotated[Path, typer.Option("--repo", help="Repository folder")],
+    repo: RepoOpt,
     keys: KeysOpt = None,
     revoke: Annotated[str | None, typer.Option(
         help="Replace only this key id [default: every key of the role]")] = None,
@@ -104,13 +111,11 @@ def repo_serve(
 def publish_cmd(
     model: Annotated[Path, typer.Argument(
         help="The ONNX model file, or a cascade.json (every stage ships in the bundle)")],
-    repo: Annotated[Path, typer.Option("--repo", help="Repository folder")],
-    name: Annotated[str, typer.Option(help="Bundle name devices ask for")],
-    version: Annotated[str, typer.Option(help="X.Y.Z, greater than the published one")],
-    golden: Annotated[Path | None, typer.Option(help="Golden .npz for figures and floor")] = None,
-    min_metric: Annotated[float | None, typer.Option(
-        help="Accuracy floor a device's health check must meet [default: measured - 0.02]")
-    ] = None,
+    repo: RepoOpt,
+    name: NameOpt,
+    version: VersionOpt,
+    golden: GoldenOpt = None,
+    min_metric: MinMetricOpt = None,
     monitor: Annotated[bool, typer.Option(
         help="Ship the drift monitor's reference sketch of --golden (monitor.json; "
              "cascades: not yet)")] = True,

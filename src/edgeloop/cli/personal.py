@@ -13,7 +13,18 @@ import typer
 
 from edgeloop.bundle.health import HealthConfig
 from edgeloop.cli._app import console
-from edgeloop.cli.bundle import _PASS_ENV, KeysOpt, PassEnvOpt, _keys, device_app
+from edgeloop.cli.bundle import (
+    _PASS_ENV,
+    GoldenOpt,
+    KeysOpt,
+    MinMetricOpt,
+    NameOpt,
+    PassEnvOpt,
+    RepoOpt,
+    VersionOpt,
+    _keys,
+    device_app,
+)
 from edgeloop.cli.federated import federated_app
 
 
@@ -54,13 +65,11 @@ def federated_publish_body(
     model: Annotated[str, typer.Option(
         help="The model the body belongs to, with the default head (model.pt of "
              "`federated simulate --out`, or any form `train` commands read)")],
-    repo: Annotated[Path, typer.Option("--repo", help="Repository folder")],
-    name: Annotated[str, typer.Option(help="Bundle name devices ask for")],
-    version: Annotated[str, typer.Option(help="X.Y.Z, greater than the published one")],
-    golden: Annotated[Path | None, typer.Option(help="Golden .npz for figures and floor")] = None,
-    min_metric: Annotated[float | None, typer.Option(
-        help="Accuracy floor a device's health check must meet [default: measured - 0.02]")
-    ] = None,
+    repo: RepoOpt,
+    name: NameOpt,
+    version: VersionOpt,
+    golden: GoldenOpt = None,
+    min_metric: MinMetricOpt = None,
     head: Annotated[str | None, typer.Option(
         help="The head's parameter prefix [default: `head`, else the last Linear]")] = None,
     keys: KeysOpt = None,

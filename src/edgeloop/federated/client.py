@@ -62,6 +62,14 @@ def _seed(seed: int, pid: int, config: ConfigRecord) -> int:
     return seed * 100_003 + pid * 1009 + 2 * int(config["server-round"])
 
 
+def _fit(model: nn.Module, split: BodyHeadSplit, data: Dataset, config: ConfigRecord, *,
+         epochs: int, seed: int) -> float:
+    """:func:`fit_local` with the round's settings from the server's ``config``."""
+    return fit_local(model, split, data, epochs=epochs, head_epochs=int(config["head-epochs"]),
+                     lr=float(config["lr"]), batch_size=int(config["batch-size"]),
+                     proximal_mu=float(config.get("proximal-mu", 0.0)), seed=seed)
+
+
 def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
                state_root: str | os.PathLike[str] | None = None, seed: int = 0,
                mods: list[Mod] | None = None) -> ClientApp:
@@ -91,11 +99,8 @@ def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
         load_body(model, split, msg)
         config = msg.content["config"]
         data, _ = data_fn(pid, parts)
-        loss = fit_local(model, split, data, epochs=int(config["local-epochs"]),
-                         head_epochs=int(config["head-epochs"]), lr=float(config["lr"]),
-                         batch_size=int(config["batch-size"]),
-                         proximal_mu=float(config.get("proximal-mu", 0.0)),
-                         seed=_seed(seed, pid, config))
+        loss = _fit(model, split, data, config, epochs=int(config["local-epochs"]),
+                    seed=_seed(seed, pid, config))
         save_head(model, split, folder)
         content = RecordDict({
             "arrays": ArrayRecord(split.body(model)),
@@ -112,9 +117,7 @@ def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
         config = msg.content["config"]
         data, test = data_fn(pid, parts)
         if int(config["head-epochs"]):   # the device installs the body: its head follows
-            fit_local(model, split, data, epochs=0, head_epochs=int(config["head-epochs"]),
-                      lr=float(config["lr"]), batch_size=int(config["batch-size"]),
-                      seed=_seed(seed, pid, config) + 1)
+            _fit(model, split, data, config, epochs=0, seed=_seed(seed, pid, config) + 1)
             save_head(model, split, folder)
         content = RecordDict({"metrics": MetricRecord(
             {"num-examples": len(test), "accuracy": accuracy(model, test)})})

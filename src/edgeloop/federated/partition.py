@@ -99,10 +99,7 @@ def label_skew(labels: list[np.ndarray]) -> float:
 @functools.cache
 def _pool() -> Dataset:
     """MNIST-1D's train and test splits together (its ``val`` split is the server's)."""
-    train, test = load_builtin("mnist1d", "train"), load_builtin("mnist1d", "test")
-    assert train.labels is not None and test.labels is not None
-    return Dataset({"x": np.concatenate([train.inputs["x"], test.inputs["x"]])},
-                   np.concatenate([train.labels, test.labels]))
+    return Dataset.concat([load_builtin("mnist1d", "train"), load_builtin("mnist1d", "test")])
 
 
 def mnist1d_partition(client: int, clients: int, alpha: float = 0.3, *, seed: int = 0

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
@@ -83,13 +82,6 @@ class SimulationResult:
 def _device_data(pid: int, parts: int, *, alpha: float, seed: int) -> tuple[Dataset, Dataset]:
     p = mnist1d_partition(pid, parts, alpha, seed=seed)
     return p.train, p.test
-
-
-def _pooled(sets: list[Dataset]) -> Dataset:
-    labels = [d.labels for d in sets]
-    assert all(y is not None for y in labels)
-    return Dataset({"x": np.concatenate([d.inputs["x"] for d in sets])},
-                   np.concatenate(labels))  # type: ignore[arg-type]
 
 
 def _fresh(config: SimulationConfig, salt: int = 0) -> nn.Module:
@@ -196,11 +188,11 @@ def simulate(config: SimulationConfig | None = None, *,
 
     split.load(model, body, "body")
     _fit_head(model, split, public_set(seed=config.seed), seed=config.seed)
-    pooled_test = _pooled([p.test for p in parts])
+    pooled_test = Dataset.concat([p.test for p in parts])
     centralised = None
     if config.centralised:
         central = _fresh(config)
-        fit_local(central, split, _pooled([p.train for p in parts]),
+        fit_local(central, split, Dataset.concat([p.train for p in parts]),
                   epochs=config.rounds * config.local_epochs, lr=config.lr,
                   batch_size=config.batch_size, seed=config.seed)
         centralised = accuracy(central, pooled_test)
@@ -213,7 +205,7 @@ def simulate(config: SimulationConfig | None = None, *,
         local_only_accuracy=_mean([(d["local_only"], n)
                                    for d, n in zip(per_device, weights, strict=True)]),
         centralised_accuracy=centralised,
-        label_skew=label_skew([_pooled([p.train, p.test]).labels for p in parts]),  # type: ignore[misc]
+        label_skew=label_skew([Dataset.concat([p.train, p.test]).labels for p in parts]),  # type: ignore[misc]
         seconds=time.perf_counter() - started, simulation_seconds=sim_seconds,
         per_device=per_device,
         noise_multiplier=None if plan is None else plan.noise_multiplier)
