@@ -44,3 +44,21 @@ def test_graph_summary_sees_float_model(cnn_dir: Path) -> None:
 
     float_ops, int_ops, qdq = graph_summary(onnx.load(cnn_dir / "model.onnx"))
     assert sum(float_ops.values()) >= 5 and not int_ops and qdq == 0
+
+
+def test_a_model_newer_than_onnxruntime_is_named_as_such() -> None:
+    """onnx can write an IR version the installed onnxruntime does not read yet (onnx 1.23
+    writes 14, onnxruntime 1.31 reads up to 13): the error says so and what to do."""
+    from onnx import TensorProto, helper
+
+    from edgeloop.errors import ModelError
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 99
+    with pytest.raises(ModelError, match=r"the model is ONNX IR version 99 and onnxruntime "
+                                         r"\S+ reads up to \d+: upgrade onnxruntime"):
+        session(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -62,6 +63,13 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's Fail / InvalidGraph / NotImplemented ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)",
+                       first)
+        if ir:
+            raise ModelError(
+                f"the model is ONNX IR version {ir[1]} and onnxruntime {ort.__version__} reads "
+                f"up to {ir[2]}: upgrade onnxruntime, or save the model with an onnx release "
+                f"that writes IR version {ir[2]} or older") from None
         raise ModelError(f"onnxruntime cannot load the model: {first[:300]}") from None
 
 
