@@ -7,7 +7,6 @@ Ray actor) and returns JSON-ready figures:
   (round 1 carries Ray's and the actors' cold start, so later rounds are the fair figure);
 - :func:`dropout_rounds`: how many SecAgg+ rounds complete when a fraction of the sampled
   devices fails mid-round every round;
-- :func:`dp_accuracy`: accuracies and the accountant's ε for target ε values.
 
 Run directly for all of them: ``python benchmarks/_federated_private.py [--clients 20]``.
 """
@@ -62,30 +61,14 @@ def dropout_rounds(clients: int, fractions: tuple[float, ...] = (0.1, 0.3), roun
     return out
 
 
-def dp_accuracy(clients: int, epsilons: tuple[float, ...] = (8.0, 2.0), rounds: int = 3,
-                secagg: bool = False) -> dict[str, Any]:
-    """Accuracies without DP and at each target ε (δ 1e-5), with ε as reported."""
-    out: dict[str, Any] = {"clients": clients, "rounds": rounds, "secagg": secagg}
-    for eps in (None, *epsilons):
-        result = _run(clients, rounds, PrivateConfig(secagg=secagg, dp_epsilon=eps))
-        out["no dp" if eps is None else f"epsilon {eps:g}"] = {
-            "noise_multiplier": result.noise_multiplier,
-            "epsilon_reported": result.rounds[-1].epsilon,
-            "global": round(result.global_accuracy, 4),
-            "personalised": round(result.personalised_accuracy, 4),
-            "local_only": round(result.local_only_accuracy, 4)}
-    return out
-
-
 def main() -> None:
-    """All three, printed as JSON lines as each finishes."""
+    """Both, printed as JSON lines as each finishes."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--only", choices=("times", "dropout", "dp"), default=None)
+    parser.add_argument("--only", choices=("times", "dropout"), default=None)
     args = parser.parse_args()
     jobs = {"times": lambda: round_times(args.clients),
-            "dropout": lambda: dropout_rounds(args.clients),
-            "dp": lambda: dp_accuracy(args.clients)}
+            "dropout": lambda: dropout_rounds(args.clients)}
     for name, job in jobs.items():
         if args.only in (None, name):
             print(json.dumps({name: job()}), flush=True)

@@ -129,9 +129,9 @@ def test_registered_supernodes_train_the_body_and_keep_their_heads(fleet: Fleet)
         torch.manual_seed(config.seed * 100_003)
         model = build(config.arch)
     split = split_model(model)
-    assert set(result.body) == set(split.body_keys)
+    assert set(result.body) == set(split.shared_keys)   # body and global head
     moved = sum(float(np.linalg.norm(result.body[k] - v.numpy()))
-                for k, v in split.body(model).items())
+                for k, v in split.shared(model).items())
     assert moved > 0 and result.rounds[0].update_norm > 0
     heads = []
     for node in fleet.nodes:

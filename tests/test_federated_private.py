@@ -127,6 +127,8 @@ def test_a_device_budget_refuses_past_it_and_persists(tmp_path: Path) -> None:
      "`device_budget` must be > 0; got 0"),
     (["--dp-epsilon", "2", "--dropout", "0.1"], "needs `secagg`"),
     (["--secagg", "--clients", "2"], "SecAgg+ over 2 devices cannot survive"),
+    (["--dp-epsilon", "2"], "accounts only for fedavg or fedprox; got `strategy` 'fedavgm'"),
+    (["--fraction", "1.5"], "`fraction` must be in (0, 1]"),
 ])
 def test_bad_private_input_is_one_line_and_exit_2(args: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -358,7 +360,7 @@ def test_a_device_past_its_budget_refuses_and_the_round_completes_then_halts(
 
 def test_plain_dp_uses_flowers_wrapper_and_reports_its_accountants_epsilon(
         tmp_path: Path) -> None:
-    result = simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300,
+    result = simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300, strategy="fedavg",
                                        private=PrivateConfig(dp_epsilon=8.0)),
                       devices=tmp_path / "devices")
     (report,) = result.rounds

@@ -28,19 +28,25 @@ def federated_simulate(
     clients: Annotated[int, typer.Option(help="Simulated devices (at least 2)")
                        ] = _DEFAULT.clients,
     rounds: Annotated[int, typer.Option(help="Federated rounds")] = _DEFAULT.rounds,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")
+    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm, fedprox or fedadam")
                         ] = _DEFAULT.strategy,
+    fraction: Annotated[float, typer.Option(
+        help="Fraction of the devices sampled to train each round (the last round "
+             "evaluates on all)")] = _DEFAULT.fraction,
     alpha: Annotated[float, typer.Option(
         help="Dirichlet concentration of the label split; smaller is more skewed")
                      ] = _DEFAULT.alpha,
     local_epochs: Annotated[int, typer.Option(help="Epochs each device trains per round")
                             ] = _DEFAULT.local_epochs,
+    lr: Annotated[float, typer.Option(
+        help="Devices' SGD learning rate in round 1 (cosine-decayed over the rounds)")
+                  ] = _DEFAULT.lr,
     seed: Annotated[int, typer.Option(help="Data split, shifts, initial weights")
                     ] = _DEFAULT.seed,
     centralised: Annotated[bool, typer.Option(
         "--centralised", help="Also train one model on all devices' data pooled")] = False,
     out: Annotated[Path | None, typer.Option(
-        help="Folder for model.pt (global body + the server's head), body.pt, "
+        help="Folder for model.pt (the global model: body + global head), body.pt, "
              "result.json")] = None,
     devices: Annotated[Path | None, typer.Option(
         help="Keep the devices' state folders (node-<id>/head.pt) here [default: a "
@@ -68,19 +74,20 @@ def federated_simulate(
     private = PrivateConfig(secagg=secagg, dropout=dropout, dp_epsilon=dp_epsilon,
                             dp_clip=dp_clip, device_budget=device_budget)
     config = SimulationConfig(clients=clients, rounds=rounds, strategy=strategy, alpha=alpha,
-                              local_epochs=local_epochs, seed=seed, centralised=centralised,
-                              private=private)
+                              fraction=fraction, local_epochs=local_epochs, lr=lr, seed=seed,
+                              centralised=centralised, private=private)
     from edgeloop.federated.simulation import simulate
 
     def show(r: RoundReport) -> None:
         err_console.print(
             f"round {r.round}/{rounds}: {r.seconds:.1f} s, train loss {r.train_loss:.3f}, "
-            f"accuracy (global body + own head) {r.accuracy:.2%}, body moved "
+            f"accuracy global {r.global_accuracy:.2%}, with own head {r.accuracy:.2%}, "
+            f"model moved "
             f"{r.update_norm:.3g}, {r.replies} devices"
             + (f", {r.failures} failed" if r.failures else "")
             + (f" ({r.refused} refused: budget spent)" if r.refused else "")
             + (f", ε {r.epsilon:.3g}" if r.epsilon is not None else "")
-            + (" - HALTED: too many dropouts, body unchanged" if r.halted else ""),
+            + (" - HALTED: too many dropouts, model unchanged" if r.halted else ""),
             highlight=False)
 
     result = simulate(config, out=out, devices=devices, on_round=show, verbose=verbose)
@@ -96,7 +103,7 @@ def federated_simulate(
               "each device's own test data")
     t.add_row("local only: own data alone", f"{result.local_only_accuracy:.2%}",
               "each device's own test data")
-    t.add_row("global: global body + server's head", f"{result.global_accuracy:.2%}",
+    t.add_row("global: global body + global head", f"{result.global_accuracy:.2%}",
               "all devices' test data")
     if result.centralised_accuracy is not None:
         t.add_row("centralised: all data pooled", f"{result.centralised_accuracy:.2%}",

@@ -120,7 +120,7 @@ def federated_run(
                        ] = _DEFAULT.clients,
     superlink: LinkOption = _LINK,
     rounds: Annotated[int, typer.Option(help="Federated rounds")] = _DEFAULT.rounds,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")
+    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm, fedprox or fedadam")
                         ] = _DEFAULT.strategy,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration of the label split")
                      ] = _DEFAULT.alpha,

@@ -1,13 +1,14 @@
-"""The device side: a Flower ``ClientApp`` (Message API) that trains the shared body and
-its own private head, and sends back the body only.
+"""The device side: a Flower ``ClientApp`` (Message API) that trains the shared model and
+fine-tunes its own private head, and sends back the shared model only.
 
-Train message in: ``arrays`` (the global body), ``config`` (``local-epochs``,
-``head-epochs``, ``lr``, ``batch-size``, ``server-round``; ``proximal-mu`` from FedProx).
-The device fits its head to the new body, then trains both (:func:`fit_local`), keeps the
-head and replies ``arrays`` (the updated body) and ``metrics`` (``num-examples``,
-``train-loss``). Evaluate message in: the same; the device installs the global body (its
-head refitted to it, ``head-epochs``) and replies ``metrics`` (``num-examples``,
-``accuracy`` on its own test data).
+Train message in: ``arrays`` (the shared model: body and global head), ``config``
+(``local-epochs``, ``lr`` (this round's), ``batch-size``, ``server-round``;
+``proximal-mu`` from FedProx). The device trains the shared model on its data with SGD
+(:func:`fit_local`) and replies ``arrays`` (the updated shared model) and ``metrics``
+(``num-examples``, ``train-loss``). Evaluate message in: the same; the device measures the
+global model on its own test data, then fine-tunes its private head from the global head
+(``head-epochs`` at ``head-lr``, the body frozen), keeps it and replies ``metrics``
+(``num-examples``, ``global-accuracy``, ``accuracy``: the body with its private head).
 
 Where a device keeps its head: the ``state-dir`` key of its node config (deployment:
 ``flower-supernode --node-config "state-dir='/path'"``), else ``<state root>/node-<id>``
@@ -20,7 +21,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -28,7 +28,7 @@ from torch import nn
 
 from edgeloop.data import Dataset
 from edgeloop.errors import UsageError
-from edgeloop.federated.local import fit_local, load_head, save_head
+from edgeloop.federated.local import fit_local, save_head
 from edgeloop.federated.split import BodyHeadSplit, split_model
 
 __all__ = ["DataFn", "ModelFn", "client_app", "state_dir"]
@@ -62,12 +62,7 @@ def _seed(seed: int, pid: int, config: ConfigRecord) -> int:
     return seed * 100_003 + pid * 1009 + 2 * int(config["server-round"])
 
 
-def _fit(model: nn.Module, split: BodyHeadSplit, data: Dataset, config: ConfigRecord, *,
-         epochs: int, seed: int) -> float:
-    """:func:`fit_local` with the round's settings from the server's ``config``."""
-    return fit_local(model, split, data, epochs=epochs, head_epochs=int(config["head-epochs"]),
-                     lr=float(config["lr"]), batch_size=int(config["batch-size"]),
-                     proximal_mu=float(config.get("proximal-mu", 0.0)), seed=seed)
+LOCAL_MOMENTUM = 0.9   # of the devices' SGD on the shared model
 
 
 def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
@@ -77,33 +72,32 @@ def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
     :func:`~edgeloop.federated.split.split_model`), training on ``data_fn``'s data.
 
     ``mods`` are Flower client mods, outermost first (e.g. a spy in tests, later SecAgg+).
-    A device's initial head is ``model_fn``'s, seeded by ``seed`` and its partition id."""
+    ``seed`` seeds each device's shuffling (with its partition id and the round)."""
     app = ClientApp(mods=list(mods or []))
 
-    def device(context: Context) -> tuple[nn.Module, BodyHeadSplit, Path, int, int]:
+    def device(context: Context, msg: Message
+               ) -> tuple[nn.Module, BodyHeadSplit, Path, int, int]:
+        """The model holding the message's shared model, its split and the device's
+        state folder and partition."""
         pid, parts = _partition(dict(context.node_config))
-        with torch.random.fork_rng():
-            torch.manual_seed(seed * 100_003 + pid)
-            model = model_fn()
+        model = model_fn()
         split = split_model(model, head)
+        split.load(model, msg.content["arrays"].to_torch_state_dict(), "shared")
         folder = state_dir(dict(context.node_config), state_root)
-        load_head(model, split, folder)
         return model, split, folder, pid, parts
-
-    def load_body(model: nn.Module, split: BodyHeadSplit, msg: Message) -> None:
-        split.load(model, msg.content["arrays"].to_torch_state_dict(), "body")
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        model, split, folder, pid, parts = device(context)
-        load_body(model, split, msg)
+        model, split, _, pid, parts = device(context, msg)
         config = msg.content["config"]
         data, _ = data_fn(pid, parts)
-        loss = _fit(model, split, data, config, epochs=int(config["local-epochs"]),
-                    seed=_seed(seed, pid, config))
-        save_head(model, split, folder)
+        loss = fit_local(model, split, data, epochs=int(config["local-epochs"]),
+                         lr=float(config["lr"]), momentum=LOCAL_MOMENTUM,
+                         batch_size=int(config["batch-size"]),
+                         proximal_mu=float(config.get("proximal-mu", 0.0)),
+                         seed=_seed(seed, pid, config))
         content = RecordDict({
-            "arrays": ArrayRecord(split.body(model)),
+            "arrays": ArrayRecord(split.shared(model)),
             "metrics": MetricRecord({"num-examples": len(data), "train-loss": loss}),
         })
         return Message(content, reply_to=msg)
@@ -112,15 +106,16 @@ def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
     def evaluate(msg: Message, context: Context) -> Message:
         from edgeloop.zoo.train import accuracy
 
-        model, split, folder, pid, parts = device(context)
-        load_body(model, split, msg)
+        model, split, folder, pid, parts = device(context, msg)
         config = msg.content["config"]
         data, test = data_fn(pid, parts)
-        if int(config["head-epochs"]):   # the device installs the body: its head follows
-            _fit(model, split, data, config, epochs=0, seed=_seed(seed, pid, config) + 1)
+        metrics = {"num-examples": len(test), "global-accuracy": accuracy(model, test)}
+        if int(config["head-epochs"]):   # a new global model: the private head follows
+            fit_local(model, split, data, epochs=0, head_epochs=int(config["head-epochs"]),
+                      lr=float(config["head-lr"]), batch_size=int(config["batch-size"]),
+                      seed=_seed(seed, pid, config) + 1)
             save_head(model, split, folder)
-        content = RecordDict({"metrics": MetricRecord(
-            {"num-examples": len(test), "accuracy": accuracy(model, test)})})
-        return Message(content, reply_to=msg)
+        metrics["accuracy"] = accuracy(model, test)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -3,13 +3,14 @@ so that the command line can check them (and show their defaults) without either
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from edgeloop.errors import UsageError, one_of
 
 __all__ = ["STRATEGIES", "PrivateConfig", "ServerConfig", "SimulationConfig"]
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 
 
 def _at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:
@@ -23,14 +24,20 @@ class ServerConfig:
     """How the server runs the rounds. Every field is checked on construction."""
 
     rounds: int = 3
-    strategy: str = "fedavg"       # one of STRATEGIES
-    clients: int = 10              # devices; all of them take part in every round
-    local_epochs: int = 1          # epochs each device trains per round
-    head_epochs: int = 2           # epochs of its head alone on each new global body
-    lr: float = 3e-3               # devices' Adam learning rate
-    batch_size: int = 32           # samples per local step
+    strategy: str = "fedavgm"      # one of STRATEGIES
+    clients: int = 10              # devices in the run
+    fraction: float = 1.0          # of them sampled to train each round (the last round
+                                   # evaluates on every device)
+    local_epochs: int = 1          # epochs each device trains the shared model per round
+    head_epochs: int = 10          # epochs a device fine-tunes its private head, from
+                                   # the global head, on each new global model
+    lr: float = 0.05               # devices' SGD learning rate (momentum 0.9) in round
+                                   # 1, decayed by a cosine over the rounds
+    head_lr: float = 0.01          # Adam learning rate of the private head's fine-tune
+    batch_size: int = 16           # samples per local step
     proximal_mu: float = 0.01      # FedProx's mu (fedprox only)
     server_lr: float = 0.01        # FedAdam's server learning rate, eta (fedadam only)
+    server_momentum: float = 0.9   # FedAvgM's server momentum (fedavgm only)
     timeout: float = 600.0         # s to wait for one round's train or evaluate replies,
                                    # and for every device to connect before round 1
     private: PrivateConfig = field(default_factory=lambda: PrivateConfig())
@@ -45,14 +52,33 @@ class ServerConfig:
         _at_least("head_epochs", self.head_epochs, 0)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("proximal_mu", self.proximal_mu, 0)
-        for name in ("lr", "server_lr", "timeout"):
+        for name in ("lr", "head_lr", "server_lr", "timeout", "fraction"):
             _at_least(name, getattr(self, name), 0, strict=True)
+        private = self.private
+        if (private.dp_epsilon is not None and not private.secagg
+                and self.strategy not in ("fedavg", "fedprox")):
+            raise UsageError(f"DP without `secagg` runs Flower's DP wrapper, which accounts only "
+                             f"for fedavg or fedprox; got `strategy` {self.strategy!r}")
+        if self.fraction > 1 or not 0 <= self.server_momentum < 1:
+            raise UsageError(f"`fraction` must be in (0, 1] and `server_momentum` in [0, 1); "
+                             f"got {self.fraction:g} and {self.server_momentum:g}")
+
+    @property
+    def sampled(self) -> int:
+        """Devices sampled to train each round: ``fraction`` of them, at least two."""
+        return min(self.clients, max(2, round(self.fraction * self.clients)))
+
+    def lr_at(self, server_round: int) -> float:
+        """The devices' learning rate in round ``server_round`` (1-based): ``lr`` decayed
+        by a half cosine over the rounds (a decaying step is what lets FedAvg settle)."""
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
 
     def device_config(self) -> dict[str, int | float]:
         """The config every device receives with each train and evaluate message (Flower
-        adds ``server-round``; FedProx adds ``proximal-mu``)."""
+        adds ``server-round``; FedProx adds ``proximal-mu``; ``lr`` is round 1's, the
+        server sends each round's)."""
         return {"local-epochs": self.local_epochs, "head-epochs": self.head_epochs,
-                "lr": self.lr, "batch-size": self.batch_size}
+                "lr": self.lr, "head-lr": self.head_lr, "batch-size": self.batch_size}
 
 
 @dataclass

@@ -10,7 +10,8 @@ body into ``results-dir``, a folder on the SuperLink's machine:
 
 - ``rounds.json``: the rounds so far (:class:`~edgeloop.federated.server.RoundReport`),
   rewritten after each round;
-- ``body.npz``: the final global body, one array per ``state_dict`` key.
+- ``body.npz``: the final shared model (body and global head), one array per
+  ``state_dict`` key.
 
 The devices' data is their Dirichlet share of MNIST-1D (:func:`mnist1d_partition`), as
 in simulation: a stand-in for each device's own data. A device makes it once and keeps it
@@ -81,7 +82,7 @@ def _main(grid: Grid, context: Context) -> None:
         with atomic_path(results / BODY_FILE) as tmp, open(tmp, "wb") as f:
             np.savez(f, **result.body)
 
-    app = server_app(initial_body={k: v.numpy() for k, v in split.body(model).items()},
+    app = server_app(initial_body={k: v.numpy() for k, v in split.shared(model).items()},
                      config=config, on_round=on_round, on_result=on_result)
     app(grid, context)
 

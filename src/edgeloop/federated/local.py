@@ -1,5 +1,5 @@
-"""What a device does with its own data: train body and head together (with FedProx's
-proximal term when asked), measure accuracy, and keep its private head on disk.
+"""What a device does with its own data: train the shared model (with FedProx's proximal
+term when asked), fine-tune its private head, and keep that head on disk.
 
 The head lives in the device's state folder as ``head.pt`` (a ``state_dict`` written
 atomically, read with ``weights_only=True``), never in Flower's ``Context.state``: that
@@ -28,21 +28,21 @@ HEAD_FILE = "head.pt"
 
 def fit_local(model: nn.Module, split: BodyHeadSplit, data: Dataset, *, epochs: int,
               lr: float, batch_size: int = 32, head_epochs: int = 0,
+              head_lr: float | None = None, momentum: float | None = None,
               proximal_mu: float = 0.0, seed: int = 0) -> float:
     """Train ``model`` on ``data``: first ``head_epochs`` epochs of the head alone on the
-    frozen body (FedRep's order: the head catches up with a new global body), then
-    ``epochs`` epochs of the whole model; Adam. Returns the mean loss of the last epoch.
-
-    With ``proximal_mu`` > 0 the loss gains FedProx's ``mu/2 * ||w - w_global||^2`` over
-    the body's parameters, ``w_global`` being the body the model held on entry (Li et al.,
-    "Federated Optimization in Heterogeneous Networks", MLSys 2020). The head is private,
-    so it has no global value to stay near."""
+    frozen body (Adam at ``head_lr``, default ``lr``), then ``epochs`` epochs of the whole
+    model (Adam at ``lr``, or SGD with ``momentum`` when given: FedAvg's local solver).
+    Returns the mean loss of the last epoch. With ``proximal_mu`` > 0 the loss gains
+    FedProx's ``mu/2 * ||w - w_global||^2`` over the shared parameters, ``w_global`` being
+    what the model held on entry (Li et al., "Federated Optimization in Heterogeneous
+    Networks", MLSys 2020)."""
     if data.labels is None:
         raise DataError("a device's training data has no `labels` array")
     (x,) = (torch.from_numpy(a) for a in data.inputs.values())
     y = torch.from_numpy(data.labels)
     gen = torch.Generator().manual_seed(seed)
-    shared = set(split.body_keys)
+    shared = set(split.shared_keys)
     body = [(p, p.detach().clone()) for name, p in model.named_parameters() if name in shared]
     head = [p for name, p in model.named_parameters() if name.startswith(split.head)]
 
@@ -54,19 +54,21 @@ def fit_local(model: nn.Module, split: BodyHeadSplit, data: Dataset, *, epochs: 
     loss = 0.0
     if head_epochs:
         model.eval()   # the body is frozen: BatchNorm keeps its statistics too
-        loss = _epochs(model, head, x, y, head_epochs, lr, batch_size, gen, lambda: 0.0)
+        opt = torch.optim.Adam(head, lr=lr if head_lr is None else head_lr)
+        loss = _epochs(model, opt, x, y, head_epochs, batch_size, gen, lambda: 0.0)
     if epochs:
         model.train()
-        loss = _epochs(model, list(model.parameters()), x, y, epochs, lr, batch_size, gen,
-                       proximal)
+        params = list(model.parameters())
+        opt = (torch.optim.Adam(params, lr=lr) if momentum is None
+               else torch.optim.SGD(params, lr=lr, momentum=momentum))
+        loss = _epochs(model, opt, x, y, epochs, batch_size, gen, proximal)
     model.eval()
     return loss
 
 
-def _epochs(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-            epochs: int, lr: float, batch_size: int, gen: torch.Generator,
+def _epochs(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+            epochs: int, batch_size: int, gen: torch.Generator,
             extra: Callable[[], torch.Tensor | float]) -> float:
-    opt = torch.optim.Adam(params, lr=lr)
     mean = 0.0
     for _ in range(epochs):
         total = 0.0

@@ -69,6 +69,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam as LegacyFedAdam
 from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.strategy import FedAvgM as LegacyFedAvgM
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
@@ -92,6 +93,9 @@ from edgeloop.federated.server import (
     RoundReport,
     ServerResult,
     _short,
+    averaged_statistics,
+    metric,
+    sample_evaluation,
     server_app,
     wait_for_devices,
 )
@@ -100,7 +104,8 @@ __all__ = ["DROPOUT", "dp_plan", "dropout_mod", "dropped", "legacy_train_mod",
            "private_mods", "private_server_app", "secagg_parameters"]
 
 DROPOUT = "injected dropout"   # the error an injected dropout raises
-VALUE_RANGE = 8.0              # SecAgg+ clips every uploaded value to ±this, silently
+VALUE_RANGE = 32.0             # SecAgg+ clips every uploaded value to ±this, silently;
+                               # BatchNorm's running variances of MNIST-1D reach ~13
 
 
 def secagg_parameters(sampled: int, survive: float) -> tuple[int, int]:
@@ -184,13 +189,13 @@ def _setup_stage(msg: Message) -> bool:
 
 
 def dp_plan(config: ServerConfig) -> DPPlan | None:
-    """The run's DP plan (noise calibrated to ``dp_epsilon`` over all rounds, every
-    device sampled every round), or None without DP."""
+    """The run's DP plan (noise calibrated to ``dp_epsilon`` over all rounds of
+    ``config.sampled`` devices each), or None without DP."""
     private = config.private
     if private.dp_epsilon is None:
         return None
     return DPPlan.for_target(private.dp_epsilon, clip=private.dp_clip, rounds=config.rounds,
-                             population=config.clients, sampled=config.clients,
+                             population=config.clients, sampled=config.sampled,
                              secagg=private.secagg, delta=private.delta)
 
 
@@ -285,7 +290,17 @@ class _Aggregate(LegacyStrategy):
                 fitres.parameters = noisy
             self.accountant.compose(self.plan.event())
         self.last = stats
-        return self.inner.aggregate_fit(server_round, results, [])
+        new, metrics = self.inner.aggregate_fit(server_round, results, [])
+        if new is None or not results or self.inner.__class__ is LegacyFedAvg:
+            return new, metrics
+        fixed = ndarrays_to_parameters(averaged_statistics(   # the server optimiser's step
+            self.keys, parameters_to_ndarrays(new),           # leaves them alone
+            parameters_to_ndarrays(results[0][1].parameters)))
+        if isinstance(self.inner, LegacyFedAvgM):   # each steps from what it holds
+            self.inner.initial_parameters = fixed
+        elif isinstance(self.inner, LegacyFedAdam):
+            self.inner.current_weights = parameters_to_ndarrays(fixed)
+        return fixed, metrics
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list:  # type: ignore[type-arg]
@@ -301,21 +316,24 @@ class _Aggregate(LegacyStrategy):
 
 
 def _legacy_strategy(config: ServerConfig, initial: Parameters) -> LegacyStrategy:
-    n = config.clients
+    n, k = config.clients, config.sampled
     dp = config.private.dp_epsilon is not None
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
         extra: dict[str, Scalar] = {"clipping_norm": config.private.dp_clip} if dp else {}
         if config.strategy == "fedprox":
             extra["proximal-mu"] = config.proximal_mu
-        return {**config.device_config(), "server-round": server_round, **extra}
+        return {**config.device_config(), "lr": config.lr_at(server_round),
+                "server-round": server_round, **extra}
 
-    common = {"fraction_fit": 1.0, "fraction_evaluate": 0.0, "min_fit_clients": n,
+    common = {"fraction_fit": k / n, "fraction_evaluate": 0.0, "min_fit_clients": k,
               "min_evaluate_clients": n, "min_available_clients": n,
               "initial_parameters": initial, "on_fit_config_fn": fit_config,
               "accept_failures": True}
     if config.strategy == "fedadam":
         return LegacyFedAdam(**common, eta=config.server_lr)   # type: ignore[arg-type]
+    if config.strategy == "fedavgm":
+        return LegacyFedAvgM(**common, server_momentum=config.server_momentum)  # type: ignore[arg-type]
     return LegacyFedAvg(**common)   # type: ignore[arg-type]
 
 
@@ -334,7 +352,7 @@ class _Rounds:
         self.keys = keys
         self.aggregate = aggregate
         self.on_round = on_round
-        shares, threshold = secagg_parameters(config.clients, config.private.survive)
+        shares, threshold = secagg_parameters(config.sampled, config.private.survive)
         # with DP every device weighs 1: a max_weight of 1 keeps the quantisation's
         # full precision (SecAgg+ scales each upload by weight / max_weight)
         dp = config.private.dp_epsilon is not None
@@ -373,8 +391,8 @@ class _Rounds:
         state, reasons = self.secagg.state, self.reasons()
         if state is None or not reasons:
             return "no device replied in time"
-        return (f"{self.config.clients - len(state.active_node_ids)} of "
-                f"{self.config.clients} devices failed, e.g. {reasons[0]}")
+        return (f"{self.config.sampled - len(state.active_node_ids)} of "
+                f"{self.config.sampled} devices failed, e.g. {reasons[0]}")
 
     def evaluate(self, grid: Grid, context: LegacyContext) -> None:
         server_round = len(self.rounds) + 1
@@ -382,21 +400,23 @@ class _Rounds:
         arrays = ArrayRecord({k: Array(a) for k, a in
                               zip(self.keys, self.body(context), strict=True)})
         config = ConfigRecord({**self.config.device_config(), "server-round": server_round})
-        messages = list(self.evaluation.configure_evaluate(server_round, arrays, config, grid))
+        messages = sample_evaluation(list(self.evaluation.configure_evaluate(
+            server_round, arrays, config, grid)), server_round, self.config)
         replies = list(grid.send_and_receive(messages, timeout=self.config.timeout))
         metrics = self.evaluation.aggregate_evaluate(server_round, replies)
         stats = self.aggregate.last or _Round()
         halted = not change > 0
         acc = self.aggregate.accountant
+
         report = RoundReport(
             server_round, time.perf_counter() - started, stats.train_loss,
-            float(metrics["accuracy"]) if metrics and "accuracy" in metrics else 0.0,
+            metric(metrics, "accuracy"),
             change, 0 if halted else stats.survivors,
-            self.config.clients - (0 if halted else stats.survivors),
+            self.config.sampled - (0 if halted else stats.survivors),
             epsilon=acc.get_epsilon(self.config.private.delta)
             if acc is not None and acc.num_releases else None,
             refused=refusals(self.reasons()),
-            halted=halted)
+            halted=halted, global_accuracy=metric(metrics, "global-accuracy"))
         self.rounds.append(report)
         if self.on_round is not None:
             self.on_round(report)
@@ -436,7 +456,7 @@ def private_server_app(*, initial_body: dict[str, np.ndarray], config: ServerCon
     ``config.private.secagg``, else :func:`~edgeloop.federated.server.server_app`, with
     Flower's DP wrapper around its strategy when there is a ``plan``."""
     if config.private.secagg:
-        secagg_parameters(config.clients, config.private.survive)   # refuse early
+        secagg_parameters(config.sampled, config.private.survive)   # refuse early
         return _secagg_server_app(initial_body=initial_body, config=config, plan=plan,
                                   seed=seed, on_round=on_round, on_result=on_result)
     wrap = None if plan is None else (lambda strategy: dp_strategy(strategy, plan))

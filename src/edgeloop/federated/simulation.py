@@ -2,15 +2,16 @@
 running the federated body with private heads on non-IID MNIST-1D, and the figures that
 say whether it was worth it.
 
-- **personalised**: the final global body with each device's own head, on its own test
-  data (what a device would run);
-- **global**: the final global body with a head the server fits on its small public set
-  (MNIST-1D's ``val`` split, shifted like the devices' data; no device holds it), on all
-  devices' test data pooled: the one model a new device would start from;
-- **local only**: each device trains a fresh model on its own data alone, as many epochs as
-  it trained in the whole federated run (``rounds * local_epochs``);
-- **centralised** (optional): one model trained on all devices' training data pooled for
-  the same number of epochs, on the pooled test data.
+- **personalised**: the final global body with each device's private head (fine-tuned by
+  the device in the last round), on its own test data: what a device would run;
+- **global**: the final shared model (body and global head) on all devices' test data
+  pooled: the one model a new device would start from;
+- **local only**: each device trains a fresh model on its own data alone
+  (``LOCAL_ONLY_EPOCHS`` epochs of Adam);
+- **centralised** (optional): one model trained on all devices' training data pooled, the
+  way the zoo trains (:func:`edgeloop.zoo.train.train`, its default settings; the best
+  epoch chosen on the server's public set, MNIST-1D's ``val`` split shifted like the
+  devices' data), on the pooled test data.
 
 Accuracies over devices are weighted by their test samples.
 """
@@ -34,6 +35,8 @@ from flwr.simulation import run_simulation
 from torch import nn
 
 from edgeloop._io import atomic_path, write_text_atomic
+from edgeloop._progress import progress
+from edgeloop._trainconfig import TrainConfig
 from edgeloop.data import Dataset
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated._flower import quiet_flower
@@ -48,14 +51,14 @@ from edgeloop.federated.partition import (
 )
 from edgeloop.federated.secagg import dp_plan, private_mods, private_server_app
 from edgeloop.federated.server import RoundReport, ServerResult
-from edgeloop.federated.split import BodyHeadSplit, split_model
+from edgeloop.federated.split import split_model
 from edgeloop.zoo import ARCHS, build, save_torch
-from edgeloop.zoo.train import accuracy
+from edgeloop.zoo.train import accuracy, train
 
 __all__ = ["SimulationResult", "simulate"]
 
 MODEL_FILE, BODY_FILE, RESULT_FILE = "model.pt", "body.pt", "result.json"
-_HEAD_EPOCHS = 30   # the server's head fit on its public set (a linear layer: seconds)
+LOCAL_ONLY_EPOCHS = 100   # a device's whole model on its few dozen samples: converged
 
 
 @dataclass
@@ -90,21 +93,6 @@ def _fresh(config: SimulationConfig, salt: int = 0) -> nn.Module:
         return build(config.arch)
 
 
-def _fit_head(model: nn.Module, split: BodyHeadSplit, data: Dataset, *, seed: int) -> None:
-    """Train only the head of ``model`` on ``data`` (the body frozen, BatchNorm in eval)."""
-    head = [p for name, p in model.named_parameters() if name.startswith(split.head)]
-    assert data.labels is not None
-    x, y = torch.from_numpy(data.inputs["x"]), torch.from_numpy(data.labels)
-    opt = torch.optim.Adam(head, lr=1e-2)
-    gen = torch.Generator().manual_seed(seed)
-    model.eval()
-    for _ in range(_HEAD_EPOCHS):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-
-
 def _mean(pairs: list[tuple[float, int]]) -> float:
     return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
 
@@ -131,7 +119,7 @@ def simulate(config: SimulationConfig | None = None, *,
 
     ``devices``: the folder of the devices' state folders (``node-<id>/head.pt``); default
     a temporary one, removed. ``out``: a folder to write ``model.pt`` (an edgeloop
-    checkpoint: global body + the server's head), ``body.pt`` (the body's
+    checkpoint: global body + global head), ``body.pt`` (the body's
     ``state_dict``) and ``result.json``, each atomically. ``on_round`` gets every round's
     report as it ends. ``mods``: Flower client mods, outermost first. ``verbose`` lets
     Flower's and Ray's own logs through.
@@ -151,13 +139,13 @@ def simulate(config: SimulationConfig | None = None, *,
     results: list[ServerResult] = []
     plan = dp_plan(config)
     with _folder(devices) as root:
-        private = private_mods(config, plan=plan, body_keys=split.body_keys, state_root=root,
+        private = private_mods(config, plan=plan, body_keys=split.shared_keys, state_root=root,
                                seed=config.seed)
         client = client_app(model_fn=functools.partial(build, config.arch), data_fn=data_fn,
                             head=config.head, state_root=root, seed=config.seed,
                             mods=[*(mods or []), *private])
         server = private_server_app(
-            initial_body={k: v.numpy() for k, v in split.body(model).items()},
+            initial_body={k: v.numpy() for k, v in split.shared(model).items()},
             config=config, plan=plan, seed=config.seed, on_round=on_round,
             on_result=results.append)
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -172,29 +160,27 @@ def simulate(config: SimulationConfig | None = None, *,
         if not results:
             raise TransportError("the simulation ended without a result; run it again with "
                                  "verbose logs (--verbose) to see Flower's")
-        body = {k: torch.from_numpy(v) for k, v in results[0].body.items()}
+        shared = {k: torch.from_numpy(v) for k, v in results[0].body.items()}
 
         per_device = []
-        for i, p in enumerate(parts):
+        for i, p in progress(enumerate(parts), "local-only baselines", total=len(parts)):
             personal = _fresh(config, salt=i)
-            split.load(personal, body, "body")
+            split.load(personal, shared, "shared")
             load_head(personal, split, root / f"node-{i}")
             local = _fresh(config, salt=i)
-            fit_local(local, split, p.train, epochs=config.rounds * config.local_epochs,
-                      lr=config.lr, batch_size=config.batch_size, seed=config.seed + i)
+            fit_local(local, split, p.train, epochs=LOCAL_ONLY_EPOCHS, lr=3e-3,
+                      batch_size=config.batch_size, seed=config.seed + i)
             per_device.append({"test_samples": len(p.test),
                                "personalised": accuracy(personal, p.test),
                                "local_only": accuracy(local, p.test)})
 
-    split.load(model, body, "body")
-    _fit_head(model, split, public_set(seed=config.seed), seed=config.seed)
+    split.load(model, shared, "shared")
     pooled_test = Dataset.concat([p.test for p in parts])
     centralised = None
     if config.centralised:
-        central = _fresh(config)
-        fit_local(central, split, Dataset.concat([p.train for p in parts]),
-                  epochs=config.rounds * config.local_epochs, lr=config.lr,
-                  batch_size=config.batch_size, seed=config.seed)
+        central = train(_fresh(config), Dataset.concat([p.train for p in parts]),
+                        public_set(seed=config.seed), TrainConfig(seed=config.seed),
+                        description="centralised baseline")
         centralised = accuracy(central, pooled_test)
     weights = [d["test_samples"] for d in per_device]
     result = SimulationResult(
@@ -210,7 +196,7 @@ def simulate(config: SimulationConfig | None = None, *,
         per_device=per_device,
         noise_multiplier=None if plan is None else plan.noise_multiplier)
     if out is not None:
-        _write(Path(out), model, body, config, result)
+        _write(Path(out), model, split.body(model), config, result)
     return result
 
 

@@ -1,14 +1,22 @@
-"""The body/head split of a torch model (FedPer / FedRep style).
+"""The body/head split of a torch model, and the private head.
 
-The **body** is every entry of the model's ``state_dict`` that is shared: it is what the
-devices train together and the only thing any federated message carries. The **head** is
-the entries under one name prefix (a classifier layer): each device trains its own and
-keeps it in its state folder. BatchNorm's ``num_batches_tracked`` counters stay local too:
-an integer step count has no meaningful average.
+The **body** is every entry of the model's ``state_dict`` outside one name prefix, the
+**head** (a classifier layer). The devices train the **shared model** together: the body
+and a *global* head, the model a new device starts from; it is the only thing a federated
+message carries. Each device also keeps a **private head**, fine-tuned from the global
+head on its own data and stored in its state folder; it never leaves the device.
+BatchNorm's ``num_batches_tracked`` counters stay local: an integer step count has no
+meaningful average.
+
+Why a global head and not only private ones (FedPer/FedRep train the body alone): a body
+trained under heads that drift apart per device, or under one frozen random head
+(FedBABU), fits no single head well: on MNIST-1D split over 100 devices (Dirichlet 0.3)
+the global model then stayed 7 points or more under centralised training, where FedAvg
+of the whole model followed by a head fine-tune on the device gets close to it.
 
 References: Arivazhagan et al., "Federated Learning with Personalization Layers" (FedPer,
 2019); Collins et al., "Exploiting Shared Representations for Personalized Federated
-Learning" (FedRep, ICML 2021).
+Learning" (FedRep, ICML 2021); Oh et al., "FedBABU" (ICLR 2022).
 """
 
 from __future__ import annotations
@@ -39,15 +47,26 @@ class BodyHeadSplit:
         state = model.state_dict()
         return {k: state[k].detach().clone() for k in self.body_keys}
 
+    @property
+    def shared_keys(self) -> tuple[str, ...]:
+        """The shared model's entries: the body's, then the global head's."""
+        return self.body_keys + self.head_keys
+
+    def shared(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The shared model's tensors of ``model`` (detached copies)."""
+        state = model.state_dict()
+        return {k: state[k].detach().clone() for k in self.shared_keys}
+
     def head_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The head's tensors of ``model`` (detached copies)."""
         state = model.state_dict()
         return {k: state[k].detach().clone() for k in self.head_keys}
 
     def load(self, model: nn.Module, part: dict[str, torch.Tensor], which: str) -> None:
-        """Copy ``part`` (the ``which`` = "body" or "head" of a model of this
+        """Copy ``part`` (the ``which`` = "body", "head" or "shared" of a model of this
         architecture) into ``model``; every key of that part must be there, no other."""
-        keys = set(self.body_keys if which == "body" else self.head_keys)
+        keys = set({"body": self.body_keys, "head": self.head_keys,
+                    "shared": self.shared_keys}[which])
         if set(part) != keys:
             missing, extra = sorted(keys - set(part)), sorted(set(part) - keys)
             raise UsageError(f"the {which} does not fit the model: missing {missing[:3]}, "
