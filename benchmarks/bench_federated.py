@@ -5,9 +5,11 @@ under dropouts; Flower's Deployment Engine with TLS and SuperNode authentication
 Every part runs Flower for real (the simulation engine with one Ray actor, or SuperLink and
 SuperNode processes on 127.0.0.1). The parts run as separate processes, two at a time,
 each pinned to one core: the accuracy runs first, side by side, then the timed parts one at
-a time on an otherwise idle machine. ``--part NAME`` runs one part and prints its JSON.
+a time on an otherwise idle machine. Every part's figures are kept in
+``results/federated.json``; ``--only NAME ...`` reruns those parts and rewrites the section
+with the others' kept figures. ``--part NAME`` runs one part and prints its JSON.
 
-    python benchmarks/bench_federated.py [--rounds 200] [--dp-rounds 50]
+    python benchmarks/bench_federated.py [--rounds 200] [--dp-rounds 50] [--only accuracy]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from _federated_private import dropout_rounds, round_times  # noqa: E402
-from _report import claims_table, write_section  # noqa: E402
+from _report import RESULTS, claims_table, write_section  # noqa: E402
 
 from edgeloop.federated.config import PrivateConfig, SimulationConfig  # noqa: E402
 from edgeloop.federated.simulation import simulate  # noqa: E402
@@ -157,19 +159,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="rounds of the no-DP run")
     parser.add_argument("--dp-rounds", type=int, default=50, help="rounds of each DP run")
     parser.add_argument("--part", choices=sorted(PARTS), default=None)
+    parser.add_argument("--only", choices=sorted(PARTS), nargs="+", default=sorted(PARTS))
     args = parser.parse_args()
     if args.part:
         print(json.dumps(PARTS[args.part](args)))
         return
-    results: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(2) as pool:   # one core each: the accuracy runs side by side
-        a = pool.submit(_run_part, "accuracy", args, 0)
-        dp = [pool.submit(_run_part, f"dp-{e:g}", args, 1) for e in EPSILONS]
-        results["accuracy"] = a.result()
-        for e, f in zip(EPSILONS, dp, strict=True):
-            results[f"dp-{e:g}"] = f.result()
+    kept = RESULTS / "federated.json"
+    results: dict[str, dict[str, Any]] = json.loads(kept.read_text()) if kept.is_file() else {}
+    if missing := sorted(set(PARTS) - set(results) - set(args.only)):
+        raise SystemExit(f"no kept figures for {', '.join(missing)}: run them too")
+    lanes = [[p for p in ("accuracy",) if p in args.only],   # one core each, side by side
+             [p for p in (f"dp-{e:g}" for e in EPSILONS) if p in args.only]]
+
+    def lane(core: int) -> dict[str, dict[str, Any]]:
+        return {p: _run_part(p, args, core) for p in lanes[core]}
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in pool.map(lane, (0, 1)):
+            results.update(done)
     for name in ("secagg-20", "secagg-100", "dropout", "deployment"):   # timed: alone
-        results[name] = _run_part(name, args, 0)
+        if name in args.only:
+            results[name] = _run_part(name, args, 0)
+    kept.write_text(json.dumps(results, indent=1) + "\n")
     body = _section(results)
     print(body)
     write_section("federated", "Federated personalisation: Flower, SecAgg+, DP, private "

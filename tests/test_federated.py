@@ -308,3 +308,33 @@ def test_a_round_in_which_every_device_fails_is_one_error() -> None:
                                              r"\(2 of 2 failed; sensor unplugged\)$"):
         simulate(SimulationConfig(clients=2, rounds=1, timeout=300), mods=[_unplugged])
     _no_process_left(before)
+
+
+def test_fedavgm_steps_the_weights_but_averages_the_batchnorm_statistics(tmp_path: Path
+                                                                         ) -> None:
+    """A server optimiser's step is for parameters; BatchNorm's running statistics are
+    the devices' plain mean (momentum on them drives a variance negative: NaN)."""
+    wire = tmp_path / "wire"
+    wire.mkdir()
+    simulate(SimulationConfig(clients=4, rounds=2, strategy="fedavgm"), out=tmp_path / "out",
+             devices=tmp_path / "devices", mods=[Spy(wire, tmp_path / "devices")])
+    keys = split_model(MNIST1DCNN()).shared_keys     # the order of every reply's arrays
+    replies, weights = [], []
+    for config in wire.glob("train-*.config.json"):
+        if json.loads(config.read_text())["server-round"] == 2:
+            stem = config.name.removesuffix(".config.json")
+            with np.load(wire / f"{stem}.body.npz") as arrays:
+                replies.append([arrays[f"arr_{i}"] for i in range(len(keys))])
+            weights.append(len(mnist1d_partition(int(stem.split("-")[1]), 4).train))
+    assert len(replies) == 4
+    final = torch.load(tmp_path / "out" / "body.pt", weights_only=True)
+    stepped = 0
+    for i, key in enumerate(keys):
+        if key not in final:
+            continue                                 # the global head: not in body.pt
+        mean = np.average([r[i] for r in replies], axis=0, weights=weights)
+        if key.endswith(("running_mean", "running_var")):
+            np.testing.assert_allclose(final[key].numpy(), mean, rtol=1e-5, atol=1e-6)
+        else:
+            stepped += not np.allclose(final[key].numpy(), mean, rtol=1e-4, atol=1e-6)
+    assert stepped > 0                               # momentum moved the parameters

@@ -40,14 +40,15 @@ DataFn = Callable[[int, int], tuple[Dataset, Dataset]]
 
 
 def state_dir(node_config: dict[str, object], root: str | os.PathLike[str] | None) -> Path:
-    """A device's state folder (module docstring), created if missing."""
+    """A device's state folder (module docstring), created if missing, readable by its
+    owner only (it holds the private head)."""
     if "state-dir" in node_config:
         folder = Path(str(node_config["state-dir"]))
     elif root is not None and "partition-id" in node_config:
         folder = Path(root) / f"node-{int(node_config['partition-id'])}"  # type: ignore[arg-type]
     else:
         raise UsageError("a device needs a state folder: set `state-dir` in its node config")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
 
 

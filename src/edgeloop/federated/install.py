@@ -33,7 +33,8 @@ __all__ = ["HEAD_FILE", "PERSONAL_MODEL", "PERSONAL_SPEC", "own_head", "pending_
 
 PERSONAL_MODEL = "personal.pt"    # bundle file: the torch checkpoint, body + default head
 PERSONAL_SPEC = "personal.json"   # bundle file: {"format": 1, "head": "<prefix>"}
-HEAD_FILE = "head.pt"             # the device's own head in its state folder (see .local)
+HEAD_FILE = "head.pt"             # the device's own head in its state folder (.local
+                                  # writes it)
 
 
 def pending_head(state_dir: str | os.PathLike[str], model_sha256: str) -> Path:

@@ -19,11 +19,11 @@ from torch import nn
 from edgeloop._io import atomic_path
 from edgeloop.data import Dataset
 from edgeloop.errors import DataError
+from edgeloop.federated.install import HEAD_FILE
 from edgeloop.federated.split import BodyHeadSplit
 
 __all__ = ["HEAD_FILE", "fit_local", "load_head", "save_head"]
 
-HEAD_FILE = "head.pt"
 
 
 def fit_local(model: nn.Module, split: BodyHeadSplit, data: Dataset, *, epochs: int,
