@@ -1,6 +1,6 @@
 """Flower's Deployment Engine on loopback with TLS and SuperNode authentication: a
 SuperLink and 3 registered SuperNodes (real processes on 127.0.0.1) run the federated
-body with private heads, and the ServerApp times each round (train + evaluate).
+shared model with private heads, and the ServerApp times each round (train + evaluate).
 
 :func:`deployment_rounds` returns (markdown lines, {claim: holds}) for
 ``benchmarks/bench_federated.py``; ``python benchmarks/_fl_deploy.py [ROUNDS]`` prints
@@ -30,14 +30,14 @@ def deployment_rounds(rounds: int = 2) -> tuple[list[str], dict[str, bool]]:
         started = time.perf_counter()
         with local_fleet(root, nodes=NODES) as fleet:
             up = time.perf_counter() - started
-            result = fleet.run(DeploymentConfig(clients=NODES, rounds=rounds),
-                               results=root / "results")
+            config = DeploymentConfig(clients=NODES, rounds=rounds)
+            result = fleet.run(config, results=root / "results")
         heads = sum((root / f"device-{i}" / "head.pt").is_file() for i in range(NODES))
     times = [r.seconds for r in result.rounds]
     lines = [
         f"Deployment Engine on 127.0.0.1, TLS + SuperNode authentication, {NODES} "
-        f"registered SuperNodes, {rounds} rounds of FedAvg (train + evaluate), "
-        f"`mnist1d-cnn` body with private heads:",
+        f"registered SuperNodes, {rounds} rounds of {config.strategy} (train + evaluate), "
+        f"`mnist1d-cnn` shared model, private heads:",
         "",
         "| round | seconds | accuracy (global body + own head) | devices |",
         "|---|---|---|---|",

@@ -6,8 +6,8 @@ say whether it was worth it.
   the device in the last round), on its own test data: what a device would run;
 - **global**: the final shared model (body and global head) on all devices' test data
   pooled: the one model a new device would start from;
-- **local only**: each device trains a fresh model on its own data alone
-  (``LOCAL_ONLY_EPOCHS`` epochs of Adam);
+- **local only**: each device trains a fresh model on its own data alone (Adam,
+  ``LOCAL_ONLY_STEPS`` steps: about 100 epochs of a few dozen samples);
 - **centralised** (optional): one model trained on all devices' training data pooled, the
   way the zoo trains (:func:`edgeloop.zoo.train.train`, its default settings; the best
   epoch chosen on the server's public set, MNIST-1D's ``val`` split shifted like the
@@ -58,7 +58,7 @@ from edgeloop.zoo.train import accuracy, train
 __all__ = ["SimulationResult", "simulate"]
 
 MODEL_FILE, BODY_FILE, RESULT_FILE = "model.pt", "body.pt", "result.json"
-LOCAL_ONLY_EPOCHS = 100   # a device's whole model on its few dozen samples: converged
+LOCAL_ONLY_STEPS = 300   # a device's whole model on its own data, to convergence
 
 
 @dataclass
@@ -168,8 +168,9 @@ def simulate(config: SimulationConfig | None = None, *,
             split.load(personal, shared, "shared")
             load_head(personal, split, root / f"node-{i}")
             local = _fresh(config, salt=i)
-            fit_local(local, split, p.train, epochs=LOCAL_ONLY_EPOCHS, lr=3e-3,
-                      batch_size=config.batch_size, seed=config.seed + i)
+            steps_per_epoch = -(-len(p.train) // config.batch_size)
+            fit_local(local, split, p.train, epochs=-(-LOCAL_ONLY_STEPS // steps_per_epoch),
+                      lr=3e-3, batch_size=config.batch_size, seed=config.seed + i)
             per_device.append({"test_samples": len(p.test),
                                "personalised": accuracy(personal, p.test),
                                "local_only": accuracy(local, p.test)})
