@@ -291,7 +291,8 @@ class _Aggregate(LegacyStrategy):
             self.accountant.compose(self.plan.event())
         self.last = stats
         new, metrics = self.inner.aggregate_fit(server_round, results, [])
-        if new is None or not results or self.inner.__class__ is LegacyFedAvg:
+        if new is None or not results or not isinstance(self.inner,
+                                                        (LegacyFedAvgM, LegacyFedAdam)):
             return new, metrics
         fixed = ndarrays_to_parameters(averaged_statistics(   # the server optimiser's step
             self.keys, parameters_to_ndarrays(new),           # leaves them alone

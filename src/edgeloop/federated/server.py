@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from edgeloop.errors import TransportError, VerificationError
 from edgeloop.federated.config import ServerConfig
@@ -91,13 +92,6 @@ def averaged_statistics(keys: list[str], optimised: list[np.ndarray], mean: list
             for k, o, m in zip(keys, optimised, mean, strict=True)]
 
 
-def _weighted_mean(replies: list[Message], keys: list[str]) -> list[np.ndarray]:
-    weights = np.array([float(m.content["metrics"]["num-examples"]) for m in replies])
-    stacks = [m.content["arrays"].to_numpy_ndarrays() for m in replies]
-    return [np.tensordot(weights / weights.sum(), np.stack([s[i] for s in stacks]), 1)
-            .astype(stacks[0][i].dtype) for i in range(len(keys))]
-
-
 def _flat(arrays: ArrayRecord) -> np.ndarray:
     return np.concatenate([a.ravel().astype(np.float64) for a in arrays.to_numpy_ndarrays()])
 
@@ -149,9 +143,10 @@ class _RoundWatch(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is not None and self.config.strategy in _SERVER_OPTIMISERS and ok:
             keys = list(arrays)
-            fixed = averaged_statistics(
-                keys, arrays.to_numpy_ndarrays(),
-                _weighted_mean([m for m in replies if not m.has_error()], keys))
+            mean = aggregate_arrayrecords([m.content for m in replies if not m.has_error()],
+                                          "num-examples")
+            fixed = averaged_statistics(keys, arrays.to_numpy_ndarrays(),
+                                        mean.to_numpy_ndarrays())
             arrays = ArrayRecord({k: Array(a) for k, a in zip(keys, fixed, strict=True)})
             if isinstance(self.inner, FedAvgM):   # it steps from what it holds, not what
                 self.inner.current_arrays = arrays   # configure_train is given
