@@ -19,8 +19,17 @@ from torch import nn
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -108,6 +117,19 @@ def test_the_proximal_term_pulls_the_body_towards_the_global_one() -> None:
         moved[mu] = sum(float((end[k].float() - start[k].float()).norm()) for k in start
                         if "running" not in k)
     assert moved[10.0] < 0.8 * moved[0.0], moved
+
+
+def test_weight_decay_shrinks_the_weights_sgd_trains() -> None:
+    data = mnist1d_partition(0, 4).train
+    norms = {}
+    for decay in (0.0, 0.05):
+        torch.manual_seed(0)
+        model = MNIST1DCNN(width=8)
+        fit_local(model, split_model(model), data, epochs=3, lr=0.05, momentum=0.9,
+                  weight_decay=decay, seed=0)
+        norms[decay] = float(torch.cat([p.detach().flatten() for p in model.parameters()
+                                        ]).norm())
+    assert norms[0.05] < 0.9 * norms[0.0], norms
 
 
 class _Unchanged(Strategy):
@@ -259,11 +281,12 @@ def test_simulation_learns_and_keeps_heads_on_the_devices(run: Run) -> None:
     assert not any(k.startswith("head.") for k in body)
 
 
-def test_fedprox_sends_its_mu_to_every_device(run: Run) -> None:
+def test_fedprox_sends_its_mu_and_the_settings_to_every_device(run: Run) -> None:
     _, _, wire, _ = run
     configs = [json.loads(p.read_text()) for p in wire.glob("train-*.config.json")]
     assert len(configs) == CLIENTS * ROUNDS
-    assert all(c["proximal-mu"] == 0.1 and c["local-epochs"] == 1 for c in configs)
+    assert all(c["proximal-mu"] == 0.1 and c["local-epochs"] == 1
+               and c["weight-decay"] == ServerConfig().weight_decay for c in configs)
 
 
 def test_what_a_device_sends_holds_the_shared_model_but_not_its_head_or_inputs(run: Run
@@ -302,11 +325,22 @@ def _unplugged(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     raise RuntimeError("sensor unplugged")
 
 
-def test_a_round_in_which_every_device_fails_is_one_error() -> None:
+def _cannot_evaluate(msg: Message, context: Context, call_next: ClientAppCallable
+                     ) -> Message:
+    if msg.metadata.message_type == MessageType.EVALUATE:
+        raise RuntimeError("test data lost")
+    return call_next(msg, context)
+
+
+@pytest.mark.parametrize(("mod", "error"), [
+    (_unplugged, r"round 1: no device's update arrived \(2 of 2 failed; sensor unplugged\)$"),
+    (_cannot_evaluate, r"round 1: every device failed to evaluate the new shared model "
+                       r"\(2 of 2; test data lost\)$"),
+], ids=["train", "evaluate"])
+def test_a_round_in_which_every_device_fails_is_one_error(mod: Mod, error: str) -> None:
     before = _descendants()
-    with pytest.raises(TransportError, match=r"round 1: no device's update arrived "
-                                             r"\(2 of 2 failed; sensor unplugged\)$"):
-        simulate(SimulationConfig(clients=2, rounds=1, timeout=300), mods=[_unplugged])
+    with pytest.raises(TransportError, match=error):
+        simulate(SimulationConfig(clients=2, rounds=1, timeout=300), mods=[mod])
     _no_process_left(before)
 
 

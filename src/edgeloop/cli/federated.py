@@ -41,6 +41,8 @@ def federated_simulate(
     lr: Annotated[float, typer.Option(
         help="Devices' SGD learning rate in round 1 (cosine-decayed over the rounds)")
                   ] = _DEFAULT.lr,
+    weight_decay: Annotated[float, typer.Option(help="Devices' SGD weight decay")
+                            ] = _DEFAULT.weight_decay,
     seed: Annotated[int, typer.Option(help="Data split, shifts, initial weights")
                     ] = _DEFAULT.seed,
     centralised: Annotated[bool, typer.Option(
@@ -74,8 +76,9 @@ def federated_simulate(
     private = PrivateConfig(secagg=secagg, dropout=dropout, dp_epsilon=dp_epsilon,
                             dp_clip=dp_clip, device_budget=device_budget)
     config = SimulationConfig(clients=clients, rounds=rounds, strategy=strategy, alpha=alpha,
-                              fraction=fraction, local_epochs=local_epochs, lr=lr, seed=seed,
-                              centralised=centralised, private=private)
+                              fraction=fraction, local_epochs=local_epochs, lr=lr,
+                              weight_decay=weight_decay, seed=seed, centralised=centralised,
+                              private=private)
     from edgeloop.federated.simulation import simulate
 
     def show(r: RoundReport) -> None:

@@ -2,9 +2,9 @@
 fine-tunes its own private head, and sends back the shared model only.
 
 Train message in: ``arrays`` (the shared model: body and global head), ``config``
-(``local-epochs``, ``lr`` (this round's), ``batch-size``, ``server-round``;
-``proximal-mu`` from FedProx). The device trains the shared model on its data with SGD
-(:func:`fit_local`) and replies ``arrays`` (the updated shared model) and ``metrics``
+(``local-epochs``, ``lr`` (this round's), ``weight-decay``, ``batch-size``,
+``server-round``; ``proximal-mu`` from FedProx). The device trains the shared model on its
+data with SGD (:func:`fit_local`) and replies ``arrays`` (the updated shared model) and ``metrics``
 (``num-examples``, ``train-loss``). Evaluate message in: the same; the device measures the
 global model on its own test data, then fine-tunes its private head from the global head
 (``head-epochs`` at ``head-lr``, the body frozen), keeps it and replies ``metrics``
@@ -94,6 +94,7 @@ def client_app(*, model_fn: ModelFn, data_fn: DataFn, head: str | None = None,
         data, _ = data_fn(pid, parts)
         loss = fit_local(model, split, data, epochs=int(config["local-epochs"]),
                          lr=float(config["lr"]), momentum=LOCAL_MOMENTUM,
+                         weight_decay=float(config.get("weight-decay", 0.0)),
                          batch_size=int(config["batch-size"]),
                          proximal_mu=float(config.get("proximal-mu", 0.0)),
                          seed=_seed(seed, pid, config))

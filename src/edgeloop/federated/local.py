@@ -29,14 +29,14 @@ __all__ = ["HEAD_FILE", "fit_local", "load_head", "save_head"]
 def fit_local(model: nn.Module, split: BodyHeadSplit, data: Dataset, *, epochs: int,
               lr: float, batch_size: int = 32, head_epochs: int = 0,
               head_lr: float | None = None, momentum: float | None = None,
-              proximal_mu: float = 0.0, seed: int = 0) -> float:
+              weight_decay: float = 0.0, proximal_mu: float = 0.0, seed: int = 0) -> float:
     """Train ``model`` on ``data``: first ``head_epochs`` epochs of the head alone on the
     frozen body (Adam at ``head_lr``, default ``lr``), then ``epochs`` epochs of the whole
-    model (Adam at ``lr``, or SGD with ``momentum`` when given: FedAvg's local solver).
-    Returns the mean loss of the last epoch. With ``proximal_mu`` > 0 the loss gains
-    FedProx's ``mu/2 * ||w - w_global||^2`` over the shared parameters, ``w_global`` being
-    what the model held on entry (Li et al., "Federated Optimization in Heterogeneous
-    Networks", MLSys 2020)."""
+    model (Adam at ``lr``, or SGD with ``momentum`` when given: FedAvg's local solver;
+    either with ``weight_decay``). Returns the mean loss of the last epoch. With
+    ``proximal_mu`` > 0 the loss gains FedProx's ``mu/2 * ||w - w_global||^2`` over the
+    shared parameters, ``w_global`` being what the model held on entry (Li et al.,
+    "Federated Optimization in Heterogeneous Networks", MLSys 2020)."""
     if data.labels is None:
         raise DataError("a device's training data has no `labels` array")
     (x,) = (torch.from_numpy(a) for a in data.inputs.values())
@@ -59,8 +59,9 @@ def fit_local(model: nn.Module, split: BodyHeadSplit, data: Dataset, *, epochs: 
     if epochs:
         model.train()
         params = list(model.parameters())
-        opt = (torch.optim.Adam(params, lr=lr) if momentum is None
-               else torch.optim.SGD(params, lr=lr, momentum=momentum))
+        opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if momentum is None
+               else torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                    weight_decay=weight_decay))
         loss = _epochs(model, opt, x, y, epochs, batch_size, gen, proximal)
     model.eval()
     return loss

@@ -169,7 +169,12 @@ class _RoundWatch(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        metrics = self.inner.aggregate_evaluate(server_round, list(replies))
+        replies = list(replies)
+        if replies and all(m.has_error() for m in replies):
+            raise TransportError(f"round {server_round}: every device failed to evaluate "
+                                 f"the new shared model ({len(replies)} of {len(replies)}; "
+                                 f"{_short(replies[0].error.reason)})")
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
         loss, change, ok, failed = self._train
         spent = (self.inner.privacy_spent()
                  if isinstance(self.inner, DifferentialPrivacyClientSideFixedClipping) else None)
