@@ -168,6 +168,9 @@ def test_a_round_that_leaves_the_body_unchanged_fails() -> None:
     (["--rounds", "0"], "`rounds` must be at least 1; got 0"),
     (["--alpha", "0"], "`alpha` must be > 0; got 0"),
     (["--strategy", "fedsgd"], "`strategy` must be one of fedavg, fedavgm, fedprox, fedadam"),
+    (["--weight-decay", "-1"], "`weight_decay` must be at least 0; got -1"),
+    (["--out", __file__], f"`out` {__file__!r} cannot be used as a folder (File exists)"),
+    (["--devices", __file__], f"`devices` {__file__!r} cannot be used as a folder"),
 ])
 def test_bad_simulate_input_is_one_line_and_exit_2(args: list[str], message: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -200,6 +200,8 @@ def test_a_run_waiting_for_a_missing_device_fails_with_the_servers_reason(
      "a SuperLink address is HOST:PORT"),
     (["run", "--creds", "{creds}", "--results", "{tmp}/r", "--clients", "1"],
      "`clients` must be at least 2; got 1"),
+    (["run", "--creds", "{creds}", "--results", "{creds}/nodes/node-0.pub"],
+     "`results` '{creds}/nodes/node-0.pub' cannot be used as a folder"),
     (["credentials", "--out", "{creds}"], "already exists"),
 ])
 def test_bad_deployment_input_is_one_line_and_exit_2(

@@ -253,6 +253,7 @@ def test_secagg_round_completes_with_30_percent_dropped_and_gives_the_survivors_
     expected_drop = [p for p in range(CLIENTS) if dropped(p, CLIENTS, 1, 0.3, seed=0)]
     assert len(expected_drop) == 2 and set(survivors) == set(range(CLIENTS)) - set(expected_drop)
     assert not report.halted and report.replies == 3 and report.failures == 2
+    assert report.train_loss is not None and report.train_loss > 0   # no DP: sent
     # the oracle: the plain weighted mean of what the survivors handed to the mask
     weights = np.array([min(w, 1000) for _, _, w in survivors.values()],  # max_weight
                        dtype=np.float64)
@@ -314,6 +315,8 @@ def test_dp_clips_what_devices_send_and_adds_noise_for_the_survivors(
     std = z * clip / 3
     assert residual.std() == pytest.approx(std, rel=0.03)
     assert abs(residual.mean()) < 5 * std / np.sqrt(residual.size)
+    # ε covers the clipped update: no device sent its loss beside it
+    assert all(r.train_loss is None for r in result.rounds)
 
 
 def test_the_reported_epsilon_is_dp_accountings(
@@ -366,6 +369,7 @@ def test_plain_dp_uses_flowers_wrapper_and_reports_its_accountants_epsilon(
     (report,) = result.rounds
     z = result.noise_multiplier
     assert z is not None and report.replies == CLIENTS and report.update_norm > 0
+    assert report.train_loss is None        # a DP device sends its clipped update alone
     # Flower's wrapper accepts no amplification only: one Gaussian release, add/remove
     assert report.epsilon == pytest.approx(_device_epsilon(z, 1), rel=1e-9)
     assert report.epsilon <= 8.0

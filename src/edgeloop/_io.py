@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from edgeloop.errors import UsageError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -21,6 +23,21 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()   # read once at import: os.umask can only be read by setting it
+
+
+def output_folder(path: str | os.PathLike[str], option: str) -> Path:
+    """Create the folder ``path`` (given as ``option``) now, before a long run that would
+    otherwise fail at its end on a path it cannot write."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"`{option}` {str(folder)!r} cannot be used as a folder "
+                         f"({e.strerror}); give a new or writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"`{option}` {str(folder)!r} is not writable; give a new or "
+                         "writable folder")
+    return folder
 
 
 @contextlib.contextmanager

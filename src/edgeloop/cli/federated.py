@@ -83,8 +83,9 @@ def federated_simulate(
 
     def show(r: RoundReport) -> None:
         err_console.print(
-            f"round {r.round}/{rounds}: {r.seconds:.1f} s, train loss {r.train_loss:.3f}, "
-            f"accuracy global {r.global_accuracy:.2%}, with own head {r.accuracy:.2%}, "
+            f"round {r.round}/{rounds}: {r.seconds:.1f} s, "
+            + ("" if r.train_loss is None else f"train loss {r.train_loss:.3f}, ")
+            + f"accuracy global {r.global_accuracy:.2%}, with own head {r.accuracy:.2%}, "
             f"model moved "
             f"{r.update_norm:.3g}, {r.replies} devices"
             + (f", {r.failures} failed" if r.failures else "")

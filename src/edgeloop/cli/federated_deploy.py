@@ -143,8 +143,9 @@ def federated_run(
 
     def show(r: RoundReport) -> None:
         err_console.print(
-            f"round {r.round}/{rounds}: {r.seconds:.1f} s, train loss {r.train_loss:.3f}, "
-            f"accuracy (global body + own head) {r.accuracy:.2%}, {r.replies} devices"
+            f"round {r.round}/{rounds}: {r.seconds:.1f} s, "
+            + ("" if r.train_loss is None else f"train loss {r.train_loss:.3f}, ")
+            + f"accuracy (global body + own head) {r.accuracy:.2%}, {r.replies} devices"
             + (f", {r.failures} failed" if r.failures else ""), highlight=False)
 
     result = run(config, superlink=superlink, creds=Credentials(creds), results=results,

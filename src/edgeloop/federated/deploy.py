@@ -43,7 +43,7 @@ from typing import IO
 
 import numpy as np
 
-from edgeloop._io import write_text_atomic
+from edgeloop._io import output_folder, write_text_atomic
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated import _procs
 from edgeloop.federated._flower import INSTALL
@@ -496,8 +496,8 @@ def run(config: DeploymentConfig, *, superlink: str, creds: Credentials, results
     ServerApp writes the latter two where it runs). ``home``: the ``FLWR_HOME`` to use
     (default: a temporary one). ``on_round`` gets each round's report as it ends."""
     _at_least("timeout", timeout, 0, strict=True)
+    output_folder(results, "results")
     wait_reachable(superlink, timeout=min(timeout, 10.0))
-    results.mkdir(parents=True, exist_ok=True)
     for stale in (ROUNDS_FILE, BODY_FILE):
         (results / stale).unlink(missing_ok=True)
     app = write_app(results / "app", config, results=results)

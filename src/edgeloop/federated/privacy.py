@@ -188,11 +188,12 @@ def clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
 def equal_weights_mod(msg: Message, context: Context, call_next: ClientAppCallable
                       ) -> Message:
     """Client mod: a train reply weighs 1 (``num-examples``), so the mean's sensitivity
-    to one device is C/m whatever its data size (Flower's DP wrapper checks it)."""
+    to one device is C/m whatever its data size (Flower's DP wrapper checks it), and
+    carries no other metric: ε accounts for the clipped update, not for a device's loss
+    sent beside it."""
     reply = call_next(msg, context)
     if msg.metadata.message_type == MessageType.TRAIN and reply.has_content():
-        metrics = reply.content["metrics"]
-        reply.content["metrics"] = MetricRecord({**metrics, "num-examples": 1})
+        reply.content["metrics"] = MetricRecord({"num-examples": 1})
     return reply
 
 

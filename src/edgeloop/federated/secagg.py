@@ -176,8 +176,10 @@ def legacy_train_mod(body_keys: tuple[str, ...], *, equal_weights: bool) -> Mod:
         if (top := max(float(np.abs(a).max(initial=0.0)) for a in body)) > VALUE_RANGE:
             raise VerificationError(f"a body value of {top:.3g} is outside SecAgg+'s "
                                     f"±{VALUE_RANGE:g}, which would clip it silently")
+        extra = {} if equal_weights else {k: v for k, v in metrics.items()
+                                          if k != "num-examples"}
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(body), weight,
-                        {k: v for k, v in metrics.items() if k != "num-examples"})  # type: ignore[misc]
+                        extra)  # type: ignore[arg-type]
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     return mod
@@ -222,7 +224,7 @@ class _Round:
     """What the legacy strategy saw of one round's aggregation."""
 
     survivors: int = 0
-    train_loss: float = 0.0
+    train_loss: float | None = None   # None when the devices sent none (DP)
 
 
 class _SecAggPlus(SecAggPlusWorkflow):
@@ -277,9 +279,9 @@ class _Aggregate(LegacyStrategy):
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         stats = _Round(survivors=len(results))
-        if results:
+        if results and all("train-loss" in r.metrics for _, r in results):
             stats.train_loss = float(np.average(
-                [float(r.metrics.get("train-loss", 0.0)) for _, r in results],
+                [float(r.metrics["train-loss"]) for _, r in results],
                 weights=[r.num_examples for _, r in results]))
         if self.plan is not None and self.accountant is not None and results:
             mean = parameters_to_ndarrays(results[0][1].parameters)

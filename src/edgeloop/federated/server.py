@@ -44,7 +44,8 @@ class RoundReport:
 
     round: int
     seconds: float                 # train and evaluate, wall clock
-    train_loss: float              # devices' last-epoch loss, weighted by samples
+    train_loss: float | None       # devices' last-epoch loss, weighted by samples (None
+                                   # under DP: a DP device sends its update alone)
     accuracy: float                # global body + each device's own head, own test data
     update_norm: float             # L2 norm of the change of the shared model
     replies: int                   # devices whose update was aggregated
@@ -117,7 +118,7 @@ class _RoundWatch(Strategy):
         self._keys: list[str] = []
         self._sampled = 0
         self._started = 0.0
-        self._train: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)
+        self._train: tuple[float | None, float, int, int] = (None, 0.0, 0, 0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -158,7 +159,7 @@ class _RoundWatch(Strategy):
         change = float(np.linalg.norm(_flat(arrays) - self._sent))
         if not change > 0:
             raise VerificationError(f"round {server_round} left the shared model unchanged")
-        loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else 0.0
+        loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None
         self._train = (loss, change, ok, self._sampled - ok)
         return arrays, metrics
 

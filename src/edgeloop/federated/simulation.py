@@ -34,7 +34,7 @@ from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 from torch import nn
 
-from edgeloop._io import atomic_path, write_text_atomic
+from edgeloop._io import atomic_path, output_folder, write_text_atomic
 from edgeloop._progress import progress
 from edgeloop._trainconfig import TrainConfig
 from edgeloop.data import Dataset
@@ -103,8 +103,7 @@ def _folder(path: str | os.PathLike[str] | None) -> Iterator[Path]:
         if stale := sorted(Path(path).glob("node-*")):
             raise UsageError(f"{str(path)!r} already holds device state ({stale[0].name}); "
                              "its heads would carry over: give an empty or new folder")
-        Path(path).mkdir(parents=True, exist_ok=True)
-        yield Path(path)
+        yield output_folder(path, "devices")
         return
     with tempfile.TemporaryDirectory(prefix="edgeloop-devices-") as tmp:
         yield Path(tmp)
@@ -129,6 +128,8 @@ def simulate(config: SimulationConfig | None = None, *,
         raise UsageError(f"`arch` must be an MNIST-1D zoo model "
                          f"({', '.join(a for a, e in ARCHS.items() if e.dataset == 'mnist1d')});"
                          f" got {config.arch!r}")
+    if out is not None:
+        out = output_folder(out, "out")
     started = time.perf_counter()
     model = _fresh(config)
     split = split_model(model, config.head)
