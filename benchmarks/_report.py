@@ -48,21 +48,25 @@ def claims_table(verdict: dict[str, bool]) -> list[str]:
             *(f"| {claim} | {'yes' if holds else '**no**'} |" for claim, holds in verdict.items())]
 
 
+def stamp() -> str:
+    """When and from what this measurement ran: "YYYY-MM-DD HH:MM UTC, commit abc1234"."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit}"
+
+
 def write_section(name: str, title: str, body: str) -> Path:
     """Write this script's section (with machine, date and command) and rebuild
     BENCHMARKS.md from every section."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [
         os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     header = (f"## {title}\n\n"
               f"- machine: {machine()}\n"
-              f"- date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
-              f"commit {commit}\n"
+              f"- date: {stamp()}\n"
               f"- command: `{command}`\n\n")
     path = RESULTS / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")

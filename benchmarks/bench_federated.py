@@ -7,7 +7,8 @@ SuperNode processes on 127.0.0.1). The parts run as separate processes, two at a
 each pinned to one core: the accuracy runs first, side by side, then the timed parts one at
 a time on an otherwise idle machine. Every part's figures are kept in
 ``results/federated.json``; ``--only NAME ...`` reruns those parts and rewrites the section
-with the others' kept figures. ``--part NAME`` runs one part and prints its JSON.
+with the others' kept figures (``--only`` alone reruns nothing). ``--part NAME`` runs one
+part and prints its JSON.
 
     python benchmarks/bench_federated.py [--rounds 200] [--dp-rounds 50] [--only accuracy]
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -31,10 +31,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from _federated_private import dropout_rounds, round_times  # noqa: E402
-from _report import RESULTS, claims_table, write_section  # noqa: E402
+from _report import RESULTS, claims_table, stamp, write_section  # noqa: E402
 
 from edgeloop.federated.config import PrivateConfig, SimulationConfig  # noqa: E402
-from edgeloop.federated.privacy import calibrate  # noqa: E402
+from edgeloop.federated.privacy import calibrate, noise_to_clip  # noqa: E402
 from edgeloop.federated.simulation import simulate  # noqa: E402
 from edgeloop.federated.split import split_model  # noqa: E402
 from edgeloop.zoo import build  # noqa: E402
@@ -71,17 +71,17 @@ def dp_scale(rounds: int) -> dict[str, Any]:
     """Why DP costs so much at 100 devices, from the accountant alone (no training): for
     each target ε and fleet (devices, sampled per round), the noise multiplier z that
     reaches ε in ``rounds`` SecAgg+ rounds and the L2 norm of one round's noise over the
-    shared model's d entries relative to the clip C of one device's update,
-    z·√d / sampled (the mean of clipped updates has norm at most C)."""
+    shared model's d entries relative to the clip C of one device's update
+    (:func:`~edgeloop.federated.privacy.noise_to_clip`)."""
     model = build("mnist1d-cnn")
-    d = sum(v.numel() for v in split_model(model).shared(model).values())
+    d = split_model(model).shared_entries(model)
     rows = []
     for eps in EPSILONS:
         for population, sampled in FLEETS:
             z = calibrate(eps, rounds=rounds, population=population, sampled=sampled,
                           secagg=True, delta=DELTA)
             rows.append({"epsilon": eps, "devices": population, "sampled": sampled, "z": z,
-                         "noise_to_clip": z * math.sqrt(d) / sampled})
+                         "noise_to_clip": noise_to_clip(z, sampled=sampled, entries=d)})
     return {"rounds": rounds, "entries": d, "rows": rows}
 
 
@@ -111,7 +111,7 @@ def _run_part(name: str, args: argparse.Namespace, core: int) -> dict[str, Any]:
     if done.returncode:
         raise SystemExit(f"part {name} failed:\n{done.stderr[-3000:]}")
     print(f"   {name} done", flush=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "measured": stamp()}
 
 
 def _seconds(run: dict[str, Any]) -> float:
@@ -188,6 +188,12 @@ def _section(r: dict[str, dict[str, Any]]) -> str:
            drop[k]["completed"] == drop[k]["rounds"] for k in ("dropout 0.1", "dropout 0.3")},
         **r["deployment"]["claims"],
     }
+    measured: dict[str, list[str]] = {}
+    for name in sorted(r):
+        measured.setdefault(r[name]["measured"], []).append(name)
+    lines += ["Parts measured (each run keeps its figures in `results/federated.json`; "
+              "`--only` reruns some): " + "; ".join(
+                  f"{', '.join(names)}: {when}" for when, names in sorted(measured.items())), ""]
     return "\n".join(lines + claims_table(verdict))
 
 
@@ -196,7 +202,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200, help="rounds of the no-DP run")
     parser.add_argument("--dp-rounds", type=int, default=50, help="rounds of each DP run")
     parser.add_argument("--part", choices=sorted(PARTS), default=None)
-    parser.add_argument("--only", choices=sorted(PARTS), nargs="+", default=sorted(PARTS))
+    parser.add_argument("--only", choices=sorted(PARTS), nargs="*", default=sorted(PARTS),
+                        help="parts to rerun (none: rewrite the section from kept figures)")
     args = parser.parse_args()
     if args.part:
         print(json.dumps(PARTS[args.part](args)))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,7 @@ from edgeloop.compress import SCHEMES, make_scheme, run_pass
 from edgeloop.data import Dataset, load_builtin, save_npz
 from edgeloop.errors import EdgeloopError
 from edgeloop.measure import LatencyConfig, evaluate
-from edgeloop.zoo import train_zoo_model
+from edgeloop.zoo import build, train_zoo_model
 
 if TYPE_CHECKING:
     from edgeloop.bundle import Device
@@ -306,6 +307,9 @@ def _watch(out: Path, best: Path) -> None:
                   f"confidence (`edgeloop telemetry summary`)", highlight=False)
 
 
+DEMO_ROUNDS, DEMO_DP_ROUNDS, DEMO_EPSILON = 12, 3, 8.0
+
+
 def _federate(out: Path) -> None:
     from importlib.util import find_spec
 
@@ -314,22 +318,39 @@ def _federate(out: Path) -> None:
                       "&& pip install --no-deps flwr==1.42.0 dp-accounting==0.6.0)")
         return
     from edgeloop.federated.config import PrivateConfig, SimulationConfig
+    from edgeloop.federated.privacy import noise_to_clip
     from edgeloop.federated.simulation import simulate
+    from edgeloop.federated.split import split_model
 
-    config = SimulationConfig(clients=20, rounds=6, fraction=0.5, local_epochs=2,
+    config = SimulationConfig(clients=20, rounds=DEMO_ROUNDS, fraction=0.5, local_epochs=2,
                               private=PrivateConfig(secagg=True))
 
     def show(r: RoundReport) -> None:
         console.print(f"   round {r.round}: {r.replies} devices summed under SecAgg+, global "
-                      f"{r.global_accuracy:.1%}, with own heads {r.accuracy:.1%}",
+                      f"{r.global_accuracy:.1%}, with own heads {r.accuracy:.1%}"
+                      + ("" if r.epsilon is None else f", ε spent {r.epsilon:.2f}"),
                       highlight=False)
 
     result = simulate(config, out=out / "federated", on_round=show)
     console.print(f"   personalised (global body + each device's private head, its own test "
                   f"data) {result.personalised_accuracy:.1%}; global model "
                   f"{result.global_accuracy:.1%}; each device alone "
-                  f"{result.local_only_accuracy:.1%}. Differential privacy adds "
-                  f"--dp-epsilon; its cost in accuracy is in BENCHMARKS.md", highlight=False)
+                  f"{result.local_only_accuracy:.1%}", highlight=False)
+    console.print(f"   the same with differential privacy, ε {DEMO_EPSILON:g} (δ 1e-5) over "
+                  f"{DEMO_DP_ROUNDS} rounds:", highlight=False)
+    dp = replace(config, rounds=DEMO_DP_ROUNDS,
+                 private=PrivateConfig(secagg=True, dp_epsilon=DEMO_EPSILON))
+    private = simulate(dp, on_round=show)
+    z = private.noise_multiplier or 0.0
+    model = build(config.arch)
+    entries = split_model(model).shared_entries(model)
+    console.print(f"   ε spent {private.rounds[-1].epsilon:.2f}; personalised "
+                  f"{private.personalised_accuracy:.1%}, global {private.global_accuracy:.1%}: "
+                  f"at {dp.sampled} devices a round the noise (z {z:.2f} over {entries:,} "
+                  f"weights) is {noise_to_clip(z, sampled=dp.sampled, entries=entries):.0f} "
+                  f"times a "
+                  f"round's clipped update; DP-FedAvg needs thousands of devices a round "
+                  f"(BENCHMARKS.md)", highlight=False)
 
 
 def main(out_dir: str = "demo-out") -> None:
@@ -385,9 +406,10 @@ def main(out_dir: str = "demo-out") -> None:
           f"--db {out}/telemetry.db")
     _watch(out, best)
 
-    _step("7. personalise it privately: federated rounds over Flower with SecAgg+",
-          f"edgeloop federated simulate --clients 20 --rounds 6 --fraction 0.5 "
-          f"--local-epochs 2 --secagg --out {out}/federated")
+    _step("7. personalise it privately: federated rounds over Flower with SecAgg+, then DP",
+          f"edgeloop federated simulate --clients 20 --rounds {DEMO_ROUNDS} --fraction 0.5 "
+          f"--local-epochs 2 --secagg --out {out}/federated; the same with --rounds "
+          f"{DEMO_DP_ROUNDS} --dp-epsilon {DEMO_EPSILON:g}")
     _federate(out)
     console.rule("[bold]done")
     console.print(f"Everything is in {out}/. Next: `edgeloop evaluate MODEL --data "

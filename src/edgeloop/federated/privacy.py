@@ -58,7 +58,7 @@ from edgeloop.federated.client import state_dir
 
 __all__ = ["BUDGET_FILE", "ORDERS", "BudgetSpent", "DPPlan", "DeviceBudget", "add_noise",
            "budget_mod", "calibrate", "clip_mod", "dp_strategy", "epsilon", "equal_weights_mod",
-           "new_accountant", "positive_variances", "refusals"]
+           "new_accountant", "noise_to_clip", "positive_variances", "refusals"]
 
 BUDGET_FILE = "privacy.json"
 # RDP orders: fine steps where small ε is decided, integers up to 63 for large noise
@@ -139,6 +139,13 @@ class DPPlan:
     def noise_std(self, survivors: int) -> float:
         """The std of the noise added to the mean of ``survivors`` clipped updates."""
         return self.noise_multiplier * self.clip / survivors
+
+
+def noise_to_clip(noise_multiplier: float, *, sampled: int, entries: int) -> float:
+    """The L2 norm of one round's noise over a shared model of ``entries`` numbers, as a
+    multiple of the clip C (the mean of ``sampled`` clipped updates has norm at most C):
+    z·√entries / sampled. Above 1, a round's noise outweighs all of its signal."""
+    return noise_multiplier * math.sqrt(entries) / sampled
 
 
 def add_noise(arrays: list[np.ndarray], std: float, rng: np.random.Generator

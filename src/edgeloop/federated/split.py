@@ -57,6 +57,11 @@ class BodyHeadSplit:
         state = model.state_dict()
         return {k: state[k].detach().clone() for k in self.shared_keys}
 
+    def shared_entries(self, model: nn.Module) -> int:
+        """How many numbers the shared model of ``model`` holds (what DP noise covers)."""
+        state = model.state_dict()
+        return sum(state[k].numel() for k in self.shared_keys)
+
     def head_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The head's tensors of ``model`` (detached copies)."""
         state = model.state_dict()
