@@ -322,7 +322,7 @@ def _federate(out: Path) -> None:
     from edgeloop.federated.simulation import simulate
     from edgeloop.federated.split import split_model
 
-    config = SimulationConfig(clients=20, rounds=DEMO_ROUNDS, fraction=0.5, local_epochs=2,
+    config = SimulationConfig(clients=20, rounds=DEMO_ROUNDS, fraction=0.5, local_epochs=5,
                               private=PrivateConfig(secagg=True))
 
     def show(r: RoundReport) -> None:
@@ -408,7 +408,7 @@ def main(out_dir: str = "demo-out") -> None:
 
     _step("7. personalise it privately: federated rounds over Flower with SecAgg+, then DP",
           f"edgeloop federated simulate --clients 20 --rounds {DEMO_ROUNDS} --fraction 0.5 "
-          f"--local-epochs 2 --secagg --out {out}/federated; the same with --rounds "
+          f"--local-epochs 5 --secagg --out {out}/federated; the same with --rounds "
           f"{DEMO_DP_ROUNDS} --dp-epsilon {DEMO_EPSILON:g}")
     _federate(out)
     console.rule("[bold]done")
