@@ -68,6 +68,7 @@ from edgeloop.compress.sensitivity import (
     LOOKUP_OPS,
     LayerSensitivity,
     SwitchableModel,
+    float_tables,
     output_error,
     weighted_nodes,
 )
@@ -348,9 +349,16 @@ class Int8(Pass):
         status("int8: trying int8 embedding tables")
         candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
                                    exclude=float_nodes, lookups=True)
+        left, before = float_tables(candidate), float_tables(out)
+        if len(left) >= len(before):
+            notes.append(f"embedding tables kept float: onnxruntime's {mode} quantizer has "
+                         f"no int8 form of their lookups ({', '.join(left[:3])})")
+            return out, error
         err = output_error(candidate, calib, reference, self.compare_)
         if err <= self.max_error_:
-            notes.append(f"embedding tables in int8 (error {err:.5f})")
+            notes.append(f"embedding tables in int8 (error {err:.5f})"
+                         + (f"; {len(left)} left float by onnxruntime's {mode} quantizer"
+                            if left else ""))
             return candidate, err
         notes.append(f"embedding tables kept float: in int8 the error would be {err:.5f}")
         return out, error

@@ -40,6 +40,7 @@ __all__ = [
     "LayerSensitivity",
     "SwitchableModel",
     "compare_error",
+    "float_tables",
     "output_error",
     "weighted_nodes",
 ]
@@ -53,6 +54,9 @@ LOOKUP_OPS = {"Gather", "EmbedLayerNormalization"}
 
 # Which input holds the weight (the table, for Gather); 1 for the others.
 _WEIGHT_INPUT = {"Gather": 0}
+# Which inputs of a lookup are tables: EmbedLayerNormalization's word, position and
+# segment embeddings.
+_TABLE_INPUTS = {"Gather": (0,), "EmbedLayerNormalization": (2, 3, 4)}
 
 _STATIC_BATCH = 8   # samples per call of a static-mode switchable graph
 # Layers the switchable graph can fake-quantize: a constant weight in input 1.
@@ -118,6 +122,16 @@ def weighted_nodes(model: onnx.ModelProto, *, mode: str) -> list[onnx.NodeProto]
             continue
         out.append(node)
     return out
+
+
+def float_tables(model: onnx.ModelProto) -> list[str]:
+    """The float initializers that a lookup (:data:`LOOKUP_OPS`) reads as its table,
+    sorted: what int8 lookups would shrink, and what a quantizer left in float."""
+    floats = {i.name for i in model.graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT}
+    return sorted({node.input[k] for node in model.graph.node
+                   for k in _TABLE_INPUTS.get(node.op_type, ())
+                   if k < len(node.input) and node.input[k] in floats})
 
 
 def _input_ranges(model: onnx.ModelProto, data: Dataset, tensors: list[str],
