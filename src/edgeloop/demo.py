@@ -348,9 +348,8 @@ def _federate(out: Path) -> None:
                   f"{private.personalised_accuracy:.1%}, global {private.global_accuracy:.1%}: "
                   f"at {dp.sampled} devices a round the noise (z {z:.2f} over {entries:,} "
                   f"weights) is {noise_to_clip(z, sampled=dp.sampled, entries=entries):.0f} "
-                  f"times a "
-                  f"round's clipped update; DP-FedAvg needs thousands of devices a round "
-                  f"(BENCHMARKS.md)", highlight=False)
+                  f"times a round's clipped update; DP-FedAvg needs thousands of devices a "
+                  f"round (BENCHMARKS.md)", highlight=False)
 
 
 def main(out_dir: str = "demo-out") -> None:
