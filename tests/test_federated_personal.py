@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from edgeloop.federated.partition import public_set
 from edgeloop.measure import predict, top1_accuracy
 from edgeloop.models import load_model
 from edgeloop.monitor import REFERENCE_FILE, evaluate_feedback
+from edgeloop.monitor.alerts import DRIFT_FILE, FOLDER, Alert
 
 HEALTH = HealthConfig(latency_rounds=2, latency_runs=3, probation_inferences=3)
 CLIENT = 1            # a shifted, label-skewed device of 10 (Dirichlet alpha 0.3)
@@ -258,8 +259,19 @@ def _cli(capsys, *args: object) -> tuple[int, str]:
 def test_cli_personalise_json_and_bad_input(fleet: Fleet, capsys, tmp_path: Path) -> None:
     dev, feedback, _ = _device(fleet, "cli")
     save_npz(tmp_path / "feedback.npz", feedback.take(slice(0, 120)))
+    history = len(dev.history())
     code, out = _cli(capsys, "device", "personalise", dev.dir, "--data",
-                     tmp_path / "feedback.npz", "--epochs", "5", "--json")
+                     tmp_path / "feedback.npz", "--if-flagged")
+    assert code == 0 and "no alert on the active model: nothing to personalise" in out, out
+    assert len(dev.history()) == history
+    # the monitor's alert on the active model (as the monitor saves it) lets it run
+    alert = Alert("chi2:inputs", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z", 10, 10, 1,
+                  "feature 3 differs")
+    (dev.dir / FOLDER).mkdir(exist_ok=True)
+    (dev.dir / FOLDER / DRIFT_FILE).write_text(json.dumps(
+        {"model_sha256": dev.state().current().sha256, "alerts": [asdict(alert)]}))
+    code, out = _cli(capsys, "device", "personalise", dev.dir, "--data",
+                     tmp_path / "feedback.npz", "--epochs", "5", "--json", "--if-flagged")
     assert code == 0, out
     assert json.loads(out)["feedback_samples"] == 120
     save_npz(tmp_path / "nolabels.npz", Dataset(feedback.inputs))

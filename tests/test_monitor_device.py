@@ -111,6 +111,35 @@ def test_the_runtime_path_flags_drift_and_status_shows_it(
     assert status["memory_bytes"]["chi2:inputs"] > 0
     code, out, _ = _cli(capsys, "device", "status", str(device.dir))
     assert code == 0 and "drifted" in out and alert["detector"] in out
+    _the_monitor_reports_what_it_saw(device, status, capsys)
+
+
+def _the_monitor_reports_what_it_saw(device: Device, status: dict[str, object],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`device report` without values sends the monitor's last window and flag."""
+    from edgeloop.monitor.telemetry import Budget, Reporter, read_key
+    from edgeloop.monitor.telemetry.client import KEY_FILE
+    from edgeloop.serve.telemetry import running as collector
+    from edgeloop.serve.telemetry_store import TelemetryStore
+
+    last = status["windows"][-1]  # type: ignore[index]
+    rep = Reporter(device.dir)
+    obs = rep.observed(model_sha256=status["model_sha256"])  # type: ignore[arg-type]
+    assert obs.drift is True and obs.mean_confidence == last["confidence"]
+    assert obs.class_counts == last["classes"] and sum(obs.class_counts) == last["samples"]
+    with pytest.raises(UsageError, match="has closed no window on the active model"):
+        rep.observed(model_sha256="0" * 64)          # watched on another model
+    rep.set_budget(Budget(2.0, 86400))
+    store = TelemetryStore(f"sqlite:///{device.dir.parent / 't.db'}")
+    store.enroll(read_key(device.dir / KEY_FILE))
+    with collector(store) as url:
+        code, out, err = _cli(capsys, "device", "report", str(device.dir), "--to", url,
+                              "--epsilon", "1")
+    assert code == 0 and "sent report 1" in out, err
+    summary = store.summary()
+    store.close()
+    assert summary.reports == 1 and summary.drift_rate is not None
+    assert set(summary.class_mix) == {len(last["classes"])}
 
 
 def test_the_runtime_watches_its_answers_and_offloads_while_drifted(
@@ -218,6 +247,8 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(
          "not a readable .npz"),
         (["device", "feedback", str(device.dir), "--data", str(tmp_path / "none.npz")],
          "does not exist"),
+        (["device", "report", str(device.dir), "--to", "http://127.0.0.1:9", "--epsilon",
+          "1"], "has closed no window on the active model yet"),
     ]
     for args, words in cases:
         code, _, err = _cli(capsys, *args)

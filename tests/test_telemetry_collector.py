@@ -73,6 +73,8 @@ def check_round_trip(db: str, root: Path) -> None:
     # one prediction drawn per report: the sampling spread is in the intervals
     assert all(e.low < t < e.high for e, t in zip(s.class_mix[4], truth_mix, strict=True))
     assert s.drift_rate is not None and abs(s.drift_rate.value - 0.25) < 0.03
+    # a round is due when the whole interval is above the share asked for
+    assert s.drift_above(s.drift_rate.low - 0.01) and not s.drift_above(s.drift_rate.low)
     truth_conf = np.mean([observation(i).mean_confidence for i in range(24)])
     assert s.mean_confidence is not None
     assert s.mean_confidence.low < truth_conf < s.mean_confidence.high
@@ -335,6 +337,11 @@ def test_cli_end_to_end_and_bad_input(tmp_path: Path) -> None:
     assert (s["reports"], s["devices"], len(s["class_mix"]["3"])) == (1, 1, 3)
     code, out, err = cli("telemetry", "summary", "--db", db, "--last", "1h")
     assert code == 0 and "1 reports from 1 devices" in out, err
+    # one device's flag is no evidence about a fleet: no round is due on it
+    code, out, err = cli("telemetry", "summary", "--db", db, "--round-above", "0", "--json")
+    assert code == 0 and json.loads(out)["round_due"] is False, err
+    code, out, err = cli("telemetry", "summary", "--db", db, "--round-above", "0.1")
+    assert code == 0 and "no federated round due" in out, err
 
 
 def test_a_replaced_key_is_used_once_the_cache_expires(tmp_path: Path) -> None:

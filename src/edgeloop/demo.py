@@ -244,9 +244,8 @@ def _serve(out: Path, best: Path, fp32: Path) -> None:
 def _watch(out: Path, best: Path) -> None:
     from edgeloop.bundle import build_manifest, publish_bundle
     from edgeloop.device import Runtime
-    from edgeloop.device.calibration import softmax
     from edgeloop.monitor import REFERENCE_FILE, sketch_bundle
-    from edgeloop.monitor.telemetry import Budget, Observation, Reporter, read_key
+    from edgeloop.monitor.telemetry import Budget, Reporter, read_key
     from edgeloop.monitor.telemetry.client import KEY_FILE
     from edgeloop.serve.loadgen import ServerProcess
     from edgeloop.serve.telemetry_store import TelemetryStore
@@ -261,7 +260,7 @@ def _watch(out: Path, best: Path) -> None:
 
     x = load_builtin("mnist1d", "test").inputs["x"]
     noisy = (x + np.random.default_rng(0).normal(0, 0.5 * x.std(), x.shape)).astype(x.dtype)
-    counts, conf, seen = np.zeros(10, np.int64), [], 0
+    seen = 0
     with Runtime(device) as rt:
         assert rt.monitor is not None
         for _ in range(2):                     # the monitor works in blocks of 2048 calls
@@ -270,9 +269,7 @@ def _watch(out: Path, best: Path) -> None:
         console.print(f"   {2 * len(x)} clean inputs: drift flagged: {rt.monitor.drifted}")
         while not rt.monitor.drifted and seen < 8 * len(x):
             for i in range(len(x)):
-                p = softmax(rt.predict({"x": noisy[i:i + 1]}).output[0])
-                counts[p.argmax()] += 1
-                conf.append(float(p.max()))
+                rt.predict({"x": noisy[i:i + 1]})
             seen += len(x)
         flag = rt.monitor.flag()
     console.print(f"   then {seen} noisy inputs (Gaussian noise, 0.5 x the data's std): "
@@ -287,8 +284,9 @@ def _watch(out: Path, best: Path) -> None:
     store.enroll(read_key(device.dir / KEY_FILE))
     reporter = Reporter(device.dir)
     reporter.set_budget(Budget(epsilon=4.0, period_s=86400))
-    seen_obs = Observation(class_counts=counts.tolist(), drift=flag.drifted,
-                           mean_confidence=float(np.mean(conf)) if conf else None)
+    active = device.state().current()
+    # what `edgeloop device report` sends by default: the monitor's last window and flag
+    seen_obs = reporter.observed(model_sha256=active.sha256 if active else None)
     with ServerProcess.collector(f"sqlite:///{db}") as collector:
         sent = [reporter.report(seen_obs, collector.url, epsilon=1.0) for _ in range(4)]
         console.print(f"   4 reports of ε 1 sent to the collector at {collector.url} "

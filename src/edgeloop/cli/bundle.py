@@ -207,11 +207,8 @@ def device_status(
     from edgeloop.bundle import Device
     from edgeloop.monitor import monitor_status
 
-    device = Device(state_dir)
-    status = device.status()
-    active = device.state().current()
-    status["monitor"] = monitor_status(
-        state_dir, model_sha256=active.sha256 if active is not None else None)
+    status = Device(state_dir).status()
+    status["monitor"] = monitor_status(state_dir, model_sha256=_active_sha256(state_dir))
     if as_json:
         console.print_json(json.dumps(status))
         return
@@ -231,6 +228,14 @@ def device_status(
     for e in status["history"]:  # type: ignore[union-attr]
         h.add_row(e["time"], e["action"], e["version"] or "-", e["reason"])
     console.print(h)
+
+
+def _active_sha256(state_dir: Path) -> str | None:
+    """The sha256 of the model the device at ``state_dir`` serves (None: none yet)."""
+    from edgeloop.bundle import Device
+
+    active = Device(state_dir).state().current()
+    return active.sha256 if active is not None else None
 
 
 def _print_monitor(m: dict[str, object]) -> None:
@@ -325,7 +330,11 @@ def device_report(
     confidence_mechanism: Annotated[str, typer.Option(help="laplace or gaussian")
                                     ] = "laplace",
 ) -> None:
-    """Send one local-DP report (within the owner's budget) to a telemetry collector."""
+    """Send one local-DP report (within the owner's budget) to a telemetry collector.
+
+    Without --class-counts, --drift or --confidence it reports what the device's monitor
+    saw: the predicted classes and mean confidence of its last closed window on the
+    active model, and whether drift is flagged now."""
     from edgeloop.errors import UsageError
     from edgeloop.monitor.telemetry import Observation, ReportConfig, Reporter
 
@@ -334,10 +343,12 @@ def device_report(
     except ValueError:
         raise UsageError(f"`--class-counts` must be integers separated by commas; got "
                          f"{class_counts!r}") from None
-    result = Reporter(state_dir).report(
-        Observation(class_counts=counts, drift=drift, mean_confidence=confidence), to,
-        epsilon=epsilon, config=ReportConfig(class_mechanism=class_mechanism,
-                                             confidence_mechanism=confidence_mechanism))
+    reporter = Reporter(state_dir)
+    obs = Observation(class_counts=counts, drift=drift, mean_confidence=confidence)
+    if obs == Observation():
+        obs = reporter.observed(model_sha256=_active_sha256(state_dir))
+    result = reporter.report(obs, to, epsilon=epsilon, config=ReportConfig(
+        class_mechanism=class_mechanism, confidence_mechanism=confidence_mechanism))
     console.print(f"sent report {result.seq} (ε {result.epsilon:g}; {result.sent} "
                   f"delivered); spent ε {result.spent[0]:g} in the current window",
                   highlight=False, soft_wrap=True)

@@ -37,11 +37,28 @@ def device_personalise(
     latency_margin: Annotated[float, typer.Option(
         min=0, help="Allowed latency increase over the current model (0.5 = +50%)")
     ] = HealthConfig.latency_margin,
+    if_flagged: Annotated[bool, typer.Option(
+        "--if-flagged", help="Only when the device's monitor flags drift or an accuracy "
+                             "drop on the active model (for a periodic job)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
     """Fine-tune the device's private head on its feedback (and its replay buffer); keep
     it only if it is better on the newest feedback held back, and install it through the
     health check like any update. Needs torch (the `train` extra)."""
+    if if_flagged:
+        from edgeloop.cli.bundle import _active_sha256
+        from edgeloop.monitor import drift_flag
+
+        flag = drift_flag(state_dir, model_sha256=_active_sha256(state_dir))
+        if not flag.raised:
+            if as_json:
+                typer.echo(json.dumps({"skipped": "no alert on the active model"}))
+            else:
+                console.print("no alert on the active model: nothing to personalise")
+            return
+        if not as_json:
+            console.print("the monitor flags " + ", ".join(
+                sorted({a.detector for a in flag.alerts})) + ": personalising", highlight=False)
     from edgeloop.data import load_npz
     from edgeloop.federated.personal import PersonalConfig, personalise
 

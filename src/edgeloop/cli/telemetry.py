@@ -70,16 +70,22 @@ def telemetry_summary(
         min=0.5, max=0.999, help="Confidence level of the intervals")] = 0.95,
     last: Annotated[str | None, typer.Option(
         help="Only reports received in this period (e.g. 1d, 12h) [default: all]")] = None,
+    round_above: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Say whether a federated round is due: the fleet's drift "
+                               "rate above this share, its whole interval above it")] = None,
 ) -> None:
     """Fleet estimates de-biased from the reports: class mix, drift rate, mean confidence,
-    each with its confidence interval."""
+    each with its confidence interval; with --round-above, whether the devices' private
+    drift flags call for a federated personalisation round."""
     from edgeloop.monitor.telemetry import parse_period
     from edgeloop.serve.telemetry_store import TelemetryStore
 
     since = time.time() - parse_period(last) if last else None
     s = TelemetryStore(db, create=False).summary(level=level, since=since)
+    due = None if round_above is None else s.drift_above(round_above)
     if as_json:
-        console.print_json(json.dumps(s.to_dict()))
+        console.print_json(json.dumps(
+            s.to_dict() if due is None else {**s.to_dict(), "round_due": due}))
         return
     pct = f"{level:.0%}"
     console.print(f"{s.reports} reports from {s.devices} devices (mean ε per report "
@@ -95,3 +101,8 @@ def telemetry_summary(
         interval = "needs 2 devices" if e.devices < 2 else f"{e.low:.4f} to {e.high:.4f}"
         t.add_row(name, f"{e.value:.4f}", interval, str(e.devices))
     console.print(t)
+    if due is not None:
+        console.print(f"{'a federated round is due' if due else 'no federated round due'}: "
+                      f"the drift rate's {pct} interval is "
+                      f"{'above' if due else 'not wholly above'} {round_above:g}",
+                      highlight=False)

@@ -8,8 +8,11 @@ mix against a reference sketch shipped in the bundle), a label-free accuracy est
 - :class:`Monitor` (device side): ``observe(feed, output)`` per answer; state saved in
   ``STATE/monitor/`` at a bounded rate and resumed after a restart.
 - :func:`evaluate_feedback`: measured accuracy per window on labelled samples.
-- :func:`monitor_status` / :func:`drift_flag`: what the runtime, the updater, federated
-  personalisation and ``edgeloop device status`` read.
+- :func:`monitor_status` / :func:`drift_flag`: what the runtime (offload while drifted),
+  the updater (a candidate checked on recent inputs), ``edgeloop device personalise
+  --if-flagged``, ``edgeloop device report`` (its default values) and ``edgeloop device
+  status`` read; the fleet's de-biased drift rate (``edgeloop telemetry summary
+  --round-above``) says when a federated round is due.
 
 Names are imported on first use (river only with :class:`Monitor`). No torch.
 """

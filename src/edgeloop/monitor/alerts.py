@@ -2,9 +2,9 @@
 
 The monitor in the serving process writes ``drift.json`` and ``recent.npz`` (the latest
 sampled inputs), and the feedback command writes ``evaluations.json`` (all atomically);
-the updater, the runtime, federated personalisation and ``edgeloop device status`` read
-them with :func:`monitor_status` or :func:`drift_flag`, without river and without
-touching the monitor's detector state.
+the updater, the runtime, ``device personalise --if-flagged``, ``device report`` and
+``edgeloop device status`` read them with :func:`monitor_status` or :func:`drift_flag`,
+without river and without touching the monitor's detector state.
 """
 
 from __future__ import annotations

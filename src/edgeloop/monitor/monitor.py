@@ -338,7 +338,8 @@ class Monitor:
         raised = False
         record: dict[str, object] = {"end_sample": self.samples_, "time": utc_now(), "samples": n,
                                      "confidence": float(self.window_sums_[1] / n),
-                                     "entropy": float(self.window_sums_[2] / n)}
+                                     "entropy": float(self.window_sums_[2] / n),
+                                     "classes": self.window_classes_.tolist()}
         if "chi2:inputs" in c.detectors:
             stat, p = chi2_two_sample(self._ref_counts, self.window_counts_)
             worst = int(p.argmin())

@@ -159,6 +159,27 @@ class Reporter:
         self._check_folder()
         return create_key(self.dir)
 
+    def observed(self, *, model_sha256: str | None = None) -> Observation:
+        """What the device's monitor saw, as a report's plain values: the predicted
+        classes and mean top-class confidence of its last closed window, and whether
+        drift is flagged now (:func:`edgeloop.monitor.drift_flag`). ``model_sha256``
+        (the active model's) leaves out what was watched on another model. A
+        :class:`UsageError` when the monitor has closed no window yet."""
+        from edgeloop.monitor.alerts import monitor_status
+
+        self._check_folder()
+        status = monitor_status(self.dir, model_sha256=model_sha256)
+        same = model_sha256 is None or status["model_sha256"] == model_sha256
+        windows = [w for w in status["windows"] if "classes" in w] if same else []  # type: ignore[attr-defined]
+        if not windows:
+            raise UsageError(f"the monitor of device {str(self.dir)!r} has closed no window "
+                             "on the active model yet: nothing of its own to report (give "
+                             "--class-counts, --drift or --confidence to report values)")
+        last = windows[-1]
+        return Observation(class_counts=[int(c) for c in last["classes"]],
+                           drift=bool(status["drifted"]),
+                           mean_confidence=float(last["confidence"]))
+
     def pending(self) -> list[Path]:
         """Signed reports waiting in the outbox, oldest first."""
         box = self.dir / OUTBOX

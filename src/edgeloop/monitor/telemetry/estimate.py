@@ -56,6 +56,12 @@ class FleetSummary:
     drift_rate: Estimate | None
     mean_confidence: Estimate | None
 
+    def drift_above(self, rate: float) -> bool:
+        """Whether the fleet's drift rate is above ``rate`` beyond doubt at the summary's
+        level: its interval's lower bound is (a reason to ask for a federated round)."""
+        e = self.drift_rate
+        return e is not None and e.devices >= 2 and e.low > rate
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (intervals as numbers; NaN where one device gives no spread)."""
         def one(e: Estimate | None) -> dict[str, Any] | None:
