@@ -24,12 +24,18 @@ Usage: ``python benchmarks/bench_monitor.py [--seeds 20] [--quick]``. ``--quick`
 seeds, short streams, fewer timing rounds; under a minute) prints the section and
 writes nothing. The fleet side (``_fleet.py``: local-DP fleet estimates against the
 truth, the ε ledger, the collector under load on SQLite and PostgreSQL) adds its parts
-to the same section.
+to the same section, and :func:`bad_input_part` sends each kind of bad input once to a
+real collector and the real CLI and shows what comes back and that nothing is stored or
+spent.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import secrets
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -42,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import httpx  # noqa: E402
 from _fleet import collector_load, fleet_estimates  # noqa: E402
 from _report import claims_table, write_section  # noqa: E402
 
@@ -50,6 +57,18 @@ from edgeloop.data import Dataset, load_builtin  # noqa: E402
 from edgeloop.measure import interleaved_times, predict  # noqa: E402
 from edgeloop.monitor import Monitor, MonitorConfig, Sketch, sketch_bundle  # noqa: E402
 from edgeloop.monitor.config import DEFAULT_DETECTORS, DETECTORS  # noqa: E402
+from edgeloop.monitor.telemetry import Budget, Observation, Reporter, read_key  # noqa: E402
+from edgeloop.monitor.telemetry.client import (  # noqa: E402
+    DEVICE_HEADER,
+    KEY_FILE,
+    LEDGER_FILE,
+    OUTBOX,
+    REPORTS_PATH,
+    SIGNATURE_HEADER,
+)
+from edgeloop.monitor.telemetry.report import sign  # noqa: E402
+from edgeloop.serve.loadgen import ServerProcess  # noqa: E402
+from edgeloop.serve.telemetry_store import TelemetryStore  # noqa: E402
 
 Part = Callable[[argparse.Namespace], tuple[list[str], dict[str, bool]]]
 
@@ -291,6 +310,124 @@ def cost_part(args: argparse.Namespace, s: Setup, sess: object
     return lines, claims
 
 
+def _snapshot(*paths: Path) -> dict[Path, bytes]:
+    """Every file at or under ``paths`` (missing ones: nothing), with its bytes."""
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    return {f: f.read_bytes() for f in files if f.is_file()}
+
+
+def _outbox_entry(dev: Path) -> tuple[bytes, str]:
+    """The one report waiting in a device's outbox: its body and signature."""
+    [path] = Reporter(dev).pending()
+    entry = json.loads(path.read_bytes())
+    return entry["body"].encode(), entry["signature"]
+
+
+def bad_input_part() -> tuple[list[str], dict[str, bool]]:
+    """Each kind of bad input once: over HTTP to ``edgeloop telemetry serve`` (its own
+    process, SQLite) and through ``edgeloop device report`` (a subprocess from a scratch
+    folder) on a real device (``Device.init``, enrolled, the owner's budget ε 1.5 a day,
+    one valid report of ε 1 stored). Per case: the answer, its message, the rows stored
+    before and after, and whether the device's ledger and outbox (and, for the folder
+    that is not a device, that folder) are byte-identical after."""
+    from edgeloop.bundle import Device, init_repo
+
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bad-") as tmp:
+        work = Path(tmp)
+        dev, stranger, plain, cwd = (work / n for n in ("dev", "stranger", "plain", "cwd"))
+        root = init_repo(work / "repo", keys=work / "keys")
+        for d in (dev, stranger):
+            Device.init(d, trusted_root=root)
+            Reporter(d).set_budget(Budget(1.5, 86400))
+        plain.mkdir()
+        (plain / "notes.txt").write_text("a folder, not a device\n")
+        cwd.mkdir()
+        db = str(work / "t.db")
+        store = TelemetryStore(db)
+        key = read_key(dev / KEY_FILE)
+        store.enroll(key)
+        obs = Observation(class_counts=[5, 1, 0], drift=True, mean_confidence=0.9)
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "EDGELOOP_QUIET": "1"}
+        with ServerProcess.collector(db) as collector:
+            url = collector.url
+            Reporter(dev).prepare(obs, epsilon=1.0)
+            body, signature = _outbox_entry(dev)          # the valid report, as sent
+            assert Reporter(dev).flush(url) == 1
+            Reporter(stranger).prepare(obs, epsilon=1.0)  # never enrolled
+            alien, alien_sig = _outbox_entry(stranger)
+            next_body = body.replace(b'"seq":1', b'"seq":2')
+
+            def post(content: bytes, device: str, sig: str) -> tuple[int, str]:
+                r = httpx.post(url + REPORTS_PATH, content=content, timeout=10,
+                               headers={DEVICE_HEADER: device, SIGNATURE_HEADER: sig})
+                return r.status_code, str(r.json().get("error", ""))
+
+            def cli(state: Path, *extra: str) -> tuple[int, str]:
+                p = subprocess.run([sys.executable, "-m", "edgeloop", "device", "report",
+                                    str(state), "--to", url, *extra], cwd=cwd, env=env,
+                                   capture_output=True, text=True, timeout=60, check=False)
+                return p.returncode, p.stderr
+
+            report = "`device report STATE --to URL --epsilon {} --drift`"
+            cases: list[tuple[str, str, Callable[[], tuple[int, str]], list[Path]]] = [
+                ("HTTP: not JSON", "`{not json`, signed with the device's key",
+                 lambda: post(b"{not json", key.device, sign(b"{not json", key.key)), []),
+                ("HTTP: wrong key", "report 2 of the device, signed with another 32-byte key",
+                 lambda: post(next_body, key.device, sign(next_body, secrets.token_bytes(32))),
+                 []),
+                ("HTTP: replay", "report 1 again, body and signature as the device sent them",
+                 lambda: post(body, key.device, signature), []),
+                ("HTTP: unknown device", "a report signed by a device never enrolled",
+                 lambda: post(alien, read_key(stranger / KEY_FILE).device, alien_sig), []),
+                ("CLI: ε = 0", report.format(0),
+                 lambda: cli(dev, "--epsilon", "0", "--drift"), []),
+                ("CLI: ε = -1", report.format(-1),
+                 lambda: cli(dev, "--epsilon", "-1", "--drift"), []),
+                ("CLI: not a device", report.format(0.1) + " on a folder with one text file",
+                 lambda: cli(plain, "--epsilon", "0.1", "--drift"), [plain]),
+                ("CLI: budget spent", report.format(1) + " (ε 1 of 1.5 spent today)",
+                 lambda: cli(dev, "--epsilon", "1", "--drift"), []),
+            ]
+            rows, kept, answered = [], [], []
+            for name, sent, send, more in cases:
+                watched = [dev / LEDGER_FILE, dev / OUTBOX, *more]
+                before, count = _snapshot(*watched), store.count()
+                code, message = send()
+                after, count_after = _snapshot(*watched), store.count()
+                lines = message.strip().splitlines()
+                http = name.startswith("HTTP")
+                answered.append((400 <= code < 500 if http else code == 2) and len(lines) == 1)
+                kept.append(before == after and (dev / LEDGER_FILE) in before)
+                shown = (lines[0] if lines else "(none)").replace(tmp, "$TMP")
+                rows.append(f"| {name} | {sent} | {'HTTP ' if http else 'exit '}{code} | "
+                            f"{shown} | {count} → {count_after} | "
+                            f"{'yes' if kept[-1] else '**no**'} |")
+            stored = store.seqs()
+        store.close()
+        outbox = len(Reporter(dev).pending())
+    lines = ["### Bad input", "",
+             "One device made with `Device.init`, enrolled, its owner's budget ε 1.5 per day, "
+             "one valid report (ε 1) stored by `edgeloop telemetry serve` (its own process, "
+             "SQLite); then each bad input once, over HTTP or through `edgeloop device "
+             "report` run as a subprocess. Rows: reports in the collector's database before "
+             "and after. Device state: the ε ledger (`privacy.json`) and the outbox (empty "
+             "throughout: the valid report was delivered, and a bad input must add none) "
+             "byte-identical after the case; for the folder that is not a device, that "
+             "folder too.", "",
+             "| case | sent | answer | message (first line) | rows stored | device state "
+             "unchanged |", "|---|---|---|---|---|---|", *rows, ""]
+    claims = {
+        f"every bad input ({len(cases)} cases) is answered with an HTTP 4xx or CLI exit 2 "
+        "and a one-line message": all(answered),
+        f"nothing stored: the collector holds the one valid report only "
+        f"({len(stored)} row)": stored == {(key.device, 1)},
+        "the device's ledger and outbox are byte-identical after every bad input (and the "
+        f"folder that is not a device is left as it was; {outbox} report(s) waiting)":
+            all(kept) and outbox == 0,
+    }
+    return lines, claims
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
@@ -306,7 +443,8 @@ def main() -> None:
         parts: list[Part] = [lambda a: detection_part(a, s, sess),
                              lambda a: cost_part(a, s, sess),
                              lambda a: fleet_estimates(a.quick),
-                             lambda a: collector_load(a.quick)]
+                             lambda a: collector_load(a.quick),
+                             lambda a: bad_input_part()]
         lines: list[str] = []
         claims: dict[str, bool] = {}
         for part in parts:
