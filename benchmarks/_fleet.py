@@ -18,18 +18,13 @@ Both return (markdown lines, {claim: holds}); ``benchmarks/bench_monitor.py`` ca
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+from _postgres import free_port, pg_bin, postgres_server  # noqa: E402
 
 from edgeloop.errors import UsageError  # noqa: E402
 from edgeloop.monitor.telemetry import (  # noqa: E402
@@ -54,7 +51,6 @@ from edgeloop.monitor.telemetry.report import build_report, encode, plan, sign  
 from edgeloop.serve.loadgen import ServerProcess  # noqa: E402
 from edgeloop.serve.telemetry_store import TelemetryStore  # noqa: E402
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 EPSILONS = (0.5, 1.0, 2.0, 4.0)
 K = 10
 WINDOW = 200      # predictions per device window
@@ -156,37 +152,6 @@ def _ledger() -> tuple[list[str], dict[str, bool]]:
 
 
 # --- the collector under load -------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's ``postgresql`` binaries),
-    run as user ``postgres`` when we are root (initdb refuses root); yields its URL.
-    Also the fixture of ``tests/test_telemetry_collector.py``."""
-    root = Path(tempfile.mkdtemp(prefix="edgeloop-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    try:
-        subprocess.run([*as_user, PG_BIN / "initdb", "-D", data, "-A", "trust", "-U",
-                        "edgeloop", "--no-sync"], check=True, capture_output=True, timeout=120)
-        subprocess.run([*as_user, PG_BIN / "pg_ctl", "-D", data, "-l", root / "log", "-w",
-                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
-                        "-c fsync=off", "start"], check=True, capture_output=True, timeout=120)
-        yield f"postgresql://edgeloop@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60, check=False)
-        shutil.rmtree(root, ignore_errors=True)
-
 
 def _signed(devices: int, per_device: int) -> tuple[list[DeviceKey],
                                                      list[tuple[str, str, bytes]]]:
@@ -318,9 +283,12 @@ def collector_load(quick: bool) -> tuple[list[str], dict[str, bool]]:
         more, c = _backend("SQLite", str(Path(tmp) / "t.db"), keys, reports, threads)
         lines += more
         claims.update(c)
-    if (PG_BIN / "initdb").exists():
-        with postgres_server() as url:
-            more, c = _backend("PostgreSQL 15", url, keys, reports, threads)
+    bindir = pg_bin()
+    if bindir is not None:
+        major = subprocess.run([bindir / "pg_ctl", "--version"], capture_output=True,
+                               text=True, check=True).stdout.split()[-1].split(".")[0]
+        with postgres_server(bindir) as url:
+            more, c = _backend(f"PostgreSQL {major}", url, keys, reports, threads)
             lines += more
             claims.update(c)
     else:

@@ -33,6 +33,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 FEATURES, CLASSES = 12, 5
 W = np.random.default_rng(0).normal(size=(FEATURES, CLASSES))
 EVERY = MonitorConfig(sample_every=1)      # every call watched: sample counts are calls
+# every detector, KSWIN on means of 8 samples: its 100-update window fills within 1,000
+ALL = MonitorConfig(sample_every=1, detectors=DETECTORS, kswin_every=8)
 
 
 def _data(n: int, seed: int, *, scale: float = 1.0, prior: np.ndarray | None = None
@@ -120,12 +122,14 @@ def test_clean_streams_raise_no_alert(sketch: Sketch) -> None:
     ({"scale": 1.6}, "chi2:inputs"),
     ({"prior": np.array([0.6, 0.1, 0.1, 0.1, 0.1])}, "chi2:class-mix"),
     ({"scale": 2.0}, "page-hinkley:entropy"),
+    ({"scale": 2.0}, "adwin:confidence"),
+    ({"scale": 2.0}, "kswin:confidence"),
 ])
 def test_a_shift_is_flagged_soon_after_the_change(sketch: Sketch, shift: dict[str, object],
                                                   detector: str) -> None:
     clean = _data(3000, 7)
     after = _data(3000, 8, **shift)  # type: ignore[arg-type]
-    m = _feed(Monitor(sketch, config=EVERY), clean[0], clean[1])
+    m = _feed(Monitor(sketch, config=ALL), clean[0], clean[1])
     assert not m.flag().raised
     _feed(m, after[0], after[1])
     flag = m.flag()
@@ -237,17 +241,26 @@ def test_a_block_that_does_not_fit_is_dropped_never_raised(sketch: Sketch) -> No
     assert m.samples_ == 4 and m.errors_ == 1 and m.status()["errors"] == 1
 
 
-def test_memory_is_reported_and_capped(sketch: Sketch, tmp_path: Path) -> None:
-    x, logits, _ = _data(6000, 14)
-    m = _feed(Monitor(sketch, config=MonitorConfig(sample_every=1, max_detector_bytes=1000),
-                      path=tmp_path, model_id="abc"), x, logits)
-    before = m.memory()
-    assert before["adwin:confidence"] > 1000 and set(before) == {
+def test_memory_is_capped_after_every_block_without_a_folder(sketch: Sketch) -> None:
+    """No folder, so no save: the cap holds all the same, block after block (ADWIN's state
+    passes 1,500 bytes in its second block of this stream)."""
+    cap, blocks = 1500, 20
+    x, logits, _ = _data(blocks * 1024, 14)
+    m = Monitor(sketch, config=MonitorConfig(sample_every=1, max_detector_bytes=cap))
+    assert m.path is None
+    largest, resets = [], []
+    for i in range(len(x)):
+        m.observe({"x": x[i:i + 1]}, logits[i:i + 1])
+        if (i + 1) % 1024 == 0:                 # this call processed a block
+            largest.append(max(m.memory()[name] for name in m.detectors_))
+            resets.append(m.resets_.get("adwin:confidence", 0))
+    assert m.samples_ == blocks * 1024 and max(largest) <= cap
+    assert resets[1] == 1 and resets[-1] >= blocks // 3     # mid-stream, again and again
+    status = m.status()
+    assert set(status["memory_bytes"]) == {  # type: ignore[arg-type]
         "adwin:confidence", "page-hinkley:entropy", "chi2:inputs", "chi2:class-mix",
         "cbpe:accuracy"}
-    m.save()
-    assert m.memory()["adwin:confidence"] <= 1000
-    assert m.resets_ == {"adwin:confidence": 1}
+    assert status["memory_resets"] == m.resets_
 
 
 def test_sketch_round_trip_and_malformed_bytes(sketch: Sketch) -> None:

@@ -250,16 +250,19 @@ def test_every_byte_a_device_sends_is_a_mechanism_output(tmp_path: Path) -> None
         port = int(url.rsplit(":", 1)[1])
         proxy = RecordingProxy(("127.0.0.1", port))
         via = f"http://127.0.0.1:{proxy.port}"
+        configs = (ReportConfig(class_mechanism="grr"), ReportConfig(class_mechanism="oue"),
+                   ReportConfig(confidence_mechanism="gaussian"))
         for dev in devices:
-            for mech in ("grr", "oue"):
+            for config in configs:
                 obs = Observation(class_counts=secret_counts, drift=True,
                                   mean_confidence=secret_conf)
-                dev.report(obs, via, epsilon=2.0, config=ReportConfig(class_mechanism=mech))
+                dev.report(obs, via, epsilon=2.0, config=config)
         proxy.close()
     sent = bytes(proxy.sent)
-    assert store.count() == 6
+    assert store.count() == 9
     requests = sent.split(b"POST /v1/reports HTTP/1.1\r\n")
-    assert requests[0] == b"" and len(requests) == 7
+    assert requests[0] == b"" and len(requests) == 10
+    mechanisms: set[str] = set()
     only = {b"host", b"content-length", b"content-type", DEVICE_HEADER.lower().encode(),
             SIGNATURE_HEADER.lower().encode()}
     for req in requests[1:]:
@@ -274,6 +277,8 @@ def test_every_byte_a_device_sends_is_a_mechanism_output(tmp_path: Path) -> None
             mech, value = report.fields[name]
             assert mech.contains(value)
             assert set(f) == {*mech.params(), "value"}
+            mechanisms.add(mech.name)
+    assert mechanisms == {"grr", "oue", "laplace", "gaussian"}
     for secret in (*secret_counts, secret_conf, "0.618034", "0.6180"):
         assert str(secret).encode() not in sent
 
