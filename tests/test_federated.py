@@ -5,6 +5,7 @@ device's private head and raw inputs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -49,6 +50,7 @@ from edgeloop.federated.partition import label_skew
 from edgeloop.federated.server import _RoundWatch
 from edgeloop.zoo.models import MNIST1DCNN, MNIST1DMLP
 
+simulation_module = importlib.import_module("edgeloop.federated.simulation")
 CLIENTS, ROUNDS = 3, 2
 Run = tuple[SimulationResult, Path, Path, Path]
 
@@ -254,6 +256,12 @@ def _no_process_left(before: set[int]) -> None:
     assert not _descendants() - before, "Ray processes outlived the simulation"
 
 
+def _short_baselines(mp: pytest.MonkeyPatch) -> None:
+    """No test here asserts the local-only baselines simulate trains after the run (300
+    steps per device): at 1 (one epoch) their code still runs, in a fraction of the time."""
+    mp.setattr(simulation_module, "LOCAL_ONLY_STEPS", 1)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """One FedProx run: its result, the devices' folder, the spied replies, ``--out``."""
@@ -261,9 +269,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     devices, wire, out = root / "devices", root / "wire", root / "out"
     wire.mkdir()
     before = _descendants()
-    result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS, strategy="fedprox",
-                                       proximal_mu=0.1),
-                      out=out, devices=devices, mods=[Spy(wire, devices)])
+    with pytest.MonkeyPatch.context() as mp:
+        _short_baselines(mp)
+        result = simulate(SimulationConfig(clients=CLIENTS, rounds=ROUNDS, strategy="fedprox",
+                                           proximal_mu=0.1),
+                          out=out, devices=devices, mods=[Spy(wire, devices)])
     _no_process_left(before)
     return result, devices, wire, out
 
@@ -347,14 +357,17 @@ def test_a_round_in_which_every_device_fails_is_one_error(mod: Mod, error: str) 
     _no_process_left(before)
 
 
-def test_fedavgm_steps_the_weights_but_averages_the_batchnorm_statistics(tmp_path: Path
-                                                                         ) -> None:
+def test_fedavgm_steps_the_weights_but_averages_the_batchnorm_statistics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server optimiser's step is for parameters; BatchNorm's running statistics are
-    the devices' plain mean (momentum on them drives a variance negative: NaN)."""
+    the devices' plain mean (momentum on them drives a variance negative: NaN). Only the
+    shared body matters here: no private head is fine-tuned (head_epochs=0)."""
     wire = tmp_path / "wire"
     wire.mkdir()
-    simulate(SimulationConfig(clients=4, rounds=2, strategy="fedavgm"), out=tmp_path / "out",
-             devices=tmp_path / "devices", mods=[Spy(wire, tmp_path / "devices")])
+    _short_baselines(monkeypatch)
+    simulate(SimulationConfig(clients=4, rounds=2, strategy="fedavgm", head_epochs=0),
+             out=tmp_path / "out", devices=tmp_path / "devices",
+             mods=[Spy(wire, tmp_path / "devices")])
     keys = split_model(MNIST1DCNN()).shared_keys     # the order of every reply's arrays
     replies, weights = [], []
     for config in wire.glob("train-*.config.json"):

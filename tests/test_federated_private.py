@@ -32,6 +32,7 @@ from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from test_federated import _short_baselines
 
 from edgeloop.cli import main
 from edgeloop.errors import TransportError, UsageError
@@ -200,8 +201,12 @@ class Wire:
 
 def _simulate(root: Path, private: PrivateConfig, *, rounds: int = 1,
               devices: Path | None = None, monkeypatch: pytest.MonkeyPatch,
-              outer: list[Any] | None = None) -> Run:
-    """One run with a Tap inside SecAgg+ (before clipping) and a Wire outermost."""
+              outer: list[Any] | None = None, head_epochs: int = 0) -> Run:
+    """One run with a Tap inside SecAgg+ (before clipping) and a Wire outermost.
+
+    What is asserted here is the shared body, ε and the bytes sent: the private heads'
+    fine-tune is skipped unless asked for (``head_epochs``), and the local-only baselines
+    trained after the run are cut short (:func:`_short_baselines`)."""
     devices = devices or root / "devices"
     tap, wire, out = root / "tap", root / "wire", root / "out"
     for folder in (tap, wire):
@@ -216,8 +221,9 @@ def _simulate(root: Path, private: PrivateConfig, *, rounds: int = 1,
 
     with monkeypatch.context() as m:
         m.setattr(simulate_module, "private_mods", with_tap)
+        _short_baselines(m)
         result = simulate(SimulationConfig(clients=CLIENTS, rounds=rounds, timeout=300,
-                                           private=private),
+                                           head_epochs=head_epochs, private=private),
                           devices=devices, out=out, mods=[*(outer or []), Wire(wire, devices)])
     return result, tap, wire, out
 
@@ -242,7 +248,7 @@ def secagg_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     with pytest.MonkeyPatch.context() as mp:
         return _simulate(tmp_path_factory.mktemp("secagg"),
                          PrivateConfig(secagg=True, dropout=0.3, stage_timeout=120),
-                         monkeypatch=mp)
+                         monkeypatch=mp, head_epochs=1)   # a head to look for on the wire
 
 
 def test_secagg_round_completes_with_30_percent_dropped_and_gives_the_survivors_mean(
@@ -362,9 +368,10 @@ def test_a_device_past_its_budget_refuses_and_the_round_completes_then_halts(
 
 
 def test_plain_dp_uses_flowers_wrapper_and_reports_its_accountants_epsilon(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _short_baselines(monkeypatch)
     result = simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300, strategy="fedavg",
-                                       private=PrivateConfig(dp_epsilon=8.0)),
+                                       head_epochs=0, private=PrivateConfig(dp_epsilon=8.0)),
                       devices=tmp_path / "devices")
     (report,) = result.rounds
     z = result.noise_multiplier
@@ -381,7 +388,7 @@ def test_a_run_whose_every_secagg_round_halts_is_one_error(tmp_path: Path) -> No
     halted = (r"every SecAgg\+ round halted, the body never changed \(2 of 5 devices "
               r"failed, e.g. injected dropout\)$")
     with pytest.raises(TransportError, match=halted):
-        simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300,
+        simulate(SimulationConfig(clients=CLIENTS, rounds=1, timeout=300, head_epochs=0,
                                   private=PrivateConfig(secagg=True, survive=0.1, dropout=0.5)),
                  devices=tmp_path / "devices", on_round=rounds.append)
     (report,) = rounds

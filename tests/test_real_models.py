@@ -5,6 +5,8 @@ apply. Never a traceback, never "failed" for a graph-preparation problem; and wh
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -16,11 +18,13 @@ from edgeloop._onnx import session
 from edgeloop.compress.fuse import read_preparation
 from edgeloop.compress.mixed import read_plan
 from edgeloop.data import load_npz
-from edgeloop.measure import fidelity, predict
+from edgeloop.measure import LatencyConfig, fidelity, predict
 from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_cli import cli
+
+optimize_module = importlib.import_module("edgeloop.optimize")
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +91,20 @@ def test_every_scheme_succeeds_or_says_why(root, tmp_path, name):
     assert sorted(set(tmp_path.iterdir()) - {tmp_path / f"{s}.onnx" for s in schemes}) == []
 
 
+@dataclasses.dataclass(frozen=True)
+class _QuickTiming(optimize_module.OptimizeConfig):
+    """`optimize`'s settings with a few timed runs per candidate and batch size (the
+    default times each for up to 1 s, at least 20 runs: a third of this test's time).
+    Which candidate is fastest is not what the test below asserts."""
+
+    latency: LatencyConfig = dataclasses.field(default_factory=lambda: LatencyConfig(
+        warmup=1, min_runs=10, max_seconds=0.1, floor_runs=3))
+
+
 @pytest.mark.parametrize("name", ["minilm-ts", "bert-dynamo", "mobilenet_v2"])
-def test_optimize_chooses_or_says_why_each_candidate_was_rejected(root, tmp_path, name):
+def test_optimize_chooses_or_says_why_each_candidate_was_rejected(root, tmp_path, name,
+                                                                  monkeypatch):
+    monkeypatch.setattr(optimize_module, "OptimizeConfig", _QuickTiming)  # what the CLI builds
     entry = _entry(root, name)
     metric = "agreement" if entry.metric == "agreement" else "cosine"
     drop = "5" if metric == "agreement" else "0.01"
