@@ -15,7 +15,9 @@
    interleaved with the float model; variants that are not faster than float are out.
    Among the rest within ``max_error``, those within 5% of the fastest count as equally
    fast and the most accurate of them wins; if none is within the bound, the most
-   accurate goes on to step 3. Embedding lookups (Gather, EmbedLayerNormalization) stay
+   accurate goes on to step 3. Static int8 weights are rounded by GPTQ
+   (:mod:`~edgeloop.compress.gptq`) instead of to the nearest level, with the
+   quantizer's scales (``gptq``). Embedding lookups (Gather, EmbedLayerNormalization) stay
    float unless ``quantize_lookups``: an int8 table only shrinks the file.
 3. **Float fallback.** One switchable fake-quantized graph
    (:class:`~edgeloop.compress.sensitivity.SwitchableModel`) ranks the layers of the
@@ -64,6 +66,7 @@ from edgeloop.compress.base import Pass, PassContext
 from edgeloop.compress.calibrate import NpzReader, static_calibration
 from edgeloop.compress.equalize import equalize, fold_batchnorm
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
+from edgeloop.compress.gptq import WeightRounder
 from edgeloop.compress.sensitivity import (
     LOOKUP_OPS,
     LayerSensitivity,
@@ -219,6 +222,8 @@ class Int8(Pass):
     smooth: bool = True             # SmoothQuant variants where inputs have outliers
     smooth_alpha: float = 0.5       # share of the outlier spread moved into the weights
     equalize: bool = True           # cross-layer equalized variants of conv models
+    gptq: bool = True               # GPTQ rounding of static int8 weights (gptq module)
+    gptq_samples: int = 32          # calibration samples its layer statistics come from
     sensitivity_samples: int = 32   # calibration samples the float-fallback search uses
     timing_rounds: int = 8          # interleaved rounds when timing the variants
     faster_than_float: bool = True  # refuse int8 forms no faster than float (False when
@@ -227,6 +232,8 @@ class Int8(Pass):
     # static calibration (reader, quantizer options) per graph, for one apply()
     _calibrations: dict[int, tuple[NpzReader, dict[str, object]]] = field(
         default_factory=dict, init=False, repr=False)
+    _rounders: dict[int, WeightRounder] = field(default_factory=dict, init=False,
+                                                repr=False)
     name: ClassVar[str] = "int8"
     needs_calib: ClassVar[bool] = True
 
@@ -240,6 +247,7 @@ class Int8(Pass):
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         calib = ctx.require_calib(self.name)
         self._calibrations.clear()
+        self._rounders.clear()
         self.compare_ = self.compare if self.compare != "auto" else (
             "top1" if _is_classifier(model) else "outputs")
         self.max_error_ = self.max_error if self.max_error is not None else (
@@ -308,6 +316,8 @@ class Int8(Pass):
             out, error = self._with_int8_lookups(preparations[prep], mode, pc, ctx, calib,
                                                  reference, float_nodes, out, error, notes)
         if mode == "static":
+            if self.gptq:
+                notes.append(self._gptq_note(preparations[prep], out))
             out = drop_zero_bias_zero_points(out)
         self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error_, float_nodes, variants,
                               sens, float_ms, pre.used_, notes, self.compare_)
@@ -315,6 +325,14 @@ class Int8(Pass):
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
         return out
+
+    def _gptq_note(self, prepared: onnx.ModelProto, out: onnx.ModelProto) -> str:
+        _, report = self._rounders[id(prepared)](out)
+        changed = [r for r in report if r.gptq < r.nearest]
+        before, after = (sum(getattr(r, k) for r in report) for k in ("nearest", "gptq"))
+        return (f"GPTQ rounding of the int8 weights of {len(changed)} of {len(report)} "
+                f"layers: their summed output error is {after / max(before, 1e-30):.0%} of "
+                f"nearest rounding's (on {self.gptq_samples} calibration samples)")
 
     def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
                       reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
@@ -439,7 +457,13 @@ class Int8(Pass):
                             op_types_to_quantize=op_types,
                             calibration_providers=["CPUExecutionProvider"],
                             extra_options=options)
-            return _float_inputs(onnx.load(out), exclude)
+            quantized = onnx.load(out)
+            if self.gptq:
+                if id(model) not in self._rounders:
+                    self._rounders[id(model)] = WeightRounder(
+                        model, calib.take(slice(0, self.gptq_samples)))
+                quantized, _ = self._rounders[id(model)](quantized)
+            return _float_inputs(quantized, exclude)
         return onnx.load(out)
 
 

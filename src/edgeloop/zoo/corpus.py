@@ -107,7 +107,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["CORPUS", "CorpusModel", "build", "import_torchvision", "stats"]
+__all__ = ["CLASSIFIERS", "CORPUS", "CorpusModel", "build", "import_torchvision", "stats"]
 
 RECIPE = "corpus.json"
 # Bump a family's number whenever a change here changes what build() writes for it.
@@ -174,6 +174,7 @@ _CNNS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "efficientnet_b0")
 _ZOO = ("mnist1d-cnn",)
 
 CORPUS: tuple[str, ...] = (*_TEXT, *_CNNS, *_ZOO)
+CLASSIFIERS: tuple[str, ...] = (*_CNNS, *_ZOO)   # the corpus entries whose output is logits
 
 _VOCAB, _SMALL_VOCAB = 30522, 2000      # BERT's WordPiece vocabulary size
 _PAD, _CLS, _SEP, _FIRST_WORD = 0, 101, 102, 1000   # BERT's special ids; words after them
