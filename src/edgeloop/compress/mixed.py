@@ -234,6 +234,9 @@ class Int8(Pass):
         default_factory=dict, init=False, repr=False)
     _rounders: dict[int, WeightRounder] = field(default_factory=dict, init=False,
                                                 repr=False)
+    # (preparation, mode, per-channel) -> its all-int8 error with nearest and GPTQ weights
+    _gptq_errors: dict[tuple[str, str, bool], tuple[float, float]] = field(
+        default_factory=dict, init=False, repr=False)
     name: ClassVar[str] = "int8"
     needs_calib: ClassVar[bool] = True
 
@@ -248,6 +251,8 @@ class Int8(Pass):
         calib = ctx.require_calib(self.name)
         self._calibrations.clear()
         self._rounders.clear()
+        self._gptq_errors.clear()
+        self.gptq_ = False
         self.compare_ = self.compare if self.compare != "auto" else (
             "top1" if _is_classifier(model) else "outputs")
         self.max_error_ = self.max_error if self.max_error is not None else (
@@ -273,6 +278,12 @@ class Int8(Pass):
             try:
                 full[key] = self._quantize(preparations[p], m, ctx, calib, per_channel=pc)
                 errors[key] = output_error(full[key], calib, reference, self.compare_)
+                if m == "static" and self.gptq:   # same graph and speed: keep the better
+                    rounded = self._rounded(preparations[p], full[key], calib)
+                    error = output_error(rounded, calib, reference, self.compare_)
+                    self._gptq_errors[key] = (errors[key], error)
+                    if error <= errors[key]:
+                        full[key], errors[key] = rounded, error
             except Exception as e:  # a form the quantizer cannot produce for this graph
                 full.pop(key, None)
                 notes.append(f"{p} {m}{' per-channel' if pc else ''}: {_first_line(e)}")
@@ -296,6 +307,13 @@ class Int8(Pass):
                 f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float")
         chosen = _choose(faster, self.max_error_)
         prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
+        if (prep, mode, pc) in self._gptq_errors:
+            nearest, gptq = self._gptq_errors[prep, mode, pc]
+            self.gptq_ = gptq <= nearest
+            notes.append(f"int8 weights rounded {'by GPTQ' if self.gptq_ else 'to nearest'}: "
+                         f"error {gptq:.4f} with GPTQ, {nearest:.4f} with nearest rounding, "
+                         f"all layers int8 (GPTQ statistics from {self.gptq_samples} "
+                         f"calibration samples)")
 
         out, error, float_nodes, sens = full[prep, mode, pc], chosen.error, [], []
         if error > self.max_error_:
@@ -316,8 +334,6 @@ class Int8(Pass):
             out, error = self._with_int8_lookups(preparations[prep], mode, pc, ctx, calib,
                                                  reference, float_nodes, out, error, notes)
         if mode == "static":
-            if self.gptq:
-                notes.append(self._gptq_note(preparations[prep], out))
             out = drop_zero_bias_zero_points(out)
         self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error_, float_nodes, variants,
                               sens, float_ms, pre.used_, notes, self.compare_)
@@ -325,14 +341,6 @@ class Int8(Pass):
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
         return out
-
-    def _gptq_note(self, prepared: onnx.ModelProto, out: onnx.ModelProto) -> str:
-        _, report = self._rounders[id(prepared)](out)
-        changed = [r for r in report if r.gptq < r.nearest]
-        before, after = (sum(getattr(r, k) for r in report) for k in ("nearest", "gptq"))
-        return (f"GPTQ rounding of the int8 weights of {len(changed)} of {len(report)} "
-                f"layers: their summed output error is {after / max(before, 1e-30):.0%} of "
-                f"nearest rounding's (on {self.gptq_samples} calibration samples)")
 
     def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
                       reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
@@ -457,14 +465,17 @@ class Int8(Pass):
                             op_types_to_quantize=op_types,
                             calibration_providers=["CPUExecutionProvider"],
                             extra_options=options)
-            quantized = onnx.load(out)
-            if self.gptq:
-                if id(model) not in self._rounders:
-                    self._rounders[id(model)] = WeightRounder(
-                        model, calib.take(slice(0, self.gptq_samples)))
-                quantized, _ = self._rounders[id(model)](quantized)
-            return _float_inputs(quantized, exclude)
+            quantized = _float_inputs(onnx.load(out), exclude)
+            return self._rounded(model, quantized, calib) if self.gptq_ else quantized
         return onnx.load(out)
+
+    def _rounded(self, prepared: onnx.ModelProto, quantized: onnx.ModelProto,
+                 calib: Dataset) -> onnx.ModelProto:
+        """``quantized`` (made from ``prepared``) with GPTQ-rounded int8 weights."""
+        if id(prepared) not in self._rounders:
+            self._rounders[id(prepared)] = WeightRounder(
+                prepared, calib.take(slice(0, self.gptq_samples)))
+        return self._rounders[id(prepared)](quantized)[0]
 
 
 def _is_classifier(model: onnx.ModelProto) -> bool:
