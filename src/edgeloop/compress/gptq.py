@@ -199,14 +199,17 @@ class WeightRounder:
                                        self.calib, self.batch_size)
         report = []
         for ly in layers:
-            if ly.node.name not in self._hessians:
-                continue
             dq = targets[ly.node.name]
             stored = q.array(dq.input[0])
             params = [q.const(i) for i in dq.input[1:3] if i]
             key = (ly.node.name, b"".join(p.tobytes() for p in params))
             if key not in self._done:
-                self._done[key] = self._round(ly, stored, params)
+                if ly.node.name not in self._hessians:   # too few positions, or already
+                    continue                             # rounded at other scales
+                # its statistics are not kept once used: the quantizer gives a layer the
+                # same scales in every model it makes from one graph and calibration
+                self._done[key] = self._round(ly, stored, params,
+                                              self._hessians.pop(ly.node.name))
             ints, rounded = self._done[key]
             report.append(rounded)
             if ints is not None:
@@ -214,7 +217,8 @@ class WeightRounder:
                     _stored_layout(ints, ly, stored.shape).astype(stored.dtype), dq.input[0]))
         return out, report
 
-    def _round(self, ly: _Layer, stored: np.ndarray, params: list[np.ndarray],
+    @staticmethod
+    def _round(ly: _Layer, stored: np.ndarray, params: list[np.ndarray], h: np.ndarray,
                ) -> tuple[np.ndarray | None, RoundedLayer]:
         # the quantizer's integer range, read off its own weights: symmetric, never -128,
         # and 7-bit (+-64) where the target needs reduce-range to avoid AVX2 saturation
@@ -224,8 +228,6 @@ class WeightRounder:
         rows = ly.weight.shape[0] * ly.weight.shape[1]
         scale, zero = (np.broadcast_to(v.reshape(-1), (rows,)).reshape(
             ly.weight.shape[0], ly.weight.shape[1], 1) for v in (scale, zero))
-        assert self._hessians is not None
-        h = self._hessians[ly.node.name]
         nearest = _quant(ly.weight, scale, zero, -limit, limit)
         h = h.astype(np.float64)
         ints = _gptq(ly.weight, h, scale, zero, -limit, limit)

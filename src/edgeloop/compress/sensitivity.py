@@ -135,7 +135,7 @@ def float_tables(model: onnx.ModelProto) -> list[str]:
 
 
 def _input_ranges(model: onnx.ModelProto, data: Dataset, tensors: list[str],
-                  batch_size: int = 16) -> dict[str, tuple[float, float]]:
+                  batch_size: int = 4) -> dict[str, tuple[float, float]]:
     """Min and max of each named intermediate tensor over ``data`` (the static range)."""
     sess = probe_session(model, tensors)
     names = [o.name for o in sess.get_outputs()]
