@@ -108,6 +108,8 @@ def _hessians(model: onnx.ModelProto, layers: list[_Layer], calib: Dataset,
     sums: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
     live = list(layers)
+    if not live:   # no Conv/Gemm with constant weights (e.g. MatMul-only graphs)
+        return sums
     for acts in _stream(model, [ly.node.input[0] for ly in layers], calib, batch_size,
                         "int8: gathering layer statistics for GPTQ rounding"):
         first = not sums
