@@ -289,3 +289,20 @@ def test_fine_tuning_must_beat_chance_on_accuracy_and_on_loss() -> None:
     assert not mixed.beats(base)
     assert not tie.beats(base)
     assert not base.beats(base)
+
+
+def test_qat_fine_tunes_a_model_whose_batchnorm_keeps_a_cumulative_average() -> None:
+    """BatchNorm(momentum=None) (PyTorch's cumulative moving average, what re-estimating
+    statistics over a data set leaves behind) used to stop torch.export in train form."""
+    model = _dead_channel_cnn()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    ctx = TrainContext(TRAIN.take(slice(0, 64)), VAL, calib=CALIB)
+    q = QAT(bits=8, epochs=1, target=VNNI).fine_tune(model, ctx)
+    proto, _ = quantize_export(q, CALIB, bits=8, target=VNNI)
+    with torch.no_grad():
+        fake_quant = q.prepared(torch.from_numpy(VAL.inputs["x"])).numpy()
+    _check_agreement(fake_quant, proto, VAL)
+    assert all(m.momentum is None for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))

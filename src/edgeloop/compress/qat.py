@@ -181,6 +181,13 @@ def _capture(model: nn.Module, sample: torch.Tensor, *, train: bool) -> GraphMod
             with torch.no_grad():   # QAT divides by gamma: a gamma of exactly 0 gives NaN
                 m.weight[m.weight == 0] = 1e-8
     model.train(train)
+    # BatchNorm with momentum=None (a cumulative average) divides by num_batches_tracked in
+    # train form, a data-dependent value torch.export cannot trace; the train-form graph
+    # gets PyTorch's default exponential average instead (the module keeps its setting).
+    cumulative = [m for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+    for m in cumulative:
+        m.momentum = 0.1
     batch = torch.export.Dim("batch", min=1)
     try:
         with warnings.catch_warnings():
@@ -189,6 +196,9 @@ def _capture(model: nn.Module, sample: torch.Tensor, *, train: bool) -> GraphMod
     except Exception as e:
         raise ModelError(f"torch.export could not capture the model: "
                          f"{str(e).splitlines()[0][:300]}") from None
+    finally:
+        for m in cumulative:
+            m.momentum = None
 
 
 def _prepare(graph: GraphModule, quantizer: QDQQuantizer) -> GraphModule:
