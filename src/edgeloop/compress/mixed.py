@@ -15,10 +15,11 @@
    interleaved with the float model; variants that are not faster than float are out.
    Among the rest within ``max_error``, those within 5% of the fastest count as equally
    fast and the most accurate of them wins; if none is within the bound, the most
-   accurate goes on to step 3. Static int8 weights are rounded by GPTQ
-   (:mod:`~edgeloop.compress.gptq`) instead of to the nearest level, with the
-   quantizer's scales (``gptq``). Embedding lookups (Gather, EmbedLayerNormalization) stay
-   float unless ``quantize_lookups``: an int8 table only shrinks the file.
+   accurate goes on to step 3. Static variants are also measured with their int8 weights
+   rounded by GPTQ (:mod:`~edgeloop.compress.gptq`, the quantizer's scales kept), which
+   replace nearest rounding where their error is no worse (``gptq``). Embedding lookups
+   (Gather, EmbedLayerNormalization) stay float unless ``quantize_lookups``: an int8
+   table only shrinks the file.
 3. **Float fallback.** One switchable fake-quantized graph
    (:class:`~edgeloop.compress.sensitivity.SwitchableModel`) ranks the layers of the
    chosen variant by the error each causes alone and bisects that ranking for the fewest
