@@ -31,7 +31,7 @@ from edgeloop._onnx import attr
 from edgeloop.compress.equalize import _Graph, _stream
 from edgeloop.data import Dataset
 
-__all__ = ["RoundedLayer", "WeightRounder"]
+__all__ = ["RoundedLayer", "WeightRounder", "weight_dequantizers"]
 
 _DAMP = 0.01   # share of H's mean diagonal added to it, as in the paper
 # A layer whose calibration inputs give fewer positions than this many per input column
@@ -110,9 +110,10 @@ def _hessians(model: onnx.ModelProto, layers: list[_Layer], calib: Dataset,
     live = list(layers)
     if not live:   # no Conv/Gemm with constant weights (e.g. MatMul-only graphs)
         return sums
-    for acts in _stream(model, [ly.node.input[0] for ly in layers], calib, batch_size,
-                        "int8: gathering layer statistics for GPTQ rounding"):
-        first = not sums
+    for k, acts in enumerate(_stream(model, [ly.node.input[0] for ly in layers], calib,
+                                     batch_size,
+                                     "int8: gathering layer statistics for GPTQ rounding")):
+        first = k == 0
         for ly in list(live):
             x = acts[ly.node.input[0]]
             p = _patches(x, ly)
@@ -162,6 +163,21 @@ def _output_error(w: np.ndarray, deq: np.ndarray, h: np.ndarray) -> float:
     return float(np.sum(np.matmul(d, h) * d))
 
 
+def weight_dequantizers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """The Conv/Gemm layers of a QDQ model whose weight is a constant integer tensor
+    behind a ``DequantizeLinear``: layer name -> that ``DequantizeLinear``."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2:
+            continue
+        dq = producer.get(n.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in constants:
+            out[n.name] = dq
+    return out
+
+
 class WeightRounder:
     """GPTQ rounding for the QDQ models onnxruntime makes from one float graph,
     ``prepared``: its layers' input statistics are gathered once, on the first call, from
@@ -186,13 +202,7 @@ class WeightRounder:
         out = onnx.ModelProto()
         out.CopyFrom(quantized)
         q = _Graph(out)
-        targets: dict[str, onnx.NodeProto] = {}   # float node name -> its weight's DQ
-        for n in out.graph.node:
-            if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2:
-                continue
-            dq = q.producer.get(n.input[1])
-            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in q.inits:
-                targets[n.name] = dq
+        targets = weight_dequantizers(out)
         layers = _layers(_Graph(self.prepared), list(targets))
         if self._hessians is None:
             everything = [n.name for n in self.prepared.graph.node]
