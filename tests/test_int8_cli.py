@@ -62,3 +62,36 @@ def test_int8_without_calibration_data_exits_2(files, capsys):
     assert e.value.code == 2
     assert "calibration" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_threads_are_the_ones_speed_is_judged_at(files, monkeypatch):
+    """`--threads 1`: int8 times every variant and the float model with one intra-op
+    thread (a device's setting; float gains more from extra cores than int8 does)."""
+    import edgeloop.compress.mixed as mixed
+    seen = []
+    real = mixed.interleaved_latency
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("threads", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixed, "interleaved_latency", spy)
+    model, calib, out = files
+    main(["quantize", str(model), "--data", str(calib), "--scheme", "int8", "--threads", "1",
+          "--allow-slower", "--out", str(out)])
+    assert seen and set(seen) == {1}
+    assert read_plan(onnx.load(out))["threads"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheme", "int8", "--threads", "-1"], "threads"),
+    (["--scheme", "int8-static", "--threads", "1"], "`--threads` does not apply"),
+])
+def test_bad_threads_exit_2_and_write_nothing(files, capsys, args, message):
+    model, calib, out = files
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(model), "--data", str(calib), "--out", str(out), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -298,3 +298,42 @@ def test_train_data_needs_a_torch_model(cnn_dir: Path) -> None:
         optimize(cnn_dir / "model.onnx", calib=load_builtin("mnist1d", "calib"),
                  val=load_builtin("mnist1d", "val"), target=detect(),
                  train=load_builtin("mnist1d", "train"))
+
+
+def test_threads_reach_every_timing_and_the_int8_candidate(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--threads` is the device's thread count: every model optimize times gets it, the
+    int8 candidate judges speed with it, and the report says so."""
+    import edgeloop.optimize as search
+    seen: list[int | None] = []   # threads of each session; None: an input check
+    real_session = search.session
+
+    def spy(model: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("threads"))  # type: ignore[arg-type]
+        return real_session(model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search, "session", spy)
+    out = tmp_path / "out"
+    main(["optimize", str(trained / "model.onnx"), "--data", str(trained / "calib.npz"),
+          "--val", str(trained / "val.npz"), "--out", str(out), "--metric", "agreement",
+          "--max-drop", "1", "--time-budget", "8s", "--threads", "1"])
+    timed = [t for t in seen if t is not None]
+    assert timed and set(timed) == {1}
+    assert json.loads((out / "report.json").read_text())["threads"] == 1
+    assert "1 intra-op threads" in (out / "report.md").read_text()
+    config = OptimizeConfig(metric="agreement", max_drop=1.0,
+                            latency=LatencyConfig(threads=1))
+    int8 = {c.name: c for c in default_candidates(config)}["int8-mixed"]
+    assert int8.make(detect()).threads == 1   # type: ignore[attr-defined]
+
+
+def test_negative_threads_exit_2(trained: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["optimize", str(trained / "model.onnx"), "--data", str(trained / "calib.npz"),
+              "--val", str(trained / "val.npz"), "--out", str(out), "--threads", "-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "threads" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

@@ -298,6 +298,8 @@ def default_candidates(config: OptimizeConfig | None = None) -> list[Candidate]:
     bound = config.max_drop * scale if config is not None else 0.0
     goal: dict[str, object] = ({"compare": compare, "max_error": bound}
                                if compare and 0.0 < bound < 1.0 else {})
+    if config is not None:   # int8 judges speed at the threads the search times with
+        goal["threads"] = config.latency.threads
     out: list[Candidate] = [
         PassCandidate("fused", "graph optimization and fusion, float weights",
                       lambda t: Preprocess(), quantized=False),
@@ -373,6 +375,7 @@ class OptimizeResult:
     max_drop: float
     target: str
     batch: int
+    threads: int                      # intra-op threads every model was timed with (0: all)
     time_budget_s: float
     baseline: CandidateResult
     candidates: list[CandidateResult]
@@ -570,9 +573,10 @@ def optimize(model_path: str | os.PathLike[str], *, calib: Dataset, val: Dataset
                                    error=f"stopped ({stopped}) before it was measured")
     return OptimizeResult(
         model=str(model_path), metric=config.metric, max_drop=config.max_drop,
-        target=target.name, batch=config.batch, time_budget_s=config.time_budget_s,
-        baseline=baseline, candidates=results, chosen=chosen.name if chosen else None,
-        stopped=stopped, elapsed_s=time.monotonic() - t0, best_model=best)
+        target=target.name, batch=config.batch, threads=config.latency.threads,
+        time_budget_s=config.time_budget_s, baseline=baseline, candidates=results,
+        chosen=chosen.name if chosen else None, stopped=stopped,
+        elapsed_s=time.monotonic() - t0, best_model=best)
 
 
 def _try(cand: Candidate, source: Source, config: OptimizeConfig, val: Dataset,

@@ -78,7 +78,8 @@ def render_markdown(result: OptimizeResult) -> str:
         f"# edgeloop optimize: {Path(result.model).name}", "",
         _summary(result), "",
         f"- metric: `{result.metric}`, max drop {result.max_drop:g}; target `{result.target}`; "
-        f"ranked by p50 latency at batch {result.batch}",
+        f"ranked by p50 latency at batch {result.batch}, "
+        f"{f'{result.threads} intra-op threads' if result.threads else 'every core'}",
         f"- search: {len(result.candidates)} candidates in {result.elapsed_s:.1f} s of a "
         f"{result.time_budget_s:g} s budget; {stop}", "",
         "| candidate | status | " + result.metric + " | drop | "

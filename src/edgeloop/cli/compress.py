@@ -73,6 +73,9 @@ def quantize_cmd(
     allow_slower: Annotated[bool, typer.Option(
         help="int8: accept an int8 model no faster than float (when only size matters)")
     ] = False,
+    threads: Annotated[int | None, typer.Option(
+        min=0, help="int8: intra-op threads the model will run with on the device; speed "
+                    "against float is judged at this count [default: 0, every core]")] = None,
     target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
 ) -> None:
     """Post-training quantization of an ONNX model (onnxruntime is the engine)."""
@@ -82,7 +85,8 @@ def quantize_cmd(
 
     options: dict[str, object] = {"calibration": calibration, "block_size": block_size,
                                   "max_error": max_error, "compare": compare,
-                                  "faster_than_float": False if allow_slower else None}
+                                  "faster_than_float": False if allow_slower else None,
+                                  "threads": threads}
     if scheme in ("int8", "int8-static", "int8-dynamic"):
         options["target"] = get_target(target)
     p = make_scheme(scheme, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def optimize_cmd(
     target: Annotated[str, typer.Option(help="Hardware profile, or auto")] = "auto",
     time_budget: Annotated[str, typer.Option(help="Whole search, e.g. 90s, 10m, 1h")] = "10m",
     batch: Annotated[int, typer.Option(help="Batch size latency is ranked at")] = 1,
+    threads: Annotated[int, typer.Option(
+        min=0, help="Intra-op threads the model will run with on the device; every "
+                    "candidate is timed with this many (0: every core)")] = 0,
     train: Annotated[Path | None, typer.Option(
         help="Training .npz with labels: with a torch .pt model, also tries structured "
              "pruning and quantization-aware training")] = None,
@@ -111,6 +115,8 @@ def optimize_cmd(
     config = OptimizeConfig(metric=metric, max_drop=max_drop, batch=batch,
                             time_budget_s=parse_duration(time_budget),
                             started_at=time.monotonic())
+    config = dataclasses.replace(config, latency=dataclasses.replace(config.latency,
+                                                                     threads=threads))
     profile = get_target(target)
     calib, val_data = load_npz(data), load_npz(val)
     train_data = load_npz(train) if train is not None else None

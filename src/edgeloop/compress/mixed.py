@@ -12,7 +12,9 @@
 2. **Activation mode and weight granularity.** Each preparation is quantized in full
    with dynamic activations (per-channel and per-tensor int8 weights) and with static
    (QDQ, calibrated) activations (per-channel weights). Every variant is timed at batch 1
-   interleaved with the float model; variants that are not faster than float are out.
+   interleaved with the float model, with the intra-op threads the model will have on the
+   device (``threads``; onnxruntime's float kernels gain more from extra cores than its
+   int8 ones, so the answer can differ); variants that are not faster than float are out.
    Among the rest within ``max_error``, those within 5% of the fastest count as equally
    fast and the most accurate of them wins; if none is within the bound, the most
    accurate goes on to step 3. Static variants are also measured with their int8 weights
@@ -128,6 +130,8 @@ class Int8Plan:
     preprocess: str = ""            # the pre-processing form used (see fuse.Preprocess)
     notes: list[str] = field(default_factory=list)   # steps skipped, and why
     compare: str = "outputs"        # what the errors measure (sensitivity.COMPARES)
+    threads: int = 0                # intra-op threads every latency was measured with
+                                    # (0: onnxruntime's default, every core)
 
     def to_json(self) -> str:
         """The plan as JSON (what the model's metadata holds)."""
@@ -229,6 +233,8 @@ class Int8(Pass):
     timing_rounds: int = 8          # interleaved rounds when timing the variants
     faster_than_float: bool = True  # refuse int8 forms no faster than float (False when
                                     # only the file size matters)
+    threads: int = 0                # intra-op threads the model will run with on the
+                                    # device; speed is compared at this count (0: every core)
     target: Target = field(default_factory=detect)
     # static calibration (reader, quantizer options) per graph, for one apply()
     _calibrations: dict[int, tuple[NpzReader, dict[str, object]]] = field(
@@ -247,6 +253,8 @@ class Int8(Pass):
         if self.max_error is not None and not 0.0 < self.max_error < 1.0:
             raise UsageError(f"`max-error` must be in (0, 1) (e.g. 0.005 for outputs, 0.02 "
                              f"for top1); got {self.max_error}")
+        if self.threads < 0:
+            raise UsageError(f"`threads` must be >= 0 (0: every core); got {self.threads}")
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         calib = ctx.require_calib(self.name)
@@ -293,9 +301,9 @@ class Int8(Pass):
                              + notes[-1] + ")")
         status("int8: timing the variants against float")
         keys = list(full)
-        runs = runs_per_round(model, calib)
+        runs = runs_per_round(model, calib, threads=self.threads)
         lat = interleaved_latency([model, *(full[k] for k in keys)], calib,
-                                  rounds=self.timing_rounds, runs=runs)
+                                  rounds=self.timing_rounds, runs=runs, threads=self.threads)
         float_ms, lat = lat[0], lat[1:]
         variants = [Variant(*k, errors[k], t) for k, t in zip(keys, lat, strict=True)]
         faster = [v for v in variants
@@ -304,7 +312,7 @@ class Int8(Pass):
             best = min(variants, key=lambda v: v.latency_ms)
             raise ModelError(
                 f"int8: no int8 form of this model is faster than float on this CPU "
-                f"({self.target.name}): the fastest, {best.preparation} {best.mode}, takes "
+                f"({self._where()}): the fastest, {best.preparation} {best.mode}, takes "
                 f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float")
         chosen = _choose(faster, self.max_error_)
         prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
@@ -322,13 +330,14 @@ class Int8(Pass):
                 preparations[prep], mode, pc, ctx, calib, reference, chosen.error)
             status("int8: timing the mixed-precision model against float")
             mixed_ms, float_ms2 = interleaved_latency([out, model], calib,
-                                                      rounds=self.timing_rounds, runs=runs)
+                                                      rounds=self.timing_rounds, runs=runs,
+                                                      threads=self.threads)
             if mixed_ms >= float_ms2 and self.faster_than_float:
                 raise ModelError(
                     f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
                     f"{len(float_nodes)} layers in float, and that model is no faster than "
-                    f"float on this CPU "
-                    f"({mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1); the all-int8 "
+                    f"float on this CPU ({self._where()}: "
+                    f"{mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1); the all-int8 "
                     f"model's error is {chosen.error:.4f}")
         if not self.quantize_lookups and any(n.op_type in LOOKUP_OPS
                                              for n in preparations[prep].graph.node):
@@ -337,11 +346,17 @@ class Int8(Pass):
         if mode == "static":
             out = drop_zero_bias_zero_points(out)
         self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error_, float_nodes, variants,
-                              sens, float_ms, pre.used_, notes, self.compare_)
+                              sens, float_ms, pre.used_, notes, self.compare_, self.threads)
         record_preparation(out, pre.used_, pre.tried_)
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
         return out
+
+    def _where(self) -> str:
+        """The CPU profile and thread count latencies were compared at, for messages."""
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads \
+            else "every core"
+        return f"{self.target.name}, {threads}"
 
     def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
                       reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
@@ -507,11 +522,11 @@ def _dynamic_pays(model: onnx.ModelProto) -> bool:
 
 
 def runs_per_round(model: onnx.ModelProto, data: Dataset, *, batch: int = 1,
-                   seconds: float = 0.1) -> int:
+                   seconds: float = 0.1, threads: int = 0) -> int:
     """Timed calls per model and round for :func:`~edgeloop.measure.interleaved_latency`:
-    about ``seconds`` of ``model``'s time at ``batch``, 3 to 20 calls (slow models need
-    fewer to be timed reliably)."""
-    sess = session(model)
+    about ``seconds`` of ``model``'s time at ``batch`` with ``threads`` intra-op threads,
+    3 to 20 calls (slow models need fewer to be timed reliably)."""
+    sess = session(model, threads=threads)
     feed = {i.name: data.inputs[i.name][:batch] for i in sess.get_inputs()}
     sess.run(None, feed)
     start = time.perf_counter()
