@@ -128,8 +128,8 @@ class Result:
 
 # ------------------------------------------------------------------ producing models
 
-def run_int8_cli(entry: CorpusModel, out: Path, workdir: Path) -> CliRun:
-    """``edgeloop quantize MODEL --scheme int8`` in a subprocess started in the empty
+def run_int8_cli(entry: CorpusModel, out: Path, workdir: Path, *options: str) -> CliRun:
+    """``edgeloop quantize MODEL --scheme int8 [options]`` in a subprocess started in the empty
     ``workdir``: its wall time, and its peak resident memory as the child measures it at
     exit (:func:`edgeloop.measure.peak_rss_mb`, its own VmHWM). The kernel's ``ru_maxrss``
     for a child (``wait4``, ``RUSAGE_CHILDREN``) would include this process's memory at
@@ -138,7 +138,7 @@ def run_int8_cli(entry: CorpusModel, out: Path, workdir: Path) -> CliRun:
     start = time.perf_counter()
     proc = subprocess.run(
         [*CLI_MEASURED, "quantize", str(entry.model), "--out", str(out), "--scheme", "int8",
-         "--data", str(entry.calib)], cwd=workdir, env={**ENV, PEAK_FILE: str(peak_file)},
+         "--data", str(entry.calib), *options], cwd=workdir, env={**ENV, PEAK_FILE: str(peak_file)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     seconds = time.perf_counter() - start
     lines = [s.strip() for s in proc.stderr.splitlines() if s.strip()]
