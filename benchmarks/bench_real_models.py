@@ -75,10 +75,10 @@ FP32, STOCK_DYN, STOCK_STATIC, INT8, OPT = (
 BATCHES = (1, 32)
 ROUNDS = {1: 7, 32: 5}          # interleaved rounds per batch size
 ROUND_SECONDS = {1: 0.1, 32: 0.3}   # fp32 time per model and round, to size the runs
-# The optimize settings of issue 9: (metric, max drop in that metric's unit).
 MOBILE_CNNS = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")  # the ~5 M ones
 MIN_COSINE, MIN_AGREEMENT, MIN_CNN_COSINE = 0.995, 0.98, 0.99
-# optimize aims at the claims' own bounds (agreement drops are in percentage points)
+# optimize's goal per metric, (metric, max drop in that metric's unit: percentage points
+# for agreement): the claims' own bounds
 OPTIMIZE_GOAL = {"cosine": ("cosine", round(1 - MIN_COSINE, 6)),
                  "agreement": ("agreement", round(100 * (1 - MIN_AGREEMENT), 6))}
 STOCK_LATENCY_SLACK = 1.05

@@ -44,8 +44,10 @@ def test_quantize_int8_with_max_error(files, capsys):
     (["--scheme", "int8", "--max-error", "1.5"], "max-error"),
     (["--scheme", "int8", "--max-error", "-0.01"], "max-error"),
     (["--scheme", "int8-static", "--max-error", "0.01"], "max-error"),
+    (["--scheme", "int8", "--threads", "-1"], "threads"),
+    (["--scheme", "int8-static", "--threads", "1"], "`--threads` does not apply"),
 ])
-def test_bad_max_error_exits_2_and_writes_nothing(files, capsys, args, message):
+def test_bad_int8_option_exits_2_and_writes_nothing(files, capsys, args, message):
     model, calib, out = files
     with pytest.raises(SystemExit) as e:
         main(["quantize", str(model), "--data", str(calib), "--out", str(out), *args])
@@ -82,16 +84,3 @@ def test_threads_are_the_ones_speed_is_judged_at(files, monkeypatch):
     assert seen and set(seen) == {1}
     assert read_plan(onnx.load(out))["threads"] == 1
 
-
-@pytest.mark.parametrize("args,message", [
-    (["--scheme", "int8", "--threads", "-1"], "threads"),
-    (["--scheme", "int8-static", "--threads", "1"], "`--threads` does not apply"),
-])
-def test_bad_threads_exit_2_and_write_nothing(files, capsys, args, message):
-    model, calib, out = files
-    with pytest.raises(SystemExit) as e:
-        main(["quantize", str(model), "--data", str(calib), "--out", str(out), *args])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1, err
-    assert not out.exists()

@@ -239,6 +239,7 @@ def test_parse_duration_rejects(text: str) -> None:
     (["--metric", "f1"], "`metric` must be one of"),
     (["--time-budget", "soon"], "time-budget"),
     (["--val", "VAL_NOLABELS"], "needs labels"),
+    (["--threads", "-1"], "threads"),
 ])
 def test_bad_input_one_line_exit_2(trained: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str], extra: list[str],
@@ -326,14 +327,3 @@ def test_threads_reach_every_timing_and_the_int8_candidate(
     int8 = {c.name: c for c in default_candidates(config)}["int8-mixed"]
     assert int8.make(detect()).threads == 1   # type: ignore[attr-defined]
 
-
-def test_negative_threads_exit_2(trained: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        main(["optimize", str(trained / "model.onnx"), "--data", str(trained / "calib.npz"),
-              "--val", str(trained / "val.npz"), "--out", str(out), "--threads", "-1"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "threads" in err and len(err.splitlines()) == 1, err
-    assert not out.exists()
