@@ -49,6 +49,29 @@ def test_quantize_then_evaluate(scheme: str, cnn_dir: Path, mnist_npz: dict[str,
     assert [lat["batch"] for lat in report["latency"]] == [1, 32]
 
 
+def test_evaluate_times_with_the_devices_threads(cnn_dir: Path, mnist_npz: dict[str, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate --threads 1` times the model (and runs the reference) on one intra-op
+    thread, and its report says so."""
+    import edgeloop.measure as measure
+    seen: list[object] = []
+    real_session = measure.session
+
+    def spy(model: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("threads"))
+        return real_session(model, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(measure, "session", spy)
+    model = cnn_dir / "model.onnx"
+    code, out, err = cli("evaluate", model, "--data", mnist_npz["test"], "--reference", model,
+                         "--runs", 3, "--threads", 1, "--json")
+    assert code == 0, err
+    assert json.loads(out)["threads"] == 1 and seen == [1, 1]
+    code, out, err = cli("evaluate", model, "--data", mnist_npz["test"], "--runs", 3,
+                         "--threads", 1)
+    assert code == 0 and " runs, 1 thread)" in out, err
+
+
 def test_data_and_zoo_commands(tmp_path: Path) -> None:
     code, _, err = cli("data", "digits", "--split", "calib", "--out", tmp_path / "d.npz")
     assert code == 0, err

@@ -321,7 +321,7 @@ def test_threads_reach_every_timing_and_the_int8_candidate(
     timed = [t for t in seen if t is not None]
     assert timed and set(timed) == {1}
     assert json.loads((out / "report.json").read_text())["threads"] == 1
-    assert "1 intra-op threads" in (out / "report.md").read_text()
+    assert "batch 1, 1 thread" in (out / "report.md").read_text()
     config = OptimizeConfig(metric="agreement", max_drop=1.0,
                             latency=LatencyConfig(threads=1))
     int8 = {c.name: c for c in default_candidates(config)}["int8-mixed"]

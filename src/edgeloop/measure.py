@@ -39,6 +39,7 @@ __all__ = [
     "latency",
     "peak_rss_mb",
     "predict",
+    "thread_count",
     "top1_accuracy",
 ]
 
@@ -67,6 +68,14 @@ class LatencyConfig:
     max_seconds: float = 5.0
     floor_runs: int = 20
     threads: int = 0           # intra-op threads; 0 lets onnxruntime use every core
+
+
+def thread_count(threads: int) -> str:
+    """How many intra-op threads a timing used, in words: "1 thread", "4 threads", or
+    "every core" for 0 (onnxruntime's default)."""
+    if not threads:
+        return "every core"
+    return f"{threads} thread{'s' if threads > 1 else ''}"
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class EvalReport:
     integer_ops: dict[str, int] = field(default_factory=dict)
     qdq_nodes: int = 0
     peak_rss_mb: float = 0.0    # the process's peak resident memory, measuring included
+    threads: int = 0            # intra-op threads latency was timed with; 0: every core
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dictionary."""
@@ -259,7 +269,7 @@ def evaluate(model_path: str | os.PathLike[str], data: Dataset, *,
     float_ops, int_ops, qdq = graph_summary(model)
     report = EvalReport(model=str(model_path), size_bytes=Path(model_path).stat().st_size,
                         samples=len(data), latency=timed, float_compute_ops=float_ops,
-                        integer_ops=int_ops, qdq_nodes=qdq)
+                        integer_ops=int_ops, qdq_nodes=qdq, threads=config.threads)
     del model
     if data.labels is not None:
         report.accuracy = top1_accuracy(outputs, data.labels)

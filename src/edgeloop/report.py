@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from edgeloop._io import atomic_path, write_text_atomic
+from edgeloop.measure import thread_count
 from edgeloop.optimize import FITS, CandidateResult, OptimizeResult
 
 __all__ = ["budget_floor", "pareto_front", "render_markdown", "write_report"]
@@ -79,7 +80,7 @@ def render_markdown(result: OptimizeResult) -> str:
         _summary(result), "",
         f"- metric: `{result.metric}`, max drop {result.max_drop:g}; target `{result.target}`; "
         f"ranked by p50 latency at batch {result.batch}, "
-        f"{f'{result.threads} intra-op threads' if result.threads else 'every core'}",
+        f"{thread_count(result.threads)}",
         f"- search: {len(result.candidates)} candidates in {result.elapsed_s:.1f} s of a "
         f"{result.time_budget_s:g} s budget; {stop}", "",
         "| candidate | status | " + result.metric + " | drop | "

@@ -96,14 +96,17 @@ def quantize_cmd(
 
 
 def _render(report: EvalReport) -> Table:
+    from edgeloop.measure import thread_count
+
     t = Table(title=report.model, show_header=False)
     t.add_row("file size", f"{report.size_bytes:,} bytes")
     if report.accuracy is not None:
         t.add_row("accuracy", f"{report.accuracy:.2%} on {report.samples} samples")
+    threads = thread_count(report.threads)
     for lat in report.latency:
         t.add_row(f"latency batch {lat.batch}",
                   f"p50 {lat.p50_ms:.3f} ms  p90 {lat.p90_ms:.3f}  p99 {lat.p99_ms:.3f}  "
-                  f"({lat.runs} runs)")
+                  f"({lat.runs} runs, {threads})")
     if report.fidelity is not None:
         f = report.fidelity
         t.add_row("vs reference", report.reference or "")
@@ -128,6 +131,9 @@ def evaluate_cmd(
     reference: Annotated[Path | None, typer.Option(help="Reference ONNX model")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per batch size")] = 200,
     seconds: Annotated[float, typer.Option(min=0.0, help="Time cap per batch size")] = 5.0,
+    threads: Annotated[int, typer.Option(
+        min=0, help="Intra-op threads the model will run with on the device; 0 = every "
+                    "core")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Accuracy, fidelity to a reference, size, latency, and what still runs in float."""
@@ -135,7 +141,8 @@ def evaluate_cmd(
     from edgeloop.measure import LatencyConfig, evaluate
 
     report = evaluate(model, load_npz(data), reference=reference,
-                      latency_config=LatencyConfig(min_runs=runs, max_seconds=seconds))
+                      latency_config=LatencyConfig(min_runs=runs, max_seconds=seconds,
+                                                   threads=threads))
     if as_json:
         console.print_json(json.dumps(report.to_dict()))
     else:

@@ -81,7 +81,7 @@ from edgeloop.compress.sensitivity import (
 from edgeloop.compress.smooth import smooth
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
-from edgeloop.measure import interleaved_latency, predict
+from edgeloop.measure import interleaved_latency, predict, thread_count
 from edgeloop.targets import Target, detect
 
 __all__ = [
@@ -354,9 +354,7 @@ class Int8(Pass):
 
     def _where(self) -> str:
         """The CPU profile and thread count latencies were compared at, for messages."""
-        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads \
-            else "every core"
-        return f"{self.target.name}, {threads}"
+        return f"{self.target.name}, {thread_count(self.threads)}"
 
     def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
                       reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
