@@ -21,10 +21,10 @@ from edgeloop.measure import predict
 HIDDEN, OUTLIERS = 64, (5, 40)
 
 
-def _block(*, residual: bool) -> onnx.ModelProto:
+def _block(*, residual: bool, outlier_gain: float = 60.0) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     gamma = np.ones(HIDDEN, np.float32)
-    gamma[list(OUTLIERS)] = 60.0          # two channels sixty times larger
+    gamma[list(OUTLIERS)] = outlier_gain  # two channels this many times larger
     w_q = rng.normal(0, 0.1, (HIDDEN, HIDDEN)).astype(np.float32)
     w_v = rng.normal(0, 0.1, (HIDDEN, HIDDEN)).astype(np.float32)
     w_o = rng.normal(0, 0.1, (2 * HIDDEN, HIDDEN)).astype(np.float32)
@@ -70,6 +70,19 @@ def test_smoothing_keeps_the_float_outputs_and_evens_the_channels(data, residual
     after = channel_max(smoothed, data, [product_input])[product_input]
     assert before.max() / np.median(before) > 30
     assert after.max() / np.median(after) < before.max() / np.median(before) / 4
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_moderate_spread_is_smoothed_only_where_no_mul_is_needed(data, residual):
+    """Outlier channels 6x the rest: worth folding into the LayerNorm (free), not worth
+    an inserted Mul (below ``mul_min_ratio``); a lower bar smooths it either way."""
+    model = _block(residual=residual, outlier_gain=6.0)
+    ratio = channel_max(model, data, ["ln"])["ln"]
+    assert 4 < ratio.max() / np.median(ratio) < 8
+    assert smooth(model, data)[1] == ([] if residual else ["ln"])
+    smoothed, tensors = smooth(model, data, mul_min_ratio=4.0)
+    assert tensors == ["ln"]
+    assert ("Mul" in [n.op_type for n in smoothed.graph.node]) == residual
 
 
 def test_smoothing_cuts_the_dynamic_int8_error(data, tmp_path):
