@@ -103,3 +103,27 @@ def test_activation_outliers_sees_an_injected_outlier_channel():
     assert loud.channel_ratio > 10 * before[1, "ffn-out"].channel_ratio
     assert loud.kurtosis > 10 * before[1, "ffn-out"].kurtosis
     assert after[0, "ffn-out"] == before[0, "ffn-out"]   # layers before it are untouched
+
+
+@pytest.mark.parametrize("bare_faster", [True, False])
+def test_shape_annotations_stay_only_when_they_make_it_faster(tiny, monkeypatch, bare_faster):
+    """The same graph with and without its shape annotations (which decide what onnxruntime
+    fuses at load) is timed; the faster is kept, with a note when they are dropped."""
+    import edgeloop.compress.mixed as mixed
+    annotated = onnx.shape_inference.infer_shapes(tiny[1])
+    assert annotated.graph.value_info
+    timed: list[list[int]] = []
+
+    def fake_timing(models, *args, **kwargs):
+        timed.append([len(m.graph.value_info) for m in models])
+        return [1.0, 0.5 if bare_faster else 2.0]
+
+    monkeypatch.setattr(mixed, "interleaved_latency", fake_timing)
+    data = mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 8))
+    notes: list[str] = []
+    out = mixed.fastest_annotation(annotated, data, rounds=1, runs=1, threads=0, notes=notes)
+    assert timed == [[len(annotated.graph.value_info), 0]]
+    assert (not out.graph.value_info) == bare_faster
+    assert any("shape annotations dropped" in n for n in notes) == bare_faster
+    np.testing.assert_allclose(predict(session(out), data), predict(session(annotated), data),
+                               rtol=1e-5, atol=1e-5)
