@@ -56,7 +56,7 @@ from edgeloop.compress import OrtDynamic, OrtStatic, apply_pass
 from edgeloop.compress.mixed import read_plan, runs_per_round
 from edgeloop.data import Dataset, load_npz
 from edgeloop.errors import EdgeloopError
-from edgeloop.measure import fidelity, interleaved_latency, predict
+from edgeloop.measure import fidelity, interleaved_latency, predict, thread_count
 from edgeloop.optimize import OptimizeConfig, optimize, parse_duration
 from edgeloop.targets import detect
 from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
@@ -78,8 +78,11 @@ BATCHES = (1, 32)
 ROUNDS = {1: 11, 32: 5}         # interleaved rounds per batch size
 ROUND_SECONDS = {1: 0.1, 32: 0.3}   # fp32 time per model and round, to size the runs
 # edgeloop's models against the stock latency reference at batch 1, alone: the claims'
-# ratios, free of the cache traffic of the other models in the table's rotation
-PAIR_ROUNDS, PAIR_ROUND_SECONDS = 21, 0.2
+# ratios, free of the cache traffic of the other models in the table's rotation. On a
+# shared VM one interleaved run's ratio moves by up to ~10%, so each ratio is the median
+# of several independent runs (fresh sessions), at every core and at one thread
+HEAD_TO_HEAD_ROUNDS, HEAD_TO_HEAD_ROUND_SECONDS, HEAD_TO_HEAD_REPEATS = 11, 0.2, 5
+HEAD_TO_HEAD_THREADS = (0, 1)     # onnxruntime intra-op threads (0: every core)
 MOBILE_CNNS = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")  # the ~5 M ones
 MIN_COSINE, MIN_AGREEMENT, MIN_CNN_COSINE = 0.995, 0.98, 0.99
 # optimize's goal per metric, (metric, max drop in that metric's unit: percentage points
@@ -128,8 +131,9 @@ class Result:
     int8: CliRun | None = None
     optimize: dict[str, object] = field(default_factory=dict)
     # batch-1 ms of edgeloop int8, optimize's choice and their stock latency reference,
-    # timed together without the other models (transformers only)
-    head_to_head_ms: dict[str, float] = field(default_factory=dict)
+    # timed together without the other models (transformers only): threads -> one
+    # {label: ms} per independent run
+    head_to_head_ms: dict[int, list[dict[str, float]]] = field(default_factory=dict)
 
     @property
     def transformer(self) -> bool:
@@ -262,10 +266,13 @@ def bench_model(name: str, cache: Path, *, small: bool, budget_s: float) -> Resu
     ref = _stock_reference(result)
     labels = [label for label in (INT8, OPT, ref) if label in models]
     if entry.kind != "classifier" and ref != FP32 and len(labels) > 1:
-        runs = runs_per_round(models[ref], val, seconds=PAIR_ROUND_SECONDS)
-        times = interleaved_latency([models[label] for label in labels], val,
-                                    rounds=PAIR_ROUNDS, runs=runs, warmup=3)
-        result.head_to_head_ms = dict(zip(labels, times, strict=True))
+        for threads in HEAD_TO_HEAD_THREADS:
+            runs = runs_per_round(models[ref], val, seconds=HEAD_TO_HEAD_ROUND_SECONDS,
+                                  threads=threads)
+            result.head_to_head_ms[threads] = [dict(zip(labels, interleaved_latency(
+                [models[label] for label in labels], val, rounds=HEAD_TO_HEAD_ROUNDS,
+                runs=runs, warmup=3, threads=threads), strict=True))
+                for _ in range(HEAD_TO_HEAD_REPEATS)]
     return result
 
 
@@ -371,13 +378,20 @@ def _beats_stock(label: str) -> Callable[[Result], tuple[bool, str]]:
                    default=-1.0)
         ref = _stock_reference(r)
         in_table = r.models[label].latency_ms[1] / r.models[ref].latency_ms[1]
-        alone = r.head_to_head_ms
-        ratio = alone[label] / alone[ref] if label in alone else in_table
-        timed = (f" (timed without the other models; {in_table:.2f}x in the table's "
-                 "rotation)" if label in alone else "")
+        ratios = {threads: [run[label] / run[ref] for run in runs]
+                  for threads, runs in r.head_to_head_ms.items() if label in runs[0]}
         ours = r.models[label].cosine
-        return (ours >= best and ratio <= STOCK_LATENCY_SLACK,
-                f"cos {ours:.4f} vs {best:.4f}, {ratio:.2f}x {ref}'s batch-1 latency{timed}")
+        if not ratios:
+            return (ours >= best and in_table <= STOCK_LATENCY_SLACK,
+                    f"cos {ours:.4f} vs {best:.4f}, {in_table:.2f}x {ref}'s batch-1 latency")
+        timed = ", ".join(
+            f"{float(np.median(v)):.2f}x ({min(v):.2f}-{max(v):.2f}) at "
+            f"{thread_count(threads)}" for threads, v in ratios.items())
+        return (ours >= best and all(float(np.median(v)) <= STOCK_LATENCY_SLACK
+                                     for v in ratios.values()),
+                f"cos {ours:.4f} vs {best:.4f}; batch-1 latency over {ref}'s: {timed} "
+                f"(median and range of {HEAD_TO_HEAD_REPEATS} runs without the other "
+                f"models); {in_table:.2f}x in the table's rotation")
     return check
 
 
@@ -465,7 +479,10 @@ def report(results: list[Result], *, small: bool, budget: str, seconds: float) -
              "batch size timed in one interleaved run of all the models of that entry "
              "(default onnxruntime threads); the fp32 rows give its latency in ms. The "
              "claims comparing edgeloop's latency with stock dynamic's time edgeloop int8, "
-             "optimize's choice and stock dynamic again, without the other models.\n")
+             "optimize's choice and stock dynamic again, without the other models, in "
+             f"{HEAD_TO_HEAD_REPEATS} independent interleaved runs (fresh sessions) at every "
+             "core and at one thread; a claim holds when the median ratio at both thread "
+             "counts is within the bound.\n")
     kinds = [k for k in KINDS if any(r.kind == k for r in results)]
     return "\n".join([intro, *(kind_table(results, k) for k in kinds), int8_table(results),
                       optimize_table(results), "### Claims", "",
