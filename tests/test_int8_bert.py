@@ -122,7 +122,7 @@ def test_shape_annotations_stay_only_when_they_make_it_faster(tiny, monkeypatch,
     data = mnist1d_tokens("calib", seq_len=TINY.seq_len).take(slice(0, 8))
     notes: list[str] = []
     out = mixed.fastest_annotation(annotated, data, rounds=1, runs=1, threads=0, notes=notes)
-    assert timed == [[len(annotated.graph.value_info), 0]] * mixed.ANNOTATION_TRIALS
+    assert timed == [[len(annotated.graph.value_info), 0]] * mixed.TIMING_TRIALS
     assert (not out.graph.value_info) == bare_faster
     assert any("shape annotations dropped" in n for n in notes) == bare_faster
     np.testing.assert_allclose(predict(session(out), data), predict(session(annotated), data),

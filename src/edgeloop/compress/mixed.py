@@ -159,33 +159,42 @@ def _hidden_size(model: onnx.ModelProto) -> int | None:
     return None
 
 
-ANNOTATION_TRIALS = 3   # independent timings of a model with and without annotations
+TIMING_TRIALS = 3   # independent interleaved timings behind each latency int8 decides on
+
+
+def _timed(models: Sequence[onnx.ModelProto], data: Dataset, *, rounds: int, runs: int,
+           threads: int) -> list[float]:
+    """Batch-1 latency (ms) of each of ``models``: the median of :data:`TIMING_TRIALS`
+    independent :func:`~edgeloop.measure.interleaved_latency` runs, fresh sessions each.
+
+    The forms int8 chooses between often differ by only a few percent, about as much as
+    one interleaved run's ratio moves on a shared machine from one set of sessions to the
+    next (the corpus MiniLM's two forms: 0.92 to 1.12 over five runs where a profile
+    shows equal kernels, x86-avx512-vnni); one run would pick on noise."""
+    trials = [interleaved_latency(models, data, rounds=rounds, runs=runs, threads=threads)
+              for _ in range(TIMING_TRIALS)]
+    return [float(np.median(ms)) for ms in zip(*trials, strict=True)]
 
 
 def fastest_annotation(model: onnx.ModelProto, data: Dataset, *, rounds: int, runs: int,
                        threads: int, notes: list[str]) -> onnx.ModelProto:
     """``model``, or the same graph without its shape annotations (``value_info``) when
-    that runs faster at batch 1 on this CPU, with a note saying so.
+    that runs faster at batch 1 on this CPU (timed by :func:`_timed`), with a note
+    saying so.
 
     Where shapes are annotated, onnxruntime fuses more at load, e.g. a residual Add and
     its LayerNorm into SkipLayerNormalization. The fused kernel is not always the faster
     one: on the corpus BERT (x86-avx512-vnni, onnxruntime 1.32) one SkipLayerNormalization
-    took 0.56 ms where LayerNormalization plus Add took 0.11 ms.
-
-    The two forms often differ by only a few percent, about as much as one interleaved
-    run's ratio moves on a shared machine from one set of sessions to the next; so they
-    are timed in :data:`ANNOTATION_TRIALS` independent runs (fresh sessions each) and
-    the median ratio decides."""
+    took 0.56 ms where LayerNormalization plus Add took 0.11 ms."""
     if not model.graph.value_info:
         return model
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.graph.value_info[:]
     status("int8: timing the model with and without its shape annotations")
-    trials = [interleaved_latency([model, bare], data, rounds=rounds, runs=runs,
-                                  threads=threads) for _ in range(ANNOTATION_TRIALS)]
-    annotated_ms, bare_ms = (float(np.median(ms)) for ms in zip(*trials, strict=True))
-    if float(np.median([b / a for a, b in trials])) >= 1.0:
+    annotated_ms, bare_ms = _timed([model, bare], data, rounds=rounds, runs=runs,
+                                   threads=threads)
+    if bare_ms >= annotated_ms:
         return model
     notes.append(f"shape annotations dropped: onnxruntime then fuses less and the model "
                  f"runs faster ({bare_ms:.2f} vs {annotated_ms:.2f} ms at batch 1)")
@@ -339,8 +348,8 @@ class Int8(Pass):
         status("int8: timing the variants against float")
         keys = list(full)
         runs = runs_per_round(model, calib, threads=self.threads)
-        lat = interleaved_latency([model, *(full[k] for k in keys)], calib,
-                                  rounds=self.timing_rounds, runs=runs, threads=self.threads)
+        lat = _timed([model, *(full[k] for k in keys)], calib, rounds=self.timing_rounds,
+                     runs=runs, threads=self.threads)
         float_ms, lat = lat[0], lat[1:]
         variants = [Variant(*k, errors[k], t) for k, t in zip(keys, lat, strict=True)]
         faster = [v for v in variants
@@ -366,9 +375,8 @@ class Int8(Pass):
             out, error, float_nodes, sens = self._fall_back(
                 preparations[prep], mode, pc, ctx, calib, reference, chosen.error)
             status("int8: timing the mixed-precision model against float")
-            mixed_ms, float_ms2 = interleaved_latency([out, model], calib,
-                                                      rounds=self.timing_rounds, runs=runs,
-                                                      threads=self.threads)
+            mixed_ms, float_ms2 = _timed([out, model], calib, rounds=self.timing_rounds,
+                                         runs=runs, threads=self.threads)
             if mixed_ms >= float_ms2 and self.faster_than_float:
                 raise ModelError(
                     f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
