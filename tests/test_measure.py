@@ -5,7 +5,14 @@ import pytest
 
 from edgeloop._onnx import session
 from edgeloop.data import load_builtin
-from edgeloop.measure import LatencyConfig, evaluate, fidelity, graph_summary, latency
+from edgeloop.measure import (
+    LatencyConfig,
+    evaluate,
+    fidelity,
+    graph_summary,
+    interleaved_times,
+    latency,
+)
 
 
 def test_fidelity_identical_and_known_noise() -> None:
@@ -62,3 +69,15 @@ def test_a_model_newer_than_onnxruntime_is_named_as_such() -> None:
     with pytest.raises(ModelError, match=r"the model is ONNX IR version 99 and onnxruntime "
                                          r"\S+ reads up to \d+: upgrade onnxruntime"):
         session(model)
+
+
+@pytest.mark.parametrize(("alternate", "expected"), [
+    (False, "aabb" "bbaa"),   # blocks of `runs` calls, each round starting one later
+    (True, "abab" "baba"),    # one call per turn
+])
+def test_interleaved_turns(alternate: bool, expected: str) -> None:
+    order: list[str] = []
+    calls = [lambda: order.append("a"), lambda: order.append("b")]
+    ms = interleaved_times(calls, rounds=2, runs=2, warmup=1, alternate=alternate)
+    assert "".join(order) == "ab" + expected      # warm-up first, then the timed turns
+    assert len(ms) == 2 and all(t >= 0 for t in ms)

@@ -201,29 +201,37 @@ def latency(sess: ort.InferenceSession, data: Dataset, batch: int,
 
 
 def interleaved_times(calls: Sequence[Callable[[], object]], *, rounds: int = 5,
-                      runs: int = 20, warmup: int = 5) -> list[float]:
+                      runs: int = 20, warmup: int = 5, alternate: bool = False) -> list[float]:
     """Median time (ms) of each of ``calls``, timed in turns.
 
     Calls take turns, ``runs`` calls each per round, so that load changes on a shared
     machine hit every one alike; each round starts one call later than the one before,
     so no call always runs right after the same other one (whose thread pool may still
     be spinning). The result is the median over rounds of each round's median.
+
+    ``alternate`` makes the turns one call long (each round calls every one ``runs``
+    times over, one after the other) and the result each call's median over all its
+    runs: the finest interleaving, for calls whose thread pools do not spin-wait (an
+    idle pool that spins takes the cores from the next call).
     """
     for call in calls:
         for _ in range(warmup):
             call()
-    medians: list[list[float]] = [[] for _ in calls]
     n = len(calls)
+    times: list[list[float]] = [[] for _ in calls]
+    medians: list[list[float]] = [[] for _ in calls]
     for r in range(rounds):
-        for i in range(n):
-            k = (r + i) % n
-            call, times = calls[k], []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            medians[k].append(float(np.median(times)))
-    return [float(np.median(m)) * 1e3 for m in medians]
+        order = [(r + i) % n for i in range(n)]
+        for k in order * runs if alternate else [k for k in order for _ in range(runs)]:
+            t0 = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - t0)
+        if not alternate:
+            for k in range(n):
+                medians[k].append(float(np.median(times[k])))
+                times[k].clear()
+    return [float(np.median(t if alternate else m)) * 1e3
+            for t, m in zip(times, medians, strict=True)]
 
 
 def interleaved_latency(
@@ -233,13 +241,23 @@ def interleaved_latency(
 ) -> list[float]:
     """Median latency (ms) of each model on the first ``batch`` samples of ``data``, the
     models timed in turns by :func:`interleaved_times`. A model is an ONNX model, a file,
-    or an open session (used as it is; ``threads`` applies to the others)."""
-    sessions = [m if isinstance(m, ort.InferenceSession) else session(m, threads=threads)
-                for m in models]
+    or an open session (used as it is; ``threads`` applies to the others).
+
+    The sessions opened here do not spin-wait, and the models then alternate call by
+    call (``alternate``): on a shared 2-vCPU VM at 2 threads, the ratio of two
+    transformers' latencies then moves by about 3% from one set of sessions to the next,
+    where spinning pools timed ``runs`` calls at a time moved it by 15%
+    (x86-avx512-vnni). Without spinning, each parallel section pays a thread wake-up,
+    alike for every model. Open sessions passed in may spin, so they are timed in
+    blocks of ``runs`` calls."""
+    sessions = [m if isinstance(m, ort.InferenceSession)
+                else session(m, threads=threads, spin=False) for m in models]
     feed = {k: np.ascontiguousarray(v[:batch]) for k, v in data.inputs.items()}
     calls = [functools.partial(s.run, None, {i.name: feed[i.name] for i in s.get_inputs()})
              for s in sessions]
-    return interleaved_times(calls, rounds=rounds, runs=runs, warmup=warmup)
+    return interleaved_times(calls, rounds=rounds, runs=runs, warmup=warmup,
+                             alternate=not any(isinstance(m, ort.InferenceSession)
+                                               for m in models))
 
 
 def graph_summary(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int], int]:

@@ -167,11 +167,10 @@ def _timed(models: Sequence[onnx.ModelProto], data: Dataset, *, rounds: int, run
     """Batch-1 latency (ms) of each of ``models``: the median of :data:`TIMING_TRIALS`
     independent :func:`~edgeloop.measure.interleaved_latency` runs, fresh sessions each.
 
-    The forms int8 chooses between often differ by only a few percent, about as much as
-    one interleaved run's ratio moves on a shared machine from one set of sessions to the
-    next: two int8 forms of the corpus MiniLM that an onnxruntime profile puts at 13.31
-    and 13.35 ms timed 0.92x to 1.12x of each other over five runs (x86-avx512-vnni).
-    One run would pick on noise."""
+    The forms int8 chooses between often differ by only a few percent, and one
+    interleaved run's ratio still moves by about 3% from one set of sessions to the next
+    on a shared 2-vCPU machine, sometimes more (x86-avx512-vnni). One run could pick on
+    noise."""
     trials = [interleaved_latency(models, data, rounds=rounds, runs=runs, threads=threads)
               for _ in range(TIMING_TRIALS)]
     return [float(np.median(ms)) for ms in zip(*trials, strict=True)]
