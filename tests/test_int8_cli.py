@@ -84,3 +84,33 @@ def test_threads_are_the_ones_speed_is_judged_at(files, monkeypatch):
     assert seen and set(seen) == {1}
     assert read_plan(onnx.load(out))["threads"] == 1
 
+
+
+def test_int8_no_faster_than_float_says_where_the_time_goes(files, monkeypatch, capsys,
+                                                            tmp_path):
+    """When every int8 form times slower than float, the one-line refusal splits both
+    models' batch-1 time by onnxruntime's profiler; its trace is not left behind."""
+    import re
+
+    import edgeloop.compress.mixed as mixed
+
+    def float_fastest(models, *args, **kwargs):
+        return [1.0] + [2.0] * (len(models) - 1)
+
+    monkeypatch.setattr(mixed, "interleaved_latency", float_fastest)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model, calib, out = files
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(model), "--data", str(calib), "--scheme", "int8",
+              "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no int8 form" in err
+    split = re.search(r"convolutions and matrix products ([\d.]+) vs ([\d.]+), Q/DQ "
+                      r"conversions ([\d.]+), other operators ([\d.]+) vs ([\d.]+)", err)
+    assert split, err
+    int8_products, float_products = float(split[1]), float(split[2])
+    assert int8_products > 0 and float_products > 0   # the MLP's MatMuls, both forms
+    assert not out.exists() and not any(work.iterdir())

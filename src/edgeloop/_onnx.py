@@ -46,10 +46,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0,
             level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            optimized_path: str | None = None, spin: bool = True) -> ort.InferenceSession:
+            optimized_path: str | None = None, spin: bool = True,
+            profile: str | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; ``threads=0`` lets onnxruntime choose. ``spin=False``
     turns the intra-op pool's spin-waiting off, for servers that run many small requests
-    on cores their event loop needs."""
+    on cores their event loop needs. ``profile`` turns onnxruntime's profiler on, its
+    trace written under that path prefix by ``end_profiling()``."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = threads
@@ -58,6 +60,9 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from edgeloop._energy import Energy, RaplCounter, estimate_energy, rapl_domains, read_number
@@ -51,6 +52,7 @@ __all__ = [
     "latency_summary",
     "parse_batches",
     "plot_latency",
+    "profile_operators",
     "throttling",
     "top_operators",
 ]
@@ -219,11 +221,11 @@ def latency_series(starts_s: Sequence[float], latencies_s: Sequence[float], *,
     return out
 
 
-def top_operators(events: Iterable[Mapping[str, object]], *, n: int = 10,
+def top_operators(events: Iterable[Mapping[str, object]], *, n: int | None = 10,
                   skip_runs: int = 1) -> list[OperatorTime]:
-    """The ``n`` operator types with the most kernel time in onnxruntime profiler events,
-    leaving out the first ``skip_runs`` runs (first runs pay one-off allocation and
-    weight pre-packing, which a sustained run does not)."""
+    """The ``n`` operator types (``None``: all) with the most kernel time in onnxruntime
+    profiler events, leaving out the first ``skip_runs`` runs (first runs pay one-off
+    allocation and weight pre-packing, which a sustained run does not)."""
     events = list(events)
     runs = sorted((float(e.get("ts", 0)), float(e.get("dur", 0))) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
@@ -342,23 +344,23 @@ def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], batch: i
         cpu_mhz=mhz, temperature_c=temps)
 
 
-def _profile(model_path: str, feed: dict[str, np.ndarray], config: BenchConfig
-             ) -> list[OperatorTime]:
-    model_path = os.path.abspath(model_path)
+def profile_operators(model: onnx.ModelProto | str | os.PathLike[str],
+                      feed: Mapping[str, np.ndarray], *, threads: int = 0, runs: int = 20,
+                      n: int | None = 10) -> list[OperatorTime]:
+    """The ``n`` operator types (``None``: all) with the most kernel time over ``runs``
+    runs of ``feed`` under onnxruntime's profiler (:func:`top_operators`; the first run
+    left out). The trace goes to a temporary folder, removed afterwards."""
+    source = model if isinstance(model, onnx.ModelProto) else os.path.abspath(model)
     with scratch_dir("edgeloop-prof-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = config.threads
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(tmp / "ort")
+        sess = session(source, threads=threads, profile=str(tmp / "ort"))
+        feed = {i.name: feed[i.name] for i in sess.get_inputs()}
         try:
-            sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-            for _ in range(config.profile_runs):
+            for _ in range(runs):
                 sess.run(None, feed)
             trace = sess.end_profiling()
         except Exception as e:  # onnxruntime's Fail / InvalidArgument ...
             raise ModelError(f"profiling failed: {str(e).strip().splitlines()[0][:300]}") from None
-        return top_operators(json.loads(Path(trace).read_text()))
+        return top_operators(json.loads(Path(trace).read_text()), n=n)
 
 
 def bench(model_path: str | os.PathLike[str], *, config: BenchConfig | None = None,
@@ -392,7 +394,8 @@ def bench(model_path: str | os.PathLike[str], *, config: BenchConfig | None = No
                              f"{str(e).strip().splitlines()[0][:300]}") from None
     peak = peak_rss_mb()
     profiled = config.batches[0]
-    operators = _profile(str(model_path), _random_feed(specs, profiled, data, rng), config)
+    operators = profile_operators(model_path, _random_feed(specs, profiled, data, rng),
+                                  threads=config.threads, runs=config.profile_runs)
     return BenchReport(
         model=str(model_path), host=platform.node(),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",

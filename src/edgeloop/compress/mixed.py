@@ -68,6 +68,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from edgeloop._onnx import session, sort_nodes
 from edgeloop._progress import progress, status
+from edgeloop.bench import profile_operators
 from edgeloop.compress.base import Pass, PassContext
 from edgeloop.compress.calibrate import NpzReader, static_calibration
 from edgeloop.compress.equalize import equalize, fold_batchnorm
@@ -84,7 +85,7 @@ from edgeloop.compress.sensitivity import (
 from edgeloop.compress.smooth import smooth
 from edgeloop.data import Dataset
 from edgeloop.errors import ModelError, UsageError
-from edgeloop.measure import interleaved_latency, predict, thread_count
+from edgeloop.measure import COMPUTE_OPS, QDQ_OPS, interleaved_latency, predict, thread_count
 from edgeloop.targets import Target, detect
 
 __all__ = [
@@ -199,6 +200,34 @@ def fastest_annotation(model: onnx.ModelProto, data: Dataset, *, rounds: int, ru
     notes.append(f"shape annotations dropped: onnxruntime then fuses less and the model "
                  f"runs faster ({bare_ms:.2f} vs {annotated_ms:.2f} ms at batch 1)")
     return bare
+
+
+# kernels that do a model's multiply-accumulate work, in float and in integers
+_PRODUCT_OPS = COMPUTE_OPS | {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                              "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                              "QAttention"}
+
+
+def _time_split(int8: onnx.ModelProto, fp32: onnx.ModelProto, data: Dataset,
+                threads: int, runs: int = 20) -> str:
+    """Where ``int8``'s batch-1 time goes against ``fp32``'s, in onnxruntime's profiler
+    (one phrase, for messages): the convolutions and matrix products, the Q/DQ
+    conversions, and the other operators, naming the costliest of those."""
+    feed = {k: v[:1] for k, v in data.inputs.items()}
+    split: list[tuple[float, float, float, list[tuple[str, float]]]] = []
+    for model in (int8, fp32):
+        ops = profile_operators(model, feed, threads=threads, runs=runs, n=None)
+        per_run = [(o.op_type, o.total_ms / (runs - 1)) for o in ops]
+        rest = [(op, ms) for op, ms in per_run if op not in _PRODUCT_OPS | QDQ_OPS]
+        split.append((sum(ms for op, ms in per_run if op in _PRODUCT_OPS),
+                      sum(ms for op, ms in per_run if op in QDQ_OPS),
+                      sum(ms for _, ms in rest), rest))
+    (products, conversions, other, rest), (f_products, _, f_other, _) = split
+    costliest = ", ".join(f"{op} {ms:.2f}" for op, ms in rest[:3])
+    return (f"onnxruntime's profile at batch 1 (ms per run, int8 vs float): convolutions "
+            f"and matrix products {products:.2f} vs {f_products:.2f}, Q/DQ conversions "
+            f"{conversions:.2f}, other operators {other:.2f} vs {f_other:.2f}"
+            + (f" (most: {costliest})" if costliest else ""))
 
 
 def _first_line(e: Exception) -> str:
@@ -359,7 +388,9 @@ class Int8(Pass):
             raise ModelError(
                 f"int8: no int8 form of this model is faster than float on this CPU "
                 f"({self._where()}): the fastest, {best.preparation} {best.mode}, takes "
-                f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float")
+                f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float; "
+                + _time_split(full[best.preparation, best.mode, best.per_channel], model,
+                              calib, self.threads))
         chosen = _choose(faster, self.max_error_)
         prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
         if (prep, mode, pc) in self._gptq_errors:
@@ -382,7 +413,8 @@ class Int8(Pass):
                     f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
                     f"{len(float_nodes)} layers in float, and that model is no faster than "
                     f"float on this CPU ({self._where()}: "
-                    f"{mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1); the all-int8 "
+                    f"{mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1; "
+                    f"{_time_split(out, model, calib, self.threads)}); the all-int8 "
                     f"model's error is {chosen.error:.4f}")
         if not self.quantize_lookups and any(n.op_type in LOOKUP_OPS
                                              for n in preparations[prep].graph.node):
