@@ -4,22 +4,18 @@ MNIST-1D CNN: fp32 vs stock `quantize_static` (QDQ defaults) vs stock `quantize_
 vs edgeloop `int8-static` (and its calibration methods) and `int8-dynamic`.
 Wide MNIST-1D MLP (2 x 1024 hidden): fp32 vs `int4-weight` vs `binary`.
 
-Latency: each model is timed in interleaved rounds (every model once per round, ROUNDS
-rounds), each round the median of a block of runs; the figure is the median over rounds,
-so slow drifts of the machine hit every model alike.
+Latency: :func:`edgeloop.measure.interleaved_latency`, every model of a family in one
+run (the models alternate call by call, ``--rounds`` rounds of ``--block`` calls each), so
+slow drifts of the machine hit every model alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("EDGELOOP_QUIET", "1")
@@ -37,27 +33,8 @@ from edgeloop.compress import (
     apply_pass,
 )
 from edgeloop.data import load_builtin
-from edgeloop.measure import fidelity, graph_summary, predict
+from edgeloop.measure import fidelity, graph_summary, interleaved_latency, predict
 from edgeloop.zoo import train_zoo_model
-
-
-def interleaved_latency(models: dict[str, Path], feed: np.ndarray, rounds: int,
-                        block: int) -> dict[str, float]:
-    """Median over rounds of the per-round median latency (ms) of each model."""
-    sessions = {k: session(p) for k, p in models.items()}
-    per_round: dict[str, list[float]] = {k: [] for k in models}
-    for s in sessions.values():
-        for _ in range(20):
-            s.run(None, {"x": feed})
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            times = []
-            for _ in range(block):
-                t0 = time.perf_counter()
-                s.run(None, {"x": feed})
-                times.append(time.perf_counter() - t0)
-            per_round[k].append(statistics.median(times) * 1e3)
-    return {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def table(rows: list[dict[str, object]], columns: list[str]) -> str:
@@ -76,8 +53,9 @@ def run_family(name: str, fp32: Path, passes: dict[str, object], work: Path, rou
         import onnx
 
         onnx.save(apply_pass(p, model, calib), paths[label])  # type: ignore[arg-type]
-    x = test.inputs["x"]
-    lat = {b: interleaved_latency(paths, np.ascontiguousarray(x[:b]), rounds, block)
+    lat = {b: dict(zip(paths, interleaved_latency(list(paths.values()), test, batch=b,
+                                                  rounds=rounds, runs=block, warmup=20),
+                       strict=True))
            for b in (1, 32)}
     ref = predict(session(fp32), test)
     fp32_acc = float((ref.argmax(1) == test.labels).mean())
@@ -131,8 +109,8 @@ def main() -> None:
     body = (
         f"MNIST-1D CNN (zoo `mnist1d-cnn`, fp32 test accuracy {cnn['test_accuracy']:.2%}); "
         f"test split (1000 samples); calibration: the 256-sample `calib` split.\n"
-        f"Latency: median over {args.rounds} interleaved rounds of the median of "
-        f"{args.block} runs, onnxruntime CPU, default threads.\n\n"
+        f"Latency: median of {args.rounds} interleaved rounds x {args.block} calls per "
+        f"model (the models alternate call by call), onnxruntime CPU, default threads.\n\n"
         + table(cnn_rows, cols)
         + f"\n\n**edgeloop int8-static batch-32 latency / stock quantize_static: {ratio:.3f}** "
         "(<= 1.0 means at least as fast).\n\n"
