@@ -26,8 +26,8 @@ batch size timed in one interleaved run of all the entry's models; file size. Th
 claims "edgeloop int8 / optimize's choice at <= 1.05x stock dynamic's latency" time
 those models again without the others, at batch 1: five independent interleaved runs
 (fresh sessions) at every core and five at one thread, the claim judged on each thread
-count's median ratio and the range shown (one run's ratio moves by up to ~10% on a
-shared 2-vCPU VM; on one thread, runs agree within ~1%).
+count's median ratio and the range shown (one run's ratio moves by about 3% on a shared
+2-vCPU VM at 2 threads, sometimes more; on one thread, runs agree within ~1%).
 ``--small`` uses the corpus's small sizes (a quick check that every path runs; its
 figures say nothing about full-size models).
 
