@@ -85,7 +85,6 @@ def test_threads_are_the_ones_speed_is_judged_at(files, monkeypatch):
     assert read_plan(onnx.load(out))["threads"] == 1
 
 
-
 def test_int8_no_faster_than_float_says_where_the_time_goes(files, monkeypatch, capsys,
                                                             tmp_path):
     """When every int8 form times slower than float, the one-line refusal splits both

@@ -218,20 +218,15 @@ def interleaved_times(calls: Sequence[Callable[[], object]], *, rounds: int = 5,
         for _ in range(warmup):
             call()
     n = len(calls)
-    times: list[list[float]] = [[] for _ in calls]
-    medians: list[list[float]] = [[] for _ in calls]
+    times: list[list[list[float]]] = [[[] for _ in range(rounds)] for _ in calls]
     for r in range(rounds):
         order = [(r + i) % n for i in range(n)]
         for k in order * runs if alternate else [k for k in order for _ in range(runs)]:
             t0 = time.perf_counter()
             calls[k]()
-            times[k].append(time.perf_counter() - t0)
-        if not alternate:
-            for k in range(n):
-                medians[k].append(float(np.median(times[k])))
-                times[k].clear()
-    return [float(np.median(t if alternate else m)) * 1e3
-            for t, m in zip(times, medians, strict=True)]
+            times[k][r].append(time.perf_counter() - t0)
+    return [float(np.median(np.concatenate(t) if alternate else np.median(t, axis=1))) * 1e3
+            for t in times]
 
 
 def interleaved_latency(
