@@ -140,7 +140,10 @@ def test_transformers_carry_outlier_channels(built: Built, name: str) -> None:
 def test_cnns_are_trained_with_spread_depthwise_weights(built: Built, name: str) -> None:
     entry = built(name)[0]
     s = stats(entry)
-    assert s["median_top1_prob"] > 0.25   # 8 trained classes; plain random init: ~0.1
+    # 8 trained classes (uniform: 0.125). The small build's 40 steps leave mobilenet_v2 at
+    # 0.24 on x86-avx2 and above 0.25 on x86-avx512-vnni (float training differs by CPU);
+    # plain random init: 0.13 (test below)
+    assert s["median_top1_prob"] > 0.2
     if name in DEPTHWISE:
         assert s["depthwise_range_ratio"] >= 100
     # Top-1 agreement means something only if the held-out crops spread over the classes:
@@ -173,7 +176,7 @@ def test_statistics_fail_on_plain_random_init(tmp_path: Path) -> None:
     text = stats(_plain("minilm-ts", tmp_path / "t"))
     assert text["layernorm_channel_ratio"] < 15
     cnn = stats(_plain("mobilenet_v2", tmp_path / "c"))
-    assert cnn["median_top1_prob"] < 0.25
+    assert cnn["median_top1_prob"] < 0.2
     assert cnn["depthwise_range_ratio"] < 100
 
 
