@@ -1,7 +1,9 @@
 """Shared by every benchmark script: timing helpers and the BENCHMARKS.md writer.
 
-Each script writes its own section to ``benchmarks/results/NAME.md``; BENCHMARKS.md is
-rebuilt from all sections, so scripts can be rerun one at a time.
+Each script writes its own section to ``benchmarks/results/NAME.PROFILE.md``, PROFILE being
+the edgeloop target profile of the CPU it ran on, so a run on one kind of CPU keeps the
+other kind's figures beside it; BENCHMARKS.md is rebuilt from all sections, so scripts can
+be rerun one at a time.
 """
 
 from __future__ import annotations
@@ -59,16 +61,19 @@ def stamp() -> str:
 
 
 def write_section(name: str, title: str, body: str) -> Path:
-    """Write this script's section (with machine, date and command) and rebuild
-    BENCHMARKS.md from every section."""
+    """Write this script's section for this machine's target profile (with machine, date
+    and command) and rebuild BENCHMARKS.md from every section."""
+    from edgeloop.targets import detect
+
+    profile = detect().name
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [
         os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    header = (f"## {title}\n\n"
+    header = (f"## {title} ({profile})\n\n"
               f"- machine: {machine()}\n"
               f"- date: {stamp()}\n"
               f"- command: `{command}`\n\n")
-    path = RESULTS / f"{name}.md"
+    path = RESULTS / f"{name}.{profile}.md"
     path.write_text(header + body.rstrip() + "\n")
     rebuild()
     return path

@@ -1,7 +1,7 @@
 """Structured pruning (torch-pruning's dependency graph + distilling fine-tuning) on real
 architectures: torchvision MobileNetV2, ResNet-18 and EfficientNet-B0 on digits-rgb, a
 BERT-style encoder on a generated token task, and the zoo
-mnist1d-cnn. Writes benchmarks/results/prune_real.md.
+mnist1d-cnn. Writes benchmarks/results/prune_real.PROFILE.md.
 
 Latency ratios come from :func:`edgeloop.measure.interleaved_latency` (models take
 turns in each round, median of rounds), so every ratio compares models timed together.

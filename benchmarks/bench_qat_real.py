@@ -1,7 +1,7 @@
 """QAT vs post-training quantization with the same PT2E quantizer, at 8 and 4 bits, on a
 torchvision backbone (mobilenet_v2 on digits-rgb) and the zoo models mnist1d-cnn,
 mnist1d-mobile and digits-cnn, for the x86-avx2 and x86-avx512-vnni target profiles. Writes
-benchmarks/results/qat_real.md.
+benchmarks/results/qat_real.PROFILE.md.
 
 Each base model is trained in fp32 with seeds 0..SEEDS-1 (the seed fixes the initial weights
 and the data order); PTQ is ``quantize_export`` (``prepare_pt2e``, min/max calibration on

@@ -1,5 +1,5 @@
 """Training-time compression on MNIST-1D: distillation and unstructured sparsity. Writes
-benchmarks/results/training.md. (Structured pruning is bench_prune_real.py, QAT vs PTQ is
+benchmarks/results/training.PROFILE.md. (Structured pruning is bench_prune_real.py, QAT vs PTQ is
 bench_qat_real.py.)
 
 Accuracies are on the 1000-sample MNIST-1D test set (1 point = 10 samples). Latencies come
