@@ -99,8 +99,7 @@ def kernel_error(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float |
     model with graph optimizations off, where Q/DQ pairs stay unfused and the model is
     computed in float from its integer values, the same on every CPU. None for a model with
     integer operators of its own (QOperator's QLinear*/QGemm, dynamic's *Integer*): those run
-    integer kernels either way,
-    so there is no such reference."""
+    integer kernels either way, so there is no such reference."""
     ops = {n.op_type for n in model.graph.node}
     if any((op.startswith("Q") and op != "QuantizeLinear") or "Integer" in op for op in ops):
         return None
