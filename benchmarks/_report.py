@@ -60,20 +60,28 @@ def stamp() -> str:
     return f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit}"
 
 
+def result_path(name: str, ext: str) -> Path:
+    """``benchmarks/results/NAME.PROFILE.EXT``: a result of this machine's target profile,
+    kept beside the other profiles' (the folder is created)."""
+    from edgeloop.targets import detect
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{name}.{detect().name}.{ext}"
+
+
 def write_section(name: str, title: str, body: str) -> Path:
     """Write this script's section for this machine's target profile (with machine, date
     and command) and rebuild BENCHMARKS.md from every section."""
     from edgeloop.targets import detect
 
     profile = detect().name
-    RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [
         os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     header = (f"## {title} ({profile})\n\n"
               f"- machine: {machine()}\n"
               f"- date: {stamp()}\n"
               f"- command: `{command}`\n\n")
-    path = RESULTS / f"{name}.{profile}.md"
+    path = result_path(name, "md")
     path.write_text(header + body.rstrip() + "\n")
     rebuild()
     return path

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from _report import RESULTS, ROOT, claims_table, write_section
+from _report import ROOT, claims_table, result_path, write_section
 
 from edgeloop._onnx import load_model, session
 from edgeloop.compress import OrtStatic, run_pass
@@ -162,8 +162,7 @@ def run_case(case: Case, work: Path) -> str:
     drop = score["float"] - score["chosen"]
     sig = _sigint_run(case, model, calib, val, work / "optimize-sigint")
     tight = _tight_run(case, model, calib, val, work / "optimize-tight")
-    png = RESULTS / f"optimize-{case.name}-pareto.png"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = result_path(f"optimize-{case.name}-pareto", "png")
     shutil.copyfile(out / "pareto.png", png)
 
     unit = " pp" if case.metric in ("accuracy", "agreement") else ""

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import RESULTS, claims_table, write_section
+from _report import claims_table, result_path, write_section
 
 from edgeloop._onnx import session
 from edgeloop.bundle import (
@@ -335,7 +335,8 @@ def cascades(work: Path, plan: Plan, large: Served, wide: Served, exits: Served
             f"batch-32 answers equal one-by-one answers: "
             f"{'yes' if r.same_in_batches else '**no**'}")
 
-    png = (work if plan is QUICK else RESULTS) / "runtime-cascade-curve.png"
+    png = (work / "runtime-cascade-curve.png" if plan is QUICK
+           else result_path("runtime-cascade-curve", "png"))
     _plot(png, [(f"{r.name}, batch {r.batch}", _test_points(r.cascade, work, test),
                  r.cascade.expected) for r in runs], large_acc)
     lines += ["", f"![accuracy/latency over thresholds](benchmarks/results/{png.name})", "",
