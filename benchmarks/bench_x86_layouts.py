@@ -39,7 +39,6 @@ import onnxruntime as ort
 import torch
 from _report import claims_table, write_section
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     QuantFormat,
     QuantType,
     quantize_dynamic,
@@ -49,6 +48,7 @@ from onnxruntime.quantization import (
 from edgeloop._onnx import session
 from edgeloop._progress import quiet_libraries
 from edgeloop.compress import SCHEMES, apply_pass
+from edgeloop.compress.calibrate import NpzReader
 from edgeloop.compress.qat import quantize_export
 from edgeloop.data import Dataset, load_builtin
 from edgeloop.measure import interleaved_latency, predict
@@ -81,21 +81,15 @@ def label(fmt: QuantFormat | None, act: QuantType, weight: QuantType, reduce: bo
             f"{'dynamic' if fmt is None else fmt.name}")
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray, batch: int = 32) -> None:
-        self._batches = iter([{"x": x[i:i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
 def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
     """||out - ref|| / ||ref||."""
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def kernel_error(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float | None:
-    """How far onnxruntime's fused integer kernels are from the model's reference: the same
+def kernel_error(model: onnx.ModelProto, feed: dict[str, np.ndarray], fused: np.ndarray
+                 ) -> float | None:
+    """How far ``fused``, onnxruntime's output for ``feed`` with its fused integer kernels,
+    is from the model's reference: the same
     model with graph optimizations off, where Q/DQ pairs stay unfused and the model is
     computed in float from its integer values, the same on every CPU. None for a model with
     integer operators of its own (QOperator's QLinear*/QGemm, dynamic's *Integer*): those run
@@ -104,7 +98,7 @@ def kernel_error(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float |
     if any((op.startswith("Q") and op != "QuantizeLinear") or "Integer" in op for op in ops):
         return None
     unfused = session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    return rel_err(session(model).run(None, feed)[0], unfused.run(None, feed)[0])
+    return rel_err(fused, unfused.run(None, feed)[0])
 
 
 def mlp_model(work: Path) -> Path:
@@ -119,10 +113,10 @@ def mlp_model(work: Path) -> Path:
     return path
 
 
-def layouts(work: Path, rounds: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Part 1: every layout of the MLP, measured."""
+def layouts(work: Path, rounds: int) -> dict[str, dict[str, Any]]:
+    """Part 1: every layout of the MLP, measured, by layout."""
     rng = np.random.default_rng(0)
-    calib = rng.standard_normal((256, WIDTH)).astype(np.float32)
+    calib = Dataset({"x": rng.standard_normal((256, WIDTH)).astype(np.float32)})
     test = Dataset({"x": rng.standard_normal((64, WIDTH)).astype(np.float32)})
     fp32 = mlp_model(work)
     paths = {"float": fp32}
@@ -132,7 +126,7 @@ def layouts(work: Path, rounds: int) -> tuple[list[dict[str, Any]], dict[str, di
             quantize_dynamic(fp32, out, weight_type=weight, per_channel=True,
                              reduce_range=reduce)
         else:
-            quantize_static(fp32, out, _Reader(calib), quant_format=fmt, activation_type=act,
+            quantize_static(fp32, out, NpzReader(calib), quant_format=fmt, activation_type=act,
                             weight_type=weight, per_channel=True, reduce_range=reduce)
         paths[label(fmt, act, weight, reduce)] = out
     feed = {"x": test.inputs["x"]}
@@ -140,18 +134,17 @@ def layouts(work: Path, rounds: int) -> tuple[list[dict[str, Any]], dict[str, di
     speed = {batch: dict(zip(paths, interleaved_latency(list(paths.values()), test, batch=batch,
                                                         rounds=rounds), strict=True))
              for batch in (1, 64)}
-    rows, by_label = [], {}
+    rows = {}
     for name, path in list(paths.items())[1:]:
         model = onnx.load(path)
-        row = {"layout": name,
-               "error vs float": rel_err(session(model).run(None, feed)[0], ref_float),
-               "kernels vs reference": kernel_error(model, feed),
-               "b1": speed[1]["float"] / speed[1][name],
-               "b64": speed[64]["float"] / speed[64][name],
-               "flagged": bool(saturation_risks(model, TARGETS["x86-avx2"]))}
-        rows.append(row)
-        by_label[name] = row
-    return rows, by_label
+        fused = session(model).run(None, feed)[0]
+        rows[name] = {"layout": name,
+                      "error vs float": rel_err(fused, ref_float),
+                      "kernels vs reference": kernel_error(model, feed, fused),
+                      "b1": speed[1]["float"] / speed[1][name],
+                      "b64": speed[64]["float"] / speed[64][name],
+                      "flagged": bool(saturation_risks(model, TARGETS["x86-avx2"]))}
+    return rows
 
 
 def profiles(work: Path, rounds: int) -> list[dict[str, Any]]:
@@ -179,7 +172,7 @@ def profiles(work: Path, rounds: int) -> list[dict[str, Any]]:
         out = session(model).run(None, feed)[0]
         rows.append({"profile": name, "scheme": scheme,
                      "agreement": float((out.argmax(1) == ref_labels).mean()),
-                     "kernels vs reference": kernel_error(model, feed),
+                     "kernels vs reference": kernel_error(model, feed, out),
                      "flagged": bool(saturation_risks(model, TARGETS["x86-avx2"])),
                      "b32": speed[("", "float")] / speed[(name, scheme)]})
     return rows
@@ -194,7 +187,7 @@ def _kernels(row: dict[str, Any]) -> str:
     return "-" if error is None else f"{error:.4f}"
 
 
-def report(mlp: list[dict[str, Any]], cnn: list[dict[str, Any]], here: Target,
+def report(mlp: dict[str, dict[str, Any]], cnn: list[dict[str, Any]], here: Target,
            rounds: int) -> str:
     lines = [
         f"This CPU: `{here.name}` ({here.description}). Errors are relative L2 norms; "
@@ -207,7 +200,7 @@ def report(mlp: list[dict[str, Any]], cnn: list[dict[str, Any]], here: Target,
         "(64 random-normal inputs)", "",
         "| layout | error vs float | kernels vs reference | x86-avx2 check | b1 speed-up "
         "| b64 speed-up |", "|---|---|---|---|---|---|"]
-    for r in mlp:
+    for r in mlp.values():
         lines.append(f"| {r['layout']} | {r['error vs float']:.4f} | {_kernels(r)} | "
                      f"{_flag(r['flagged'])} | {r['b1']:.2f}x | {r['b64']:.2f}x |")
     lines += ["", "### edgeloop's int8 for each x86 profile, zoo MNIST-1D CNN "
@@ -262,9 +255,9 @@ def main() -> None:
     quiet_libraries()
     here = detect()
     with tempfile.TemporaryDirectory() as tmp:
-        mlp_rows, mlp = layouts(Path(tmp), args.rounds)
+        mlp = layouts(Path(tmp), args.rounds)
         cnn = profiles(Path(tmp), args.rounds)
-    body = "\n".join([report(mlp_rows, cnn, here, args.rounds), "", "### Claims", "",
+    body = "\n".join([report(mlp, cnn, here, args.rounds), "", "### Claims", "",
                       *claims_table(claims(mlp, cnn, here))])
     print(body, flush=True)
     write_section("x86_layouts", "Integer layouts on this x86 CPU", body)
