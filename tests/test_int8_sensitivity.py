@@ -126,6 +126,42 @@ def test_int8_meets_max_error_by_keeping_the_sensitive_layer_float(model, calib)
     assert quantized_ops & {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear"}
 
 
+def _sensitive_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the sensitive MatMul as a Gemm with a (zero) bias."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next(n for n in out.graph.node if n.name == SENSITIVE)
+    node.op_type = "Gemm"
+    node.input.append("gemm_bias")
+    out.graph.initializer.append(numpy_helper.from_array(np.zeros(32, np.float32),
+                                                         "gemm_bias"))
+    return out
+
+
+def test_dynamic_int8_keeps_an_excluded_gemm_float(calib, tmp_path):
+    """onnxruntime's dynamic quantizer runs a Gemm as '{name}_MatMul': excluding the Gemm
+    by its own name must still keep it float."""
+    gemm = _sensitive_gemm(_outlier_mlp())
+    assert SENSITIVE in [n.name for n in weighted_nodes(gemm, mode="dynamic")]
+    out = apply_pass(make_scheme("int8-dynamic", nodes_to_exclude=[SENSITIVE]), gemm, calib)
+    integer_weights = {n.input[1] for n in out.graph.node if n.op_type == "MatMulInteger"}
+    assert len(integer_weights) == 3 and not any("w2" in w for w in integer_weights)
+
+
+def test_int8_falls_back_by_layer_in_a_graph_whose_nodes_have_no_names(model, calib):
+    """Hand-built graphs often leave node names empty; float fallback picks layers by name,
+    so int8 names them (the device check's MLP once failed here: two '_fq' twins)."""
+    unnamed = _sensitive_gemm(model)
+    position = [n.name for n in unnamed.graph.node].index(SENSITIVE)
+    for node in unnamed.graph.node:
+        node.name = ""
+    p = Int8(max_error=1e-3, compare="outputs", timing_rounds=1, smooth=False,
+             faster_than_float=False)
+    out = apply_pass(p, unnamed, calib)
+    assert p.plan_.float_nodes[0] == f"edgeloop_node{position}"
+    assert output_error(out, calib, predict(session(model), calib)) <= 1e-3
+
+
 def test_int8_keeps_everything_int8_without_outliers(calib):
     p = Int8(max_error=0.01, compare="outputs", timing_rounds=1, faster_than_float=False)
     out = apply_pass(p, _outlier_mlp(outlier=1.0), calib)

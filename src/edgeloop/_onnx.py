@@ -167,6 +167,20 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def name_nodes(graph: onnx.GraphProto, prefix: str) -> None:
+    """Give every unnamed node of ``graph`` a unique name ``{prefix}{i}`` (layers are
+    found and excluded by name; hand-built graphs often leave names empty)."""
+    taken = {n.name for n in graph.node}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name, k = f"{prefix}{i}", 0
+            while name in taken:
+                k += 1
+                name = f"{prefix}{i}_{k}"
+            node.name = name
+            taken.add(name)
+
+
 def attr(node: onnx.NodeProto, name: str, default: object) -> object:
     """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
     for a in node.attribute:

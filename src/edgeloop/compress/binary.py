@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeloop._onnx import session
+from edgeloop._onnx import name_nodes, session
 from edgeloop.compress.base import Pass, PassContext
 from edgeloop.data import Dataset, batches
 from edgeloop.errors import ModelError
@@ -144,9 +144,7 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     else:
         out = onnx.ModelProto()
         out.CopyFrom(model)
-    for i, node in enumerate(out.graph.node):
-        if not node.name:
-            node.name = f"edgeloop_bin_node{i}"
+    name_nodes(out.graph, "edgeloop_bin_node")
     return out
 
 

@@ -66,7 +66,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-from edgeloop._onnx import session, sort_nodes
+from edgeloop._onnx import name_nodes, session, sort_nodes
 from edgeloop._progress import progress, status
 from edgeloop.bench import profile_operators
 from edgeloop.compress.base import Pass, PassContext
@@ -80,6 +80,7 @@ from edgeloop.compress.sensitivity import (
     SwitchableModel,
     float_tables,
     output_error,
+    quantizer_names,
     weighted_nodes,
 )
 from edgeloop.compress.smooth import smooth
@@ -437,7 +438,8 @@ class Int8(Pass):
 
     def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
                       reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
-        """The graphs to quantize, by name, and notes on the ones that do not apply."""
+        """The graphs to quantize, by name, every node named, and notes on the ones that
+        do not apply."""
         preparations = {"preprocess": prepared}
         notes: list[str] = []
         if _hidden_size(prepared) is not None:
@@ -457,6 +459,8 @@ class Int8(Pass):
                 smoothed, tensors = smooth(preparations[name], calib, alpha=self.smooth_alpha)
                 if tensors:
                     preparations[f"{name}+smooth"] = smoothed
+        for graph_model in preparations.values():   # float fallback picks layers by name
+            name_nodes(graph_model.graph, "edgeloop_node")
         return preparations, notes
 
     def _with_int8_lookups(self, prepared: onnx.ModelProto, mode: str, per_channel: bool,
@@ -542,7 +546,8 @@ class Int8(Pass):
             quantize_dynamic(src, out, per_channel=per_channel,
                              reduce_range=self.target.reduce_range,
                              weight_type=QuantType.QInt8,
-                             nodes_to_exclude=list(exclude), op_types_to_quantize=op_types)
+                             nodes_to_exclude=quantizer_names(model, exclude, mode=mode),
+                             op_types_to_quantize=op_types)
         else:
             act = QuantType.QUInt8 if self.target.activation_type == "uint8" else QuantType.QInt8
             if id(model) not in self._calibrations:   # one pass over CALIB per graph

@@ -31,6 +31,7 @@ from edgeloop.compress.base import Pass, PassContext, apply_pass
 from edgeloop.compress.calibrate import NpzReader, static_calibration
 from edgeloop.compress.fuse import Preprocess, drop_zero_bias_zero_points, record_preparation
 from edgeloop.compress.layout import ChannelsLastHead, find_heads
+from edgeloop.compress.sensitivity import quantizer_names
 from edgeloop.errors import one_of
 from edgeloop.targets import Target, detect
 
@@ -62,7 +63,8 @@ class Int8Dynamic(Pass):
         out = ctx.scratch("int8-dynamic.onnx")
         quantize_dynamic(ctx.save(model, "in.onnx"), out, per_channel=self.per_channel,
                          reduce_range=self.target.reduce_range, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=self.nodes_to_exclude)
+                         nodes_to_exclude=quantizer_names(model, self.nodes_to_exclude,
+                                                          mode="dynamic"))
         return _with_preparation(onnx.load(out), pre)
 
 

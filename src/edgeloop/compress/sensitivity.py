@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
-from edgeloop._onnx import probe_session, session, sort_nodes
+from edgeloop._onnx import attr, probe_session, session, sort_nodes
 from edgeloop._progress import progress
 from edgeloop.compress.equalize import quantize_weight, weight_axis
 from edgeloop.data import Dataset, batches
@@ -42,6 +42,7 @@ __all__ = [
     "compare_error",
     "float_tables",
     "output_error",
+    "quantizer_names",
     "weighted_nodes",
 ]
 
@@ -106,16 +107,34 @@ def output_error(model: onnx.ModelProto, data: Dataset, reference: np.ndarray,
     return compare_error(predict(session(model), data), reference, compare)
 
 
+def _gemm_as_matmul(node: onnx.NodeProto) -> bool:
+    """Whether onnxruntime's dynamic quantizer rewrites ``node`` as a MatMul (+ Add) named
+    ``{name}_MatMul`` and quantizes that MatMul: a Gemm with alpha = beta = 1, no transA."""
+    return (node.op_type == "Gemm" and float(attr(node, "alpha", 1.0)) == 1.0
+            and float(attr(node, "beta", 1.0)) == 1.0 and not int(attr(node, "transA", 0)))
+
+
+def quantizer_names(model: onnx.ModelProto, names: Iterable[str], *, mode: str) -> list[str]:
+    """The names onnxruntime's quantizer of ``mode`` knows the named nodes by, for its
+    ``nodes_to_exclude`` (the dynamic one renames each Gemm it rewrites as a MatMul)."""
+    if mode != "dynamic":
+        return list(names)
+    renamed = {n.name for n in model.graph.node if _gemm_as_matmul(n)}
+    return [f"{n}_MatMul" if n in renamed else n for n in names]
+
+
 def weighted_nodes(model: onnx.ModelProto, *, mode: str) -> list[onnx.NodeProto]:
     """Nodes the quantizer of ``mode`` (``dynamic`` or ``static``) would turn into integer
-    arithmetic on weights: weighted ops it has a rule for, whose weight input is a constant
-    (not an activation such as attention scores, nor a shape)."""
+    arithmetic on weights: weighted ops it has a rule for (the dynamic one runs most Gemms
+    as MatMuls), whose weight input is a constant (not an activation such as attention
+    scores, nor a shape)."""
     registry = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     out = []
     for node in model.graph.node:
-        if node.op_type not in WEIGHTED_OPS or node.op_type not in registry:
+        has_rule = node.op_type in registry or (mode == "dynamic" and _gemm_as_matmul(node))
+        if node.op_type not in WEIGHTED_OPS or not has_rule:
             continue
         weight = node.input[_WEIGHT_INPUT.get(node.op_type, 1)]
         if node.op_type != "EmbedLayerNormalization" and weight not in consts:
