@@ -76,7 +76,17 @@ def test_device_api_answers_and_batches_concurrent_callers(device: Device) -> No
         np.testing.assert_allclose(a["output"], X[:1] @ W_GOOD, rtol=1e-5, atol=1e-5)
         r = _post(url, _npz(x=X[:5]), NPZ)
         np.testing.assert_allclose(r.json()["output"], X[:5] @ W_GOOD, rtol=1e-5, atol=1e-5)
-        # concurrent callers share onnxruntime calls and each gets its own rows
+        stats = httpx.get(f"{url}/v1/stats").json()
+        assert stats["answers"] == 2 and stats["answered"] == {"kws": 2}
+        assert stats["mean_latency_ms"] > 0 and stats["skipped"] == {}
+        assert stats["energy"]["source"] in ("estimate", "rapl")
+        assert stats["energy"]["joules"] > 0 and stats["energy"]["per_inference_mj"] > 0
+    # Concurrent callers share one onnxruntime call and each gets its own rows. One more
+    # caller announced keeps the batch open until all n are waiting (never by the delay):
+    # however slowly a loaded machine lets them arrive, that is one batch. Each of them
+    # needs a server thread to wait in (2 cores: asyncio's default pool has only 6).
+    with Runtime(device, Policy(max_batch=n, max_delay_ms=60_000)) as rt, \
+            running(rt) as url, rt.arriving():
         barrier, got = threading.Barrier(n), [None] * n
 
         def call(i: int) -> None:
@@ -89,16 +99,14 @@ def test_device_api_answers_and_batches_concurrent_callers(device: Device) -> No
             t.start()
         for t in threads:
             t.join(timeout=30)
+        assert None not in got, "a caller got no answer within the HTTP timeout"
         for i, out in enumerate(got):
             np.testing.assert_allclose(out, X[10 + i:11 + i] @ W_GOOD, rtol=1e-5, atol=1e-5)
         stats = httpx.get(f"{url}/v1/stats").json()
-        assert stats["answers"] == n + 2 and stats["answered"] == {"kws": n + 2}
+        assert stats["answers"] == n and stats["answered"] == {"kws": n}
         assert stats["errors"] == 0 and stats["rejected"] == 0 and stats["offloaded"] == 0
-        assert stats["mean_latency_ms"] > 0 and stats["skipped"] == {}
-        assert stats["energy"]["source"] in ("estimate", "rapl")
-        assert stats["energy"]["joules"] > 0 and stats["energy"]["per_inference_mj"] > 0
-        assert stats["batching"]["batches"] < n + 2
-        assert stats["batching"]["mean_requests_per_batch"] > 1
+        assert stats["batching"]["batches"] == 1
+        assert stats["batching"]["mean_requests_per_batch"] == n
         health = httpx.get(f"{url}/v1/health").json()
     assert health["name"] == "kws" and health["version"] == "1.0.0"
     assert health["probation"] == {"remaining": PROBATION - n - 2, "errors": 0,

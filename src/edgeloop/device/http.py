@@ -22,10 +22,12 @@ a micro-batch (``max_batch`` in the policy). Needs the ``[serve]`` extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -42,7 +44,19 @@ MAX_BODY_BYTES = 8 << 20
 
 def create_app(runtime: Runtime, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``runtime``."""
-    app = FastAPI(title="edgeloop device", docs_url=None, redoc_url=None, openapi_url=None)
+    # Every caller of a full micro-batch waits in a thread of its own, and the next batch
+    # forms while one runs. asyncio's default pool has cores + 4 threads: on a 2-core
+    # device a batch of 8 could never fill and would always wait out max_delay_ms.
+    pool = ThreadPoolExecutor(max_workers=2 * runtime.policy.max_batch + 4,
+                              thread_name_prefix="edgeloop-predict")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="edgeloop device", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     rejected = [0]
 
     def refuse(status: int, message: str) -> JSONResponse:
@@ -57,8 +71,9 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = MAX_BODY_BYTES) -> Fas
                 body = await read_body(request, max_body_bytes)
                 feed = decode(body, request.headers.get("content-type"), runtime.inputs,
                               max_bytes=max_body_bytes)
-                a = await asyncio.to_thread(runtime.predict, feed.arrays,
-                                            privacy_class=privacy)
+                a = await asyncio.get_running_loop().run_in_executor(
+                    pool, functools.partial(runtime.predict, feed.arrays,
+                                            privacy_class=privacy))
         except BadRequest as e:
             return refuse(e.status, str(e))
         except DataError as e:           # the caller's input; never the model's fault
@@ -88,7 +103,7 @@ def serve(runtime: Runtime, sock: socket.socket) -> None:
     serve_app(create_app(runtime), sock)
 
 
-@contextmanager
+@contextlib.contextmanager
 def running(runtime: Runtime, *, host: str = "127.0.0.1", port: int = 0,
             max_body_bytes: int = MAX_BODY_BYTES) -> Iterator[str]:
     """Serve ``runtime`` from a thread of this process; yields the base URL (for tests)."""
