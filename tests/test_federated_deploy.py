@@ -120,6 +120,10 @@ def test_a_supernode_trusting_another_ca_is_refused(fleet: Fleet, tmp_path: Path
 
 
 def test_registered_supernodes_train_the_body_and_keep_their_heads(fleet: Fleet) -> None:
+    share = f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // NODES)}".encode()
+    for node in fleet.nodes:   # the SuperNodes share this machine's cores
+        assert node.proc is not None
+        assert share in Path(f"/proc/{node.proc.pid}/environ").read_bytes().split(b"\0")
     config = DeploymentConfig(clients=NODES, rounds=1, head_epochs=1, timeout=300.0)
     seen = []
     result = fleet.fleet.run(config, results=fleet.root / "results", timeout=600.0,

@@ -81,6 +81,9 @@ def federated_supernode(
                     ] = 0,
     wait: Annotated[float, typer.Option(
         help="Seconds to wait for the SuperLink to be reachable")] = 10.0,
+    threads: Annotated[int, typer.Option(
+        min=0, help="Training threads; 0 = every core (SuperNodes on one host share its "
+                    "cores: give each its part)")] = 0,
 ) -> None:
     """Run a SuperNode (a device) until Ctrl-C or until the SuperLink refuses it."""
     from edgeloop.federated.credentials import Credentials
@@ -88,7 +91,7 @@ def federated_supernode(
 
     node = SuperNode(Credentials(creds), key, superlink=superlink, partition_id=partition_id,
                      num_partitions=num_partitions, state_dir=state_dir, port=port,
-                     reach_timeout=wait)
+                     reach_timeout=wait, threads=threads)
     try:
         node.start()
         err_console.print(f"SuperNode {partition_id} of {num_partitions} connecting to "
