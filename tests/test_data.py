@@ -1,11 +1,14 @@
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgeloop import data as data_module
 from edgeloop.data import (
     Dataset,
     InputSpec,
+    cache_folder,
     check_against,
     load_builtin,
     load_npz,
@@ -33,6 +36,59 @@ def test_mnist1d_is_the_package_default_dataset() -> None:
     np.testing.assert_allclose(test.inputs["x"], d["x_test"].astype(np.float32))
     n_train_val = len(load_builtin("mnist1d", "train")) + len(load_builtin("mnist1d", "val"))
     assert len(d["x"]) == n_train_val
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty system temp folder, and MNIST-1D not yet made in this process."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data_module._mnist1d.cache_clear()
+    yield tmp_path
+    data_module._mnist1d.cache_clear()
+
+
+def test_mnist1d_is_made_once_and_then_read_from_the_users_cache(
+        fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mnist1d.data
+
+    made = data_module._mnist1d()
+    folder = cache_folder()
+    assert folder is not None and folder.parent == fresh_cache
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    (cached,) = folder.glob("mnist1d-*.npz")
+    assert oct(cached.stat().st_mode & 0o777) == "0o600"
+    data_module._mnist1d.cache_clear()
+
+    def not_again(*_: object) -> None:
+        raise AssertionError("MNIST-1D was made again")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", not_again)
+    for a, b in zip(data_module._mnist1d(), made, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_cache_file_is_made_again(fresh_cache: Path) -> None:
+    made = data_module._mnist1d()
+    (cached,) = cache_folder().glob("mnist1d-*.npz")
+    cached.write_bytes(b"not an npz")
+    data_module._mnist1d.cache_clear()
+    np.testing.assert_array_equal(data_module._mnist1d()[2], made[2])
+    with np.load(cached) as f:    # and written whole again
+        np.testing.assert_array_equal(f["x_test"], made[2])
+
+
+def test_a_cache_folder_others_can_write_is_never_used(fresh_cache: Path) -> None:
+    import os
+
+    folder = fresh_cache / f"edgeloop-cache-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    assert cache_folder() is None
+    data_module._mnist1d()
+    assert not list(folder.iterdir())
 
 
 def test_unknown_dataset_and_split() -> None:

@@ -15,6 +15,7 @@ Built-in data sets are generated or shipped offline, never downloaded:
 
 - ``mnist1d``: the ``mnist1d`` package's ``make_dataset`` with its default arguments
   (4000 train / 1000 test sequences of length 40, 10 classes); input ``x`` of shape (N, 40).
+  Made once per user and kept in the system temp folder (:func:`cache_folder`).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, 10 classes); input ``x``
   of shape (N, 1, 8, 8) scaled to [0, 1].
 - ``digits-rgb``: the same digits as 32x32 colour images for vision backbones
@@ -31,12 +32,18 @@ held-out 500 samples of the training set (digits: 180) that ``train`` does not c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import os
+import stat
 import struct
+import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,7 @@ __all__ = [
     "Dataset",
     "InputSpec",
     "batches",
+    "cache_folder",
     "check_against",
     "load_builtin",
     "load_npz",
@@ -220,13 +228,49 @@ def batches(data: Dataset, size: int) -> Iterator[dict[str, np.ndarray]]:
         yield {k: v[start:start + size] for k, v in data.inputs.items()}
 
 
+def cache_folder() -> Path | None:
+    """This user's cache folder in the system temp folder (``edgeloop-cache-UID``, mode
+    0700), or None when it cannot be made or is not private to this user (then nothing
+    is cached: a file another user could write is never read)."""
+    folder = Path(tempfile.gettempdir()) / f"edgeloop-cache-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()
+    except OSError:
+        return None
+    private = (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+               and not st.st_mode & 0o077)
+    return folder if private else None
+
+
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
 @functools.cache
 def _mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-1D as the package makes it with its default arguments. Making it takes ~5 s,
+    in every process that needs it (a CLI call, a Flower ClientApp, a Ray actor), so the
+    arrays are kept in :func:`cache_folder`, named by the package version and arguments."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    d = make_dataset(get_dataset_args())
-    return (d["x"].astype(np.float32), d["y"].astype(np.int64),
-            d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+    args = get_dataset_args()
+    key = hashlib.sha256(json.dumps(
+        [metadata.version("mnist1d"), vars(args)], sort_keys=True).encode()).hexdigest()
+    folder = cache_folder()
+    cached = folder / f"mnist1d-{key[:16]}.npz" if folder is not None else None
+    if cached is not None and cached.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, zipfile.BadZipFile), \
+                np.load(cached, allow_pickle=False) as f:
+            x, y, x_test, y_test = (f[k] for k in _MNIST1D_KEYS)
+            return x, y, x_test, y_test
+    d = make_dataset(args)
+    arrays = (d["x"].astype(np.float32), d["y"].astype(np.int64),
+              d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+    if cached is not None:
+        with contextlib.suppress(OSError), atomic_path(cached, mode=0o600) as tmp, \
+                open(tmp, "wb") as out:
+            np.savez(out, **dict(zip(_MNIST1D_KEYS, arrays, strict=True)))
+    return arrays
 
 
 @functools.cache

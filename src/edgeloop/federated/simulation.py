@@ -1,6 +1,6 @@
-"""Many devices on one machine: Flower's simulation engine (Ray, one actor on one core)
-running the federated body with private heads on non-IID MNIST-1D, and the figures that
-say whether it was worth it.
+"""Many devices on one machine: Flower's simulation engine (Ray, one actor per core this
+process may use, each on one core) running the federated body with private heads on
+non-IID MNIST-1D, and the figures that say whether it was worth it.
 
 - **personalised**: the final global body with each device's private head (fine-tuned by
   the device in the last round), on its own test data: what a device would run;
@@ -149,8 +149,10 @@ def simulate(config: SimulationConfig | None = None, *,
             initial_body={k: v.numpy() for k, v in split.shared(model).items()},
             config=config, plan=plan, seed=config.seed, on_round=on_round,
             on_result=results.append)
+        # one actor (device) per core this process may use, each on one core
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                   "init_args": {"num_cpus": 1, "include_dashboard": False,
+                   "init_args": {"num_cpus": len(os.sched_getaffinity(0)),
+                                 "include_dashboard": False,
                                  "log_to_driver": verbose,
                                  "logging_level": "INFO" if verbose else "ERROR"}}
         sim_started = time.perf_counter()
