@@ -327,3 +327,30 @@ def test_threads_reach_every_timing_and_the_int8_candidate(
     int8 = {c.name: c for c in default_candidates(config)}["int8-mixed"]
     assert int8.make(detect()).threads == 1   # type: ignore[attr-defined]
 
+
+def test_only_the_ranked_batch_gets_the_full_timing(
+        trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extra batch sizes are reported, never ranked: a few runs each, so that a large
+    model's batch 32 does not eat the budget (DistilBERT on x86-avx2: 78 s a candidate)."""
+    import edgeloop.optimize as search
+    timed: list[tuple[int, LatencyConfig]] = []
+    real_latency = search.latency
+
+    def spy(sess: object, data: Dataset, batch: int, config: LatencyConfig) -> object:
+        timed.append((batch, config))
+        return real_latency(sess, data, batch, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search, "latency", spy)
+    config = OptimizeConfig(metric="agreement", max_drop=1.0, time_budget_s=60,
+                            extra_batches=(32,))
+    result = optimize(trained / "model.onnx", calib=load_builtin("mnist1d", "calib"),
+                      val=load_builtin("mnist1d", "val"), config=config, target=detect(),
+                      candidates=[c for c in default_candidates(config) if c.name == "fused"])
+    assert set(result.baseline.latency_ms) == {1, 32}
+    assert {b for b, _ in timed} == {1, 32} and len(timed) == 4   # float and the candidate
+    for batch, used in timed:
+        full = config.latency
+        assert used == (full if batch == 1 else LatencyConfig(
+            warmup=1, min_runs=full.min_runs, max_seconds=full.max_seconds, floor_runs=3,
+            threads=full.threads))
+

@@ -190,6 +190,25 @@ def qat_run() -> tuple[QATModel, onnx.ModelProto, dict[str, torch.Tensor]]:
     return q, quantize_export(q, CALIB, bits=8, target=AVX2)[0], masks
 
 
+def test_torchao_conv_bn_patterns_are_traced_once_per_process(qat_run) -> None:
+    """convert_pt2e's ~100 Conv+BN pattern exports are made once (the fixture's export
+    made them); converting the trained graph again reuses them and gives the same
+    integer model."""
+    from torchao.quantization.pt2e import qat_utils
+
+    q, exported, _ = qat_run
+    cache = qat_utils._get_aten_graph_module_for_pattern.edgeloop_cache
+    flags = {key[1] for key in cache}
+    assert len(cache) >= 24 and len(flags) >= 12    # every flag combination, apart
+    size = len(cache)
+    fresh = copy.deepcopy(q)
+    fresh.exported = None
+    again, _ = quantize_export(fresh, CALIB, bits=8, target=AVX2)
+    assert len(cache) == size
+    assert [(t.name, t.SerializeToString()) for t in again.graph.initializer] == \
+        [(t.name, t.SerializeToString()) for t in exported.graph.initializer]
+
+
 def test_qat_fake_quantized_graph_and_integer_model_agree(qat_run) -> None:
     """The graph QAT trained (fake quantization, eval mode) is the model onnxruntime runs:
     the same logits within two output steps, the same top-1."""

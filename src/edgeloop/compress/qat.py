@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import statistics
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -201,9 +202,58 @@ def _capture(model: nn.Module, sample: torch.Tensor, *, train: bool) -> GraphMod
             m.momentum = None
 
 
+def _pattern_key(pattern: Callable[..., object], example_inputs: tuple[object, ...],
+                 is_cuda: bool, kwargs: dict[str, object]) -> tuple[object, ...] | None:
+    """What a torchao Conv+BN pattern graph depends on: its function's code, the flags and
+    conv function its closure holds, and the shapes and dtypes of its example inputs (None
+    when something there is not hashable: then it is not cached)."""
+    def part(x: object) -> object:
+        return (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+
+    fn = getattr(pattern, "fn", pattern)   # torchao wraps each pattern in a WrapperModule
+    try:
+        key = (fn.__code__,
+               tuple(c.cell_contents for c in fn.__closure__ or ()),  # type: ignore[attr-defined]
+               tuple(part(x) for x in example_inputs), is_cuda,
+               tuple(sorted((k, part(v)) for k, v in kwargs.items())))
+        hash(key)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return key
+
+
+def _trace_patterns_once() -> None:
+    """Make torchao trace each Conv+BN pattern graph once per process.
+
+    ``prepare_qat_pt2e`` and ``convert_pt2e`` rebuild their Conv+BN patterns with
+    ``torch.export`` on every call (about 100 exports for every conv kind and flag
+    combination), which is nearly all of a small model's QAT export: 15 s of a 17 s
+    ``convert_pt2e`` on the zoo's MNIST-1D CNN (x86-avx2). The graphs are only read
+    (matched and copied from), so one traced graph serves every call."""
+    from torchao.quantization.pt2e import qat_utils
+
+    trace = qat_utils._get_aten_graph_module_for_pattern
+    if getattr(trace, "edgeloop_cache", None) is not None:
+        return
+    cache: dict[tuple[object, ...], GraphModule] = {}
+
+    def traced(pattern: Callable[..., object], example_inputs: tuple[object, ...],
+               is_cuda: bool = False, **kwargs: object) -> GraphModule:
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return trace(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in cache:
+            cache[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+        return cache[key]
+
+    traced.edgeloop_cache = cache  # type: ignore[attr-defined]
+    qat_utils._get_aten_graph_module_for_pattern = traced
+
+
 def _prepare(graph: GraphModule, quantizer: QDQQuantizer) -> GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
+    _trace_patterns_once()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return (prepare_qat_pt2e if quantizer.qat else prepare_pt2e)(graph, quantizer)
@@ -345,11 +395,12 @@ def quantize_export(model: nn.Module, calib: Dataset, *, bits: int = 8,
             raise UsageError(f"this QAT model was trained for {model.bits}-bit weights on "
                              f"{model.target.name}; got bits={bits}, target="
                              f"{target.name if target else None}")
-        if model.exported is not None:   # converting a QAT graph costs ~20 s (torchao's
-            return copy.deepcopy(model.exported)   # Conv+BN pattern matching): once is enough
+        if model.exported is not None:   # converting and exporting costs seconds: once
+            return copy.deepcopy(model.exported)   # is enough
         prepared = model.prepared
     else:
         prepared = prepare_ptq(copy.deepcopy(model), calib, bits=bits, target=target).prepared
+    _trace_patterns_once()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = convert_pt2e(copy.deepcopy(prepared))
