@@ -101,15 +101,16 @@ class _QuickTiming(optimize_module.OptimizeConfig):
         warmup=1, min_runs=10, max_seconds=0.1, floor_runs=3))
 
 
-@pytest.mark.parametrize("name", ["minilm-ts", "bert-dynamo", "mobilenet_v2"])
+# Two exporters' transformers here; optimize on CNNs is tested on the zoo CNN
+# (test_optimize.py), and on every corpus model by benchmarks/bench_real_models.py (a
+# mobile CNN here took 50 s of make test on x86-avx2).
+@pytest.mark.parametrize("name", ["minilm-ts", "bert-dynamo"])
 def test_optimize_chooses_or_says_why_each_candidate_was_rejected(root, tmp_path, name,
                                                                   monkeypatch):
     monkeypatch.setattr(optimize_module, "OptimizeConfig", _QuickTiming)  # what the CLI builds
     entry = _entry(root, name)
-    metric = "agreement" if entry.metric == "agreement" else "cosine"
-    drop = "5" if metric == "agreement" else "0.01"
     code, err = _edgeloop(["optimize", str(entry.model), "--data", str(entry.calib), "--val",
-                           str(entry.val), "--metric", metric, "--max-drop", drop,
+                           str(entry.val), "--metric", "cosine", "--max-drop", "0.01",
                            "--time-budget", "4m", "--out", str(tmp_path / "opt")], tmp_path)
     _one_line_or_success(code, err)
     assert code == 0
