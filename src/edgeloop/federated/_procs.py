@@ -1,4 +1,5 @@
-"""Finding every process a Flower server started, to stop them all.
+"""Finding every process a Flower server started, to stop them all; and how many cores
+the processes of one machine's devices may share (:func:`usable_cores`).
 
 A signal to the server's own session does not reach all of them: ``flower-superlink``
 and ``flower-supernode`` start ``flower-superexec`` in a session of its own, which starts
@@ -18,12 +19,20 @@ import signal
 import sys
 from pathlib import Path
 
-__all__ = ["ProcessKey", "alive", "die_with_parent", "kill", "tree"]
+__all__ = ["ProcessKey", "alive", "die_with_parent", "kill", "tree", "usable_cores"]
 
 ProcessKey = tuple[int, int]
 """(pid, start time in clock ticks since boot)."""
 
 _PR_SET_PDEATHSIG = 1   # from <linux/prctl.h>
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset`` limits them; where the system has no
+    affinity, every core), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:

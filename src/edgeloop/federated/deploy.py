@@ -570,7 +570,7 @@ def local_fleet(root: Path, *, nodes: int) -> Iterator[LocalFleet]:
         devices = [SuperNode(creds, creds.node_key(i), superlink=link.address,
                              partition_id=i, num_partitions=nodes,
                              state_dir=root / f"device-{i}",
-                             threads=max(1, (os.cpu_count() or 1) // nodes))
+                             threads=max(1, _procs.usable_cores() // nodes))
                    for i in range(nodes)]
         for node in devices:
             started.append(node)

@@ -40,6 +40,7 @@ from edgeloop._trainconfig import TrainConfig
 from edgeloop.data import Dataset
 from edgeloop.errors import TransportError, UsageError
 from edgeloop.federated._flower import quiet_flower
+from edgeloop.federated._procs import usable_cores
 from edgeloop.federated.client import client_app
 from edgeloop.federated.config import SimulationConfig
 from edgeloop.federated.local import fit_local, load_head
@@ -151,7 +152,7 @@ def simulate(config: SimulationConfig | None = None, *,
             on_result=results.append)
         # one actor (device) per core this process may use, each on one core
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                   "init_args": {"num_cpus": len(os.sched_getaffinity(0)),
+                   "init_args": {"num_cpus": usable_cores(),
                                  "include_dashboard": False,
                                  "log_to_driver": verbose,
                                  "logging_level": "INFO" if verbose else "ERROR"}}
