@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --constraint constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-heavy lint bench clean
 
 # flwr and dp-accounting go in without their pins (pyproject.toml's `federated` says why)
 $(STAMP): pyproject.toml constraints.txt
@@ -20,7 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not heavy"
+
+# the larger models' cases of the same tests (tests/_tiers.py); .ci/run runs them after `test`
+test-heavy: $(STAMP)
+	$(BIN)/pytest -q -m heavy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiers import tiered
 
 from edgeloop._onnx import run, session
 from edgeloop.data import Dataset, load_npz, save_npz
@@ -101,7 +102,7 @@ def test_transformer_export_follows_torch_at_any_batch_and_length(built: Built,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CNNS)
+@pytest.mark.parametrize("name", tiered(CNNS, {"resnet18", "efficientnet_b0"}))
 def test_cnn_export_follows_torch_at_any_batch(built: Built, name: str) -> None:
     entry, src = built(name)
     assert src is not None and (entry.kind, entry.metric) == ("classifier", "agreement")
@@ -136,7 +137,7 @@ def test_transformers_carry_outlier_channels(built: Built, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CNNS)
+@pytest.mark.parametrize("name", tiered(CNNS, {"resnet18", "efficientnet_b0"}))
 def test_cnns_are_trained_with_spread_depthwise_weights(built: Built, name: str) -> None:
     entry = built(name)[0]
     s = stats(entry)

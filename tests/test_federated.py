@@ -347,8 +347,8 @@ def _cannot_evaluate(msg: Message, context: Context, call_next: ClientAppCallabl
 
 @pytest.mark.parametrize(("mod", "error"), [
     (_unplugged, r"round 1: no device's update arrived \(2 of 2 failed; sensor unplugged\)$"),
-    (_cannot_evaluate, r"round 1: every device failed to evaluate the new shared model "
-                       r"\(2 of 2; test data lost\)$"),
+    pytest.param(_cannot_evaluate, r"round 1: every device failed to evaluate the new "
+                 r"shared model \(2 of 2; test data lost\)$", marks=pytest.mark.heavy),
 ], ids=["train", "evaluate"])
 def test_a_round_in_which_every_device_fails_is_one_error(mod: Mod, error: str) -> None:
     before = _descendants()

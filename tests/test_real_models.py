@@ -22,6 +22,7 @@ from edgeloop.measure import LatencyConfig, fidelity, predict
 from edgeloop.zoo.corpus import CORPUS, CorpusModel, build
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _tiers import tiered
 from test_cli import cli
 
 optimize_module = importlib.import_module("edgeloop.optimize")
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 SCHEMES = ["int8", "int8-static", "int8-dynamic", "int4-weight", "binary", "ort-dynamic"]
 # the largest CNNs take minutes per scheme at test size; they get the int8 schemes here,
 # and every scheme in benchmarks/bench_real_models.py
-HEAVY = {"efficientnet_b0", "resnet18"}
+LARGEST = {"efficientnet_b0", "resnet18"}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +62,13 @@ def _one_line_or_success(code: int, err: str) -> None:
         assert "Incomplete symbolic shape inference" not in lines[0]
 
 
-@pytest.mark.parametrize("name", CORPUS)
+@pytest.mark.parametrize("name", tiered(CORPUS, LARGEST | {"mobilenet_v2"}))
 def test_every_scheme_succeeds_or_says_why(root, tmp_path, name):
     entry = _entry(root, name)
     val = load_npz(entry.val)
     reference = predict(session(onnx.load(entry.model)), val)
     outcomes = {}
-    schemes = ["int8", "int8-static", "ort-dynamic"] if name in HEAVY else SCHEMES
+    schemes = ["int8", "int8-static", "ort-dynamic"] if name in LARGEST else SCHEMES
     for scheme in schemes:
         out = tmp_path / f"{scheme}.onnx"
         code, err = _edgeloop(["quantize", str(entry.model), "--scheme", scheme, "--data",

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _tiers import tiered
 
 from edgeloop.compress.prune import (
     StructuredPrune,
@@ -170,7 +171,8 @@ def _pruning_oracle(model: torch.nn.Module, train: Dataset, val: Dataset, tmp_pa
     return pruned
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", tiered(["mobilenet_v2", "resnet18", "efficientnet_b0"],
+                                        {"efficientnet_b0"}))
 def test_torchvision_models_prune_to_smaller_graphs(arch: str, tmp_path) -> None:
     from edgeloop._torchvision import import_torchvision
 

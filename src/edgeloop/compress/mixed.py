@@ -52,6 +52,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -317,6 +318,9 @@ class Int8(Pass):
         default_factory=dict, init=False, repr=False)
     _rounders: dict[int, WeightRounder] = field(default_factory=dict, init=False,
                                                 repr=False)
+    # (graph, operator types) -> onnxruntime's calibration cache file for them
+    _ranges: dict[tuple[int, tuple[str, ...]], Path] = field(default_factory=dict,
+                                                             init=False, repr=False)
     # (preparation, mode, per-channel) -> its all-int8 error with nearest and GPTQ weights
     _gptq_errors: dict[tuple[str, str, bool], tuple[float, float]] = field(
         default_factory=dict, init=False, repr=False)
@@ -336,6 +340,7 @@ class Int8(Pass):
         calib = ctx.require_calib(self.name)
         self._calibrations.clear()
         self._rounders.clear()
+        self._ranges.clear()
         self._gptq_errors.clear()
         self.gptq_ = False
         self.compare_ = self.compare if self.compare != "auto" else (
@@ -554,7 +559,13 @@ class Int8(Pass):
                 self._calibrations[id(model)] = static_calibration(model, calib)
             reader, options = self._calibrations[id(model)]
             reader.rewind()
-            quantize_static(src, out, reader,
+            # onnxruntime's own calibration run (an augmented copy of the graph, a session)
+            # is the same for every call on this graph and operator set: made once
+            key = (id(model), tuple(op_types))
+            if key not in self._ranges:
+                self._ranges[key] = ctx.scratch(f"int8-ranges-{len(self._ranges)}.json")
+                self._ranges[key].unlink(missing_ok=True)   # a previous apply's
+            quantize_static(src, out, reader, calibration_cache_path=self._ranges[key],
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             reduce_range=self.target.reduce_range, activation_type=act,
                             weight_type=QuantType.QInt8,

@@ -59,6 +59,7 @@ import onnx
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from edgeloop.compress.qdq_quantizer import QDQQuantizer
@@ -248,6 +249,29 @@ def _trace_patterns_once() -> None:
 
     traced.edgeloop_cache = cache  # type: ignore[attr-defined]
     qat_utils._get_aten_graph_module_for_pattern = traced
+    for helper in ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper"):
+        setattr(qat_utils, helper, _present_convs_only(getattr(qat_utils, helper)))
+
+
+# the aten op each conv function torchao folds BatchNorm into becomes in an exported graph
+_CONV_OPS = {F.conv1d: torch.ops.aten.conv1d, F.conv2d: torch.ops.aten.conv2d,
+             F.conv_transpose1d: torch.ops.aten.conv_transpose1d,
+             F.conv_transpose2d: torch.ops.aten.conv_transpose2d}
+
+
+def _present_convs_only(helper: Callable[..., GraphModule]) -> Callable[..., GraphModule]:
+    """torchao's per-conv-kind Conv+BN fuse or fold step, skipped for a conv kind the graph
+    does not hold: it would trace that kind's ~15 patterns to match nothing (3 of the 4
+    kinds on a 1-D or a 2-D CNN)."""
+    def present_only(m: GraphModule, conv_fn: Callable[..., object],
+                     example_inputs: tuple[object, ...], is_cuda: bool) -> GraphModule:
+        op = _CONV_OPS.get(conv_fn)
+        if op is not None and not any(
+                getattr(n.target, "overloadpacket", None) is op for n in m.graph.nodes):
+            return m
+        return helper(m, conv_fn, example_inputs, is_cuda=is_cuda)
+
+    return present_only
 
 
 def _prepare(graph: GraphModule, quantizer: QDQQuantizer) -> GraphModule:
