@@ -172,7 +172,7 @@ def _pruning_oracle(model: torch.nn.Module, train: Dataset, val: Dataset, tmp_pa
 
 
 @pytest.mark.parametrize("arch", tiered(["mobilenet_v2", "resnet18", "efficientnet_b0"],
-                                        {"efficientnet_b0"}))
+                                        {"mobilenet_v2", "efficientnet_b0"}))
 def test_torchvision_models_prune_to_smaller_graphs(arch: str, tmp_path) -> None:
     from edgeloop._torchvision import import_torchvision
 

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _tiers import tiered
 from onnx import TensorProto, numpy_helper
 from torch import nn
 from torch.nn import functional as F
@@ -90,7 +91,8 @@ def _converted_logits(q: QATModel, data: Dataset) -> np.ndarray:
         return converted(torch.from_numpy(data.inputs["x"])).numpy()
 
 
-@pytest.mark.parametrize("arch", ["mnist1d-cnn", "mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("arch", tiered(["mnist1d-cnn", "mobilenet_v2", "resnet18"],
+                                        {"mobilenet_v2"}))
 def test_ptq_torch_graph_and_onnxruntime_integer_model_agree(cnn, arch: str) -> None:
     model, calib, val = ((cnn, CALIB, VAL) if arch == "mnist1d-cnn"
                          else (_vision(arch), RGB, RGB_VAL))
