@@ -230,7 +230,8 @@ def _trace_patterns_once() -> None:
     ``torch.export`` on every call (about 100 exports for every conv kind and flag
     combination), which is nearly all of a small model's QAT export: 15 s of a 17 s
     ``convert_pt2e`` on the zoo's MNIST-1D CNN (x86-avx2). The graphs are only read
-    (matched and copied from), so one traced graph serves every call."""
+    (matched and copied from), so one traced graph serves every call; and the conv kinds
+    a graph does not hold are not traced at all (:func:`_present_convs_only`)."""
     from torchao.quantization.pt2e import qat_utils
 
     trace = qat_utils._get_aten_graph_module_for_pattern
