@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not heavy"
 
-# the larger models' cases of the same tests (tests/_tiers.py); .ci/run runs them after `test`
+# the cases `test` leaves to their cheaper siblings (tests/_tiers.py); .ci/run runs them too
 test-heavy: $(STAMP)
 	$(BIN)/pytest -q -m heavy
 

@@ -1,7 +1,8 @@
 """The two tiers of the suite. `make test` runs every test not marked ``heavy``; `.ci/run`
-runs the heavy ones too (`make test-heavy`). A test is heavy when it repeats, on a larger
-model, what a cheaper case of the same test already covers in `make test` (and
-benchmarks/bench_real_models.py measures every corpus model)."""
+runs the heavy ones too (`make test-heavy`). A test case is heavy when a cheaper case of
+the same test already covers its kind in `make test`: the same check on a larger model
+(benchmarks/bench_real_models.py measures every corpus model too), or a second failure
+path of a whole federated simulation."""
 
 from __future__ import annotations
 
