@@ -17,11 +17,14 @@
    int8 ones, so the answer can differ); variants that are not faster than float are out.
    Among the rest within ``max_error``, those within 5% of the fastest count as equally
    fast and the most accurate of them wins; if none is within the bound, the most
-   accurate goes on to step 3. Static variants are also measured with their int8 weights
-   rounded by GPTQ (:mod:`~edgeloop.compress.gptq`, the quantizer's scales kept), which
-   replace nearest rounding where their error is no worse (``gptq``). Embedding lookups
-   (Gather, EmbedLayerNormalization) stay float unless ``quantize_lookups``: an int8
-   table only shrinks the file.
+   accurate goes on to step 3. When no variant is faster than float, narrower ones are
+   quantized and timed in turn (:data:`SCOPES`): depthwise convolutions in float, then
+   every convolution in float (the matrix products, e.g. a CNN's classifier head, int8).
+   Static variants are also measured with their int8 weights rounded by GPTQ
+   (:mod:`~edgeloop.compress.gptq`, the quantizer's scales kept), which replace nearest
+   rounding where their error is no worse (``gptq``). Embedding lookups (Gather,
+   EmbedLayerNormalization) stay float unless ``quantize_lookups``: an int8 table only
+   shrinks the file.
 3. **Float fallback.** One switchable fake-quantized graph
    (:class:`~edgeloop.compress.sensitivity.SwitchableModel`) ranks the layers of the
    chosen variant by the error each causes alone and bisects that ranking for the fewest
@@ -67,7 +70,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-from edgeloop._onnx import name_nodes, session, sort_nodes
+from edgeloop._onnx import attr, name_nodes, session, sort_nodes
 from edgeloop._progress import progress, status
 from edgeloop.bench import profile_operators
 from edgeloop.compress.base import Pass, PassContext
@@ -106,18 +109,29 @@ PLAN_KEY = "edgeloop.int8"
 FORMS = (("dynamic", True), ("dynamic", False), ("static", True))
 _FUSION_TOLERANCE = 1e-4   # a fused float graph must match the original this closely
 _SAME_SPEED = 0.05         # latencies within 5% count as a tie, broken by error
+# Which weighted layers a variant has in int8, widest first: every one; all but the
+# depthwise convolutions; only the matrix products (every convolution float). The
+# narrower ones are tried when no variant of the wider is faster than float: on AVX2
+# without VNNI, onnxruntime's int8 depthwise and small pointwise convolutions are no
+# faster than its float ones, while a classifier's int8 head is.
+SCOPES = ("all", "no-depthwise", "matmul-only")
+_CONV_OPS = ("Conv", "ConvTranspose")
+_SCOPE_TEXT = {"no-depthwise": "depthwise convolutions in float",
+               "matmul-only": "every convolution in float"}
+_Key = tuple[str, str, bool, str]   # a variant's preparation, mode, per-channel, scope
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One fully quantized candidate: its graph preparation, activation mode, weight
-    granularity, output error on CALIB and median batch-1 latency (ms)."""
+    """One quantized candidate: its graph preparation, activation mode, weight
+    granularity, output error on CALIB, median batch-1 latency (ms) and scope."""
 
     preparation: str
     mode: str
     per_channel: bool
     error: float
     latency_ms: float
+    scope: str = "all"   # which weighted layers it has in int8 (see SCOPES)
 
 
 @dataclass
@@ -139,6 +153,8 @@ class Int8Plan:
     compare: str = "outputs"        # what the errors measure (sensitivity.COMPARES)
     threads: int = 0                # intra-op threads every latency was measured with
                                     # (0: onnxruntime's default, every core)
+    scope: str = "all"              # the weighted layers that may be int8 (SCOPES); those
+                                    # outside it are float and not in float_nodes
 
     def to_json(self) -> str:
         """The plan as JSON (what the model's metadata holds)."""
@@ -321,8 +337,8 @@ class Int8(Pass):
     # (graph, operator types) -> onnxruntime's calibration cache file for them
     _ranges: dict[tuple[int, tuple[str, ...]], Path] = field(default_factory=dict,
                                                              init=False, repr=False)
-    # (preparation, mode, per-channel) -> its all-int8 error with nearest and GPTQ weights
-    _gptq_errors: dict[tuple[str, str, bool], tuple[float, float]] = field(
+    # variant -> its error before float fallback with nearest and with GPTQ weights
+    _gptq_errors: dict[_Key, tuple[float, float]] = field(
         default_factory=dict, init=False, repr=False)
     name: ClassVar[str] = "int8"
     needs_calib: ClassVar[bool] = True
@@ -354,63 +370,76 @@ class Int8(Pass):
             notes.append(f"pre-processing used {pre.used_}: "
                          + "; ".join(f"{s} failed ({e})" for s, e in pre.tried_))
 
-        full: dict[tuple[str, str, bool], onnx.ModelProto] = {}
-        errors: dict[tuple[str, str, bool], float] = {}
+        full: dict[_Key, onnx.ModelProto] = {}
+        errors: dict[_Key, float] = {}
         # equalization exists for static activations; dynamic ones take the plain graph
         dynamic = _dynamic_pays(preparations["preprocess"])
         if not dynamic:
             notes.append("dynamic activations skipped: most weights are in convolutions, "
                          "which onnxruntime runs as ConvInteger, slower than float on CPUs")
-        keys = [(p, m, pc) for p in preparations for m, pc in FORMS
-                if m == "static" or (dynamic and not p.endswith("+equalize"))]
-        for key in progress(keys, "int8: quantizing variants", total=len(keys)):
-            p, m, pc = key
-            try:
-                full[key] = self._quantize(preparations[p], m, ctx, calib, per_channel=pc)
-                errors[key] = output_error(full[key], calib, reference, self.compare_)
-                if m == "static" and self.gptq:   # same graph and speed: keep the better
-                    rounded = self._rounded(preparations[p], full[key], calib)
-                    error = output_error(rounded, calib, reference, self.compare_)
-                    self._gptq_errors[key] = (errors[key], error)
-                    if error <= errors[key]:
-                        full[key], errors[key] = rounded, error
-            except Exception as e:  # a form the quantizer cannot produce for this graph
-                full.pop(key, None)
-                notes.append(f"{p} {m}{' per-channel' if pc else ''}: {_first_line(e)}")
+        keys = [(p, m, pc, _widest_scope(preparations[p], m)) for p in preparations
+                for m, pc in FORMS if m == "static" or (dynamic and not p.endswith("+equalize"))]
+        self._quantize_variants(keys, preparations, ctx, calib, reference, full, errors,
+                                notes)
         if not full:
             raise ModelError("int8: onnxruntime's quantizer failed on every variant ("
                              + notes[-1] + ")")
         status("int8: timing the variants against float")
-        keys = list(full)
         runs = runs_per_round(model, calib, threads=self.threads)
-        lat = _timed([model, *(full[k] for k in keys)], calib, rounds=self.timing_rounds,
-                     runs=runs, threads=self.threads)
-        float_ms, lat = lat[0], lat[1:]
-        variants = [Variant(*k, errors[k], t) for k, t in zip(keys, lat, strict=True)]
+        float_ms, variants = self._time_variants(model, list(full), full, errors, calib, runs)
         faster = [v for v in variants
                   if v.latency_ms < float_ms or not self.faster_than_float]
+        narrowed: list[str] = []
+        initial = list(full)
+        for scope in SCOPES[1:]:   # narrower scopes, while no variant is faster than float
+            if faster:
+                break
+            keys = [(p, m, pc, scope) for p, m, pc, s in initial
+                    if SCOPES.index(s) < SCOPES.index(scope)
+                    and 0 < len(_scope_float(preparations[p], scope, m))
+                    < len(weighted_nodes(preparations[p], mode=m))]
+            if not keys:
+                continue
+            narrowed.append(scope)
+            self._quantize_variants(keys, preparations, ctx, calib, reference, full, errors,
+                                    notes)
+            status(f"int8: timing the variants with {_SCOPE_TEXT[scope]} against float")
+            float_ms, more = self._time_variants(model, [k for k in keys if k in full], full,
+                                                 errors, calib, runs)
+            variants += more
+            faster = [v for v in more if v.latency_ms < float_ms]
         if not faster:
             best = min(variants, key=lambda v: v.latency_ms)
+            tried = "".join(f"; also with {_SCOPE_TEXT[s]}" for s in narrowed)
             raise ModelError(
                 f"int8: no int8 form of this model is faster than float on this CPU "
-                f"({self._where()}): the fastest, {best.preparation} {best.mode}, takes "
-                f"{best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in float; "
-                + _time_split(full[best.preparation, best.mode, best.per_channel], model,
-                              calib, self.threads))
+                f"({self._where()}{tried}): the fastest, {best.preparation} {best.mode}"
+                f"{'' if best.scope == SCOPES[0] else ' with ' + _SCOPE_TEXT[best.scope]}, "
+                f"takes {best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in "
+                f"float; " + _time_split(full[best.preparation, best.mode, best.per_channel,
+                                              best.scope], model, calib, self.threads))
         chosen = _choose(faster, self.max_error_)
-        prep, mode, pc = chosen.preparation, chosen.mode, chosen.per_channel
-        if (prep, mode, pc) in self._gptq_errors:
-            nearest, gptq = self._gptq_errors[prep, mode, pc]
+        prep, mode, pc, scope = chosen.preparation, chosen.mode, chosen.per_channel, chosen.scope
+        if scope != _widest_scope(preparations[prep], mode):
+            notes.append(f"{_SCOPE_TEXT[scope]}: no variant with more layers in int8 is "
+                         f"faster than float on this CPU ({self._where()})")
+        elif scope != SCOPES[0]:
+            notes.append(f"{_SCOPE_TEXT[scope]}: with dynamic activations onnxruntime runs "
+                         f"int8 convolutions as ConvInteger, slower than float")
+        if (prep, mode, pc, scope) in self._gptq_errors:
+            nearest, gptq = self._gptq_errors[prep, mode, pc, scope]
             self.gptq_ = gptq <= nearest
             notes.append(f"int8 weights rounded {'by GPTQ' if self.gptq_ else 'to nearest'}: "
                          f"error {gptq:.4f} with GPTQ, {nearest:.4f} with nearest rounding, "
-                         f"all layers int8 (GPTQ statistics from {self.gptq_samples} "
+                         f"before any float fallback (GPTQ statistics from {self.gptq_samples} "
                          f"calibration samples)")
 
-        out, error, float_nodes, sens = full[prep, mode, pc], chosen.error, [], []
+        scope_float = _scope_float(preparations[prep], scope, mode)
+        out, error, float_nodes, sens = full[prep, mode, pc, scope], chosen.error, [], []
         if error > self.max_error_:
             out, error, float_nodes, sens = self._fall_back(
-                preparations[prep], mode, pc, ctx, calib, reference, chosen.error)
+                preparations[prep], mode, pc, ctx, calib, reference, chosen.error,
+                scope_float)
             status("int8: timing the mixed-precision model against float")
             mixed_ms, float_ms2 = _timed([out, model], calib, rounds=self.timing_rounds,
                                          runs=runs, threads=self.threads)
@@ -425,13 +454,15 @@ class Int8(Pass):
         if not self.quantize_lookups and any(n.op_type in LOOKUP_OPS
                                              for n in preparations[prep].graph.node):
             out, error = self._with_int8_lookups(preparations[prep], mode, pc, ctx, calib,
-                                                 reference, float_nodes, out, error, notes)
+                                                 reference, [*scope_float, *float_nodes],
+                                                 out, error, notes)
         if mode == "static":
             out = drop_zero_bias_zero_points(out)
         out = fastest_annotation(out, calib, rounds=self.timing_rounds, runs=runs,
                                  threads=self.threads, notes=notes)
         self.plan_ = Int8Plan(prep, mode, pc, error, self.max_error_, float_nodes, variants,
-                              sens, float_ms, pre.used_, notes, self.compare_, self.threads)
+                              sens, float_ms, pre.used_, notes, self.compare_, self.threads,
+                              scope)
         record_preparation(out, pre.used_, pre.tried_)
         out.metadata_props.append(
             onnx.StringStringEntryProto(key=PLAN_KEY, value=self.plan_.to_json()))
@@ -440,6 +471,41 @@ class Int8(Pass):
     def _where(self) -> str:
         """The CPU profile and thread count latencies were compared at, for messages."""
         return f"{self.target.name}, {thread_count(self.threads)}"
+
+    def _quantize_variants(self, keys: Sequence[_Key],
+                           preparations: dict[str, onnx.ModelProto], ctx: PassContext,
+                           calib: Dataset, reference: np.ndarray,
+                           full: dict[_Key, onnx.ModelProto], errors: dict[_Key, float],
+                           notes: list[str]) -> None:
+        """Quantize each variant of ``keys`` into ``full`` with its error in ``errors``;
+        a form the quantizer cannot produce for its graph gets a note instead."""
+        for key in progress(keys, "int8: quantizing variants", total=len(keys)):
+            p, m, pc, scope = key
+            try:
+                exclude = _scope_float(preparations[p], scope, m)
+                full[key] = self._quantize(preparations[p], m, ctx, calib, per_channel=pc,
+                                           exclude=exclude)
+                errors[key] = output_error(full[key], calib, reference, self.compare_)
+                if m == "static" and self.gptq:   # same graph and speed: keep the better
+                    rounded = self._rounded(preparations[p], full[key], calib)
+                    error = output_error(rounded, calib, reference, self.compare_)
+                    self._gptq_errors[key] = (errors[key], error)
+                    if error <= errors[key]:
+                        full[key], errors[key] = rounded, error
+            except Exception as e:  # a form the quantizer cannot produce for this graph
+                full.pop(key, None)
+                notes.append(f"{p} {m}{' per-channel' if pc else ''}"
+                             f"{'' if scope == SCOPES[0] else ', ' + _SCOPE_TEXT[scope]}: "
+                             f"{_first_line(e)}")
+
+    def _time_variants(self, model: onnx.ModelProto, keys: Sequence[_Key],
+                       full: dict[_Key, onnx.ModelProto], errors: dict[_Key, float],
+                       calib: Dataset, runs: int) -> tuple[float, list[Variant]]:
+        """The float model's batch-1 latency and the variants of ``keys``, timed with it."""
+        lat = _timed([model, *(full[k] for k in keys)], calib, rounds=self.timing_rounds,
+                     runs=runs, threads=self.threads)
+        return lat[0], [Variant(p, m, pc, errors[p, m, pc, scope], t, scope)
+                        for (p, m, pc, scope), t in zip(keys, lat[1:], strict=True)]
 
     def _preparations(self, prepared: onnx.ModelProto, ctx: PassContext, calib: Dataset,
                       reference: np.ndarray) -> tuple[dict[str, onnx.ModelProto], list[str]]:
@@ -493,13 +559,14 @@ class Int8(Pass):
 
     def _fall_back(self, prepared: onnx.ModelProto, mode: str, per_channel: bool,
                    ctx: PassContext, calib: Dataset, reference: np.ndarray,
-                   full_error: float,
+                   full_error: float, scope_float: Sequence[str],
                    ) -> tuple[onnx.ModelProto, float, list[str], list[LayerSensitivity]]:
-        """The fewest most-sensitive layers to keep in float (module docstring, step 3).
-        Only measured results are returned, so an optimistic prediction costs time, never
-        the error bound."""
+        """The fewest most-sensitive layers to keep in float (module docstring, step 3),
+        besides ``scope_float``, which stay float in any case. Only measured results are
+        returned, so an optimistic prediction costs time, never the error bound."""
         nodes = [n for n in weighted_nodes(prepared, mode=mode)
-                 if self.quantize_lookups or n.op_type not in LOOKUP_OPS]
+                 if (self.quantize_lookups or n.op_type not in LOOKUP_OPS)
+                 and n.name not in scope_float]
         sample = calib.take(slice(0, self.sensitivity_samples))
         status(f"int8: ranking {len(nodes)} layers by sensitivity")
         switch = SwitchableModel(prepared, [n.name for n in nodes], sample, mode=mode,
@@ -520,7 +587,7 @@ class Int8(Pass):
         while hit is None or hit[0] - miss > 1:
             status(f"int8: {k} of {len(order)} layers in float")
             candidate = self._quantize(prepared, mode, ctx, calib, per_channel=per_channel,
-                                       exclude=order[:k])
+                                       exclude=[*scope_float, *order[:k]])
             error = output_error(candidate, calib, reference, self.compare_)
             if error <= self.max_error_:
                 hit = (k, candidate, error)
@@ -601,6 +668,28 @@ def _is_classifier(model: onnx.ModelProto) -> bool:
         node = next((producer[i] for i in node.input if i in producer
                      and producer[i].op_type == "MatMul"), None)
     return node is not None and node.op_type in ("Gemm", "MatMul")
+
+
+def _scope_float(model: onnx.ModelProto, scope: str, mode: str) -> list[str]:
+    """The names of ``model``'s weighted layers that ``scope`` (:data:`SCOPES`) leaves in
+    float under the quantizer of ``mode``."""
+    if scope == SCOPES[0]:
+        return []
+    convs = [n for n in weighted_nodes(model, mode=mode) if n.op_type in _CONV_OPS]
+    if scope == "matmul-only":
+        return [n.name for n in convs]
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in convs if int(attr(n, "group", 1)) > 1 and n.input[1] in inits
+            and inits[n.input[1]].dims[1] == 1]   # one input channel per group
+
+
+def _widest_scope(model: onnx.ModelProto, mode: str) -> str:
+    """The widest scope (:data:`SCOPES`) worth quantizing ``model`` in with activations of
+    ``mode``: with dynamic ones, convolutions stay float where the model has matrix
+    products too (onnxruntime runs them as ConvInteger, many times slower than float)."""
+    convs = len(_scope_float(model, "matmul-only", mode))
+    return "matmul-only" if mode == "dynamic" and 0 < convs < len(
+        weighted_nodes(model, mode=mode)) else SCOPES[0]
 
 
 def _dynamic_pays(model: onnx.ModelProto) -> bool:
