@@ -222,7 +222,9 @@ def _plan_note(model: onnx.ModelProto) -> str:
         return ""
     weights = "per-channel" if plan["per_channel"] else "per-tensor"
     floats = len(plan["float_nodes"])  # type: ignore[arg-type]
+    scope = plan.get("scope", "all")
     return (f"{plan['preparation']}, {plan['mode']}, {weights}"
+            + ("" if scope == "all" else f", {scope}")
             + (f", {floats} layers float" if floats else ""))
 
 
