@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_equalize import VNNI, _images, _mobile_block
+from test_equalize import HERE, _images, _mobile_block
 
 from edgeloop._onnx import session
 from edgeloop.compress import Int8Static, apply_pass
@@ -114,9 +114,9 @@ def test_int8_scheme_rounds_static_weights_by_gptq_and_says_so() -> None:
     model = _mobile_block("relu6", seed=3)
     calib, held_out = _images(96, 21), _images(96, 22)
     ref = predict(session(model), held_out)
-    kept = apply_pass(Int8(gptq=False, max_error=0.5, compare="outputs", target=VNNI,
+    kept = apply_pass(Int8(gptq=False, max_error=0.5, compare="outputs", target=HERE,
                            faster_than_float=False), model, calib)
-    gptq = apply_pass(Int8(max_error=0.5, compare="outputs", target=VNNI,
+    gptq = apply_pass(Int8(max_error=0.5, compare="outputs", target=HERE,
                            faster_than_float=False), model, calib)
     plan = read_plan(gptq)
     assert plan is not None and plan["mode"] == "static"
