@@ -17,8 +17,9 @@
    int8 ones, so the answer can differ); variants that are not faster than float are out.
    Among the rest within ``max_error``, those within 5% of the fastest count as equally
    fast and the most accurate of them wins; if none is within the bound, the most
-   accurate goes on to step 3. When no variant is faster than float, narrower ones are
-   quantized and timed in turn (:data:`SCOPES`): depthwise convolutions in float, then
+   accurate goes on to step 3. When no variant is faster than float, or the float
+   fallback leaves a model no faster than float, narrower ones are quantized and timed in
+   turn (:data:`SCOPES`): depthwise convolutions in float, then
    every convolution in float (the matrix products, e.g. a CNN's classifier head, int8).
    Static variants are also measured with their int8 weights rounded by GPTQ
    (:mod:`~edgeloop.compress.gptq`, the quantizer's scales kept), which replace nearest
@@ -391,26 +392,40 @@ class Int8(Pass):
                   if v.latency_ms < float_ms or not self.faster_than_float]
         narrowed: list[str] = []
         initial = list(full)
-        for scope in SCOPES[1:]:   # narrower scopes, while no variant is faster than float
-            if faster:
-                break
-            keys = [(p, m, pc, scope) for p, m, pc, s in initial
-                    if SCOPES.index(s) < SCOPES.index(scope)
-                    and 0 < len(_scope_float(preparations[p], scope, m))
-                    < len(weighted_nodes(preparations[p], mode=m))]
-            if not keys:
+        refusal: ModelError | None = None
+        settled = None
+        # The widest variants first; narrower scopes while none is faster than float, or
+        # while the float fallback it needs leaves a model no faster than float.
+        for scope in (None, *SCOPES[1:]):
+            if scope is not None:
+                keys = [(p, m, pc, scope) for p, m, pc, s in initial
+                        if SCOPES.index(s) < SCOPES.index(scope)
+                        and 0 < len(_scope_float(preparations[p], scope, m))
+                        < len(weighted_nodes(preparations[p], mode=m))]
+                if not keys:
+                    continue
+                narrowed.append(scope)
+                self._quantize_variants(keys, preparations, ctx, calib, reference, full,
+                                        errors, notes)
+                status(f"int8: timing the variants with {_SCOPE_TEXT[scope]} against float")
+                float_ms, more = self._time_variants(model, [k for k in keys if k in full],
+                                                     full, errors, calib, runs)
+                variants += more
+                faster = [v for v in more
+                          if v.latency_ms < float_ms or not self.faster_than_float]
+            if not faster:
                 continue
-            narrowed.append(scope)
-            self._quantize_variants(keys, preparations, ctx, calib, reference, full, errors,
-                                    notes)
-            status(f"int8: timing the variants with {_SCOPE_TEXT[scope]} against float")
-            float_ms, more = self._time_variants(model, [k for k in keys if k in full], full,
-                                                 errors, calib, runs)
-            variants += more
-            faster = [v for v in more if v.latency_ms < float_ms]
-        if not faster:
-            best = min(variants, key=lambda v: v.latency_ms)
+            try:
+                settled = self._settle(faster, full, model, preparations, ctx, calib,
+                                       reference, runs, notes)
+                break
+            except ModelError as e:   # the bound needs too many layers in float
+                refusal, self.gptq_ = e, False
+        if settled is None:
             tried = "".join(f"; also with {_SCOPE_TEXT[s]}" for s in narrowed)
+            if refusal is not None:
+                raise ModelError(f"{refusal}{tried}")
+            best = min(variants, key=lambda v: v.latency_ms)
             raise ModelError(
                 f"int8: no int8 form of this model is faster than float on this CPU "
                 f"({self._where()}{tried}): the fastest, {best.preparation} {best.mode}"
@@ -418,39 +433,9 @@ class Int8(Pass):
                 f"takes {best.latency_ms:.2f} ms at batch 1 against {float_ms:.2f} ms in "
                 f"float; " + _time_split(full[best.preparation, best.mode, best.per_channel,
                                               best.scope], model, calib, self.threads))
-        chosen = _choose(faster, self.max_error_)
+        chosen, out, error, float_nodes, sens = settled
         prep, mode, pc, scope = chosen.preparation, chosen.mode, chosen.per_channel, chosen.scope
-        if scope != _widest_scope(preparations[prep], mode):
-            notes.append(f"{_SCOPE_TEXT[scope]}: no variant with more layers in int8 is "
-                         f"faster than float on this CPU ({self._where()})")
-        elif scope != SCOPES[0]:
-            notes.append(f"{_SCOPE_TEXT[scope]}: with dynamic activations onnxruntime runs "
-                         f"int8 convolutions as ConvInteger, slower than float")
-        if (prep, mode, pc, scope) in self._gptq_errors:
-            nearest, gptq = self._gptq_errors[prep, mode, pc, scope]
-            self.gptq_ = gptq <= nearest
-            notes.append(f"int8 weights rounded {'by GPTQ' if self.gptq_ else 'to nearest'}: "
-                         f"error {gptq:.4f} with GPTQ, {nearest:.4f} with nearest rounding, "
-                         f"before any float fallback (GPTQ statistics from {self.gptq_samples} "
-                         f"calibration samples)")
-
         scope_float = _scope_float(preparations[prep], scope, mode)
-        out, error, float_nodes, sens = full[prep, mode, pc, scope], chosen.error, [], []
-        if error > self.max_error_:
-            out, error, float_nodes, sens = self._fall_back(
-                preparations[prep], mode, pc, ctx, calib, reference, chosen.error,
-                scope_float)
-            status("int8: timing the mixed-precision model against float")
-            mixed_ms, float_ms2 = _timed([out, model], calib, rounds=self.timing_rounds,
-                                         runs=runs, threads=self.threads)
-            if mixed_ms >= float_ms2 and self.faster_than_float:
-                raise ModelError(
-                    f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
-                    f"{len(float_nodes)} layers in float, and that model is no faster than "
-                    f"float on this CPU ({self._where()}: "
-                    f"{mixed_ms:.2f} vs {float_ms2:.2f} ms at batch 1; "
-                    f"{_time_split(out, model, calib, self.threads)}); the all-int8 "
-                    f"model's error is {chosen.error:.4f}")
         if not self.quantize_lookups and any(n.op_type in LOOKUP_OPS
                                              for n in preparations[prep].graph.node):
             out, error = self._with_int8_lookups(preparations[prep], mode, pc, ctx, calib,
@@ -471,6 +456,54 @@ class Int8(Pass):
     def _where(self) -> str:
         """The CPU profile and thread count latencies were compared at, for messages."""
         return f"{self.target.name}, {thread_count(self.threads)}"
+
+    def _settle(self, faster: Sequence[Variant], full: dict[_Key, onnx.ModelProto],
+                model: onnx.ModelProto, preparations: dict[str, onnx.ModelProto],
+                ctx: PassContext, calib: Dataset,
+                reference: np.ndarray, runs: int, notes: list[str],
+                ) -> tuple[Variant, onnx.ModelProto, float, list[str],
+                           list[LayerSensitivity]]:
+        """The variant chosen among ``faster`` (see :func:`_choose`), its model after any
+        float fallback (step 3), that model's error, the layers it keeps float and their
+        sensitivities (``full`` holds each variant's model); notes on the choice go to
+        ``notes``. Raises :class:`ModelError`
+        when the bound cannot be met, or only by a model no faster than float."""
+        chosen = _choose(faster, self.max_error_)
+        prep, mode, pc, scope = chosen.preparation, chosen.mode, chosen.per_channel, chosen.scope
+        said: list[str] = []
+        if scope != _widest_scope(preparations[prep], mode):
+            said.append(f"{_SCOPE_TEXT[scope]}: no variant with more layers in int8 is "
+                        f"faster than float on this CPU ({self._where()})")
+        elif scope != SCOPES[0]:
+            said.append(f"{_SCOPE_TEXT[scope]}: with dynamic activations onnxruntime runs "
+                        f"int8 convolutions as ConvInteger, slower than float")
+        if (prep, mode, pc, scope) in self._gptq_errors:
+            nearest, gptq = self._gptq_errors[prep, mode, pc, scope]
+            self.gptq_ = gptq <= nearest
+            said.append(f"int8 weights rounded {'by GPTQ' if self.gptq_ else 'to nearest'}: "
+                        f"error {gptq:.4f} with GPTQ, {nearest:.4f} with nearest rounding, "
+                        f"before any float fallback (GPTQ statistics from {self.gptq_samples} "
+                        f"calibration samples)")
+        out, error = full[prep, mode, pc, scope], chosen.error
+        float_nodes: list[str] = []
+        sens: list[LayerSensitivity] = []
+        if error > self.max_error_:
+            out, error, float_nodes, sens = self._fall_back(
+                preparations[prep], mode, pc, ctx, calib, reference, chosen.error,
+                _scope_float(preparations[prep], scope, mode))
+            status("int8: timing the mixed-precision model against float")
+            mixed_ms, float_ms = _timed([out, model], calib, rounds=self.timing_rounds,
+                                        runs=runs, threads=self.threads)
+            if mixed_ms >= float_ms and self.faster_than_float:
+                raise ModelError(
+                    f"int8: meeting max-error {self.max_error_} ({self.compare_}) needs "
+                    f"{len(float_nodes)} layers in float, and that model is no faster than "
+                    f"float on this CPU ({self._where()}: "
+                    f"{mixed_ms:.2f} vs {float_ms:.2f} ms at batch 1; "
+                    f"{_time_split(out, model, calib, self.threads)}); the all-int8 "
+                    f"model's error is {chosen.error:.4f}")
+        notes.extend(said)
+        return chosen, out, error, float_nodes, sens
 
     def _quantize_variants(self, keys: Sequence[_Key],
                            preparations: dict[str, onnx.ModelProto], ctx: PassContext,
