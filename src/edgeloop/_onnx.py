@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +187,10 @@ def attr(node: onnx.NodeProto, name: str, default: object) -> object:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def depthwise(node: onnx.NodeProto, weight_shape: Sequence[int]) -> bool:
+    """Whether ``node`` (a Conv or QLinearConv with a weight of ``weight_shape``) is a
+    depthwise convolution: grouped, one input channel per group."""
+    return (node.op_type in ("Conv", "QLinearConv") and int(attr(node, "group", 1)) > 1
+            and len(weight_shape) > 1 and weight_shape[1] == 1)

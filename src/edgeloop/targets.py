@@ -200,6 +200,8 @@ def saturation_risks(model: onnx.ModelProto, target: Target) -> list[SaturationR
     uint8 (uint8, or int8 in QDQ, which onnxruntime converts to uint8 on x86) times constant
     int8 weights with some |w| > 64. Depthwise convolutions run a kernel that does not
     saturate and are left out. Empty on profiles that do not saturate (VNNI, arm64)."""
+    from edgeloop._onnx import depthwise  # onnxruntime: not at `edgeloop targets` start-up
+
     if not target.saturates:
         return []
     graph = model.graph
@@ -248,15 +250,10 @@ def saturation_risks(model: onnx.ModelProto, target: Target) -> list[SaturationR
         if weight is None or act_type != onnx.TensorProto.UINT8:
             continue
         w = int8_weight(weight)
-        if w is None or _depthwise(node, w):
+        if w is None or depthwise(node, w.shape):
             continue
         peak = int(np.abs(w.astype(np.int16)).max()) if w.size else 0
         if peak > SAFE_WEIGHT:
             risks.append(SaturationRisk(node.name, node.op_type, weight, peak))
     return risks
 
-
-def _depthwise(node: onnx.NodeProto, weight: np.ndarray) -> bool:
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    return node.op_type in ("Conv", "QLinearConv") and group > 1 and weight.ndim > 1 \
-        and weight.shape[1] == 1

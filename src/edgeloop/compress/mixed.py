@@ -19,8 +19,8 @@
    fast and the most accurate of them wins; if none is within the bound, the most
    accurate goes on to step 3. When no variant is faster than float, or the float
    fallback leaves a model no faster than float, narrower ones are quantized and timed in
-   turn (:data:`SCOPES`): depthwise convolutions in float, then
-   every convolution in float (the matrix products, e.g. a CNN's classifier head, int8).
+   turn (:data:`SCOPES`): depthwise convolutions in float, then every convolution in
+   float (the matrix products, e.g. a CNN's classifier head, int8).
    Static variants are also measured with their int8 weights rounded by GPTQ
    (:mod:`~edgeloop.compress.gptq`, the quantizer's scales kept), which replace nearest
    rounding where their error is no worse (``gptq``). Embedding lookups (Gather,
@@ -71,7 +71,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-from edgeloop._onnx import attr, name_nodes, session, sort_nodes
+from edgeloop._onnx import depthwise, name_nodes, session, sort_nodes
 from edgeloop._progress import progress, status
 from edgeloop.bench import profile_operators
 from edgeloop.compress.base import Pass, PassContext
@@ -400,8 +400,7 @@ class Int8(Pass):
             if scope is not None:
                 keys = [(p, m, pc, scope) for p, m, pc, s in initial
                         if SCOPES.index(s) < SCOPES.index(scope)
-                        and 0 < len(_scope_float(preparations[p], scope, m))
-                        < len(weighted_nodes(preparations[p], mode=m))]
+                        and _narrows(preparations[p], scope, m)]
                 if not keys:
                     continue
                 narrowed.append(scope)
@@ -466,8 +465,8 @@ class Int8(Pass):
         """The variant chosen among ``faster`` (see :func:`_choose`), its model after any
         float fallback (step 3), that model's error, the layers it keeps float and their
         sensitivities (``full`` holds each variant's model); notes on the choice go to
-        ``notes``. Raises :class:`ModelError`
-        when the bound cannot be met, or only by a model no faster than float."""
+        ``notes``. Raises :class:`ModelError` when the bound cannot be met, or only by a
+        model no faster than float."""
         chosen = _choose(faster, self.max_error_)
         prep, mode, pc, scope = chosen.preparation, chosen.mode, chosen.per_channel, chosen.scope
         said: list[str] = []
@@ -712,17 +711,21 @@ def _scope_float(model: onnx.ModelProto, scope: str, mode: str) -> list[str]:
     if scope == "matmul-only":
         return [n.name for n in convs]
     inits = {i.name: i for i in model.graph.initializer}
-    return [n.name for n in convs if int(attr(n, "group", 1)) > 1 and n.input[1] in inits
-            and inits[n.input[1]].dims[1] == 1]   # one input channel per group
+    return [n.name for n in convs
+            if n.input[1] in inits and depthwise(n, inits[n.input[1]].dims)]
+
+
+def _narrows(model: onnx.ModelProto, scope: str, mode: str) -> bool:
+    """Whether ``scope`` leaves some, but not all, of ``model``'s weighted layers float."""
+    return 0 < len(_scope_float(model, scope, mode)) < len(weighted_nodes(model, mode=mode))
 
 
 def _widest_scope(model: onnx.ModelProto, mode: str) -> str:
     """The widest scope (:data:`SCOPES`) worth quantizing ``model`` in with activations of
     ``mode``: with dynamic ones, convolutions stay float where the model has matrix
     products too (onnxruntime runs them as ConvInteger, many times slower than float)."""
-    convs = len(_scope_float(model, "matmul-only", mode))
-    return "matmul-only" if mode == "dynamic" and 0 < convs < len(
-        weighted_nodes(model, mode=mode)) else SCOPES[0]
+    return "matmul-only" if mode == "dynamic" and _narrows(model, "matmul-only", mode) \
+        else SCOPES[0]
 
 
 def _dynamic_pays(model: onnx.ModelProto) -> bool:
